@@ -1,0 +1,193 @@
+"""One LSTM layer in one direction, with the hand-derived backward through time.
+
+This is :mod:`glasslstm.reference`'s BPTT written with torch tensors, arranged so that the
+expensive work is a few large GEMMs:
+
+* forward: the input projections ``x_t U + b`` for **all** time steps in one GEMM, then per step
+  one GEMM for ``H_{t-1} W`` and the pointwise gate math done in place in that step's slice;
+* backward: per step only the pointwise gate derivatives and one GEMM for ``dH_{t-1}``; the
+  weight gradients ``dU``, ``dW``, ``db`` (and ``dW_hr`` with a projection) and the input
+  gradient are each **one** GEMM (or sum) over all time steps at the end.
+
+Variable lengths use the batch-shrinking layout of ``PackedSequence``: the batch is sorted by
+length (longest first) and ``batch_sizes[t]`` rows are active at step ``t``; the other rows keep
+their state unchanged (forward direction: they have ended; reverse direction: they have not
+started yet). The caller (:class:`glasslstm.LSTM`) does the sorting.
+
+Shapes: T steps, B batch, I input size, H hidden size, P recurrent size (= H, or proj_size).
+Gate order in every 4H dimension is torch's: i, f, g, o (the article's i, f, N, o).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+def _pad_mask(batch_sizes: list[int], batch: int, device: torch.device) -> torch.Tensor:
+    """(T, B, 1) bool: True where step t of row b is past the row's length."""
+    sizes = torch.tensor(batch_sizes, device=device)
+    return (torch.arange(batch, device=device)[None, :] >= sizes[:, None]).unsqueeze(-1)
+
+
+def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
+    """The forward pass; returns everything backward needs (no autograd involved).
+
+    Returns ``(gates, hs, cs, tanh_c, rs)``: ``gates`` (T, B, 4H) the activated i, f, g, o
+    (rows past a sequence's end hold junk); ``hs`` (T+1, B, P) and ``cs`` (T+1, B, H) the states,
+    with the initial state at index 0 (forward) or T (reverse) and the state after step t at
+    t+1 (forward) or t (reverse); ``tanh_c`` (T, B, H); ``rs`` (T, B, H) ``o * tanh(c)`` before
+    the projection, or None without one.
+    """
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // 4
+    P = h0.shape[1]
+    ragged = batch_sizes is not None
+    x2 = x.reshape(T * B, -1)
+    # Input projections of all steps at once: x_t U + b  -> (T, B, 4H)
+    if bias is not None:
+        gates = torch.addmm(bias, x2, w_ih.t()).view(T, B, 4 * H)
+    else:
+        gates = torch.mm(x2, w_ih.t()).view(T, B, 4 * H)
+    hs = x.new_empty(T + 1, B, P)
+    cs = x.new_empty(T + 1, B, H)
+    tanh_c = x.new_empty(T, B, H)
+    # o * tanh(c) before the projection; zero-filled when ragged so dW_hr's GEMM sees no junk
+    rs = None if w_hr is None else (x.new_zeros if ragged else x.new_empty)(T, B, H)
+    start = T if reverse else 0
+    hs[start] = h0
+    cs[start] = c0
+    w_hh_t = w_hh.t()
+    w_hr_t = None if w_hr is None else w_hr.t()
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        prev, cur = (t + 1, t) if reverse else (t, t + 1)
+        nb = B if not ragged else batch_sizes[t]
+        if nb < B:  # rows past their end (or before their start) keep their state
+            hs[cur, nb:] = hs[prev, nb:]
+            cs[cur, nb:] = cs[prev, nb:]
+            if nb == 0:
+                continue
+        a = gates[t, :nb]                       # (nb, 4H): x_t U + b
+        a.addmm_(hs[prev, :nb], w_hh_t)         # + H_{t-1} W
+        a[:, : 2 * H].sigmoid_()                # i, f
+        a[:, 2 * H : 3 * H].tanh_()             # g = N_t, the new information
+        a[:, 3 * H :].sigmoid_()                # o
+        i, f, g, o = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+        c = cs[cur, :nb]
+        torch.mul(f, cs[prev, :nb], out=c)      # C_t = f * C_{t-1}
+        c.addcmul_(i, g)                        #       + i * N_t
+        tc = tanh_c[t, :nb]
+        torch.tanh(c, out=tc)
+        if w_hr_t is None:
+            torch.mul(o, tc, out=hs[cur, :nb])  # H_t = o * tanh(C_t)
+        else:
+            r = rs[t, :nb]
+            torch.mul(o, tc, out=r)
+            torch.mm(r, w_hr_t, out=hs[cur, :nb])  # H_t = (o * tanh(C_t)) W_hr^T
+    return gates, hs, cs, tanh_c, rs
+
+
+class LSTMLayerFunction(torch.autograd.Function):
+    """autograd.Function for one layer and direction: forward above, hand-written BPTT below.
+
+    Inputs: ``x`` (T, B, I), ``h0`` (B, P), ``c0`` (B, H), ``w_ih`` (4H, I), ``w_hh`` (4H, P),
+    ``b_ih``/``b_hh`` (4H) or None, ``w_hr`` (P, H) or None, ``batch_sizes`` (list of T ints, or
+    None when all rows run all T steps), ``reverse`` (bool), ``record`` (bool).
+    Outputs: ``y`` (T, B, P) with zeros past each row's end, ``h_n`` (B, P), ``c_n`` (B, H), and
+    when ``record``: the activated gates (T, B, 4H) and the cell states (T, B, H), not
+    differentiable (they are for looking at).
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, record):
+        T, B, _ = x.shape
+        bias = None if b_ih is None else b_ih + b_hh
+        gates, hs, cs, tanh_c, rs = lstm_layer_forward(
+            x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse
+        )
+        states = slice(0, T) if reverse else slice(1, T + 1)
+        end = 0 if reverse else T
+        y = hs[states].clone()
+        pad = None
+        if batch_sizes is not None:
+            pad = _pad_mask(batch_sizes, B, x.device)
+            y.masked_fill_(pad, 0.0)
+        outputs = [y, hs[end].clone(), cs[end].clone()]
+        if record:
+            g_rec = gates.clone()
+            c_rec = cs[states].clone()
+            if pad is not None:
+                g_rec.masked_fill_(pad, 0.0)
+                c_rec.masked_fill_(pad, 0.0)
+            ctx.mark_non_differentiable(g_rec, c_rec)
+            outputs += [g_rec, c_rec]
+        # Intermediates too go through save_for_backward: autograd frees them after backward
+        # (unless retain_graph) and saved-tensor hooks (offloading, checkpointing) see them.
+        ctx.save_for_backward(x, w_ih, w_hh, w_hr, gates, hs, cs, tanh_c, rs)
+        ctx.batch_sizes = batch_sizes
+        ctx.reverse = reverse
+        ctx.has_bias = b_ih is not None
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dh_n, dc_n, *_recorded):
+        x, w_ih, w_hh, w_hr, gates, hs, cs, tanh_c, rs = ctx.saved_tensors
+        batch_sizes, reverse = ctx.batch_sizes, ctx.reverse
+        T, B, I = x.shape
+        H = w_hh.shape[0] // 4
+        P = hs.shape[2]
+        ragged = batch_sizes is not None
+
+        # Derivatives of the activations w.r.t. their pre-activations, for all steps at once:
+        # sigma' = s (1 - s) for i, f, o and tanh' = 1 - g^2 for g.            (T, B, 4H)
+        deriv = gates * (1.0 - gates)
+        g_all = gates[..., 2 * H : 3 * H]
+        torch.mul(g_all, g_all, out=deriv[..., 2 * H : 3 * H]).neg_().add_(1.0)
+        # dH_t/dC_t through tanh, times o:  o (1 - tanh(C)^2)                     (T, B, H)
+        o_dtanh = gates[..., 3 * H :] * (1.0 - tanh_c * tanh_c)
+
+        da = (x.new_zeros if ragged else x.new_empty)(T, B, 4 * H)  # pre-activation grads
+        dhs = None if w_hr is None else (x.new_zeros if ragged else x.new_empty)(T, B, P)
+        dh = dh_n.clone()   # (B, P) gradient arriving at the state, from later steps and h_n
+        dc = dc_n.clone()   # (B, H)
+        for t in range(T) if reverse else range(T - 1, -1, -1):
+            prev = t + 1 if reverse else t
+            nb = B if not ragged else batch_sizes[t]
+            if nb == 0:
+                continue
+            dh_t = dh[:nb]
+            dh_t += dy[t, :nb]                  # dL/dH_t: from the output and from step t+1
+            if w_hr is None:
+                dr = dh_t
+            else:
+                dhs[t, :nb] = dh_t
+                dr = torch.mm(dh_t, w_hr)       # through the projection
+            a = gates[t, :nb]
+            i, f, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H]
+            dc_t = dc[:nb]
+            dc_t.addcmul_(dr, o_dtanh[t, :nb])  # dL/dC_t
+            d = da[t, :nb]
+            torch.mul(dc_t, g, out=d[:, :H])                    # dL/di
+            torch.mul(dc_t, cs[prev, :nb], out=d[:, H : 2 * H])  # dL/df
+            torch.mul(dc_t, i, out=d[:, 2 * H : 3 * H])          # dL/dN
+            torch.mul(dr, tanh_c[t, :nb], out=d[:, 3 * H :])     # dL/do
+            d.mul_(deriv[t, :nb])               # through sigma / tanh: pre-activation grads
+            dc_t.mul_(f)                        # dL/dC_{t-1}
+            torch.mm(d, w_hh, out=dh_t)         # dL/dH_{t-1}
+
+        # Gradients of the weights and input: one GEMM each over all T*B rows.
+        da2 = da.view(T * B, 4 * H)
+        need = ctx.needs_input_grad
+        dx = torch.mm(da2, w_ih).view(T, B, I) if need[0] else None
+        dw_ih = torch.mm(da2.t(), x.reshape(T * B, I)) if need[3] else None
+        h_prev = hs[1:] if reverse else hs[:T]
+        dw_hh = torch.mm(da2.t(), h_prev.reshape(T * B, P)) if need[4] else None
+        db = da2.sum(0) if ctx.has_bias and (need[5] or need[6]) else None
+        dw_hr = None
+        if w_hr is not None and need[7]:
+            dw_hr = torch.mm(dhs.view(T * B, P).t(), rs.view(T * B, H))
+        # b_ih and b_hh get the same gradient; separate tensors, so that accumulating into one
+        # .grad never changes the other.
+        db2 = None if db is None else db.clone()
+        return dx, dh, dc, dw_ih, dw_hh, db, db2, dw_hr, None, None, None
