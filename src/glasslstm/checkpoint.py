@@ -6,10 +6,10 @@ Layout of a run directory (every name is fixed; the directory describes itself):
       config.json               {"format_version": 1, "kind": "glasslstm-run", model + train config}
       vocab.json                the tokenizer's vocabulary
       model.safetensors         the model's parameters (the state_dict, tensors only)
-      train_state.safetensors   optimizer tensors and RNG states, for resuming
-      train_state.json          step, epoch position, best validation loss, optimizer param
-                                groups, RNG scalars, and "tensors_sha256": the SHA-256 of
-                                train_state.safetensors, which ties the two files together
+      train_state.safetensors   the resume point, in one file: model weights, optimizer
+                                tensors, RNG states, the carried LSTM state, and (in its
+                                metadata) the JSON meta: step, best validation loss, ...
+      train_state.json          that JSON meta again, for people to read (never loaded)
       metrics.jsonl             one JSON object per line, appended as training goes
       best/model.safetensors    optional: a copy of the model with the best validation loss
 
@@ -26,15 +26,13 @@ leave a stray ``.*.tmp`` file behind; nothing ever reads those, since readers on
 fixed names above. metrics.jsonl is appended to (one write, flush, fsync per line); a line
 cut short by a crash is kept apart from the next one by a newline.
 
-The train state spans two files, which cannot be replaced together atomically. The JSON is
-written second and records the SHA-256 of the tensors file, so a crash between the two writes
-is detected by ``load_train_state`` instead of silently resuming from mismatched state.
+Everything a resume needs is in train_state.safetensors, so one rename replaces all of it at
+once: a crash cannot pair new optimizer state with old weights.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -44,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as _st_load_bytes
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save_bytes
@@ -75,7 +73,8 @@ RUN_KIND = "glasslstm-run"
 CONFIG_FILE = "config.json"
 TRAIN_STATE_TENSORS = "train_state.safetensors"
 TRAIN_STATE_JSON = "train_state.json"
-_TIE_KEY = "tensors_sha256"  # reserved key in train_state.json
+_STATE_KIND_KEY, _STATE_KIND = "kind", "glasslstm-train-state"
+_META_KEY = "meta"  # train state metadata entry holding the JSON meta
 
 # Upgrades of config.json from an older format version v to v + 1. Empty while there is only
 # version 1; a version below FORMAT_VERSION without an entry here cannot be read.
@@ -473,52 +472,46 @@ def read_config(run_dir) -> dict:
 
 
 def save_train_state(run_dir, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write RUN/train_state.safetensors, then RUN/train_state.json, each atomically.
+    """Write RUN/train_state.safetensors atomically, with `meta` inside it; then a JSON mirror.
 
-    The JSON is `meta` plus "tensors_sha256", the SHA-256 of the tensors file's bytes, so a
-    crash between the two writes is caught by `load_train_state`. `meta` must be JSON-able.
+    The resume point is the one safetensors file: its tensors (the trainer puts the model's
+    weights, the optimizer and the RNG states there) and `meta` (JSON, stored in the file's
+    metadata) are replaced together by one rename, so no crash can pair a new half with an old
+    one. RUN/train_state.json is the same `meta` for people to read; nothing loads it.
     """
-    if _TIE_KEY in meta:
-        raise ValueError(f"{_TIE_KEY!r} is reserved in the train state meta")
     run_dir = Path(run_dir)
-    data = _tensors_to_bytes(tensors, {"kind": "glasslstm-train-state"})
-    payload = json.dumps({**meta, _TIE_KEY: hashlib.sha256(data).hexdigest()}, indent=2, sort_keys=True) + "\n"
+    payload = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    data = _tensors_to_bytes(tensors, {_STATE_KIND_KEY: _STATE_KIND, _META_KEY: payload})
     atomic_write_bytes(run_dir / TRAIN_STATE_TENSORS, data)
     atomic_write_text(run_dir / TRAIN_STATE_JSON, payload)
 
 
 def load_train_state(run_dir) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read RUN/train_state.{safetensors,json} (tensors on CPU) after checking they belong together.
+    """Read RUN/train_state.safetensors: ``(tensors on CPU, meta)`` as given to `save_train_state`.
 
-    Returns (tensors, meta) with meta as given to `save_train_state`. Raises RunDirError when
-    either file is missing or damaged, or when they come from different saves.
+    Raises RunDirError when the file is missing, damaged, or not a glasslstm train state.
     """
     run_dir = Path(run_dir)
-    json_path, tensors_path = run_dir / TRAIN_STATE_JSON, run_dir / TRAIN_STATE_TENSORS
-    for p in (json_path, tensors_path):
-        if not p.is_file():
-            raise RunDirError(
-                f"{p} is missing, so the run in {run_dir} cannot be resumed; "
-                f"train again with `glasslstm train --out {run_dir}`"
-            )
-    meta = _read_json(json_path, run_dir)
-    if not isinstance(meta, dict) or not isinstance(meta.get(_TIE_KEY), str):
+    path = run_dir / TRAIN_STATE_TENSORS
+    if not path.is_file():
         raise RunDirError(
-            f"{json_path} has no {_TIE_KEY!r} entry; it is damaged or not written by glasslstm: "
-            f"delete train_state.* to start a fresh optimizer, or train again"
+            f"{path} is missing, so the run in {run_dir} cannot be resumed; "
+            f"train again with `glasslstm train --out {run_dir}`"
         )
-    data = tensors_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta[_TIE_KEY]:
+    data = path.read_bytes()
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = _st_load_bytes(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _damaged(path, e) from None
+    if header.get(_STATE_KIND_KEY) != _STATE_KIND or _META_KEY not in header:
         raise RunDirError(
-            f"train state in {run_dir} is inconsistent ({TRAIN_STATE_JSON} does not match "
-            f"{TRAIN_STATE_TENSORS}), probably interrupted during a save; resuming is not safe: "
-            f"delete both train_state files to continue from model.safetensors with a fresh "
-            f"optimizer, or train again with `glasslstm train --out {run_dir}`"
+            f"{path} is not a glasslstm train state (no {_META_KEY!r} in its metadata); "
+            f"train again with `glasslstm train --out {run_dir}`"
         )
     try:
-        tensors = _st_load_bytes(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise _damaged(tensors_path, e) from None
-    meta = dict(meta)
-    del meta[_TIE_KEY]
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise _damaged(path, e) from None
     return tensors, meta
