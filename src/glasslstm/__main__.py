@@ -1,0 +1,5 @@
+import sys
+
+from glasslstm.cli import main
+
+sys.exit(main())

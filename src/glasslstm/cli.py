@@ -1,0 +1,52 @@
+"""The `glasslstm` command: parse arguments, call the library, print. ``main(argv) -> int``.
+
+One small module per subcommand in :mod:`glasslstm.commands`; each has ``add_parser(sub)``
+and ``run(args) -> int``. Problems with the user's input (data, run directories, options)
+are printed as one clear line with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from glasslstm import __version__
+from glasslstm.checkpoint import RunDirError
+from glasslstm.commands import demo, evaluate, predict, sample, train
+from glasslstm.data import DataError
+from glasslstm.model import ConfigError
+
+COMMANDS = (train, sample, predict, evaluate, demo)
+USER_ERRORS = (DataError, RunDirError, ConfigError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glasslstm",
+        description="The LSTM from first principles: train, sample, predict, and look inside.",
+    )
+    parser.add_argument("--version", action="version", version=f"glasslstm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"glasslstm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"glasslstm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `glasslstm sample ... | head`
+        return 0
+
+
+if __name__ == "__main__":  # python -m glasslstm.cli
+    sys.exit(main())

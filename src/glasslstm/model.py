@@ -1,0 +1,311 @@
+"""LanguageModel: the article's application — read text, predict the next token.
+
+Embedding -> glasslstm.LSTM (layers, dropout) -> dropout -> Linear -> softmax. The softmax over
+``V H_t + b_V`` is the article's output layer; its argmax is "the" prediction (temperature 0).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glasslstm import checkpoint
+from glasslstm.data import Tokenizer, tokenizer_from_dict
+from glasslstm.lstm import LSTM
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int = 256      # 2x256 trains in minutes on 2 CPU cores; 2x512 for shakespeare
+    num_layers: int = 2         # depth helps char models more than width (Karpathy 2015)
+    dropout: float = 0.1        # between layers and before the softmax; 0.2-0.35 for small corpora
+    embed_size: int = 0         # 0: the LSTM's output size, which allows tie_weights
+    tie_weights: bool = False   # share the embedding with the output layer (Press & Wolf 2017)
+    forget_bias: float = 1.0    # start out remembering (Jozefowicz et al. 2015)
+    proj_size: int = 0          # LSTMP: project H_t to this size (0: none)
+
+    def __post_init__(self):
+        for key in ("vocab_size", "hidden_size", "num_layers"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"model {key} must be a positive int; got {getattr(self, key)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.proj_size and self.proj_size >= self.hidden_size:
+            raise ConfigError(
+                f"proj_size={self.proj_size} must be smaller than hidden_size={self.hidden_size}"
+            )
+        if self.tie_weights and self.embed_size not in (0, self.out_size):
+            raise ConfigError(
+                f"tie_weights needs embed_size == the LSTM's output size ({self.out_size}); "
+                f"got embed_size={self.embed_size} (use 0 to match automatically)"
+            )
+
+    @property
+    def out_size(self) -> int:
+        return self.proj_size or self.hidden_size
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    token: str          # printable form of the token
+    text: str           # the token's text
+    prob: float
+
+
+class LanguageModel(nn.Module):
+    """Next-token model. ``tokenizer`` travels with it (saved as vocab.json)."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+            raise ConfigError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but config.vocab_size is "
+                f"{config.vocab_size}"
+            )
+        self.config = config
+        self.tokenizer = tokenizer
+        embed = config.embed_size or config.out_size
+        self.embedding = nn.Embedding(config.vocab_size, embed)
+        self.lstm = LSTM(
+            embed,
+            config.hidden_size,
+            config.num_layers,
+            batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+            proj_size=config.proj_size,
+            forget_bias=config.forget_bias,
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.out_size, config.vocab_size)  # V H_t + b_V
+        if config.tie_weights:
+            self.head.weight = self.embedding.weight
+
+    # ------------------------------------------------------------------ the math
+    def forward(self, idx: torch.Tensor, state: State | None = None,
+                targets: torch.Tensor | None = None, *, return_gates: bool = False):
+        """``idx`` (B, T) int64 -> ``(logits (B, T, V), loss or None, state)``.
+
+        ``loss`` is the mean cross-entropy (nats per token) against ``targets`` (B, T).
+        ``state`` is the LSTM's ``(h, c)`` after the last step, to carry into the next call.
+        With ``return_gates=True`` a fourth element, the :class:`~glasslstm.GateTrace`.
+        """
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(
+                f"idx must be (batch, time) token ids of dtype int64; got shape "
+                f"{tuple(idx.shape)} dtype {idx.dtype}"
+            )
+        x = self.embedding(idx)                                    # (B, T, E)
+        out = self.lstm(x, state, return_gates=True) if return_gates else self.lstm(x, state)
+        h, state = out[0], out[1]
+        logits = self.head(self.drop(h))                           # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if return_gates:
+            return logits, loss, state, out[2]
+        return logits, loss, state
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer; build it with LanguageModel(config, tokenizer)")
+        return self.tokenizer
+
+    def _prime(self, text: str) -> tuple[torch.Tensor, State | None]:
+        """Run the prompt; return the last step's logits (V,) and the state after it."""
+        tok = self._require_tokenizer()
+        ids = tok.encode(text) if text else []
+        if not ids:
+            ids = [self.default_start_id()]
+        logits, _, state = self(torch.tensor([ids], device=self.device))
+        return logits[0, -1], state
+
+    def default_start_id(self) -> int:
+        """The token a prompt-less sample starts from: a newline if known, else token 0."""
+        tok = self._require_tokenizer()
+        try:
+            ids = tok.encode("\n")
+        except ValueError:
+            return 0
+        return ids[0] if len(ids) == 1 else 0
+
+    # ------------------------------------------------------------------ using it
+    @torch.no_grad()
+    def generate(self, prompt: str = "", length: int = 200, *, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """Yield the continuation of ``prompt`` piece by piece (streaming), ``length`` tokens.
+
+        ``temperature`` 0 is the article's argmax; ``top_k`` > 0 keeps the k most likely
+        tokens; ``top_p`` < 1 keeps the smallest set whose probability reaches p. The LSTM
+        state is carried from step to step (each step feeds one token).
+        """
+        _check_sampling(length, temperature, top_k, top_p)
+        was_training = self.training
+        self.eval()
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        tok = self._require_tokenizer()
+        # Byte-level output may split a UTF-8 character across tokens: decode incrementally.
+        decoder = codecs.getincrementaldecoder("utf-8")("replace") if tok.level == "byte" else None
+        try:
+            logits, state = self._prime(prompt)
+            for _ in range(length):
+                nxt = _sample(logits, temperature, top_k, top_p, gen)
+                piece = decoder.decode(bytes([nxt])) if decoder else tok.decode([nxt])
+                if piece:
+                    yield piece
+                out, _, state = self(torch.tensor([[nxt]], device=self.device), state)
+                logits = out[0, -1]
+            if decoder:
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    yield tail
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def predict_next(self, text: str, top: int = 5) -> list[Prediction]:
+        """The ``top`` most likely next tokens after ``text``, with their probabilities."""
+        if top < 1:
+            raise ConfigError(f"top must be >= 1; got {top}")
+        was_training = self.training
+        self.eval()
+        try:
+            logits, _ = self._prime(text)
+        finally:
+            self.train(was_training)
+        probs = torch.softmax(logits.float(), -1)
+        p, ids = probs.topk(min(top, probs.numel()))
+        tok = self._require_tokenizer()
+        return [Prediction(tok.token_str(i), tok.decode([i]), float(q))
+                for i, q in zip(ids.tolist(), p.tolist())]
+
+    @torch.no_grad()
+    def next_word(self, text: str, max_chars: int = 30) -> tuple[str, float]:
+        """The most likely next word after ``text`` (greedy, char/byte models) and its
+        probability (product of the chosen tokens' probabilities). Leading spaces are part of
+        the search but not of the returned word."""
+        tok = self._require_tokenizer()
+        was_training = self.training
+        self.eval()
+        try:
+            logits, state = self._prime(text)
+            word, prob = "", 1.0
+            for _ in range(max_chars):
+                probs = torch.softmax(logits.float(), -1)
+                i = int(probs.argmax())
+                piece = tok.decode([i])
+                if tok.level == "word":
+                    return piece.strip() or piece, float(probs[i])
+                if not (piece.isalnum() or piece in "'-") and (word or not piece.isspace()):
+                    break
+                prob *= float(probs[i])
+                word += piece
+                out, _, state = self(torch.tensor([[i]], device=self.device), state)
+                logits = out[0, -1]
+            return word.strip(), prob
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path, *, metadata: dict[str, str] | None = None) -> None:
+        """Write ``path`` (a .safetensors file) atomically; the tokenizer is not included."""
+        checkpoint.save_tensors(path, self.state_dict(), metadata)
+
+    @classmethod
+    def load(cls, run_dir, *, which: str = "best", device: str | torch.device = "cpu") -> LanguageModel:
+        """Load a model from a run directory written by ``glasslstm train``.
+
+        ``which``: ``"best"`` (lowest validation loss, if saved; else the last) or ``"last"``.
+        Never unpickles: config and vocabulary are JSON, weights are safetensors.
+        """
+        if which not in ("best", "last"):
+            raise ConfigError(f"which must be 'best' or 'last'; got {which!r}")
+        run_dir = Path(run_dir)
+        cfg = checkpoint.read_config(run_dir)
+        vocab_path = run_dir / "vocab.json"
+        if not vocab_path.is_file():
+            raise checkpoint.RunDirError(f"{vocab_path} is missing; the run directory is incomplete")
+        try:
+            tok = tokenizer_from_dict(json.loads(vocab_path.read_text("utf-8")))
+        except json.JSONDecodeError as e:
+            raise checkpoint.RunDirError(f"{vocab_path} is not valid JSON ({e})") from None
+        model = cls(ModelConfig.from_dict(cfg["model"]), tok)
+        weights = run_dir / "best" / "model.safetensors"
+        if which == "last" or not weights.is_file():
+            weights = run_dir / "model.safetensors"
+        if not weights.is_file():
+            raise checkpoint.RunDirError(
+                f"{weights} is missing: the run in {run_dir} has not saved a model yet"
+            )
+        state = checkpoint.load_tensors(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if m != "head.weight" or not model.config.tie_weights]:
+            raise checkpoint.RunDirError(
+                f"{weights} does not match config.json's model (missing {missing}, "
+                f"unexpected {unexpected})"
+            )
+        model.eval()
+        return model.to(device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+
+def _check_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
+    if length < 0:
+        raise ConfigError(f"length must be >= 0; got {length}")
+    if not temperature >= 0 or math.isinf(temperature):
+        raise ConfigError(f"temperature must be a finite number >= 0; got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0: off); got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1] (1: off); got {top_p}")
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+            gen: torch.Generator) -> int:
+    """One token id from ``logits`` (V,)."""
+    logits = logits.float().cpu()
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k and top_k < logits.numel():
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p      # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+

@@ -1,0 +1,462 @@
+"""train(config) -> run directory: truncated BPTT over a corpus, with exact resume.
+
+Knows nothing about gates or kernels: it builds a :class:`~glasslstm.model.LanguageModel`,
+feeds it consecutive batches of a :class:`~glasslstm.data.TokenStream` with the LSTM state
+carried (detached) from one batch to the next, and keeps the run directory up to date:
+
+* ``train_state.safetensors`` — the resume point (weights, optimizer, RNG, carried state,
+  step): written at every evaluation, on Ctrl-C and at the end; one atomic file.
+* ``model.safetensors`` (latest) and ``best/model.safetensors`` (lowest validation loss).
+* ``metrics.jsonl`` and, at the end, ``curves.png``.
+
+A diverged step (NaN/Inf loss or gradient) is never applied: training stops and the last
+checkpoint stays as it was. Interrupted + resumed gives bitwise the same weights as
+uninterrupted (same machine, same thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from glasslstm import __version__, checkpoint
+from glasslstm.data import (
+    LEVELS,
+    Corpus,
+    TokenStream,
+    build_tokenizer,
+    encode_corpus,
+    load_corpus,
+    tokenizer_from_dict,
+)
+from glasslstm.model import ConfigError, LanguageModel, ModelConfig
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str | None = None        # None: the built-in `stories` corpus (no download)
+    data_dir: str | None = None    # where named corpora are looked up first
+    level: str = "char"            # char | word | byte tokens
+    min_freq: int = 2              # word level: rarer words become <unk>
+    hidden: int = 256              # 2x256 reaches a good stories model in minutes on 2 cores
+    layers: int = 2                # two layers: the usual char-LSTM depth
+    dropout: float = 0.1           # light: stories is large for this model; 0.2+ for shakespeare
+    embed: int = 0                 # 0: same as the LSTM output (lets --tie-weights work)
+    tie_weights: bool = False      # share embedding and output weights
+    forget_bias: float = 1.0       # Jozefowicz et al. 2015: start out remembering
+    seq_len: int = 128             # truncated-BPTT window; state still flows across windows
+    batch_size: int = 32           # rows of the stream trained in parallel
+    optimizer: str = "adamw"       # adamw | sgd
+    lr: float = 2e-3               # AdamW's sweet spot for char LSTMs of this size
+    weight_decay: float = 0.01     # AdamW decoupled decay; small, LSTMs overfit slowly
+    momentum: float = 0.9          # sgd only
+    schedule: str = "cosine"       # cosine (to min_lr_ratio * lr at max_steps) | constant
+    warmup: int = 50               # linear warm-up steps: AdamW's early steps are noisy
+    min_lr_ratio: float = 0.1      # the cosine schedule's floor
+    clip: float = 1.0              # gradient-norm clipping (0: off); LSTMs need it
+    max_steps: int = 600           # the README's default run: a few minutes on 2 cores
+    time_budget: float = 0.0       # seconds of training (0: none); stops early, still saves
+    eval_every: int = 100          # steps between validations (and checkpoints)
+    eval_batches: int = 0          # validation batches per evaluation (0: the whole split)
+    patience: int = 0              # stop after this many evaluations without improvement (0: off)
+    log_every: int = 10            # steps between train-loss lines in metrics.jsonl
+    seed: int = 1337               # model init, dropout, sampling: all from this
+    device: str = "auto"           # auto (cuda if present) | cpu | cuda | cuda:N
+    threads: int = 0               # torch intra-op threads (0: torch's default)
+    out: str | None = None         # run directory (default: runs/<corpus>-<time>)
+
+    # Keys that may change when a run is resumed; everything else defines the run.
+    RESUMABLE = ("max_steps", "time_budget", "eval_every", "eval_batches", "patience",
+                 "log_every", "device", "threads")
+
+    def __post_init__(self):
+        checks = {
+            "level": self.level in LEVELS,
+            "optimizer": self.optimizer in ("adamw", "sgd"),
+            "schedule": self.schedule in ("cosine", "constant"),
+            "lr": self.lr > 0 and math.isfinite(self.lr),
+            "seq_len": self.seq_len >= 1,
+            "batch_size": self.batch_size >= 1,
+            "max_steps": self.max_steps >= 1,
+            "eval_every": self.eval_every >= 1,
+            "log_every": self.log_every >= 1,
+            "time_budget": self.time_budget >= 0,
+            "clip": self.clip >= 0,
+            "warmup": self.warmup >= 0,
+            "patience": self.patience >= 0,
+            "eval_batches": self.eval_batches >= 0,
+            "threads": self.threads >= 0,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                hint = {"level": LEVELS, "optimizer": ("adamw", "sgd"),
+                        "schedule": ("cosine", "constant")}.get(key)
+                raise ConfigError(
+                    f"--{key.replace('_', '-')}={getattr(self, key)!r} is not valid"
+                    + (f"; choose one of {', '.join(hint)}" if hint else "")
+                )
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden, num_layers=self.layers,
+                           dropout=self.dropout, embed_size=self.embed,
+                           tie_weights=self.tie_weights, forget_bias=self.forget_bias)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown train config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int                      # optimizer steps done
+    stopped: str                   # max_steps | time_budget | early_stopping | interrupted | diverged
+    best_val_loss: float           # nats per token
+    best_val_bpc: float
+    last_val_loss: float
+    last_val_bpc: float
+    tokens_per_s: float
+    seconds: float
+    message: str = ""
+    fill_in: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["run_dir"] = str(self.run_dir)
+        return d
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def chars_per_token(tokenizer, data: bytes, n_tokens: int) -> float:
+    """Characters of ``data`` per token: the factor from nats/token to bits/character."""
+    if tokenizer.level == "char" or n_tokens == 0:
+        return 1.0
+    return len(data.decode("utf-8", errors="replace")) / n_tokens
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, ids, *, batch_size: int = 32, seq_len: int = 128,
+             max_batches: int = 0, chars_per_token: float = 1.0) -> dict:
+    """Mean next-token loss over the stream ``ids`` with the state carried along each row.
+
+    Every token but the first of each row is predicted once. Short texts get fewer rows.
+    Returns ``{"loss" (nats/token), "perplexity", "bpc", "tokens"}``.
+    """
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    n = ids.numel()
+    if n < 2:
+        raise ConfigError(f"need at least 2 tokens to evaluate; got {n}")
+    rows = max(1, min(batch_size, n // (seq_len + 1)))
+    cols = n // rows
+    grid = ids[: rows * cols].view(rows, cols).to(model.device)
+    was_training = model.training
+    model.eval()
+    total, count, state = 0.0, 0, None
+    try:
+        for k, start in enumerate(range(0, cols - 1, seq_len)):
+            if max_batches and k >= max_batches:
+                break
+            x = grid[:, start : min(start + seq_len, cols - 1)]
+            y = grid[:, start + 1 : start + 1 + x.shape[1]]
+            logits, _, state = model(x, state)
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bpc": loss / LN2 / chars_per_token, "tokens": count}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): warm-up, then cosine or constant."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.max_steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device={name!r} is not a device; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the current step, save, stop. Second: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    name = Path(cfg.data).stem if cfg.data else "stories"
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise checkpoint.RunDirError(
+            f"{run_dir} already exists and is not empty; continue it with "
+            f"`glasslstm train --resume {run_dir}`, or choose another --out"
+        )
+
+
+def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
+          overrides: dict | None = None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None,
+          corpus: Corpus | None = None) -> TrainResult:
+    """Train a language model; returns where it went and how it ended.
+
+    ``resume``: a run directory to continue (its config.json is the config; ``overrides``
+    may change the keys in ``TrainConfig.RESUMABLE``). ``on_step(step, loss)`` is called after
+    every optimizer step. ``corpus`` skips loading (for tests and notebooks).
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        stored = checkpoint.read_config(run_dir)
+        cfg = TrainConfig.from_dict(stored["train"])
+        for key, value in (overrides or {}).items():
+            if key not in TrainConfig.RESUMABLE and value != getattr(cfg, key):
+                raise ConfigError(
+                    f"--{key.replace('_', '-')} cannot change when resuming (the run has "
+                    f"{getattr(cfg, key)!r}); resumable: {', '.join(TrainConfig.RESUMABLE)}"
+                )
+        cfg = replace(cfg, **{k: v for k, v in (overrides or {}).items() if k in TrainConfig.RESUMABLE})
+    else:
+        cfg = replace(config or TrainConfig(), **(overrides or {}))
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        _check_new_run_dir(run_dir)
+
+    device = _device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
+    if resume is not None:
+        tok = tokenizer_from_dict(json.loads((run_dir / "vocab.json").read_text("utf-8")))
+    else:
+        tok = build_tokenizer(cfg.level, corpus, min_freq=cfg.min_freq)
+    train_ids, val_ids = encode_corpus(tok, corpus)
+    stream = TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
+    val_cpt = chars_per_token(tok, corpus.val, len(val_ids))
+    train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
+
+    torch.manual_seed(cfg.seed)
+    model = LanguageModel(cfg.model_config(tok.vocab_size), tok).to(device)
+    opt = _make_optimizer(cfg, model)
+    # best_val_loss is None until the first evaluation (JSON has no infinity).
+    meta = {"step": 0, "best_val_loss": None, "evals_since_best": 0, "seconds": 0.0,
+            "tokens": 0}
+    state = None
+    if resume is not None:
+        state = _load_resume_point(run_dir, model, opt, meta, device)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_config(run_dir, {
+            "glasslstm_version": __version__,
+            "model": model.config_dict(),
+            "train": asdict(cfg),
+            "corpus": {"name": corpus.name, "source": corpus.source,
+                       "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids))},
+        })
+        checkpoint.atomic_write_json(run_dir / "vocab.json", tok.to_dict())
+        _save_resume_point(run_dir, model, opt, meta, state)  # a failed run keeps this
+        model.save(run_dir / "model.safetensors")
+
+    def log(record: dict) -> None:
+        checkpoint.append_jsonl(run_dir / "metrics.jsonl", record)
+
+    def validate() -> dict:
+        res = evaluate(model, val_ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                       max_batches=cfg.eval_batches, chars_per_token=val_cpt)
+        improved = meta["best_val_loss"] is None or res["loss"] < meta["best_val_loss"]
+        if improved:
+            meta["best_val_loss"], meta["evals_since_best"] = res["loss"], 0
+            model.save(run_dir / "best" / "model.safetensors", metadata={"step": str(step)})
+        else:
+            meta["evals_since_best"] += 1
+        log({"split": "val", "step": step, "loss": res["loss"], "bpc": res["bpc"],
+             "perplexity": res["perplexity"], "seconds": round(meta["seconds"], 3)})
+        return res
+
+    bar = _progress_bar(cfg, meta["step"]) if progress else None
+    stopped, message, last_val = "max_steps", "", None
+    step = meta["step"]
+    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+    model.train()
+    with _Interrupt() as interrupt:
+        while step < cfg.max_steps:
+            t_step = time.perf_counter()
+            k = step % stream.num_batches
+            if k == 0:
+                state = None  # a new pass over the stream: rows restart at their beginning
+            x, y = (t.to(device) for t in stream.batch(k))
+            lr = lr_at(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            _, loss, new_state = model(x, state, y)
+            loss_value = loss.detach().item()
+            opt.zero_grad(set_to_none=True)
+            if math.isfinite(loss_value):
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or math.inf)
+            if not math.isfinite(loss_value) or not math.isfinite(float(norm)):
+                stopped = "diverged"
+                message = (f"training diverged at step {step + 1} (loss {loss_value}, gradient "
+                           "norm not finite); the step was not applied and the last good "
+                           f"checkpoint (step {_saved_step(run_dir)}) is kept in {run_dir}. "
+                           "Lower --lr or keep --clip on, then resume or train again.")
+                break
+            opt.step()
+            state = tuple(s.detach() for s in new_state)
+            step += 1
+            meta["step"] = step
+            meta["tokens"] += x.numel()
+            meta["seconds"] += time.perf_counter() - t_step
+            window_loss, window_n = window_loss + loss_value, window_n + 1
+            if on_step is not None:
+                on_step(step, loss_value)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_t0
+                tps = window_n * x.numel() / max(elapsed, 1e-9)
+                mean = window_loss / window_n
+                log({"split": "train", "step": step, "loss": mean, "bpc": mean / LN2 / train_cpt,
+                     "lr": lr, "tokens_per_s": tps, "seconds": round(meta["seconds"], 3)})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean:.3f}", bpc=f"{mean / LN2 / train_cpt:.3f}",
+                                    tok_s=f"{tps:,.0f}", refresh=False)
+                window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            out_of_time = cfg.time_budget and meta["seconds"] >= cfg.time_budget
+            if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
+                last_val = validate()
+                _save_resume_point(run_dir, model, opt, meta, state)
+                model.save(run_dir / "model.safetensors", metadata={"step": str(step)})
+                if cfg.patience and meta["evals_since_best"] >= cfg.patience:
+                    stopped = "early_stopping"
+                    break
+            if out_of_time:
+                stopped = "time_budget"
+                break
+            if interrupt.requested:
+                stopped = "interrupted"
+                _save_resume_point(run_dir, model, opt, meta, state)
+                model.save(run_dir / "model.safetensors", metadata={"step": str(step)})
+                message = (f"interrupted at step {step}; saved. Continue with "
+                           f"`glasslstm train --resume {run_dir}`")
+                break
+    if bar is not None:
+        bar.close()
+    if last_val is None and stopped not in ("interrupted", "diverged"):
+        last_val = validate()
+    _write_curves(run_dir)
+    if not message:
+        message = f"stopped: {stopped} at step {step}"
+    best = math.nan if meta["best_val_loss"] is None else meta["best_val_loss"]
+    return TrainResult(
+        run_dir=run_dir, step=step, stopped=stopped,
+        best_val_loss=best, best_val_bpc=best / LN2 / val_cpt,
+        last_val_loss=last_val["loss"] if last_val else math.nan,
+        last_val_bpc=last_val["bpc"] if last_val else math.nan,
+        tokens_per_s=meta["tokens"] / max(meta["seconds"], 1e-9), seconds=meta["seconds"],
+        message=message,
+    )
+
+
+def _progress_bar(cfg: TrainConfig, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True,
+                desc="train", leave=True)
+
+
+def _save_resume_point(run_dir: Path, model, opt, meta: dict, state) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = checkpoint.optimizer_state_to_tensors(opt.state_dict())
+    rng_tensors, rng_meta = checkpoint.rng_state()
+    tensors.update(opt_tensors)
+    tensors.update(rng_tensors)
+    if state is not None:
+        tensors["carry.h"], tensors["carry.c"] = state
+    checkpoint.save_train_state(run_dir, tensors, {**meta, "optimizer": opt_meta, "rng": rng_meta})
+
+
+def _load_resume_point(run_dir: Path, model, opt, meta: dict, device):
+    tensors, stored = checkpoint.load_train_state(run_dir)
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    opt.load_state_dict(checkpoint.optimizer_state_from_tensors(tensors, stored["optimizer"]))
+    checkpoint.set_rng_state(tensors, stored["rng"])
+    for key in meta:
+        meta[key] = stored[key]
+    if "carry.h" in tensors:
+        return tensors["carry.h"].to(device), tensors["carry.c"].to(device)
+    return None
+
+
+def _saved_step(run_dir: Path) -> int:
+    try:
+        return int(checkpoint.load_train_state(run_dir)[1]["step"])
+    except (checkpoint.RunDirError, KeyError, ValueError):
+        return 0
+
+
+def _write_curves(run_dir: Path) -> None:
+    from glasslstm.viz import plot_curves
+
+    plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")

@@ -1,0 +1,60 @@
+"""Pictures for people: learning curves (matplotlib, written as PNG; no window needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_curves(metrics_path, out_png) -> Path | None:
+    """Train and validation bits per character against step, as a PNG. None if no data."""
+    records = read_metrics(metrics_path)
+    series = {
+        split: [(r["step"], r["bpc"]) for r in records
+                if r.get("split") == split and math.isfinite(r.get("bpc", math.nan))]
+        for split in ("train", "val")
+    }
+    if not any(series.values()):
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for split, style in (("train", "-"), ("val", "o-")):
+        if series[split]:
+            steps, bpc = zip(*series[split])
+            ax.plot(steps, bpc, style, label=split, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per character")
+    ax.set_title("glasslstm: learning curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png

@@ -1,0 +1,196 @@
+"""The command line, in process (main([...])) and once through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from glasslstm.cli import main
+
+TEXT = ("Bob is a nice person. Dan, on the other hand, is evil. Bob can swim. "
+        "He served in the Navy for four long years. For his contributions, brave Bob. ") * 14
+SMALL = ["--hidden", "24", "--layers", "1", "--seq-len", "16", "--batch-size", "4",
+         "--eval-every", "10", "--warmup", "2"]
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def trained(tmp_path, corpus_file, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus_file), *SMALL, "--max-steps", "20",
+                 "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    return out, report
+
+
+def test_train_json_report(trained):
+    out, report = trained
+    assert report["run_dir"] == str(out) and report["step"] == 20
+    assert report["stopped"] == "max_steps"
+    assert report["last_val_bpc"] == pytest.approx(report["last_val_loss"] / math.log(2))
+    assert isinstance(report["sample"], str) and len(report["sample"]) > 0
+    assert report["fill_in"][0]["prompt"] == "For his contributions, brave"
+
+
+def test_train_human_report(tmp_path, corpus_file, capsys):
+    out = tmp_path / "human"
+    assert main(["train", "--data", str(corpus_file), *SMALL, "--max-steps", "10",
+                 "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "bits per character" in text and "sample (temperature 0.8" in text
+    assert "fill in the blank" in text and f"glasslstm sample {out}" in text
+
+
+def test_sample_streams_the_prompt_and_continuation(trained, capsys):
+    out, _ = trained
+    assert main(["sample", str(out), "--prompt", "Bob ", "--length", "40", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("Bob ") and len(first.rstrip("\n")) == 44
+    main(["sample", str(out), "--prompt", "Bob ", "--length", "40", "--seed", "1"])
+    assert capsys.readouterr().out == first                      # the seed reproduces it
+    main(["sample", str(out), "--prompt", "Bob ", "--length", "40", "--temperature", "0"])
+    argmax = capsys.readouterr().out
+    main(["sample", str(out), "--prompt", "Bob ", "--length", "40", "--temperature", "0",
+          "--seed", "9"])
+    assert capsys.readouterr().out == argmax                     # argmax ignores the seed
+
+
+def test_predict_json_and_table(trained, capsys):
+    out, _ = trained
+    assert main(["predict", str(out), "For his contributions, brave", "--top", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    probs = [t["prob"] for t in res["next"]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    assert "word" in res["next_word"]
+    assert main(["predict", str(out), "Bob is"]) == 0
+    text = capsys.readouterr().out
+    assert "after 'Bob is'" in text and "most likely next word" in text
+
+
+def test_eval_file_and_own_corpus(trained, corpus_file, capsys):
+    out, report = trained
+    assert main(["eval", str(out), "--data", str(corpus_file), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tokens"] > 0.9 * len(TEXT)
+    assert res["bpc"] == pytest.approx(res["loss"] / math.log(2))
+    assert res["perplexity"] == pytest.approx(math.exp(res["loss"]))
+    assert main(["eval", str(out), "--json"]) == 0  # the run's own validation split
+    own = json.loads(capsys.readouterr().out)
+    assert "validation split" in own["data"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sample", "{tmp}/nowhere"], "no run directory at"),
+        (["predict", "{tmp}", "x"], "is not a glasslstm run directory"),
+        (["eval", "{tmp}/nowhere"], "no run directory at"),
+    ],
+)
+def test_missing_or_foreign_run_directory(tmp_path, capsys, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_newer_or_older_format_version(trained, capsys):
+    out, _ = trained
+    cfg = json.loads((out / "config.json").read_text())
+    for version, message in ((99, "newer glasslstm"), (0, "cannot be read")):
+        (out / "config.json").write_text(json.dumps({**cfg, "format_version": version}))
+        assert main(["sample", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_prompt_outside_the_vocabulary(trained, capsys):
+    out, _ = trained
+    assert main(["predict", str(out), "Zoë"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the vocabulary" in err and "'Z'" in err
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "empty"),
+        (b"   \n\t  \n", "whitespace"),
+        (b"good text " * 50 + b"\xff\xfe bad" + b" more" * 50, "byte offset 500.*--level byte"),
+    ],
+    ids=["empty", "whitespace", "invalid-utf8"],
+)
+def test_bad_corpus_files(tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    assert main(["train", "--data", str(bad), *SMALL, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    if content.startswith(b"good"):  # and byte level trains on it
+        assert main(["train", "--data", str(bad), *SMALL, "--level", "byte", "--max-steps", "2",
+                     "--out", str(tmp_path / "rb"), "--quiet"]) == 0
+
+
+def test_corpus_too_short_for_one_batch(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Bob is brave. " * 3)
+    assert main(["train", "--data", str(short), *SMALL, "--out", str(tmp_path / "r")]) == 2
+    assert "too few for one batch" in capsys.readouterr().err
+
+
+def test_bad_option_value(tmp_path, capsys):
+    assert main(["train", "--level", "morse", "--out", str(tmp_path / "r")]) == 2
+    assert "--level='morse' is not valid; choose one of char, word, byte" in capsys.readouterr().err
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).with_name("glasslstm")
+    assert script.exists(), f"the glasslstm console script is not installed beside {sys.executable}"
+    return str(script)
+
+
+def test_installed_console_script_end_to_end(tmp_path, corpus_file):
+    out = tmp_path / "e2e"
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    res = subprocess.run([_console_script(), "train", "--data", str(corpus_file), *SMALL,
+                          "--max-steps", "10", "--out", str(out), "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "bits per character" in res.stdout
+    res = subprocess.run([_console_script(), "sample", str(out), "--prompt", "Bob", "--length",
+                          "20", "--seed", "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.startswith("Bob"), res.stderr
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path, corpus_file):
+    """A real SIGINT to the running console script: it finishes the step, saves, exits 130."""
+    out = tmp_path / "ctrlc"
+    proc = subprocess.Popen([_console_script(), "train", "--data", str(corpus_file), *SMALL,
+                             "--max-steps", "100000", "--out", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    seen = b""
+    while b"3/100000" not in seen:  # tqdm's progress line: three steps done
+        chunk = proc.stderr.read1(4096)
+        assert chunk, f"train exited early: {seen.decode(errors='replace')}"
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (stdout + stderr).decode(errors="replace")
+    assert b"interrupted at step" in stdout and b"--resume" in stdout
+    from glasslstm.checkpoint import load_train_state
+
+    assert load_train_state(out)[1]["step"] >= 3

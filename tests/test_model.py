@@ -1,0 +1,150 @@
+"""LanguageModel: the softmax over H_t, generation, prediction, bpc/perplexity by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from glasslstm.data import ByteTokenizer, CharTokenizer, DataError
+from glasslstm.model import ConfigError, LanguageModel, ModelConfig
+from glasslstm.train import evaluate
+
+TEXT = "hello glass lstm. the cell keeps bob in mind. " * 8
+
+
+def char_model(text=TEXT, **kw) -> LanguageModel:
+    tok = CharTokenizer(sorted(set(text)))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **{"hidden_size": 32, "num_layers": 1,
+                                                      "dropout": 0.0, **kw})
+    return LanguageModel(cfg, tok)
+
+
+def test_forward_shapes_and_loss_is_cross_entropy():
+    model = char_model(num_layers=2, dropout=0.0)
+    idx = torch.randint(0, model.config.vocab_size, (3, 7))
+    tgt = torch.randint(0, model.config.vocab_size, (3, 7))
+    logits, loss, (h, c) = model(idx, targets=tgt)
+    assert logits.shape == (3, 7, model.config.vocab_size)
+    assert h.shape == c.shape == (2, 3, 32)
+    by_hand = -torch.log_softmax(logits, -1).gather(-1, tgt.unsqueeze(-1)).mean()
+    assert torch.allclose(loss, by_hand)
+    assert model(idx)[1] is None
+
+
+def test_state_carries_across_calls():
+    """Two halves with the state carried == the whole sequence at once (truncated BPTT's basis)."""
+    model = char_model(num_layers=2).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 10))
+    whole, _, _ = model(idx)
+    first, _, state = model(idx[:, :4])
+    second, _, _ = model(idx[:, 4:], state)
+    assert torch.allclose(torch.cat([first, second], 1), whole, atol=1e-6)
+
+
+def test_overfits_a_tiny_text_to_near_zero_loss():
+    torch.manual_seed(0)
+    text = "the brave bob served in the navy. "
+    model = char_model(text, hidden_size=64)
+    ids = torch.tensor(model.tokenizer.encode(text * 4))
+    x, y = ids[:-1].unsqueeze(0), ids[1:].unsqueeze(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        _, loss, _ = model(x, targets=y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    _, final_loss, _ = model(x, targets=y)
+    assert final_loss.item() < 0.05
+
+
+def test_bpc_and_perplexity_match_a_hand_computation():
+    """A model whose softmax is a fixed distribution: loss is -mean log p(next) by hand."""
+    tok = CharTokenizer("abcd")
+    model = LanguageModel(ModelConfig(vocab_size=4, hidden_size=4, num_layers=1, dropout=0.0), tok)
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(p.log())
+    ids = np.array(tok.encode("abcdddcba"))
+    res = evaluate(model, ids, batch_size=1, seq_len=3)
+    targets = "bcdddcba"  # every char but the first is predicted once
+    nats = -sum(math.log([0.1, 0.2, 0.3, 0.4]["abcd".index(ch)]) for ch in targets) / len(targets)
+    assert res["tokens"] == len(targets)
+    assert res["loss"] == pytest.approx(nats, rel=1e-6)
+    assert res["bpc"] == pytest.approx(nats / math.log(2), rel=1e-6)
+    assert res["perplexity"] == pytest.approx(math.exp(nats), rel=1e-6)
+    # bits per character for a multi-character token: the same nats spread over more chars
+    res2 = evaluate(model, ids, batch_size=1, seq_len=3, chars_per_token=2.0)
+    assert res2["bpc"] == pytest.approx(nats / math.log(2) / 2, rel=1e-6)
+
+
+def test_temperature_zero_is_the_argmax_chain_and_seeds_reproduce():
+    model = char_model()
+    greedy = "".join(model.generate("bob", 20, temperature=0))
+    assert greedy == "".join(model.generate("bob", 20, temperature=0.7, top_k=1, seed=5))
+    assert greedy == "".join(model.generate("bob", 20, temperature=1.0, top_p=1e-6, seed=9))
+    # argmax by hand, one step at a time
+    ids = model.tokenizer.encode("bob")
+    logits, _, state = model(torch.tensor([ids]))
+    expected = []
+    for _ in range(20):
+        nxt = int(logits[0, -1].argmax())
+        expected.append(nxt)
+        logits, _, state = model(torch.tensor([[nxt]]), state)
+    assert greedy == model.tokenizer.decode(expected)
+    a = "".join(model.generate("bob", 30, temperature=1.0, seed=3))
+    assert a == "".join(model.generate("bob", 30, temperature=1.0, seed=3))
+    assert len(a) == 30
+
+
+def test_top_k_only_ever_picks_among_the_k_most_likely():
+    model = char_model()
+    ids = model.tokenizer.encode("the cell")
+    logits = model(torch.tensor([ids]))[0][0, -1]
+    allowed = {model.tokenizer.decode([i]) for i in logits.topk(2).indices.tolist()}
+    firsts = {next(model.generate("the cell", 1, temperature=5.0, top_k=2, seed=s)) for s in range(40)}
+    assert firsts <= allowed and len(firsts) == 2
+
+
+def test_predict_next_is_the_softmax():
+    model = char_model()
+    preds = model.predict_next("hello glass", top=5)
+    ids = model.tokenizer.encode("hello glass")
+    probs = torch.softmax(model(torch.tensor([ids]))[0][0, -1], -1)
+    top = probs.topk(5)
+    assert [p.prob for p in preds] == pytest.approx(top.values.tolist(), rel=1e-5)
+    assert [p.text for p in preds] == [model.tokenizer.decode([i]) for i in top.indices.tolist()]
+    assert all(a.prob >= b.prob for a, b in zip(preds, preds[1:]))
+
+
+def test_prompt_characters_not_in_the_vocabulary_are_a_clear_error():
+    model = char_model()
+    with pytest.raises(DataError, match=r"not in the vocabulary: 'Z', 'é'"):
+        model.predict_next("Zoé")
+    with pytest.raises(DataError, match="not in the vocabulary"):
+        next(model.generate("Zoé", 5))
+
+
+def test_byte_model_streams_valid_text():
+    model = LanguageModel(ModelConfig(vocab_size=256, hidden_size=16, num_layers=1), ByteTokenizer())
+    out = "".join(model.generate("naïve ☃", 50, temperature=1.5, seed=0))
+    assert isinstance(out, str) and len(out.encode("utf-8", errors="surrogatepass")) >= 1
+
+
+def test_weight_tying_shares_the_embedding():
+    model = char_model(tie_weights=True)
+    assert model.head.weight is model.embedding.weight
+    with pytest.raises(ConfigError, match="tie_weights needs embed_size"):
+        ModelConfig(vocab_size=5, hidden_size=8, embed_size=4, tie_weights=True)
+
+
+def test_sampling_options_are_checked():
+    model = char_model()
+    for kw, match in [(dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"),
+                      (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")]:
+        with pytest.raises(ConfigError, match=match):
+            next(model.generate("bob", 3, **kw))

@@ -1,0 +1,163 @@
+"""train(): exact resume, divergence, budgets, early stopping, the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from glasslstm import checkpoint
+from glasslstm.data import Corpus, DataError
+from glasslstm.model import ConfigError, LanguageModel
+from glasslstm.train import TrainConfig, lr_at, train
+
+TEXT = ("Bob is a nice person. Dan, on the other hand, is evil. Bob can swim. "
+        "He served in the Navy for four long years. For his contributions, brave Bob. ") * 12
+CORPUS = Corpus("tiny", TEXT.encode()[: int(len(TEXT) * 0.9)], TEXT.encode()[int(len(TEXT) * 0.9):],
+                "test text")
+TINY = dict(hidden=24, layers=2, dropout=0.1, seq_len=16, batch_size=4, eval_every=8,
+            log_every=4, warmup=2)
+
+
+def run(tmp_path, name, corpus=CORPUS, **kw):
+    cfg = TrainConfig(**{**TINY, **kw, "out": str(tmp_path / name)})
+    return train(cfg, progress=False, corpus=corpus)
+
+
+def weights(run_dir, which="last"):
+    return LanguageModel.load(run_dir, which=which).state_dict()
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    full = run(tmp_path, "full", max_steps=24)
+    assert full.stopped == "max_steps" and full.step == 24
+
+    def ctrl_c_at_11(step, loss):
+        if step == 11:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; handled between steps
+
+    cfg = TrainConfig(**{**TINY, "max_steps": 24, "out": str(tmp_path / "cut")})
+    cut = train(cfg, progress=False, corpus=CORPUS, on_step=ctrl_c_at_11)
+    assert cut.stopped == "interrupted" and cut.step == 11
+    assert "glasslstm train --resume" in cut.message
+    resumed = train(resume=tmp_path / "cut", progress=False, corpus=CORPUS)
+    assert resumed.step == 24 and resumed.stopped == "max_steps"
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed.best_val_loss == full.best_val_loss
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    run(tmp_path, "a", max_steps=6)
+    run(tmp_path, "b", max_steps=6)
+    run(tmp_path, "c", max_steps=6, seed=7)
+    a, b, c = (weights(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["lstm.weight_hh_l0"], c["lstm.weight_hh_l0"])
+
+
+def test_run_directory_describes_itself(tmp_path):
+    res = run(tmp_path, "r", max_steps=16)
+    d = res.run_dir
+    cfg = checkpoint.read_config(d)
+    assert cfg["format_version"] == checkpoint.FORMAT_VERSION and cfg["kind"] == checkpoint.RUN_KIND
+    assert cfg["train"]["hidden"] == 24 and cfg["model"]["vocab_size"] > 10
+    assert json.loads((d / "vocab.json").read_text())["level"] == "char"
+    records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r["split"] == "val"]
+    trains = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in vals] == [8, 16] and len(trains) == 4
+    for r in vals:
+        assert r["bpc"] == pytest.approx(r["loss"] / math.log(2))
+        assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+    assert all(r["tokens_per_s"] > 0 for r in trains)
+    assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (d / "best" / "model.safetensors").is_file()
+    assert res.best_val_loss == min(r["loss"] for r in vals)
+    assert checkpoint.load_train_state(d)[1]["step"] == 16
+
+
+def test_learning_happens(tmp_path):
+    res = run(tmp_path, "learn", max_steps=60, lr=1e-2, eval_every=30)
+    vals = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    first_train = next(r for r in vals if r["split"] == "train")
+    assert res.last_val_loss < first_train["loss"] - 0.5
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, bad):
+    """The 13th training loss comes out NaN/Inf: that step is not applied, the run stops."""
+    original, calls = torch.nn.functional.cross_entropy, []
+
+    def failing_cross_entropy(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        if torch.is_grad_enabled():  # training steps, not validation
+            calls.append(1)
+            if len(calls) == 13:
+                return loss * bad
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", failing_cross_entropy)
+    cfg = TrainConfig(**{**TINY, "max_steps": 50, "out": str(tmp_path / "nan")})
+    res = train(cfg, progress=False, corpus=CORPUS)
+    assert res.stopped == "diverged" and res.step == 12
+    assert "diverged" in res.message and "last good checkpoint" in res.message
+    tensors, meta = checkpoint.load_train_state(res.run_dir)
+    saved = LanguageModel.load(res.run_dir, which="last")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model."))
+    assert meta["step"] <= res.step and f"(step {meta['step']})" in res.message
+
+
+def test_time_budget_stops_early_and_still_saves(tmp_path):
+    res = run(tmp_path, "budget", max_steps=10_000, time_budget=1e-6)
+    assert res.stopped == "time_budget" and res.step == 1
+    assert checkpoint.load_train_state(res.run_dir)[1]["step"] == 1
+    assert math.isfinite(res.last_val_loss)
+
+
+def test_early_stopping_when_validation_stops_improving(tmp_path):
+    res = run(tmp_path, "patience", max_steps=100, optimizer="sgd", momentum=0.0, lr=1e-30,
+              warmup=0, schedule="constant", patience=1, dropout=0.0)
+    assert res.stopped == "early_stopping" and res.step == 16  # evals at 8 (best) and 16 (not better)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 60) == pytest.approx(0.55)
+    assert lr_at(cfg, 110) == pytest.approx(0.1)
+    assert lr_at(TrainConfig(lr=0.5, warmup=0, schedule="constant"), 77) == 0.5
+
+
+def test_run_directory_is_never_clobbered(tmp_path):
+    run(tmp_path, "taken", max_steps=2)
+    with pytest.raises(checkpoint.RunDirError, match="already exists.*--resume"):
+        run(tmp_path, "taken", max_steps=2)
+
+
+def test_resume_refuses_to_change_the_model(tmp_path):
+    run(tmp_path, "r", max_steps=2)
+    with pytest.raises(ConfigError, match="--hidden cannot change when resuming"):
+        train(resume=tmp_path / "r", overrides={"hidden": 64}, progress=False, corpus=CORPUS)
+    more = train(resume=tmp_path / "r", overrides={"max_steps": 4}, progress=False, corpus=CORPUS)
+    assert more.step == 4
+
+
+def test_corpus_shorter_than_one_batch(tmp_path):
+    small = Corpus("small", b"abcdefghij" * 3, b"abcdefghij", "test")
+    with pytest.raises(DataError, match="too few for one batch.*--batch-size"):
+        run(tmp_path, "small", corpus=small, max_steps=2)
+
+
+@pytest.mark.parametrize("key,value", [("level", "morse"), ("optimizer", "adam2"), ("lr", -1.0),
+                                       ("seq_len", 0)])
+def test_bad_config_values(key, value):
+    with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')}"):
+        TrainConfig(**{key: value})
