@@ -10,7 +10,7 @@ import torch
 
 from glasslstm.data import ByteTokenizer, CharTokenizer, DataError
 from glasslstm.model import ConfigError, LanguageModel, ModelConfig
-from glasslstm.train import evaluate
+from glasslstm.trainer import evaluate
 
 TEXT = "hello glass lstm. the cell keeps bob in mind. " * 8
 

@@ -13,7 +13,7 @@ import torch
 from glasslstm import checkpoint
 from glasslstm.data import Corpus, DataError
 from glasslstm.model import ConfigError, LanguageModel
-from glasslstm.train import TrainConfig, lr_at, train
+from glasslstm.trainer import TrainConfig, lr_at, train
 
 TEXT = ("Bob is a nice person. Dan, on the other hand, is evil. Bob can swim. "
         "He served in the Navy for four long years. For his contributions, brave Bob. ") * 12

@@ -8,7 +8,7 @@ from pathlib import Path
 from glasslstm import checkpoint
 from glasslstm.data import DataError, load_corpus
 from glasslstm.model import LanguageModel
-from glasslstm.train import chars_per_token, evaluate
+from glasslstm.trainer import chars_per_token, evaluate
 
 
 def add_parser(sub) -> None:

@@ -13,10 +13,11 @@ from dataclasses import MISSING, fields
 from glasslstm import stories
 from glasslstm.data import DataError
 from glasslstm.model import LanguageModel
-from glasslstm.train import TrainConfig, TrainResult, train
+from glasslstm.trainer import TrainConfig, TrainResult, train
 
-# The article's sentence; used for the fill-in demo on corpora other than `stories`.
+# The article's sentences: the fill-in on corpora other than `stories`, and the sample's start.
 ARTICLE_PROMPT = "For his contributions, brave"
+ARTICLE_START = "Bob is a nice person. Dan, on the other hand,"
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -78,7 +79,10 @@ def _report(result: TrainResult, model: LanguageModel) -> dict:
     """The result plus a sample and fill-in-the-blank predictions of the best model."""
     report = result.to_json()
     corpus = json.loads((result.run_dir / "config.json").read_text("utf-8"))["corpus"]["name"]
-    report["sample"] = "".join(model.generate("", 300, temperature=0.8, top_k=40, seed=1))
+    prompt = ARTICLE_START if corpus == "stories" else ""
+    report["sample_prompt"] = prompt
+    report["sample"] = prompt + "".join(model.generate(prompt, 300, temperature=0.8, top_k=40,
+                                                       seed=1))
     if corpus == "stories":
         examples = stories.fill_in_examples(seed=0, n=20)
     else:

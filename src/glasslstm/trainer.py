@@ -190,14 +190,21 @@ def evaluate(model: LanguageModel, ids, *, batch_size: int = 32, seq_len: int = 
 # ----------------------------------------------------------------------------- the loop
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): warm-up, then cosine or constant."""
+def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): warm-up, then cosine or constant.
+
+    The cosine runs to ``max_steps``, or to the end of ``time_budget`` (by ``seconds`` of
+    training so far) if that comes first — so a time-limited run still anneals. (Then the
+    schedule depends on the machine's speed, and a resumed run is no longer bitwise equal.)
+    """
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
     span = max(1, cfg.max_steps - cfg.warmup)
     progress = min(1.0, (step - cfg.warmup) / span)
+    if cfg.time_budget:
+        progress = max(progress, min(1.0, seconds / cfg.time_budget))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -259,12 +266,15 @@ def _check_new_run_dir(run_dir: Path) -> None:
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
           overrides: dict | None = None, progress: bool = True,
           on_step: Callable[[int, float], None] | None = None,
-          corpus: Corpus | None = None) -> TrainResult:
+          corpus: Corpus | None = None,
+          build_model: Callable[[ModelConfig, object], LanguageModel] = LanguageModel,
+          ) -> TrainResult:
     """Train a language model; returns where it went and how it ended.
 
     ``resume``: a run directory to continue (its config.json is the config; ``overrides``
     may change the keys in ``TrainConfig.RESUMABLE``). ``on_step(step, loss)`` is called after
-    every optimizer step. ``corpus`` skips loading (for tests and notebooks).
+    every optimizer step. ``corpus`` skips loading (for tests and notebooks). ``build_model``
+    makes the model from (ModelConfig, tokenizer); benchmarks use it to put a peer LSTM inside.
     """
     if resume is not None:
         run_dir = Path(resume)
@@ -296,7 +306,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
 
     torch.manual_seed(cfg.seed)
-    model = LanguageModel(cfg.model_config(tok.vocab_size), tok).to(device)
+    model = build_model(cfg.model_config(tok.vocab_size), tok).to(device)
     opt = _make_optimizer(cfg, model)
     # best_val_loss is None until the first evaluation (JSON has no infinity).
     meta = {"step": 0, "best_val_loss": None, "evals_since_best": 0, "seconds": 0.0,
@@ -345,7 +355,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             if k == 0:
                 state = None  # a new pass over the stream: rows restart at their beginning
             x, y = (t.to(device) for t in stream.batch(k))
-            lr = lr_at(cfg, step)
+            lr = lr_at(cfg, step, meta["seconds"])
             for group in opt.param_groups:
                 group["lr"] = lr
             _, loss, new_state = model(x, state, y)
