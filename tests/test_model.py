@@ -148,3 +148,23 @@ def test_sampling_options_are_checked():
                       (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")]:
         with pytest.raises(ConfigError, match=match):
             next(model.generate("bob", 3, **kw))
+
+
+def test_continuation_prob_is_the_product_of_next_token_probabilities():
+    model = char_model()
+    p = model.continuation_prob("the cell", " keeps")
+    by_hand, text = 1.0, "the cell"
+    for ch in " keeps":
+        probs = torch.softmax(model(torch.tensor([model.tokenizer.encode(text)]))[0][0, -1], -1)
+        by_hand *= probs[model.tokenizer.encode(ch)[0]].item()
+        text += ch
+    assert p == pytest.approx(by_hand, rel=1e-5)
+    assert model.continuation_prob("the cell", "") == 1.0
+
+
+def test_next_word_follows_the_argmax_chain():
+    model = char_model()
+    word, prob = model.next_word("the cell")
+    greedy = "".join(model.generate("the cell", 12, temperature=0))
+    assert greedy.lstrip().startswith(word)
+    assert 0 < prob <= 1

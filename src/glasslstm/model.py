@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -166,14 +167,15 @@ class LanguageModel(nn.Module):
         state is carried from step to step (each step feeds one token).
         """
         _check_sampling(length, temperature, top_k, top_p)
-        was_training = self.training
-        self.eval()
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            gen.seed()  # fresh entropy, for this generator only (the global RNG is untouched)
+        else:
+            gen.manual_seed(seed)
         tok = self._require_tokenizer()
         # Byte-level output may split a UTF-8 character across tokens: decode incrementally.
         decoder = codecs.getincrementaldecoder("utf-8")("replace") if tok.level == "byte" else None
-        try:
+        with self._evaluating():
             logits, state = self._prime(prompt)
             for _ in range(length):
                 nxt = _sample(logits, temperature, top_k, top_p, gen)
@@ -186,6 +188,14 @@ class LanguageModel(nn.Module):
                 tail = decoder.decode(b"", final=True)
                 if tail:
                     yield tail
+
+    @contextmanager
+    def _evaluating(self):
+        """Eval mode (no dropout) for the block, then back to what it was."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
         finally:
             self.train(was_training)
 
@@ -194,12 +204,8 @@ class LanguageModel(nn.Module):
         """The ``top`` most likely next tokens after ``text``, with their probabilities."""
         if top < 1:
             raise ConfigError(f"top must be >= 1; got {top}")
-        was_training = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             logits, _ = self._prime(text)
-        finally:
-            self.train(was_training)
         probs = torch.softmax(logits.float(), -1)
         p, ids = probs.topk(min(top, probs.numel()))
         tok = self._require_tokenizer()
@@ -207,31 +213,41 @@ class LanguageModel(nn.Module):
                 for i, q in zip(ids.tolist(), p.tolist())]
 
     @torch.no_grad()
-    def next_word(self, text: str, max_chars: int = 30) -> tuple[str, float]:
-        """The most likely next word after ``text`` (greedy, char/byte models) and its
-        probability (product of the chosen tokens' probabilities). Leading spaces are part of
-        the search but not of the returned word."""
+    def next_word(self, text: str, max_tokens: int = 30) -> tuple[str, float]:
+        """The most likely next word after ``text``, found greedily token by token, and its
+        probability (the product of the chosen tokens' probabilities, spaces included)."""
         tok = self._require_tokenizer()
-        was_training = self.training
-        self.eval()
-        try:
+        word, prob = "", 1.0
+        with self._evaluating():
             logits, state = self._prime(text)
-            word, prob = "", 1.0
-            for _ in range(max_chars):
+            for _ in range(max_tokens):
                 probs = torch.softmax(logits.float(), -1)
                 i = int(probs.argmax())
                 piece = tok.decode([i])
-                if tok.level == "word":
-                    return piece.strip() or piece, float(probs[i])
-                if not (piece.isalnum() or piece in "'-") and (word or not piece.isspace()):
-                    break
+                if word and not (piece.isalnum() or piece in "'-"):
+                    break  # the word ended
+                if not word and not piece.isspace() and not piece.isalnum():
+                    break  # punctuation instead of a word
                 prob *= float(probs[i])
-                word += piece
+                word += piece.strip()
+                if word and tok.level == "word":
+                    break  # one token is one word
                 out, _, state = self(torch.tensor([[i]], device=self.device), state)
                 logits = out[0, -1]
-            return word.strip(), prob
-        finally:
-            self.train(was_training)
+        return word, prob
+
+    @torch.no_grad()
+    def continuation_prob(self, text: str, continuation: str) -> float:
+        """P(continuation | text): the product of the model's probabilities of its tokens."""
+        tok = self._require_tokenizer()
+        ids = tok.encode(text) or [self.default_start_id()]
+        cont = tok.encode(continuation)
+        if not cont:
+            return 1.0
+        with self._evaluating():
+            logits, _, _ = self(torch.tensor([ids + cont[:-1]], device=self.device))
+        logp = torch.log_softmax(logits[0, len(ids) - 1 :].float(), -1)
+        return math.exp(float(logp.gather(1, torch.tensor(cont, device=self.device)[:, None]).sum()))
 
     # ------------------------------------------------------------------ files
     def save(self, path, *, metadata: dict[str, str] | None = None) -> None:

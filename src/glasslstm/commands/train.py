@@ -93,11 +93,15 @@ def _report(result: TrainResult, model: LanguageModel) -> dict:
             word, prob = model.next_word(prompt)
         except DataError:
             continue  # the prompt has characters this corpus never had
-        fills.append({"prompt": prompt, "answer": answer, "predicted": word, "prob": prob})
+        fill = {"prompt": prompt, "answer": answer, "predicted": word, "prob": prob}
+        if answer is not None:
+            fill["answer_prob"] = model.continuation_prob(prompt, " " + answer)
+        fills.append(fill)
     report["fill_in"] = fills
     scored = [f for f in fills if f["answer"] is not None]
     if scored:
         report["fill_in_accuracy"] = sum(f["predicted"] == f["answer"] for f in scored) / len(scored)
+        report["fill_in_answer_prob"] = sum(f["answer_prob"] for f in scored) / len(scored)
     return report
 
 
@@ -124,7 +128,10 @@ def _print_report(result: TrainResult, report: dict) -> None:
         print(f"  -> {f['predicted']!r} with probability {f['prob']:.2f}{verdict}")
         if "fill_in_accuracy" in report:
             n = len([x for x in fills if x["answer"] is not None])
-            print(f"  names filled in right: {report['fill_in_accuracy'] * n:.0f}/{n} held-out "
-                  "stories (the name was introduced 100+ characters before the blank)")
+            names = len(stories.MALE_NAMES)
+            print(f"  over {n} held-out stories (the name came 100+ characters before the blank): "
+                  f"{report['fill_in_accuracy'] * n:.0f}/{n} right; the right name got probability "
+                  f"{report['fill_in_answer_prob']:.3f} on average (1/{names} = {1 / names:.3f} "
+                  "for a guess among the names of the right gender)")
     print(f"\nnext: glasslstm sample {result.run_dir} --prompt \"Bob\" | "
           f"glasslstm predict {result.run_dir} \"{ARTICLE_PROMPT}\"")
