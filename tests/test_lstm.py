@@ -465,3 +465,19 @@ def test_cuda_matches_torch(dtype):
     a, b = run(ours, x), run(ref, x)
     tol = 1e-10 if dtype == torch.float64 else 1e-4  # cuDNN's float32 uses TF32-free but reordered sums
     assert_same(a, b, tol)
+
+
+@pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
+def test_gradients_when_only_one_result_is_used(used):
+    """Unused results reach backward as None (no zero-filled gradients); grads stay right."""
+    ref, ours = pair(torch.float64, "bptt", input_size=3, hidden_size=4, num_layers=2,
+                     proj_size=2)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    grads = []
+    for model in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        out, (h_n, c_n) = model(xi)
+        {"output": out, "h_n": h_n, "c_n": c_n}[used].pow(2).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= 1e-10

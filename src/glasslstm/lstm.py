@@ -321,15 +321,20 @@ class LSTM(nn.Module):
         return output, (h_n, c_n), self._trace(records, unsort, unbatched)
 
     def _trace(self, records, unsort, unbatched: bool) -> GateTrace:
+        """Assemble the GateTrace; i, f, g, o are views into one gates tensor (no copies)."""
         H = self.hidden_size
-        gates = torch.stack([g for g, _, _ in records])       # (L * D, T, B, 4H)
+
+        def stack(tensors):  # (L * D, T, B, ·); one layer and direction needs no copy
+            return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+        gates = stack([g for g, _, _ in records])             # (L * D, T, B, 4H)
         parts = {
             "i": gates[..., :H],
             "f": gates[..., H : 2 * H],
             "g": gates[..., 2 * H : 3 * H],
             "o": gates[..., 3 * H :],
-            "c": torch.stack([c for _, c, _ in records]),
-            "h": torch.stack([y for _, _, y in records]).detach(),
+            "c": stack([c for _, c, _ in records]),
+            "h": stack([y.detach() for _, _, y in records]),
         }
         for name in FIELDS:
             t = parts[name]
@@ -339,7 +344,7 @@ class LSTM(nn.Module):
                 t = t.squeeze(2)
             elif self.batch_first:
                 t = t.transpose(1, 2)
-            parts[name] = t.contiguous()
+            parts[name] = t
         return GateTrace(**parts, num_directions=self.num_directions, batch_first=self.batch_first)
 
     # ---------------------------------------------------------------- input checks

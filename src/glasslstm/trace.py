@@ -17,7 +17,8 @@ field       article                                      size of last dim
 Each field is a tensor ``(num_layers * num_directions, T, B, size)`` — ``(..., B, T, size)``
 when the LSTM is ``batch_first`` — indexed like ``h_n``: entry ``layer * num_directions +
 direction``. Steps past a sequence's length are zero. The tensors are detached (for looking
-at, not for differentiating).
+at, not for differentiating) and, to cost nothing extra, may be views into one shared gates
+tensor and into the LSTM's output: ``.clone()`` one before changing it in place.
 """
 
 from __future__ import annotations
