@@ -1,6 +1,7 @@
 """glasslstm: the LSTM from first principles, drop-in compatible with torch.nn.LSTM, gates visible.
 
     glasslstm.LSTM            the engine (a drop-in torch.nn.LSTM; return_gates=True for a GateTrace)
+    glasslstm.GRU, .RNN       the comparison models, drop-in for torch.nn.GRU / torch.nn.RNN
     glasslstm.LanguageModel   Embedding -> LSTM -> Linear; .load(run_dir), .generate(), .predict_next()
     glasslstm.train(config)   train a language model into a run directory (TrainConfig)
     glasslstm.reference       the article's equations in NumPy with a hand-written BPTT
@@ -12,8 +13,9 @@ __version__ = "0.1.0"
 
 from glasslstm.lstm import LSTM  # noqa: E402  (after __version__, which trainer records)
 from glasslstm.model import LanguageModel, ModelConfig  # noqa: E402
+from glasslstm.rnn import GRU, RNN  # noqa: E402
 from glasslstm.trace import GateTrace  # noqa: E402
 from glasslstm.trainer import TrainConfig, TrainResult, train  # noqa: E402
 
-__all__ = ["LSTM", "GateTrace", "LanguageModel", "ModelConfig", "TrainConfig", "TrainResult",
+__all__ = ["LSTM", "GRU", "RNN", "GateTrace", "LanguageModel", "ModelConfig", "TrainConfig", "TrainResult",
            "train", "__version__"]

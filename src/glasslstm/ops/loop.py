@@ -1,14 +1,45 @@
-"""One LSTM layer in one direction as a plain torch loop; autograd derives the backward.
+"""Recurrent layers as plain torch loops; autograd derives the backward.
 
-The fallback path: every op is an ordinary differentiable torch op, so it supports whatever
+The fallback path for the LSTM, and the only path of the GRU and the vanilla RNN (the
+comparison models): every op is an ordinary differentiable torch op, so it supports whatever
 autograd supports (double backward, forward-mode AD, anomaly detection) at the cost of speed.
-Same inputs, outputs and variable-length layout as :class:`glasslstm.ops.bptt.LSTMLayerFunction`.
+Variable lengths use the same shrinking-batch layout as :mod:`glasslstm.ops.bptt`.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+Step = Callable[[torch.Tensor, tuple], tuple]
+
+
+def run_loop(xw: torch.Tensor, state0: tuple, step: Step, batch_sizes, reverse: bool,
+             record: bool):
+    """The time loop shared by every cell.
+
+    ``xw`` (T, B, ·) holds the input projections of all steps; ``step(xw_t, state)`` maps one
+    step's projections and the active rows' state (a tuple of (nb, ·) tensors) to ``(new
+    state, output (nb, out), recorded {name: (nb, ·)})``. Rows past their length keep their
+    state and output zeros. Returns ``(y (T, B, out), final state, recorded (T, B, ·) or None)``.
+    """
+    T, B = xw.shape[0], xw.shape[1]
+    state = state0
+    ys, recs = [None] * T, [None] * T
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        nb = B if batch_sizes is None else batch_sizes[t]
+        new_state, y, rec = step(xw[t, :nb], tuple(s[:nb] for s in state))
+        if nb < B:  # finished (or not yet started) rows keep their state; their output is 0
+            state = tuple(torch.cat([n, s[nb:]]) for n, s in zip(new_state, state))
+        else:
+            state = new_state
+        ys[t] = F.pad(y, (0, 0, 0, B - nb))
+        if record:
+            recs[t] = {k: F.pad(v.detach(), (0, 0, 0, B - nb)) for k, v in rec.items()}
+    recorded = {k: torch.stack([r[k] for r in recs]) for k in recs[0]} if record else None
+    return torch.stack(ys), state, recorded
 
 
 def cell(a: torch.Tensor, c_prev: torch.Tensor):
@@ -28,27 +59,46 @@ def cell(a: torch.Tensor, c_prev: torch.Tensor):
 
 def lstm_layer_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, record):
     """Same contract as ``LSTMLayerFunction.apply`` (recorded tensors are detached)."""
-    T, B, _ = x.shape
     bias = None if b_ih is None else b_ih + b_hh
-    xu = F.linear(x, w_ih, bias)                       # (T, B, 4H): x_t U + b for all steps
-    h, c = h0, c0
-    ys, gates, cells = [None] * T, [None] * T, [None] * T
-    for t in range(T - 1, -1, -1) if reverse else range(T):
-        nb = B if batch_sizes is None else batch_sizes[t]
-        a = xu[t, :nb] + h[:nb] @ w_hh.t()
-        i, f, g, o, c_new, r = cell(a, c[:nb])
+
+    def step(xu, state):
+        h, c = state
+        i, f, g, o, c_new, r = cell(xu + h @ w_hh.t(), c)
         h_new = r if w_hr is None else r @ w_hr.t()
-        if nb < B:  # finished (or not yet started) rows keep their state; their output is 0
-            h = torch.cat([h_new, h[nb:]])
-            c = torch.cat([c_new, c[nb:]])
-            ys[t] = F.pad(h_new, (0, 0, 0, B - nb))
-        else:
-            h, c = h_new, c_new
-            ys[t] = h_new
-        if record:
-            gates[t] = F.pad(torch.cat([i, f, g, o], 1).detach(), (0, 0, 0, B - nb))
-            cells[t] = F.pad(c_new.detach(), (0, 0, 0, B - nb))
-    out = (torch.stack(ys), h, c)
-    if record:
-        out += (torch.stack(gates), torch.stack(cells))
-    return out
+        return (h_new, c_new), h_new, {"gates": torch.cat([i, f, g, o], 1), "c": c_new}
+
+    y, (h, c), rec = run_loop(F.linear(x, w_ih, bias), (h0, c0), step, batch_sizes, reverse,
+                              record)
+    return (y, h, c) + ((rec["gates"], rec["c"]) if record else ())
+
+
+def gru_layer_loop(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record):
+    """torch.nn.GRU's cell (gate order r, z, n). Returns ``(y, h_n, recorded or None)``."""
+
+    def step(xg, state):
+        (h,) = state
+        hg = F.linear(h, w_hh, b_hh)                      # (nb, 3H): kept apart for r * (.)
+        xr, xz, xn = xg.chunk(3, 1)
+        hr, hz, hn = hg.chunk(3, 1)
+        r = torch.sigmoid(xr + hr)                        # reset gate
+        z = torch.sigmoid(xz + hz)                        # update gate: how much of h to keep
+        n = torch.tanh(xn + r * hn)                       # candidate
+        h_new = (1 - z) * n + z * h
+        return (h_new,), h_new, {"r": r, "z": z, "n": n}
+
+    y, (h,), rec = run_loop(F.linear(x, w_ih, b_ih), (h0,), step, batch_sizes, reverse, record)
+    return y, h, rec
+
+
+def rnn_layer_loop(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record,
+                   nonlinearity: str = "tanh"):
+    """The vanilla RNN, ``h_t = tanh(x_t W_ih^T + h_{t-1} W_hh^T + b)``: ``(y, h_n, None)``."""
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    bias = None if b_ih is None else b_ih + b_hh
+
+    def step(xw, state):
+        h_new = act(xw + state[0] @ w_hh.t())
+        return (h_new,), h_new, {}
+
+    y, (h,), _ = run_loop(F.linear(x, w_ih, bias), (h0,), step, batch_sizes, reverse, False)
+    return y, h, None
