@@ -1,0 +1,120 @@
+"""glasslstm bench: the long-term-memory claim measured (memory) and the vanishing gradient."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from glasslstm.model import ConfigError
+from glasslstm.tasks import TASKS
+from glasslstm.tasks.bench import (
+    MODELS,
+    gradient_bench,
+    memory_bench,
+    plot_gradients,
+    plot_memory,
+    runs_table,
+    runs_to_json,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: long-term memory (LSTM vs GRU vs RNN), gradients",
+                       description="Benchmarks that print figures and write JSON + PNG.")
+    kinds = p.add_subparsers(dest="bench", metavar="BENCH")
+    kinds.required = True
+
+    m = kinds.add_parser("memory", help="LSTM vs GRU vs vanilla RNN on long-dependency tasks",
+                         description="Train each model on the task at each T with the same budget "
+                         "of training sequences; print held-out metric, baseline, solved or not "
+                         "and after how many sequences.")
+    m.add_argument("--task", choices=TASKS, default="adding")
+    m.add_argument("--T", default="50,100,200", help="comma-separated dependency lengths")
+    m.add_argument("--models", default=",".join(MODELS), help="comma-separated: lstm,gru,rnn")
+    m.add_argument("--budget", type=int, default=50_000, help="training sequences per model")
+    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--hidden", type=int, default=128)
+    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--seed", type=int, default=0)
+    _outputs(m, "memory")
+    m.set_defaults(run=run_memory)
+
+    g = kinds.add_parser("gradient", help="plot log ||dL/dh_t|| against T - t for RNN, GRU, LSTM",
+                         description="Gradient norms at every distance, at initialisation and "
+                         "after training, and the LSTM's gradient along the cell path.")
+    g.add_argument("--task", choices=TASKS, default="adding")
+    g.add_argument("--T", type=int, default=100)
+    g.add_argument("--budget", type=int, default=20_000, help="training sequences before the second measurement")
+    g.add_argument("--hidden", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    _outputs(g, "gradient")
+    g.set_defaults(run=run_gradient)
+
+
+def _outputs(p, name: str) -> None:
+    p.add_argument("--out", default=f"runs/bench-{name}", help="folder for the JSON and PNG")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} must be comma-separated integers; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"--{what} needs at least one positive integer; got {text!r}")
+    return values
+
+
+def _log(args):
+    return None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def run_memory(args) -> int:
+    Ts = _ints(args.T, "T")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(models) - set(MODELS)
+    if unknown or not models:
+        raise ConfigError(f"--models must name some of {', '.join(MODELS)}; got {args.models!r}")
+    if args.budget < 1:
+        raise ConfigError(f"--budget must be >= 1; got {args.budget}")
+    try:
+        runs = memory_bench(args.task, Ts, models, budget=args.budget, seed=args.seed,
+                            batch_size=args.batch_size, hidden_size=args.hidden, lr=args.lr,
+                            log=_log(args))
+    except ValueError as e:  # e.g. a T below the task's minimum
+        raise ConfigError(str(e)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"task": args.task, "budget": args.budget, "seed": args.seed, "runs": runs_to_json(runs)}
+    (out / f"memory-{args.task}.json").write_text(json.dumps(data, indent=2))
+    png = plot_memory(runs, out / f"memory-{args.task}.png")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(runs_table(runs))
+        print(f"\nwrote {out / f'memory-{args.task}.json'} and {png}")
+    return 0
+
+
+def run_gradient(args) -> int:
+    try:
+        result = gradient_bench(args.task, args.T, budget=args.budget, hidden_size=args.hidden,
+                                seed=args.seed, log=_log(args))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gradient-{args.task}.json").write_text(json.dumps(result, indent=2))
+    png = plot_gradients(result, out / f"gradient-{args.task}.png")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"||dL/dh_t|| (mean per sequence), {args.task}, T={args.T}:")
+        print(f"{'model':6} {'distance':>9} {'at init':>10} {'trained':>10}")
+        for kind, res in result["models"].items():
+            for k in sorted({0, 1, 10, args.T // 2, args.T - 1}):
+                print(f"{kind:6} {k:9d} {res['init']['h'][k]:10.2e} {res['trained']['h'][k]:10.2e}")
+        print(f"\nwrote {out / f'gradient-{args.task}.json'} and {png}")
+    return 0
