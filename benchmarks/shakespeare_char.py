@@ -9,7 +9,11 @@ Recipe (the issue's torch.nn.LSTM anchor): 2 x 512, AdamW 2e-3, batch 32 x 128 c
 1.0; dropout 0.25; warm-up 100 steps, then cosine to 5% at the end of the time budget.
 
     python benchmarks/shakespeare_char.py --data-dir ../shared/data --minutes 30
+    python benchmarks/shakespeare_char.py --data-dir DIR --minutes 30 --side-by-side
     python benchmarks/shakespeare_char.py --data-dir DIR --minutes 2 --engines glasslstm
+
+``--side-by-side`` runs the engines at the same time, each in its own process pinned to its
+own core with one thread: equal conditions even on a machine that is doing other work too.
 
 Writes ``--out`` (default runs/bench-shakespeare/) with one run directory per engine,
 ``results.json`` and ``curves.png`` (validation loss in nats/char against minutes).
@@ -67,7 +71,7 @@ def at_minute(curve: list[dict], minute: float) -> float:
     return min(seen) if seen else math.nan
 
 
-def plot(curves: dict, path: Path, minutes: float) -> None:
+def plot(curves: dict, path: Path, minutes: float, side: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +84,7 @@ def plot(curves: dict, path: Path, minutes: float) -> None:
     xs = [m for m in ANCHORS if m <= minutes]
     ax.plot(xs, [ANCHORS[m] for m in xs], "k--", alpha=0.5, label="torch.nn.LSTM (issue's figures)")
     ax.axhline(NANOGPT, color="grey", lw=0.8, ls=":", label="nanoGPT char transformer (A100)")
-    ax.set_xlabel("training time, minutes (2 CPU cores)")
+    ax.set_xlabel("training time, minutes" + (" (one core each)" if side else " (2 CPU cores)"))
     ax.set_ylabel("validation loss, nats/char")
     ax.set_ylim(1.3, 2.2)
     ax.grid(alpha=0.3)
@@ -89,6 +93,36 @@ def plot(curves: dict, path: Path, minutes: float) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def side_by_side(args, out: Path) -> dict:
+    """Each engine in a subprocess pinned to its own core (one thread); returns the curves."""
+    import subprocess
+
+    engines = args.engines.split(",")
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < len(engines):
+        raise SystemExit(f"--side-by-side needs {len(engines)} cores; this process has {len(cores)}")
+    procs = []
+    for engine, core in zip(engines, cores):
+        cmd = [sys.executable, os.path.abspath(__file__), "--minutes", str(args.minutes),
+               "--engines", engine, "--threads", "1", "--out", str(out / f"{engine}-core{core}"),
+               "--hidden", str(args.hidden), "--layers", str(args.layers),
+               "--dropout", str(args.dropout), "--eval-every", str(args.eval_every),
+               "--seed", str(args.seed), "--quiet"]
+        if args.data_dir:
+            cmd += ["--data-dir", args.data_dir]
+        log = open(out / f"{engine}.log", "w")
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                      preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"an engine failed; see the logs in {out}")
+    curves = {}
+    for engine, core in zip(engines, cores):
+        res = json.loads((out / f"{engine}-core{core}" / "results.json").read_text())
+        curves[engine] = res["curves"][engine]
+    return curves
 
 
 def main() -> None:
@@ -104,23 +138,34 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="runs/bench-shakespeare")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run the engines at once, each pinned to its own core with one thread")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(command_line())
     print(machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    if args.side_by_side:
+        print("side by side: each engine on its own core, one thread")
+    info = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     curves = {}
-    for engine in args.engines.split(","):
-        curves[engine] = run_engine(engine, args, out)
-        (out / "results.json").write_text(json.dumps(
-            {"command": command_line(), "machine": machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "curves": curves}, indent=2))
+    if args.side_by_side:
+        curves = side_by_side(args, out)
+    else:
+        for engine in args.engines.split(","):
+            curves[engine] = run_engine(engine, args, out)
+            (out / "results.json").write_text(json.dumps(
+                {"command": command_line(), "machine": info, "curves": curves}, indent=2))
+    (out / "results.json").write_text(json.dumps(
+        {"command": command_line(), "machine": info, "side_by_side": args.side_by_side,
+         "curves": curves}, indent=2))
     marks = [m for m in (5, 10, 15, 20, 25, 30, 45, 60) if m <= args.minutes]
     print("\nbest validation loss (nats/char) reached by minute:")
     print("minute  " + "  ".join(f"{e:>10}" for e in curves) + "  torch (issue)")
     for m in marks:
         row = "  ".join(f"{at_minute(c, m):10.4f}" for c in curves.values())
         print(f"{m:6d}  {row}  {ANCHORS.get(m, math.nan):10.3f}")
-    plot(curves, out / "curves.png", args.minutes)
+    plot(curves, out / "curves.png", args.minutes, args.side_by_side)
     print(f"\nwrote {out / 'results.json'} and {out / 'curves.png'}")
 
 
