@@ -21,3 +21,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+STORY = ('Bob is a nice person. Dan, on the other hand, is evil. "Run," said Bob. '
+         "Bob can swim. He served in the Navy for four long years (and more). "
+         "For his contributions, brave Bob was given a medal.\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A small char model trained for a few seconds on article-style text: a real run dir."""
+    from glasslstm.data import Corpus
+    from glasslstm.trainer import TrainConfig, train
+
+    text = (STORY * 30).encode()
+    cut = int(len(text) * 0.9)
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = TrainConfig(hidden=32, layers=2, dropout=0.0, seq_len=32, batch_size=8, max_steps=30,
+                      eval_every=30, warmup=2, lr=1e-2, out=str(out))
+    train(cfg, progress=False, corpus=Corpus("tiny", text[:cut], text[cut:], "test"))
+    return out
