@@ -135,7 +135,6 @@ def test_lengths_matches_packed_torch(backend, batch_first):
     lengths = [3, 7, 1, 7, 5]
     T, B = 7, len(lengths)
     x = torch.randn((B, T, 3) if batch_first else (T, B, 3), dtype=torch.float64)
-    t_axis = 1 if batch_first else 0
     # junk (even NaN) in the padding must not leak into anything
     steps = torch.arange(T).view(-1, 1) if not batch_first else torch.arange(T).view(1, -1)
     lens = torch.tensor(lengths).view(1, -1) if not batch_first else torch.tensor(lengths).view(-1, 1)

@@ -265,13 +265,7 @@ class LanguageModel(nn.Module):
             raise ConfigError(f"which must be 'best' or 'last'; got {which!r}")
         run_dir = Path(run_dir)
         cfg = checkpoint.read_config(run_dir)
-        vocab_path = run_dir / "vocab.json"
-        if not vocab_path.is_file():
-            raise checkpoint.RunDirError(f"{vocab_path} is missing; the run directory is incomplete")
-        try:
-            tok = tokenizer_from_dict(json.loads(vocab_path.read_text("utf-8")))
-        except json.JSONDecodeError as e:
-            raise checkpoint.RunDirError(f"{vocab_path} is not valid JSON ({e})") from None
+        tok = load_vocab(run_dir)
         model = cls(ModelConfig.from_dict(cfg["model"]), tok)
         weights = run_dir / "best" / "model.safetensors"
         if which == "last" or not weights.is_file():
@@ -295,6 +289,17 @@ class LanguageModel(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+
+def load_vocab(run_dir) -> Tokenizer:
+    """The tokenizer saved in ``run_dir/vocab.json`` (JSON; a clear RunDirError if unusable)."""
+    vocab_path = Path(run_dir) / "vocab.json"
+    if not vocab_path.is_file():
+        raise checkpoint.RunDirError(f"{vocab_path} is missing; the run directory is incomplete")
+    try:
+        return tokenizer_from_dict(json.loads(vocab_path.read_text("utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise checkpoint.RunDirError(f"{vocab_path} is not valid JSON ({e})") from None
 
 
 def _check_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -16,7 +16,6 @@ uninterrupted (same machine, same thread count).
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
@@ -36,9 +35,8 @@ from glasslstm.data import (
     build_tokenizer,
     encode_corpus,
     load_corpus,
-    tokenizer_from_dict,
 )
-from glasslstm.model import ConfigError, LanguageModel, ModelConfig
+from glasslstm.model import ConfigError, LanguageModel, ModelConfig, load_vocab
 
 LN2 = math.log(2.0)
 
@@ -297,7 +295,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         torch.set_num_threads(cfg.threads)
     corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
     if resume is not None:
-        tok = tokenizer_from_dict(json.loads((run_dir / "vocab.json").read_text("utf-8")))
+        tok = load_vocab(run_dir)
     else:
         tok = build_tokenizer(cfg.level, corpus, min_freq=cfg.min_freq)
     train_ids, val_ids = encode_corpus(tok, corpus)

@@ -8,7 +8,6 @@ many training sequences. :func:`gradient_norms` measures the vanishing gradient 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
