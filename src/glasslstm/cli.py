@@ -12,11 +12,11 @@ import sys
 
 from glasslstm import __version__
 from glasslstm.checkpoint import RunDirError
-from glasslstm.commands import bench, demo, evaluate, predict, sample, train
+from glasslstm.commands import bench, cells, demo, evaluate, inspect, predict, sample, serve, train
 from glasslstm.data import DataError
 from glasslstm.model import ConfigError
 
-COMMANDS = (train, sample, predict, evaluate, bench, demo)
+COMMANDS = (train, sample, predict, evaluate, bench, demo, inspect, cells, serve)
 USER_ERRORS = (DataError, RunDirError, ConfigError)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import urllib.request
 import warnings
 from collections import Counter
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from . import stories
+from .checkpoint import atomic_write_bytes
 
 __all__ = [
     "LEVELS", "NAMED_CORPORA", "Corpus", "DataError", "Tokenizer", "CharTokenizer",
@@ -172,29 +172,12 @@ def _shakespeare(data_dir: str | os.PathLike | None) -> tuple[bytes, str]:
         raise DataError(f"the download from {SHAKESPEARE_URL} is corrupt: sha256 {got}, expected "
                         f"{SHAKESPEARE_SHA256}; try again, or put the file at {target} yourself")
     try:
-        _atomic_write(target, data)
+        atomic_write_bytes(target, data)
     except OSError as e:  # a read-only cache must not stop training: it is just slower next time
         warnings.warn(f"could not save tiny-shakespeare to {target} ({e}); it will be downloaded "
                       "again next time", RuntimeWarning, stacklevel=3)
         return data, f"tiny-shakespeare downloaded from {SHAKESPEARE_URL} (not saved)"
     return data, f"tiny-shakespeare downloaded from {SHAKESPEARE_URL} to {target}"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + fsync + os.replace: readers never see a
-    partial file, even if the process dies midway."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- tokenizers

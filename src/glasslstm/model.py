@@ -29,6 +29,15 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the fix."""
 
 
+def config_from_dict(cls, d: dict, what: str):
+    """``cls(**d)`` for a config dataclass, where an unknown key is an error naming it."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"unknown {what} config keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -62,11 +71,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "model")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +36,7 @@ from glasslstm.data import (
     encode_corpus,
     load_corpus,
 )
-from glasslstm.model import ConfigError, LanguageModel, ModelConfig, load_vocab
+from glasslstm.model import ConfigError, LanguageModel, ModelConfig, config_from_dict, load_vocab
 
 LN2 = math.log(2.0)
 
@@ -113,11 +113,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown train config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "train")
 
 
 @dataclass

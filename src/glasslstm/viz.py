@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 
@@ -14,6 +15,22 @@ def _figure():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path) -> Path:
+    """Write ``fig`` to ``path`` (PNG) atomically — a temp file, then a rename — and close it."""
+    plt = _figure()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # rare scripts
+            fig.savefig(tmp)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def read_metrics(path) -> list[dict]:
@@ -52,9 +69,4 @@ def plot_curves(metrics_path, out_png) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    return save_figure(fig, out_png)

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from glasslstm.inspect.common import QUANTITIES
 from glasslstm.model import LanguageModel
 
-QUANTITIES = ("i", "f", "g", "o", "c", "h")
 MAX_TOKENS = 20_000  # one forward pass; longer texts are cut (the views say so)
 
 
@@ -69,7 +69,7 @@ class Analysis:
             "text": self.text, "tokens": self.tokens, "token_ids": self.token_ids,
             "level": self.level, "truncated": self.truncated,
             "num_layers": self.num_layers, "hidden_size": self.hidden_size,
-            "gates": {q: np.round(a, 4).tolist() for q, a in self.gates.items()},
+            "gates": {q: np.round(a.astype(np.float64), 4).tolist() for q, a in self.gates.items()},
             "top": [[[t, round(p, 4)] for t, p in row] for row in self.top],
             "target_prob": [None if np.isnan(p) else round(float(p), 4) for p in self.target_prob],
             "saturation": self.saturation(), "meta": self.meta,

@@ -162,7 +162,7 @@ def runs_to_json(runs: list[MemoryRun]) -> list[dict]:
 
 def plot_memory(runs: list[MemoryRun], path: Path) -> Path:
     """The held-out metric against T, one line per model, the baseline dashed."""
-    from glasslstm.viz import _figure
+    from glasslstm.viz import _figure, save_figure
 
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
@@ -179,9 +179,7 @@ def plot_memory(runs: list[MemoryRun], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- the gradient
@@ -249,7 +247,7 @@ def gradient_bench(task_name: str = "adding", T: int = 100, *, budget: int = 20_
 
 def plot_gradients(result: dict, path: Path) -> Path:
     """log ||dL/dh_t|| against T - t per model, at init and after training; LSTM's dL/dc_t."""
-    from glasslstm.viz import _figure
+    from glasslstm.viz import _figure, save_figure
 
     plt = _figure()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110, sharey=True)
@@ -265,6 +263,4 @@ def plot_gradients(result: dict, path: Path) -> Path:
     axes[0].set_ylabel("gradient norm (mean over the batch)")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
