@@ -56,6 +56,7 @@ def run_engine(engine: str, args, out: Path) -> list[dict]:
         dropout=args.dropout, seq_len=128, batch_size=32, lr=2e-3, clip=1.0, warmup=100,
         min_lr_ratio=0.05, max_steps=10**7, time_budget=args.minutes * 60,
         eval_every=args.eval_every, seed=args.seed, threads=args.threads, out=str(out / engine),
+        batching=args.batching,
     )
     build = torch_engine if engine == "torch" else LanguageModel
     res = train(cfg, progress=not args.quiet, build_model=build)
@@ -109,7 +110,7 @@ def side_by_side(args, out: Path) -> dict:
                "--engines", engine, "--threads", "1", "--out", str(out / f"{engine}-core{core}"),
                "--hidden", str(args.hidden), "--layers", str(args.layers),
                "--dropout", str(args.dropout), "--eval-every", str(args.eval_every),
-               "--seed", str(args.seed), "--quiet"]
+               "--seed", str(args.seed), "--batching", args.batching, "--quiet"]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
         log = open(out / f"{engine}.log", "w")
@@ -135,6 +136,8 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.25)
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--batching", choices=("stream", "random"), default="stream",
+                   help="stream: TBPTT with the state carried; random: independent windows")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="runs/bench-shakespeare")
     p.add_argument("--quiet", action="store_true")

@@ -381,3 +381,15 @@ def test_token_stream_too_short_says_what_is_needed():
     msg = str(e.value)
     assert "the validation split has 31 tokens" in msg and "need 32" in msg
     assert "--batch-size" in msg and "--seq-len" in msg
+
+
+def test_random_batch_windows_are_deterministic_and_shifted():
+    ids = np.arange(1000, dtype=np.int64)
+    stream = TokenStream(ids, batch_size=4, seq_len=16)
+    x, y = stream.random_batch(7)
+    x2, y2 = stream.random_batch(7)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert x.shape == y.shape == (4, 16)
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 15, dtype=torch.long))  # contiguous
+    assert not torch.equal(stream.random_batch(8)[0], x)

@@ -52,6 +52,20 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert resumed.best_val_loss == full.best_val_loss
 
 
+def test_random_batching_resumes_exactly_too(tmp_path):
+    full = run(tmp_path, "full", max_steps=16, batching="random")
+
+    def ctrl_c_at_5(step, loss):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = TrainConfig(**{**TINY, "max_steps": 16, "batching": "random", "out": str(tmp_path / "cut")})
+    assert train(cfg, progress=False, corpus=CORPUS, on_step=ctrl_c_at_5).step == 5
+    train(resume=tmp_path / "cut", progress=False, corpus=CORPUS)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a) and full.step == 16
+
+
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     run(tmp_path, "a", max_steps=6)
     run(tmp_path, "b", max_steps=6)

@@ -468,6 +468,7 @@ class TokenStream:
                 "--seq-len, or use more text")
         self.batch_size, self.seq_len = batch_size, seq_len
         cols = n // batch_size
+        self.ids = ids                                                   # (n,)
         self.rows = ids[: cols * batch_size].reshape(batch_size, cols)  # (B, N)
         self.num_batches = (cols - 1) // seq_len
 
@@ -481,6 +482,15 @@ class TokenStream:
         x = self.rows[:, start:start + self.seq_len].contiguous()
         y = self.rows[:, start + 1:start + 1 + self.seq_len].contiguous()
         return x, y
+
+    def random_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of ``batch_size`` windows at random offsets of the whole stream (nanoGPT's
+        sampling): independent rows, so no state is carried. Deterministic in ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, self.ids.numel() - self.seq_len, (self.batch_size,), generator=gen)
+        idx = starts[:, None] + torch.arange(self.seq_len + 1)            # (B, T + 1)
+        window = self.ids[idx]
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
     def __iter__(self):
         return (self.batch(k) for k in range(self.num_batches))

@@ -54,6 +54,7 @@ class TrainConfig:
     tie_weights: bool = False      # share embedding and output weights
     forget_bias: float = 1.0       # Jozefowicz et al. 2015: start out remembering
     seq_len: int = 128             # truncated-BPTT window; state still flows across windows
+    batching: str = "stream"       # stream (TBPTT, state carried) | random (independent windows)
     batch_size: int = 32           # rows of the stream trained in parallel
     optimizer: str = "adamw"       # adamw | sgd
     lr: float = 2e-3               # AdamW's sweet spot for char LSTMs of this size
@@ -83,6 +84,7 @@ class TrainConfig:
             "level": self.level in LEVELS,
             "optimizer": self.optimizer in ("adamw", "sgd"),
             "schedule": self.schedule in ("cosine", "constant"),
+            "batching": self.batching in ("stream", "random"),
             "lr": self.lr > 0 and math.isfinite(self.lr),
             "seq_len": self.seq_len >= 1,
             "batch_size": self.batch_size >= 1,
@@ -100,7 +102,8 @@ class TrainConfig:
         for key, ok in checks.items():
             if not ok:
                 hint = {"level": LEVELS, "optimizer": ("adamw", "sgd"),
-                        "schedule": ("cosine", "constant")}.get(key)
+                        "schedule": ("cosine", "constant"),
+                        "batching": ("stream", "random")}.get(key)
                 raise ConfigError(
                     f"--{key.replace('_', '-')}={getattr(self, key)!r} is not valid"
                     + (f"; choose one of {', '.join(hint)}" if hint else "")
@@ -345,10 +348,15 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     with _Interrupt() as interrupt:
         while step < cfg.max_steps:
             t_step = time.perf_counter()
-            k = step % stream.num_batches
-            if k == 0:
-                state = None  # a new pass over the stream: rows restart at their beginning
-            x, y = (t.to(device) for t in stream.batch(k))
+            if cfg.batching == "random":
+                state = None  # independent windows: nothing to carry
+                x, y = stream.random_batch(cfg.seed * 1_000_003 + step)
+            else:
+                k = step % stream.num_batches
+                if k == 0:
+                    state = None  # a new pass over the stream: rows restart at their beginning
+                x, y = stream.batch(k)
+            x, y = x.to(device), y.to(device)
             lr = lr_at(cfg, step, meta["seconds"])
             for group in opt.param_groups:
                 group["lr"] = lr
