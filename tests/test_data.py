@@ -16,7 +16,8 @@ from glasslstm import data, stories
 from glasslstm.data import (Corpus, DataError, TokenStream, build_tokenizer, load_corpus,
                             split_bytes, tokenizer_from_dict)
 
-SHARED = Path("/work/shared/data")
+# The project's shared data folder lies beside the checkout (../shared/data), in CI too.
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAKE = b"To be, or not to be: that is the question.\n" * 50
 FAKE_SHA = hashlib.sha256(FAKE).hexdigest()
 
