@@ -254,8 +254,9 @@ def plot_gradients(result: dict, path: Path) -> Path:
     for ax, when in zip(axes, ("init", "trained")):
         for kind, res in result["models"].items():
             ax.semilogy(res[when]["h"], label=f"{kind}: dL/dh_t")
-            if "c" in res[when]:
-                ax.semilogy(res[when]["c"], "--", label=f"{kind}: dL/dc_t (cell path)")
+            if "c" in res[when]:  # from distance 1: the loss does not read the last cell state
+                c = res[when]["c"]
+                ax.semilogy(range(1, len(c)), c[1:], "--", label=f"{kind}: dL/dc_t (cell path)")
         title = "at initialisation" if when == "init" else f"after {result['budget']:,} sequences"
         ax.set_title(f"{result['task']}, T={result['T']}: {title}")
         ax.set_xlabel("distance T - t")
