@@ -264,7 +264,7 @@ class LanguageModel(nn.Module):
         """Load a model from a run directory written by ``glasslstm train``.
 
         ``which``: ``"best"`` (lowest validation loss, if saved; else the last) or ``"last"``.
-        Never unpickles: config and vocabulary are JSON, weights are safetensors.
+        Config and vocabulary are JSON, weights safetensors: nothing in the files is executed.
         """
         if which not in ("best", "last"):
             raise ConfigError(f"which must be 'best' or 'last'; got {which!r}")
