@@ -87,7 +87,8 @@ def test_matches_torch(cfg, with_hx, dtype, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "T,B,H", [(1, 3, 4), (5, 1, 4), (5, 3, 1), (1, 1, 1)], ids=["T1", "B1", "H1", "all1"]
+    "T,B,H", [(1, 3, 4), (5, 1, 4), (5, 3, 1), (1, 1, 1), (12, 3, 4)],
+    ids=["T1", "B1", "H1", "all1", "T12-copies-WT"],
 )
 def test_matches_torch_degenerate_sizes(T, B, H, backend):
     ref, ours = pair(torch.float64, backend, input_size=2, hidden_size=H, num_layers=2,
