@@ -247,13 +247,30 @@ class Tokenizer:
             raise ValueError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
 
 
-class CharTokenizer(Tokenizer):
+class _ListTokenizer(Tokenizer):
+    """A vocabulary that is a list of strings (``self.items``): token id i is items[i]."""
+
+    items: list[str]
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in _ids_list(ids):
+            self._check_id(i)
+            out.append(self.items[i])
+        return "".join(out)
+
+    def token_str(self, id: int) -> str:
+        self._check_id(id)
+        return _printable(self.items[id])
+
+
+class CharTokenizer(_ListTokenizer):
     """One token per Unicode character; the vocabulary is the sorted set of characters."""
 
     level = "char"
 
     def __init__(self, chars: Iterable[str]):
-        self.chars = list(chars)
+        self.chars = self.items = list(chars)
         self.vocab_size = len(self.chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         # Sorted code points -> vectorised lookup of a whole corpus with searchsorted.
@@ -286,22 +303,11 @@ class CharTokenizer(Tokenizer):
             raise self._unknown((chr(c) for c in np.unique(codes[bad])), what)
         return self._order[pos].astype(np.int64)
 
-    def decode(self, ids) -> str:
-        out = []
-        for i in _ids_list(ids):
-            self._check_id(i)
-            out.append(self.chars[i])
-        return "".join(out)
-
-    def token_str(self, id: int) -> str:
-        self._check_id(id)
-        return _printable(self.chars[id])
-
     def to_dict(self) -> dict:
         return {**super().to_dict(), "chars": self.chars}
 
 
-class WordTokenizer(Tokenizer):
+class WordTokenizer(_ListTokenizer):
     """Words, single punctuation marks and whitespace runs, each a token.
 
     Text is split with the regex ``\\w+|[^\\w\\s]|\\s+``: whitespace runs (" ", "\\n\\n") are
@@ -314,7 +320,7 @@ class WordTokenizer(Tokenizer):
     PATTERN = re.compile(r"\w+|[^\w\s]|\s+")
 
     def __init__(self, tokens: Iterable[str]):
-        self.tokens = list(tokens)
+        self.tokens = self.items = list(tokens)
         if not self.tokens or self.tokens[0] != self.UNK:
             raise ValueError(f"the first token must be {self.UNK!r}")
         self.vocab_size = len(self.tokens)
@@ -333,17 +339,6 @@ class WordTokenizer(Tokenizer):
 
     def encode_bytes(self, data: bytes, *, what: str = "text") -> np.ndarray:
         return np.array(self.encode(_decode_utf8(data, what)), dtype=np.int64)
-
-    def decode(self, ids) -> str:
-        out = []
-        for i in _ids_list(ids):
-            self._check_id(i)
-            out.append(self.tokens[i])
-        return "".join(out)
-
-    def token_str(self, id: int) -> str:
-        self._check_id(id)
-        return _printable(self.tokens[id])
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "tokens": self.tokens}

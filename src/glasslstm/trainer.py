@@ -321,8 +321,21 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                        "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids))},
         })
         checkpoint.atomic_write_json(run_dir / "vocab.json", tok.to_dict())
-        _save_resume_point(run_dir, model, opt, meta, state)  # a failed run keeps this
-        model.save(run_dir / "model.safetensors")
+
+    saved_step = None  # the step of the checkpoint on disk
+
+    def save() -> None:
+        """The resume point and the latest weights, for the current step (once per step)."""
+        nonlocal saved_step
+        if saved_step != meta["step"]:
+            _save_resume_point(run_dir, model, opt, meta, state)
+            model.save(run_dir / "model.safetensors", metadata={"step": str(meta["step"])})
+            saved_step = meta["step"]
+
+    if resume is not None:
+        saved_step = meta["step"]
+    else:
+        save()  # step 0: a run that fails at once still leaves a loadable directory
 
     def log(record: dict) -> None:
         checkpoint.append_jsonl(run_dir / "metrics.jsonl", record)
@@ -370,7 +383,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                 stopped = "diverged"
                 message = (f"training diverged at step {step + 1} (loss {loss_value}, gradient "
                            "norm not finite); the step was not applied and the last good "
-                           f"checkpoint (step {_saved_step(run_dir)}) is kept in {run_dir}. "
+                           f"checkpoint (step {saved_step}) is kept in {run_dir}. "
                            "Lower --lr or keep --clip on, then resume or train again.")
                 break
             opt.step()
@@ -397,8 +410,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             out_of_time = cfg.time_budget and meta["seconds"] >= cfg.time_budget
             if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
                 last_val = validate()
-                _save_resume_point(run_dir, model, opt, meta, state)
-                model.save(run_dir / "model.safetensors", metadata={"step": str(step)})
+                save()
                 if cfg.patience and meta["evals_since_best"] >= cfg.patience:
                     stopped = "early_stopping"
                     break
@@ -407,8 +419,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                 break
             if interrupt.requested:
                 stopped = "interrupted"
-                _save_resume_point(run_dir, model, opt, meta, state)
-                model.save(run_dir / "model.safetensors", metadata={"step": str(step)})
+                save()
                 message = (f"interrupted at step {step}; saved. Continue with "
                            f"`glasslstm train --resume {run_dir}`")
                 break
@@ -459,13 +470,6 @@ def _load_resume_point(run_dir: Path, model, opt, meta: dict, device):
     if "carry.h" in tensors:
         return tensors["carry.h"].to(device), tensors["carry.c"].to(device)
     return None
-
-
-def _saved_step(run_dir: Path) -> int:
-    try:
-        return int(checkpoint.load_train_state(run_dir)[1]["step"])
-    except (checkpoint.RunDirError, KeyError, ValueError):
-        return 0
 
 
 def _write_curves(run_dir: Path) -> None:
