@@ -462,9 +462,48 @@ def test_cuda_matches_torch(dtype):
     ref, ours = pair(dtype, "bptt", input_size=8, hidden_size=16, num_layers=2, bidirectional=True)
     ref, ours = ref.cuda(), ours.cuda()
     x = torch.randn(9, 4, 8, dtype=dtype, device="cuda")
-    a, b = run(ours, x), run(ref, x)
-    tol = 1e-10 if dtype == torch.float64 else 1e-4  # cuDNN's float32 uses TF32-free but reordered sums
+    a = run(ours, x)
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:  # cuDNN's RNNs use TF32 by default: 1e-4 off; the oracle must not round
+        b = run(ref, x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert_same(a, b, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_cuda_configs_match_torch(cfg, backend):
+    """Every configuration, with hx, float64 on the GPU: outputs and all gradients vs cuDNN."""
+    ref, ours = pair(torch.float64, backend, input_size=5, hidden_size=6, **cfg)
+    ref, ours = ref.cuda(), ours.cuda()
+    T, B = 9, 4
+    shape = (B, T, 5) if cfg.get("batch_first") else (T, B, 5)
+    x = torch.randn(shape, dtype=torch.float64, device="cuda")
+    L = ref.num_layers * (2 if ref.bidirectional else 1)
+    hx = (torch.randn(L, B, ref.proj_size or 6, dtype=torch.float64, device="cuda"),
+          torch.randn(L, B, 6, dtype=torch.float64, device="cuda"))
+    assert_same(run(ours, x, hx), run(ref, x, hx), 1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_lengths_match_packed_torch(backend):
+    ref, ours = pair(torch.float64, backend, input_size=3, hidden_size=5, num_layers=2,
+                     bidirectional=True)
+    ref, ours = ref.cuda(), ours.cuda()
+    lengths = torch.tensor([4, 9, 1, 9, 6])
+    x = torch.randn(9, 5, 3, dtype=torch.float64, device="cuda")
+    out, (h_n, c_n) = ours(x, lengths=lengths)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    ref_out, (ref_h, ref_c) = ref(packed)
+    ref_out, _ = pad_packed_sequence(ref_out, total_length=9)
+    assert rel_err(out, ref_out) <= 1e-10
+    assert rel_err(h_n, ref_h) <= 1e-10 and rel_err(c_n, ref_c) <= 1e-10
+    _, _, gates = ours(x, lengths=lengths, return_gates=True)
+    assert gates.c.device.type == "cuda" and torch.equal(gates.c[0, -1, 1], c_n[0, 1])
 
 
 @pytest.mark.parametrize("used", ["output", "h_n", "c_n"])

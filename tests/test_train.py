@@ -175,3 +175,12 @@ def test_corpus_shorter_than_one_batch(tmp_path):
 def test_bad_config_values(key, value):
     with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')}"):
         TrainConfig(**{key: value})
+
+
+@pytest.mark.gpu
+def test_trains_on_cuda_and_loads_on_cpu(tmp_path):
+    res = run(tmp_path, "cuda", max_steps=12, device="cuda")
+    assert res.step == 12 and math.isfinite(res.best_val_loss)
+    model = LanguageModel.load(res.run_dir, device="cpu")
+    assert next(model.parameters()).device.type == "cpu"
+    assert len("".join(model.generate("Bob", length=5, seed=1))) == 5
