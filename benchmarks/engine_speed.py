@@ -30,15 +30,16 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import command_line, machine_info, median, sgemm_peak, sync, time_once  # noqa: E402
+from glasslstm.timing import command_line, machine_info, median, sgemm_peak, sync, time_once  # noqa: E402
 
 import glasslstm  # noqa: E402
 
-CONTENDERS = ("torch", "glass", "glass+gates", "loop")
+CONTENDERS = ("torch", "glass", "glass+gates", "bptt", "loop")
 DESCRIPTION = {
     "torch": "torch.nn.LSTM (peer)",
-    "glass": "glasslstm.LSTM (bptt)",
+    "glass": "glasslstm.LSTM (default backend)",
     "glass+gates": "glasslstm.LSTM, return_gates=True",
+    "bptt": "glasslstm.LSTM(backend='bptt'), gate math in torch ops",
     "loop": "glasslstm.LSTM(backend='loop')",
 }
 
@@ -52,9 +53,9 @@ def build(name: str, peer: torch.nn.LSTM):
     """(module, return_gates) of a contender."""
     if name == "torch":
         return peer, False
-    if name == "loop":
-        return glasslstm.LSTM.from_torch(peer, backend="loop"), False
-    return glasslstm.LSTM.from_torch(peer, backend="bptt"), name == "glass+gates"
+    if name in ("loop", "bptt"):
+        return glasslstm.LSTM.from_torch(peer, backend=name), False
+    return glasslstm.LSTM.from_torch(peer), name == "glass+gates"
 
 
 def make_step(model, gates: bool, x: torch.Tensor, dy: torch.Tensor):

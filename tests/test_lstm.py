@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import glasslstm
 from glasslstm import reference
 
-BACKENDS = ["bptt", "loop"]
+BACKENDS = ["fused", "bptt", "loop"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 

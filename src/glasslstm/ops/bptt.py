@@ -30,8 +30,11 @@ def _pad_mask(batch_sizes: list[int], batch: int, device: torch.device) -> torch
     return (torch.arange(batch, device=device)[None, :] >= sizes[:, None]).unsqueeze(-1)
 
 
-def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
+def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, cell=None):
     """The forward pass; returns everything backward needs (no autograd involved).
+
+    ``cell`` does each step's pointwise gate math (default :data:`TORCH_CELL`; see
+    :class:`TorchCell` for the contract a fused kernel meets).
 
     Returns ``(gates, hs, cs, tanh_c, rs)``: ``gates`` (T, B, 4H) the activated i, f, g, o
     (rows past a sequence's end hold junk); ``hs`` (T+1, B, P) and ``cs`` (T+1, B, H) the states,
@@ -39,6 +42,7 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
     t+1 (forward) or t (reverse); ``tanh_c`` (T, B, H); ``rs`` (T, B, H) ``o * tanh(c)`` before
     the projection, or None without one.
     """
+    cell = cell or TORCH_CELL
     T, B, _ = x.shape
     H = w_hh.shape[0] // 4
     P = h0.shape[1]
@@ -57,6 +61,9 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
     start = T if reverse else 0
     hs[start] = h0
     cs[start] = c0
+    whole = getattr(cell, "layer_forward", None)  # a kernel that runs the whole time loop
+    if whole is not None and whole(gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse):
+        return gates, hs, cs, tanh_c, rs
     # Contiguous transposed copies: the per-step GEMM on a transposed view is 20-30% slower
     # (measured at H=512 and 1024). The copy costs about one step, so only long sequences get
     # it — not the one-token steps of generation.
@@ -73,22 +80,98 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
                 continue
         a = gates[t, :nb]                       # (nb, 4H): x_t U + b
         a.addmm_(hs[prev, :nb], w_hh_t)         # + H_{t-1} W
+        if w_hr_t is None:                      # activations in place; C_t, tanh(C_t), H_t
+            cell.forward(a, cs[prev, :nb], cs[cur, :nb], tanh_c[t, :nb], hs[cur, :nb])
+        else:
+            r = rs[t, :nb]
+            cell.forward(a, cs[prev, :nb], cs[cur, :nb], tanh_c[t, :nb], r)
+            torch.mm(r, w_hr_t, out=hs[cur, :nb])  # H_t = (o * tanh(C_t)) W_hr^T
+    return gates, hs, cs, tanh_c, rs
+
+
+def _backward_steps(cell, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes,
+                    reverse) -> None:
+    """The backward time loop in Python, one ``cell.backward`` and one GEMM per step; fills
+    ``da`` (and ``dhs``) and leaves the initial state's gradients in ``dh``/``dc``."""
+    T, B, H4 = gates.shape
+    H = H4 // 4
+    prep = cell.backward_prepare(gates, tanh_c, H)
+    for t in range(T) if reverse else range(T - 1, -1, -1):
+        prev = t + 1 if reverse else t
+        nb = B if batch_sizes is None else batch_sizes[t]
+        if nb == 0:
+            continue
+        dh_t = dh[:nb]
+        dy_t = None if dy is None else dy[t, :nb]
+        if w_hr is None:
+            dr = dh_t                       # dL/dH_t = dh_t + dy_t, added by the cell
+        else:
+            if dy_t is not None:
+                dh_t += dy_t                # dL/dH_t: from the output and from step t+1
+            dhs[t, :nb] = dh_t
+            dr, dy_t = torch.mm(dh_t, w_hr), None   # through the projection
+        p = None if prep is None else (prep[0][t, :nb], prep[1][t, :nb])
+        d = da[t, :nb]
+        cell.backward(gates[t, :nb], cs[prev, :nb], tanh_c[t, :nb], dr, dy_t, dc[:nb], d, p)
+        torch.mm(d, w_hh, out=dh_t)         # dL/dH_{t-1}
+
+
+class TorchCell:
+    """The pointwise gate math of one step, in torch ops: the fallback every device has.
+
+    A fused kernel (:mod:`glasslstm.ops.cpu`, :mod:`glasslstm.ops.triton_cell`) provides the
+    same two methods with the same in-place contract. Rows of ``a`` and ``d`` are 4H wide (i, f,
+    g, o); every other argument is an (n, H) view with unit column stride.
+    """
+
+    name = "torch"
+
+    @staticmethod
+    def forward(a, c_prev, c, tc, out) -> None:
+        """``a``: pre-activations in, activated gates out; writes ``c = f c_prev + i g``,
+        ``tc = tanh(c)``, ``out = o tc``."""
+        H = c.shape[1]
         a[:, : 2 * H].sigmoid_()                # i, f
         a[:, 2 * H : 3 * H].tanh_()             # g = N_t, the new information
         a[:, 3 * H :].sigmoid_()                # o
         i, f, g, o = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
-        c = cs[cur, :nb]
-        torch.mul(f, cs[prev, :nb], out=c)      # C_t = f * C_{t-1}
+        torch.mul(f, c_prev, out=c)             # C_t = f * C_{t-1}
         c.addcmul_(i, g)                        #       + i * N_t
-        tc = tanh_c[t, :nb]
         torch.tanh(c, out=tc)
-        if w_hr_t is None:
-            torch.mul(o, tc, out=hs[cur, :nb])  # H_t = o * tanh(C_t)
-        else:
-            r = rs[t, :nb]
-            torch.mul(o, tc, out=r)
-            torch.mm(r, w_hr_t, out=hs[cur, :nb])  # H_t = (o * tanh(C_t)) W_hr^T
-    return gates, hs, cs, tanh_c, rs
+        torch.mul(o, tc, out=out)               # H_t = o * tanh(C_t)
+
+    @staticmethod
+    def backward_prepare(gates, tanh_c, H):
+        """Per-step factors computed for all steps at once (few large ops beat many small)."""
+        # sigma' = s (1 - s) for i, f, o and tanh' = 1 - g^2 for g.            (T, B, 4H)
+        deriv = gates * (1.0 - gates)
+        g_all = gates[..., 2 * H : 3 * H]
+        torch.mul(g_all, g_all, out=deriv[..., 2 * H : 3 * H]).neg_().add_(1.0)
+        # dH_t/dC_t through tanh, times o:  o (1 - tanh(C)^2)                     (T, B, H)
+        o_dtanh = gates[..., 3 * H :] * (1.0 - tanh_c * tanh_c)
+        return deriv, o_dtanh
+
+    @staticmethod
+    def backward(a, c_prev, tc, dh, dy, dc, d, prep) -> None:
+        """One step back. ``dh``: dL/d(o tanh c) from later steps (``dy``, when not None, is
+        added: in place, into ``dh``); ``dc``: dL/dC_t from later steps in, dL/dC_{t-1} out;
+        ``d``: the pre-activation gradients out. ``prep``: this step's rows of
+        :meth:`backward_prepare`'s result (fused kernels get None)."""
+        deriv, o_dtanh = prep
+        H = dc.shape[1]
+        if dy is not None:
+            dh += dy
+        i, f, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H]
+        dc.addcmul_(dh, o_dtanh)                # dL/dC_t
+        torch.mul(dc, g, out=d[:, :H])          # dL/di
+        torch.mul(dc, c_prev, out=d[:, H : 2 * H])      # dL/df
+        torch.mul(dc, i, out=d[:, 2 * H : 3 * H])       # dL/dN
+        torch.mul(dh, tc, out=d[:, 3 * H :])    # dL/do
+        d.mul_(deriv)                           # through sigma / tanh: pre-activation grads
+        dc.mul_(f)                              # dL/dC_{t-1}
+
+
+TORCH_CELL = TorchCell()
 
 
 class LSTMLayerFunction(torch.autograd.Function):
@@ -103,11 +186,13 @@ class LSTMLayerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, record):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, record,
+                cell=None):
         T, B, _ = x.shape
+        cell = cell or TORCH_CELL
         bias = None if b_ih is None else b_ih + b_hh
         gates, hs, cs, tanh_c, rs = lstm_layer_forward(
-            x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse
+            x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, cell
         )
         states = slice(0, T) if reverse else slice(1, T + 1)
         end = 0 if reverse else T
@@ -133,6 +218,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.batch_sizes = batch_sizes
         ctx.reverse = reverse
+        ctx.cell = cell
         ctx.has_bias = b_ih is not None
         return tuple(outputs)
 
@@ -146,44 +232,19 @@ class LSTMLayerFunction(torch.autograd.Function):
         P = hs.shape[2]
         ragged = batch_sizes is not None
 
-        # Derivatives of the activations w.r.t. their pre-activations, for all steps at once:
-        # sigma' = s (1 - s) for i, f, o and tanh' = 1 - g^2 for g.            (T, B, 4H)
-        deriv = gates * (1.0 - gates)
-        g_all = gates[..., 2 * H : 3 * H]
-        torch.mul(g_all, g_all, out=deriv[..., 2 * H : 3 * H]).neg_().add_(1.0)
-        # dH_t/dC_t through tanh, times o:  o (1 - tanh(C)^2)                     (T, B, H)
-        o_dtanh = gates[..., 3 * H :] * (1.0 - tanh_c * tanh_c)
-
+        cell = ctx.cell
+        if dy is not None and not dy.is_contiguous():
+            dy = dy.contiguous()  # e.g. the expanded gradient of a sum(): fused kernels need rows
         da = (x.new_zeros if ragged else x.new_empty)(T, B, 4 * H)  # pre-activation grads
         dhs = None if w_hr is None else (x.new_zeros if ragged else x.new_empty)(T, B, P)
         # (B, P) / (B, H): the gradient arriving at the state, from later steps and h_n / c_n
-        dh = x.new_zeros(B, P) if dh_n is None else dh_n.clone()
-        dc = x.new_zeros(B, H) if dc_n is None else dc_n.clone()
-        for t in range(T) if reverse else range(T - 1, -1, -1):
-            prev = t + 1 if reverse else t
-            nb = B if not ragged else batch_sizes[t]
-            if nb == 0:
-                continue
-            dh_t = dh[:nb]
-            if dy is not None:
-                dh_t += dy[t, :nb]              # dL/dH_t: from the output and from step t+1
-            if w_hr is None:
-                dr = dh_t
-            else:
-                dhs[t, :nb] = dh_t
-                dr = torch.mm(dh_t, w_hr)       # through the projection
-            a = gates[t, :nb]
-            i, f, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H]
-            dc_t = dc[:nb]
-            dc_t.addcmul_(dr, o_dtanh[t, :nb])  # dL/dC_t
-            d = da[t, :nb]
-            torch.mul(dc_t, g, out=d[:, :H])                    # dL/di
-            torch.mul(dc_t, cs[prev, :nb], out=d[:, H : 2 * H])  # dL/df
-            torch.mul(dc_t, i, out=d[:, 2 * H : 3 * H])          # dL/dN
-            torch.mul(dr, tanh_c[t, :nb], out=d[:, 3 * H :])     # dL/do
-            d.mul_(deriv[t, :nb])               # through sigma / tanh: pre-activation grads
-            dc_t.mul_(f)                        # dL/dC_{t-1}
-            torch.mm(d, w_hh, out=dh_t)         # dL/dH_{t-1}
+        dh = x.new_zeros(B, P) if dh_n is None else dh_n.clone(memory_format=torch.contiguous_format)
+        dc = x.new_zeros(B, H) if dc_n is None else dc_n.clone(memory_format=torch.contiguous_format)
+        whole = getattr(cell, "layer_backward", None)  # a kernel that runs the whole time loop
+        if whole is None or not whole(gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr,
+                                      batch_sizes, reverse):
+            _backward_steps(cell, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr,
+                            batch_sizes, reverse)
 
         # Gradients of the weights and input: one GEMM each over all T*B rows.
         da2 = da.view(T * B, 4 * H)
@@ -199,4 +260,4 @@ class LSTMLayerFunction(torch.autograd.Function):
         # b_ih and b_hh get the same gradient; separate tensors, so that accumulating into one
         # .grad never changes the other.
         db2 = None if db is None else db.clone()
-        return dx, dh, dc, dw_ih, dw_hh, db, db2, dw_hr, None, None, None
+        return dx, dh, dc, dw_ih, dw_hh, db, db2, dw_hr, None, None, None, None

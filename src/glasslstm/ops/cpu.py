@@ -1,0 +1,247 @@
+"""The fused CPU path: ``cpu_kernels.c`` compiled once per machine and called through ctypes.
+
+Why this shape (measured in docs/benchmarks.md): at small sizes an LSTM step on the CPU is
+dominated by the ~15 separate torch ops of its pointwise gate math, each a pass over memory
+plus several microseconds of dispatch. One C loop per step does all of it in one pass, and a
+one-token step for generation runs every layer's matrix-vector products and gates in a single
+call with no allocation. The source is plain C99 (no torch headers, no Python headers), so it
+compiles in about a second with the system's C compiler, for the CPU it runs on
+(``-march=native``), and does not depend on torch's C++ ABI. The compiled library is cached in
+``$XDG_CACHE_HOME/glasslstm/kernels`` (``~/.cache/...``) under a hash of the source, the flags,
+the compiler and the CPU; ``$GLASSLSTM_CC`` (else ``$CC``, else ``cc``) picks the compiler.
+
+Without a compiler everything still works on the torch path; :func:`status` says why the fused
+one is off. The matrix products stay torch's (oneDNN/MKL sgemm), which no hand-written C beats.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -fno-trapping-math lets the float->int step of exp vectorise; -ffp-contract=fast allows FMA
+# (ISO C mode forbids it by default); 512-bit vectors where the CPU has them (harmless elsewhere).
+FLAGS = ["-O3", "-march=native", "-std=c99", "-fno-trapping-math", "-fno-math-errno",
+         "-ffp-contract=fast", "-mprefer-vector-width=512", "-fPIC", "-shared"]
+ABI_VERSION = 6
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+_failure: str | None = None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("GLASSLSTM_CC"), os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    from glasslstm.data import cache_dir  # the one place that knows where glasslstm caches
+
+    return cache_dir() / "kernels"
+
+
+def _build(cc: str) -> Path:
+    """Compile (or find) the library for this source/compiler/CPU; an atomic rename publishes
+    it, so concurrent processes never load a half-written file."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version,
+                                    _cpu_signature(), platform.machine()]).encode()).hexdigest()
+    target = _cache_dir() / f"glasslstm_cpu-{key[:20]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        # OpenMP links libgomp, which resolves to the copy torch has already loaded (one
+        # thread pool for both); without OpenMP support the kernels still build, serial.
+        for extra in (["-fopenmp"], []):
+            run = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (then :func:`status` says why). Built on first use."""
+    global _failure
+    if os.environ.get("GLASSLSTM_NO_FUSED"):
+        _failure = "disabled by $GLASSLSTM_NO_FUSED"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _failure = "no C compiler found (install gcc, or set $GLASSLSTM_CC)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _failure = f"could not build the kernels: {e}"
+        return None
+    if lib.glasslstm_abi_version() != ABI_VERSION:
+        _failure = "stale kernel library (ABI mismatch)"
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for suf in SUFFIX.values():
+        getattr(lib, f"glasslstm_cell_forward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, i64,
+                                                                  ptr, ptr, i64, ptr, i64]
+        getattr(lib, f"glasslstm_cell_backward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, i64,
+                                                                   ptr, i64, ptr, ptr, i64,
+                                                                   ptr, i64, ptr]
+        getattr(lib, f"glasslstm_step_{suf}").argtypes = [i64, i64, i64] + [ptr] * 10
+        sizes = ctypes.POINTER(i64)
+        getattr(lib, f"glasslstm_layer_forward_{suf}").argtypes = (
+            [ptr, i64, i64, i64, i64] + [ptr] * 7 + [sizes, ctypes.c_int, ctypes.c_int])
+        getattr(lib, f"glasslstm_layer_backward_{suf}").argtypes = (
+            [ptr, i64, i64, i64, i64] + [ptr] * 11 + [sizes, ctypes.c_int])
+        getattr(lib, f"glasslstm_linear_{suf}").argtypes = [i64, i64, ptr, ptr, ptr, ptr]
+        for name in ("cell_forward", "cell_backward", "step", "layer_forward", "layer_backward",
+                     "linear"):
+            getattr(lib, f"glasslstm_{name}_{suf}").restype = None
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def blas_gemm() -> dict:
+    """dtype -> address of the Fortran ?gemm torch's CPU build uses (MKL's sgemm_/dgemm_ in
+    libtorch_cpu), so the C time loop runs the very GEMM kernels torch.addmm would. Empty where
+    torch exposes none (then the loop stays in Python, still with the fused cell)."""
+    found = {}
+    for lib_dir in (Path(torch.__file__).parent / "lib",):
+        for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+            try:
+                lib = ctypes.CDLL(str(lib_dir / name))
+            except OSError:
+                continue
+            for dtype, sym in ((torch.float32, "sgemm_"), (torch.float64, "dgemm_")):
+                fn = getattr(lib, sym, None)
+                if fn is not None:
+                    found[dtype] = ctypes.cast(fn, ctypes.c_void_p).value
+    return found
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def status() -> str:
+    """One line: is the fused CPU path on, and if not, why."""
+    if not available():
+        return f"off: {_failure}"
+    loop = "time loop in C on torch's BLAS" if blas_gemm() else "time loop in Python (no BLAS symbol found)"
+    return f"on ({loop})"
+
+
+class CpuCell:
+    """:class:`~glasslstm.ops.bptt.TorchCell`'s contract, one C call per step."""
+
+    name = "cpu-fused"
+
+    def __init__(self, dtype: torch.dtype):
+        lib = library()
+        suf = SUFFIX[dtype]
+        self._fwd = getattr(lib, f"glasslstm_cell_forward_{suf}")
+        self._bwd = getattr(lib, f"glasslstm_cell_backward_{suf}")
+        self._gemm = blas_gemm().get(dtype)
+        self._layer_fwd = getattr(lib, f"glasslstm_layer_forward_{suf}")
+        self._layer_bwd = getattr(lib, f"glasslstm_layer_backward_{suf}")
+
+    # Whole time loops in C (one call per layer and direction). They return False where they
+    # cannot run (no BLAS symbol, non-contiguous weights); the caller then loops in Python.
+
+    def layer_forward(self, gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse) -> bool:
+        if self._gemm is None or not w_hh.is_contiguous() or not (w_hr is None or w_hr.is_contiguous()):
+            return False
+        T, B, H4 = gates.shape
+        transposed = T >= 8  # see the C source: the copies pay for themselves from ~8 steps
+        if transposed:
+            w_hh = w_hh.t().contiguous()
+            w_hr = None if w_hr is None else w_hr.t().contiguous()
+        self._layer_fwd(self._gemm, T, B, H4 // 4, hs.shape[2], gates.data_ptr(), hs.data_ptr(),
+                        cs.data_ptr(), tanh_c.data_ptr(), _ptr(rs), w_hh.data_ptr(), _ptr(w_hr),
+                        _sizes(batch_sizes), int(reverse), int(transposed))
+        return True
+
+    def layer_backward(self, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes,
+                       reverse) -> bool:
+        if self._gemm is None or not w_hh.is_contiguous() or not (w_hr is None or w_hr.is_contiguous()):
+            return False
+        T, B, H4 = gates.shape
+        H = H4 // 4
+        dr = None if w_hr is None else dc.new_empty(B, H)
+        self._layer_bwd(self._gemm, T, B, H, dh.shape[1], gates.data_ptr(), cs.data_ptr(),
+                        tanh_c.data_ptr(), _ptr(dy), dh.data_ptr(), dc.data_ptr(), da.data_ptr(),
+                        _ptr(dhs), _ptr(dr), w_hh.data_ptr(), _ptr(w_hr), _sizes(batch_sizes),
+                        int(reverse))
+        return True
+
+    def forward(self, a, c_prev, c, tc, out) -> None:
+        n, H = c.shape
+        self._fwd(n, H, a.data_ptr(), a.stride(0), c_prev.data_ptr(), c_prev.stride(0),
+                  c.data_ptr(), tc.data_ptr(), c.stride(0), out.data_ptr(), out.stride(0))
+
+    @staticmethod
+    def backward_prepare(gates, tanh_c, H):
+        return None
+
+    def backward(self, a, c_prev, tc, dh, dy, dc, d, prep) -> None:
+        n, H = dc.shape
+        if dy is not None and dy.stride(0) != dh.stride(0):
+            dh += dy          # the kernel reads both with one stride; add here instead
+            dy = None
+        self._bwd(n, H, a.data_ptr(), a.stride(0), c_prev.data_ptr(), c_prev.stride(0),
+                  tc.data_ptr(), tc.stride(0), dh.data_ptr(), None if dy is None else dy.data_ptr(),
+                  dh.stride(0), dc.data_ptr(), dc.stride(0), d.data_ptr())
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _sizes(batch_sizes):
+    if batch_sizes is None:
+        return None
+    return (ctypes.c_int64 * len(batch_sizes))(*batch_sizes)
+
+
+@functools.lru_cache(maxsize=None)
+def cell(dtype: torch.dtype) -> CpuCell | None:
+    """The fused cell for ``dtype`` (float32/float64), or None where it cannot run."""
+    if dtype not in SUFFIX or not available():
+        return None
+    return CpuCell(dtype)
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernels can take these tensors: CPU, float32/64, unit column stride."""
+    return all(t.device.type == "cpu" and t.dtype in SUFFIX and t.stride(-1) == 1
+               for t in tensors)

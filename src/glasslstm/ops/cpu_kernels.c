@@ -1,0 +1,338 @@
+/* glasslstm's fused CPU kernels: the LSTM cell's pointwise math, forward and backward, and a
+ * whole one-token step (all layers) for streaming inference.
+ *
+ * Plain C99 with no torch or Python headers: glasslstm.ops.cpu compiles this file once per
+ * machine (gcc/cc -O3 -march=native) and calls it through ctypes, so it builds in about a
+ * second, never depends on torch's C++ ABI, and uses the vector units of the CPU it runs on.
+ *
+ * Every kernel exists for float (suffix _f32) and double (_f64). Gate order is torch's:
+ * i, f, g, o (the article's i, f, N, o); a gate row is 4H wide.
+ *
+ * exp is our own (Cephes-style range reduction + polynomial, ~2 ulp in float) so that loops
+ * vectorise without -ffast-math (-ffp-contract=fast lets them use FMA); NaN and Inf propagate (a diverging run must see
+ * its NaN loss).
+ */
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define RESTRICT __restrict__
+
+#ifdef _OPENMP
+#include <omp.h>
+/* rows split in 64-row blocks (whole cache lines) over the threads when the work is large */
+#define PARALLEL_ROWS(rows, k, CALL)                                                          \
+    if ((rows) * (k) >= (1 << 18) && omp_get_max_threads() > 1) {                             \
+        _Pragma("omp parallel")                                                               \
+        {                                                                                     \
+            int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();                    \
+            int64_t blocks = ((rows) + 63) / 64;                                              \
+            int64_t r0 = blocks * id / nt * 64, r1 = blocks * (id + 1) / nt * 64;             \
+            if (r1 > (rows)) r1 = (rows);                                                     \
+            if (r0 < r1) CALL;                                                                \
+        }                                                                                     \
+    } else {                                                                                  \
+        int64_t r0 = 0, r1 = (rows);                                                          \
+        CALL;                                                                                 \
+    }
+#else
+#define PARALLEL_ROWS(rows, k, CALL) { int64_t r0 = 0, r1 = (rows); CALL; }
+#endif
+
+/* ---- exp, sigmoid, tanh that gcc vectorises ---------------------------------------- */
+
+static inline float exp_f32(float x) {
+    /* exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2] */
+    float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
+    xc = xc < -87.3365447504f ? -87.3365447504f : xc;  /* NaN fails both tests: kept */
+    float n = floorf(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    float y = p * scale;
+    /* past the clamps the true result is 0 or inf; NaN stays NaN */
+    y = x < -87.3365447504f ? 0.0f : y;
+    y = x > 88.3762626647949f ? INFINITY : y;
+    return y;
+}
+
+static inline double exp_f64(double x) {
+    double xc = x > 709.0 ? 709.0 : x;
+    xc = xc < -708.0 ? -708.0 : xc;
+    double n = floor(xc * 1.4426950408889634 + 0.5);
+    double r = xc - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    /* Padé-free Taylor to degree 13: |r| <= 0.347, error < 1e-17 relative */
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r * r + r + 1.0;
+    int64_t e = ((int64_t)n + 1023) << 52;
+    double scale;
+    memcpy(&scale, &e, sizeof scale);
+    double y = p * scale;
+    y = x < -708.0 ? 0.0 : y;
+    y = x > 709.0 ? (double)INFINITY : y;
+    return y;
+}
+
+static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+static inline double sigmoid_f64(double x) { return 1.0 / (1.0 + exp_f64(-x)); }
+
+/* tanh(x) = 2 sigmoid(2x) - 1: one exp and one division, exact at +-inf, NaN in NaN out; near 0
+ * the absolute error is one rounding of a value of size 1 (what the tests bound). */
+static inline float tanh_f32(float x) { return 2.0f / (1.0f + exp_f32(-2.0f * x)) - 1.0f; }
+static inline double tanh_f64(double x) { return 2.0 / (1.0 + exp_f64(-2.0 * x)) - 1.0; }
+
+/* ---- the cell, pointwise ---------------------------------------------------------------
+ * forward: a (n rows, stride lda >= 4H) holds the pre-activations x U + H W + b on entry and
+ * the activated gates i, f, g, o on exit; c = f c_prev + i g; tc = tanh(c); out = o tc.
+ * c_prev, c, tc, out: n rows of H, row strides ldc (c_prev, c, tc) and ldo (out).
+ */
+#define CELL_FORWARD(T, SUF)                                                                  \
+void glasslstm_cell_forward_##SUF(int64_t n, int64_t H, T *RESTRICT a, int64_t lda,          \
+                                  const T *c_prev, int64_t ldp, T *c, T *RESTRICT tc,        \
+                                  int64_t ldc, T *RESTRICT out, int64_t ldo) {               \
+    for (int64_t b = 0; b < n; b++) {                                                         \
+        T *RESTRICT ai = a + b * lda, *RESTRICT af = ai + H, *RESTRICT ag = ai + 2 * H,       \
+          *RESTRICT ao = ai + 3 * H;                                                          \
+        const T *cp = c_prev + b * ldp;                                                       \
+        T *cb = c + b * ldc, *RESTRICT tb = tc + b * ldc, *RESTRICT ob = out + b * ldo;       \
+        _Pragma("GCC ivdep")                                                                  \
+        for (int64_t j = 0; j < H; j++) {                                                     \
+            T i = sigmoid_##SUF(ai[j]), f = sigmoid_##SUF(af[j]);                             \
+            T g = tanh_##SUF(ag[j]), o = sigmoid_##SUF(ao[j]);                                \
+            T cn = f * cp[j] + i * g;                                                         \
+            T t = tanh_##SUF(cn);                                                             \
+            ai[j] = i; af[j] = f; ag[j] = g; ao[j] = o;                                       \
+            cb[j] = cn; tb[j] = t; ob[j] = o * t;                                             \
+        }                                                                                     \
+    }                                                                                         \
+}
+CELL_FORWARD(float, f32)
+CELL_FORWARD(double, f64)
+
+/* backward of one step: a holds the activated gates (stride lda); dh the gradient reaching
+ * o * tanh(c) (stride ldh), dy (nullable, stride ldh) added to it; dc (stride ldc) the
+ * gradient reaching c from later steps on entry and dL/dc_prev on exit; d (stride lda) gets
+ * the pre-activation gradients di, df, dg, do.
+ */
+#define CELL_BACKWARD(T, SUF)                                                                 \
+void glasslstm_cell_backward_##SUF(int64_t n, int64_t H, const T *RESTRICT a, int64_t lda,   \
+                                   const T *RESTRICT c_prev, int64_t ldp,                     \
+                                   const T *RESTRICT tc, int64_t ldt,                         \
+                                   const T *RESTRICT dh, const T *RESTRICT dy, int64_t ldh,   \
+                                   T *RESTRICT dc, int64_t ldc, T *RESTRICT d) {             \
+    for (int64_t b = 0; b < n; b++) {                                                         \
+        const T *ai = a + b * lda, *af = ai + H, *ag = ai + 2 * H, *ao = ai + 3 * H;          \
+        const T *cp = c_prev + b * ldp, *tb = tc + b * ldt, *hb = dh + b * ldh;               \
+        const T *yb = dy ? dy + b * ldh : NULL;                                               \
+        T *cb = dc + b * ldc;                                                                 \
+        T *di = d + b * lda, *df = di + H, *dg = di + 2 * H, *dO = di + 3 * H;                \
+        _Pragma("GCC ivdep")                                                                  \
+        for (int64_t j = 0; j < H; j++) {                                                     \
+            T i = ai[j], f = af[j], g = ag[j], o = ao[j], t = tb[j];                          \
+            T dr = yb ? hb[j] + yb[j] : hb[j];                                                \
+            T dcn = cb[j] + dr * o * (1 - t * t);                                             \
+            di[j] = dcn * g * i * (1 - i);                                                    \
+            df[j] = dcn * cp[j] * f * (1 - f);                                                \
+            dg[j] = dcn * i * (1 - g * g);                                                    \
+            dO[j] = dr * t * o * (1 - o);                                                     \
+            cb[j] = dcn * f;                                                                  \
+        }                                                                                     \
+    }                                                                                         \
+}
+CELL_BACKWARD(float, f32)
+CELL_BACKWARD(double, f64)
+
+/* ---- a whole one-token step for streaming inference -------------------------------------
+ * acc (rows) += Wt^T v, with Wt (k x rows, row-major): the TRANSPOSED weight, so that each of
+ * the k columns is a contiguous axpy over all rows — loops gcc vectorises fully, with acc in
+ * L1. Four columns per pass quarter the loads and stores of acc.
+ */
+#define GEMV_BLOCK(T, SUF)                                                                    \
+static void gemv_t_block_##SUF(int64_t rows, int64_t r0, int64_t r1, int64_t k,               \
+                               const T *RESTRICT Wt, const T *RESTRICT v, T *RESTRICT acc) {  \
+    int64_t j = 0;                                                                            \
+    for (; j + 8 <= k; j += 8) {                                                              \
+        const T *RESTRICT w0 = Wt + j * rows;                                                 \
+        const T *RESTRICT w1 = w0 + rows, *RESTRICT w2 = w1 + rows, *RESTRICT w3 = w2 + rows; \
+        const T *RESTRICT w4 = w3 + rows, *RESTRICT w5 = w4 + rows, *RESTRICT w6 = w5 + rows; \
+        const T *RESTRICT w7 = w6 + rows;                                                     \
+        T x0 = v[j], x1 = v[j + 1], x2 = v[j + 2], x3 = v[j + 3];                             \
+        T x4 = v[j + 4], x5 = v[j + 5], x6 = v[j + 6], x7 = v[j + 7];                         \
+        for (int64_t r = r0; r < r1; r++)                                                     \
+            acc[r] += (w0[r] * x0 + w1[r] * x1 + w2[r] * x2 + w3[r] * x3)                     \
+                    + (w4[r] * x4 + w5[r] * x5 + w6[r] * x6 + w7[r] * x7);                    \
+    }                                                                                         \
+    for (; j < k; j++) {                                                                      \
+        const T *RESTRICT w0 = Wt + j * rows;                                                 \
+        T x0 = v[j];                                                                          \
+        for (int64_t r = r0; r < r1; r++) acc[r] += w0[r] * x0;                               \
+    }                                                                                         \
+}                                                                                             \
+/* Large products (weights beyond L2) are memory-bound on one core: split the rows over the   \
+ * OpenMP threads (torch's own pool: libgomp is shared, torch.set_num_threads applies). */    \
+static void gemv_t_##SUF(int64_t rows, int64_t k, const T *RESTRICT Wt,                      \
+                         const T *RESTRICT v, T *RESTRICT acc) {                              \
+    PARALLEL_ROWS(rows, k, gemv_t_block_##SUF(rows, r0, r1, k, Wt, v, acc))                   \
+}
+GEMV_BLOCK(float, f32)
+GEMV_BLOCK(double, f64)
+
+/* One token through L stacked layers, in place.
+ * x: the layer-0 input (I values), or NULL when xproj is given: xproj (4H values) is the
+ * layer-0 input projection x U_0 already computed (a language model's embedding row pushed
+ * through U_0 ahead of time), bias included.
+ * layers[l] = {w_ih^T (in x 4H), w_hh^T (P x 4H), bias (b_ih + b_hh, or NULL), w_hr^T (H x P, or
+ * NULL)}: pointers to contiguous TRANSPOSED copies (see gemv_t), l = 0..L-1.
+ * in_sizes[l]: the input size of layer l. h (L x P) and c (L x H): the state, updated in
+ * place; h_in/c_in (nullable): copied into h/c first (a drop-in call's hx, left untouched).
+ * work: 6H values of scratch. out (P values): the last layer's new h (may alias h).
+ */
+#define STEP(T, SUF)                                                                          \
+void glasslstm_step_##SUF(int64_t L, int64_t H, int64_t P, const int64_t *in_sizes,          \
+                          const T *const *layers, const T *x, const T *xproj,                \
+                          const T *h_in, const T *c_in, T *h, T *c, T *work, T *out) {       \
+    T *a = work, *r = work + 4 * H, *tcw = work + 5 * H;                                      \
+    if (h_in && h_in != h) memcpy(h, h_in, (size_t)(L * P) * sizeof(T));                      \
+    if (c_in && c_in != c) memcpy(c, c_in, (size_t)(L * H) * sizeof(T));                      \
+    for (int64_t l = 0; l < L; l++) {                                                         \
+        const T *w_ih = layers[4 * l], *w_hh = layers[4 * l + 1];                            \
+        const T *bias = layers[4 * l + 2], *w_hr = layers[4 * l + 3];                        \
+        T *hl = h + l * P, *cl = c + l * H;                                                   \
+        if (l == 0 && xproj) {                                                                \
+            memcpy(a, xproj, 4 * H * sizeof(T));                                              \
+        } else {                                                                              \
+            if (bias) memcpy(a, bias, 4 * H * sizeof(T));                                     \
+            else memset(a, 0, 4 * H * sizeof(T));                                             \
+            gemv_t_##SUF(4 * H, in_sizes[l], w_ih, l == 0 ? x : h + (l - 1) * P, a);          \
+        }                                                                                     \
+        gemv_t_##SUF(4 * H, P, w_hh, hl, a);                                                  \
+        T *dst = w_hr ? r : hl;                                                               \
+        glasslstm_cell_forward_##SUF(1, H, a, 4 * H, cl, H, cl, tcw, H, dst, H);              \
+        if (w_hr) {                                                                           \
+            memset(hl, 0, P * sizeof(T));                                                     \
+            gemv_t_##SUF(P, H, w_hr, r, hl);                                                  \
+        }                                                                                     \
+    }                                                                                         \
+    if (out != h + (L - 1) * P) memcpy(out, h + (L - 1) * P, P * sizeof(T));                  \
+}
+STEP(float, f32)
+STEP(double, f64)
+
+/* out (rows) = Wt^T v + bias (NULL: none), Wt (k x rows) the transposed weight: a language
+ * model's output layer for one token. */
+#define LINEAR(T, SUF)                                                                        \
+void glasslstm_linear_##SUF(int64_t rows, int64_t k, const T *Wt, const T *bias, const T *v, \
+                            T *out) {                                                         \
+    if (bias) memcpy(out, bias, (size_t)rows * sizeof(T));                                    \
+    else memset(out, 0, (size_t)rows * sizeof(T));                                            \
+    gemv_t_##SUF(rows, k, Wt, v, out);                                                        \
+}
+LINEAR(float, f32)
+LINEAR(double, f64)
+
+/* ---- whole time loops, calling the BLAS gemm that torch itself uses -------------------
+ * gemm: a Fortran-interface ?gemm (column-major; torch's MKL exports sgemm_/dgemm_), so the
+ * per-step matrix products run on the same kernels and threads as torch.addmm, and the time
+ * loop costs no Python. Row-major C (n x m) = A (n x k) B^T with B (m x k) is, column-major,
+ * C^T = B A^T: gemm("T", "N", m, n, k, B, k, A, k, C, m).
+ *
+ * forward: gates (T, B, 4H) holds x U + b on entry (activated gates on exit); hs (T+1, B, P)
+ * and cs (T+1, B, H) hold the initial state at index 0 (forward) or T (reverse); tanh_c
+ * (T, B, H); rs (T, B, H) o * tanh(c) before the projection, or NULL without one; batch_sizes
+ * (T rows active per step, sorted longest first) or NULL. transposed: w_hh and w_hr are given
+ * as contiguous copies of their transposes (P x 4H, H x P): MKL's "N" GEMM is 20-30% faster
+ * at these shapes than its "T" one, which pays for the copy from about 8 steps on.
+ */
+#define LAYER_LOOPS(T, SUF, GEMM_T)                                                           \
+typedef void (*GEMM_T)(const char *, const char *, const int *, const int *, const int *,    \
+                       const T *, const T *, const int *, const T *, const int *, const T *, \
+                       T *, const int *);                                                     \
+static void gemm_##SUF(GEMM_T gemm, char ta, char tb, int64_t m, int64_t n, int64_t k,       \
+                       const T *A, int64_t lda, const T *B, int64_t ldb, T beta, T *C,       \
+                       int64_t ldc) {                                                         \
+    int mi = (int)m, ni = (int)n, ki = (int)k, la = (int)lda, lb = (int)ldb, lc = (int)ldc;   \
+    T one = 1;                                                                                \
+    gemm(&ta, &tb, &mi, &ni, &ki, &one, A, &la, B, &lb, &beta, C, &lc);                       \
+}                                                                                             \
+void glasslstm_layer_forward_##SUF(GEMM_T gemm, int64_t Tn, int64_t B, int64_t H, int64_t P,  \
+                                   T *gates, T *hs, T *cs, T *tanh_c, T *rs, const T *w_hh,   \
+                                   const T *w_hr, const int64_t *batch_sizes, int reverse,    \
+                                   int transposed) {                                          \
+    for (int64_t s = 0; s < Tn; s++) {                                                        \
+        int64_t t = reverse ? Tn - 1 - s : s;                                                 \
+        int64_t prev = reverse ? t + 1 : t, cur = reverse ? t : t + 1;                        \
+        int64_t nb = batch_sizes ? batch_sizes[t] : B;                                        \
+        T *hp = hs + prev * B * P, *hc = hs + cur * B * P;                                    \
+        T *cp = cs + prev * B * H, *cc = cs + cur * B * H;                                    \
+        if (nb < B) { /* rows past their end (or before their start) keep their state */      \
+            memcpy(hc + nb * P, hp + nb * P, (size_t)((B - nb) * P) * sizeof(T));             \
+            memcpy(cc + nb * H, cp + nb * H, (size_t)((B - nb) * H) * sizeof(T));             \
+            if (nb == 0) continue;                                                            \
+        }                                                                                     \
+        T *a = gates + t * B * 4 * H;                                                         \
+        if (transposed) gemm_##SUF(gemm, 'N', 'N', 4 * H, nb, P, w_hh, 4 * H, hp, P, 1, a, 4 * H); \
+        else gemm_##SUF(gemm, 'T', 'N', 4 * H, nb, P, w_hh, P, hp, P, 1, a, 4 * H);           \
+        T *dst = rs ? rs + t * B * H : hc;                                                    \
+        glasslstm_cell_forward_##SUF(nb, H, a, 4 * H, cp, H, cc, tanh_c + t * B * H, H, dst,  \
+                                     rs ? H : P);                                             \
+        if (rs && transposed) gemm_##SUF(gemm, 'N', 'N', P, nb, H, w_hr, P, dst, H, 0, hc, P); \
+        else if (rs) gemm_##SUF(gemm, 'T', 'N', P, nb, H, w_hr, H, dst, H, 0, hc, P);         \
+    }                                                                                         \
+}                                                                                             \
+/* backward: dy (T, B, P) or NULL; dh (B, P) and dc (B, H): the gradients reaching the final   \
+ * state on entry, the initial state's on exit; da (T, B, 4H): the pre-activation gradients   \
+ * (zero-filled by the caller where rows are inactive); dhs (T, B, P) the gradient reaching    \
+ * each H_t (needed for dW_hr) and dr (B, H) scratch, both only with a projection. */         \
+void glasslstm_layer_backward_##SUF(GEMM_T gemm, int64_t Tn, int64_t B, int64_t H, int64_t P, \
+                                    const T *gates, const T *cs, const T *tanh_c,             \
+                                    const T *dy, T *dh, T *dc, T *da, T *dhs, T *dr,          \
+                                    const T *w_hh, const T *w_hr,                             \
+                                    const int64_t *batch_sizes, int reverse) {                \
+    for (int64_t s = 0; s < Tn; s++) {                                                        \
+        int64_t t = reverse ? s : Tn - 1 - s;                                                 \
+        int64_t prev = reverse ? t + 1 : t;                                                   \
+        int64_t nb = batch_sizes ? batch_sizes[t] : B;                                        \
+        if (nb == 0) continue;                                                                \
+        const T *dyt = dy ? dy + t * B * P : NULL;                                            \
+        const T *g = dr, *gy = NULL;                                                          \
+        int64_t ldg = H;                                                                      \
+        if (w_hr) {                                                                           \
+            if (dyt) for (int64_t j = 0; j < nb * P; j++) dh[j] += dyt[j];                    \
+            memcpy(dhs + t * B * P, dh, (size_t)(nb * P) * sizeof(T));                        \
+            gemm_##SUF(gemm, 'N', 'N', H, nb, P, w_hr, H, dh, P, 0, dr, H);                   \
+        } else {                                                                              \
+            g = dh; gy = dyt; ldg = P;                                                        \
+        }                                                                                     \
+        T *d = da + t * B * 4 * H;                                                            \
+        glasslstm_cell_backward_##SUF(nb, H, gates + t * B * 4 * H, 4 * H, cs + prev * B * H,  \
+                                      H, tanh_c + t * B * H, H, g, gy, ldg, dc, H, d);        \
+        gemm_##SUF(gemm, 'N', 'N', P, nb, 4 * H, w_hh, P, d, 4 * H, 0, dh, P);                \
+    }                                                                                         \
+}
+LAYER_LOOPS(float, f32, gemm_f32_t)
+LAYER_LOOPS(double, f64, gemm_f64_t)
+
+int glasslstm_abi_version(void) { return 6; }

@@ -1,0 +1,266 @@
+"""The fused CPU path (C kernels) and streaming inference, against the torch path and torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import glasslstm
+from glasslstm.data import CharTokenizer
+from glasslstm.model import LanguageModel, ModelConfig
+from glasslstm.ops import bptt, cpu, describe
+from glasslstm.stream import LMStream, Stream
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"fused CPU path: {cpu.status()}")
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+
+
+def test_auto_picks_the_fused_cell_on_cpu():
+    assert describe() == "auto -> cpu-fused cell"
+    assert describe("bptt") == "bptt -> torch cell"
+    assert cpu.status().startswith("on")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_matches_torch_cell_over_a_wide_range(dtype):
+    """Every activation regime: saturated (|x| up to 60), near zero, and in between."""
+    n, H = 7, 37                                   # odd sizes: vector remainders
+    a = torch.cat([torch.randn(n, 4 * H, dtype=dtype) * s for s in (0.01, 1.0, 8.0, 60.0)])
+    n = a.shape[0]
+    c_prev = torch.randn(n, H, dtype=dtype) * 3
+    outs = {}
+    for name, cell in (("torch", bptt.TORCH_CELL), ("fused", cpu.cell(dtype))):
+        aa = a.clone()
+        c, tc, h = (torch.empty(n, H, dtype=dtype) for _ in range(3))
+        cell.forward(aa, c_prev, c, tc, h)
+        outs[name] = (aa, c, tc, h)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    for x, y in zip(outs["fused"], outs["torch"]):
+        assert rel_err(x, y) <= tol
+
+
+@pytest.mark.parametrize("with_dy", [False, True])
+def test_cell_backward_matches_torch_cell(with_dy):
+    dtype, n, H = torch.float64, 5, 19
+    gates = torch.rand(n, 4 * H, dtype=dtype)
+    c_prev, tc = torch.randn(n, H, dtype=dtype), torch.rand(n, H, dtype=dtype) * 2 - 1
+    dh0, dc0 = torch.randn(n, H, dtype=dtype), torch.randn(n, H, dtype=dtype)
+    dy = torch.randn(n, H, dtype=dtype) if with_dy else None
+    res = []
+    for cell in (bptt.TORCH_CELL, cpu.cell(dtype)):
+        prep = cell.backward_prepare(gates[None], tc[None], H)
+        p = None if prep is None else (prep[0][0], prep[1][0])
+        dh, dc, d = dh0.clone(), dc0.clone(), torch.empty(n, 4 * H, dtype=dtype)
+        cell.backward(gates, c_prev, tc, dh, dy, dc, d, p)
+        res.append((dc, d))
+    for x, y in zip(*res):
+        assert rel_err(x, y) <= 1e-14
+
+
+def test_nan_and_inf_propagate():
+    """A diverging run must see its NaN: the fused kernels may not turn NaN into numbers."""
+    lstm = glasslstm.LSTM(3, 4, backend="fused")
+    x = torch.randn(5, 2, 3)
+    x[2, 0, 1] = float("nan")
+    out = lstm(x)[0]
+    assert out[2:, 0].isnan().all() and not out[:, 1].isnan().any()
+    x = torch.full((1, 1, 3), 1e30)                 # saturated gates: finite, like torch
+    ref = lstm.to_torch()
+    assert lstm(x)[0].isfinite().all() and torch.allclose(lstm(x)[0], ref(x)[0], atol=1e-6)
+    # +-inf pre-activations: sigma and tanh saturate to exactly 0 / +-1, as torch's do
+    a = torch.tensor([[float("inf"), -float("inf"), float("inf"), -float("inf")]])
+    res = []
+    for cell in (bptt.TORCH_CELL, cpu.cell(torch.float32)):
+        aa, c, tc, h = a.clone(), torch.empty(1, 1), torch.empty(1, 1), torch.empty(1, 1)
+        cell.forward(aa, torch.ones(1, 1), c, tc, h)
+        res.append(torch.cat([aa, c, tc, h], 1))
+    assert torch.equal(res[0][:, :4], res[1][:, :4]) and torch.allclose(res[0], res[1], atol=1e-6)
+
+
+def test_python_time_loop_fallback_matches(monkeypatch):
+    """Without torch's BLAS symbol the fused cell runs under the Python time loop."""
+    ref = torch.nn.LSTM(4, 6, num_layers=2, proj_size=3, dtype=torch.float64)
+    cell = cpu.CpuCell(torch.float64)
+    cell._gemm = None                                # as if no sgemm_/dgemm_ were exported
+    assert not cell.layer_forward(*[None] * 9)
+    monkeypatch.setattr(cpu, "cell", lambda dtype: cell)
+    ours = glasslstm.LSTM.from_torch(ref, backend="fused")
+    x = torch.randn(10, 3, 4, dtype=torch.float64, requires_grad=True)
+    outs = [m(x)[0] for m in (ours, ref)]
+    grads = [torch.autograd.grad(o.pow(2).sum(), [x, m.weight_hh_l1]) for o, m in
+             zip(outs, (ours, ref))]
+    assert rel_err(outs[0], outs[1]) <= 1e-12
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_forced_fused_fails_clearly_where_it_cannot_run():
+    lstm = glasslstm.LSTM(2, 3, backend="fused").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="backend='fused' cannot run here.*bfloat16.*bptt"):
+        lstm(torch.randn(2, 1, 2, dtype=torch.bfloat16))
+    lstm.backend = None                              # auto falls back to the torch cell
+    assert lstm(torch.randn(2, 1, 2, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
+
+
+def test_no_compiler_means_torch_path_with_a_reason(tmp_path):
+    code = ("import torch, glasslstm; from glasslstm.ops import cpu, describe; "
+            "print(cpu.status()); print(describe()); "
+            "print(glasslstm.LSTM(2, 3)(torch.randn(4, 1, 2))[0].shape)")
+    env = {**os.environ, "GLASSLSTM_CC": "no-such-cc", "CC": "no-such-cc", "PATH": str(tmp_path),
+           "XDG_CACHE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "off: no C compiler found (install gcc, or set $GLASSLSTM_CC)"
+    assert out[1] == "auto -> torch cell"
+    assert out[2] == "torch.Size([4, 1, 3])"
+
+
+# ---------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("cfg", [dict(num_layers=1), dict(num_layers=3),
+                                 dict(num_layers=2, proj_size=3), dict(num_layers=2, bias=False)],
+                         ids=["1layer", "3layers", "proj", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stream_matches_the_whole_sequence(cfg, dtype):
+    ref = torch.nn.LSTM(5, 8, dtype=dtype, **cfg)
+    lstm = glasslstm.LSTM.from_torch(ref)
+    x = torch.randn(12, 1, 5, dtype=dtype)
+    h0 = torch.randn(cfg["num_layers"], 1, cfg.get("proj_size") or 8, dtype=dtype)
+    c0 = torch.randn(cfg["num_layers"], 1, 8, dtype=dtype)
+    with torch.no_grad():
+        want, (h_n, c_n) = ref(x, (h0, c0))
+    s = Stream(lstm, (h0, c0))
+    assert s.fused
+    got = torch.stack([s.step(x[t, 0]).clone() for t in range(12)])
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_err(got, want[:, 0]) <= tol
+    assert rel_err(s.state[0], h_n) <= tol and rel_err(s.state[1], c_n) <= tol
+    s.reset()
+    assert s.h.abs().sum() == 0 and s.c.abs().sum() == 0
+
+
+def test_stream_follows_in_place_weight_updates():
+    lstm = glasslstm.LSTM(3, 4, num_layers=2)
+    s = Stream(lstm)
+    x = torch.randn(3)
+    s.step(x)
+    with torch.no_grad():
+        lstm.bias_hh_l1.add_(0.5)                  # like an optimizer step
+        lstm.weight_ih_l0.mul_(2.0)
+        want = lstm(x.view(1, 1, 3), s.state)[0].view(-1).clone()
+    h, c = (t.clone() for t in s.state)
+    got = s.step(x)
+    assert rel_err(got, want) <= 1e-6
+    s.reset((h, c))
+    assert torch.equal(s.step(x), got)
+
+
+def test_stream_uses_no_allocation_per_step():
+    s = Stream(glasslstm.LSTM(4, 6, num_layers=2))
+    x = torch.randn(4)
+    ptrs = (s.h.data_ptr(), s.c.data_ptr(), s.step(x).data_ptr())
+    for _ in range(3):
+        assert s.step(x).data_ptr() == ptrs[2]
+    assert (s.h.data_ptr(), s.c.data_ptr()) == ptrs[:2]
+
+
+def test_stream_rejects_what_cannot_stream():
+    with pytest.raises(ValueError, match="bidirectional"):
+        Stream(glasslstm.LSTM(2, 3, bidirectional=True))
+    with pytest.raises(TypeError, match="from_torch"):
+        Stream(torch.nn.LSTM(2, 3))
+    s = Stream(glasslstm.LSTM(2, 3))
+    with pytest.raises(ValueError, match="input_size=2"):
+        s.step(torch.randn(3))
+    with pytest.raises(ValueError, match=r"state h must be \(1, 3\)"):
+        s.reset((torch.zeros(2, 1, 3), torch.zeros(1, 1, 3)))
+
+
+def test_stream_without_kernel_uses_torch_forward():
+    lstm = glasslstm.LSTM(3, 4, backend="bptt")      # a forced torch path: no C step
+    s = Stream(lstm)
+    assert not s.fused
+    x = torch.randn(6, 1, 3)
+    with torch.no_grad():
+        want = lstm(x)[0][:, 0]
+    got = torch.stack([s.step(x[t, 0]).clone() for t in range(6)])
+    assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_drop_in_one_step_call_matches_torch(unbatched):
+    """``lstm(x_t, (h, c))`` under no_grad takes the C step and gives torch's results."""
+    ref = torch.nn.LSTM(5, 7, num_layers=2)
+    lstm = glasslstm.LSTM.from_torch(ref)
+    shape = (1, 5) if unbatched else (1, 1, 5)
+    hx = tuple(torch.randn((2, 7) if unbatched else (2, 1, 7)) for _ in range(2))
+    keep = tuple(t.clone() for t in hx)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(shape)
+            a, (ah, ac) = lstm(x, hx)
+            b, (bh, bc) = ref(x, hx)
+            assert a.shape == b.shape and ah.shape == bh.shape
+            assert rel_err(a, b) <= 1e-6 and rel_err(ah, bh) <= 1e-6 and rel_err(ac, bc) <= 1e-6
+            hx = (ah, ac)
+        assert lstm(torch.randn(shape))[0].shape == ref(torch.randn(shape))[0].shape  # no hx
+    assert torch.equal(keep[0], keep[0]) and not torch.equal(hx[0], keep[0])
+
+
+def test_drop_in_step_keeps_the_callers_state_and_grad_mode():
+    lstm = glasslstm.LSTM(2, 3)
+    hx = (torch.randn(1, 1, 3), torch.randn(1, 1, 3))
+    before = tuple(t.clone() for t in hx)
+    with torch.no_grad():
+        lstm(torch.randn(1, 1, 2), hx)
+    assert torch.equal(hx[0], before[0]) and torch.equal(hx[1], before[1])
+    out = lstm(torch.randn(1, 1, 2), hx)[0]          # grad mode: the autograd path
+    assert out.grad_fn is not None
+
+
+def _tiny_lm(vocab="abc ."):
+    tok = CharTokenizer(sorted(set(vocab)))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=2, dropout=0.0)
+    return LanguageModel(cfg, tok)
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_lm_stream_matches_the_model(table):
+    model = _tiny_lm().eval()
+    ids = [0, 3, 1, 1, 4, 2]
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0][0]
+    s = LMStream(model, table_limit=10**9 if table else 0)
+    assert s._fused
+    got = torch.stack([s.step(i).clone() for i in ids])
+    assert rel_err(got, want) <= 1e-5
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        s.step(99)
+
+
+def test_generate_is_unchanged_by_the_stream():
+    """Sampling through the stream gives what stepping the whole model gives."""
+    model = _tiny_lm()
+    text = "".join(model.generate("ab", length=40, temperature=0.9, seed=3))
+    tok = model.tokenizer
+    gen = torch.Generator().manual_seed(3)
+    from glasslstm.model import _sample
+
+    out, state, ids = model(torch.tensor([tok.encode("ab")]))[0][0, -1], None, []
+    with torch.no_grad():
+        logits, _, state = model(torch.tensor([tok.encode("ab")]))
+        logits = logits[0, -1]
+        for _ in range(40):
+            nxt = _sample(logits, 0.9, 0, 1.0, gen)
+            ids.append(nxt)
+            logits, _, state = model(torch.tensor([[nxt]]), state)
+            logits = logits[0, -1]
+    assert text == tok.decode(ids)
