@@ -67,3 +67,27 @@ def test_bench_gradient_command(tmp_path, capsys):
 def test_bench_memory_bad_options(tmp_path, capsys, args, message):
     assert main(["bench", "memory", "--budget", "32", "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_speed_quick_reports_every_section(tmp_path, capsys):
+    assert main(["bench", "speed", "--quick", "--json", "--out", str(tmp_path)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res == json.loads((tmp_path / "speed.json").read_text())
+    train = res["train"]["16"]
+    assert set(train) == {"torch.nn.LSTM", "glasslstm", "glasslstm+gates"}
+    assert all(r["ms"] > 0 and r["gflops"] > 0 and r["speedup"] > 0 for r in train.values())
+    assert train["torch.nn.LSTM"]["speedup"] == 1.0          # the peer against itself
+    assert set(res["infer"]["16"]) == {"torch.nn.LSTM", "glasslstm"}
+    step = res["step"]["16"]
+    assert step["glasslstm Stream"]["us"] > 0 and step["torch.nn.LSTM"]["speedup"] == 1.0
+    gen = res["generate"]
+    assert gen["glasslstm"]["tokens_per_s"] > 0 and gen["torch.nn.LSTM"]["tokens_per_s"] > 0
+    assert res["sgemm_peak_gflops"] > 0 and res["backend"].startswith("auto")
+
+
+def test_bench_speed_table_and_bad_options(tmp_path, capsys):
+    assert main(["bench", "speed", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| step (batch 1) | 16 | glasslstm Stream |" in out and "tokens/s" in out
+    assert main(["bench", "speed", "--sizes", "0", "--out", str(tmp_path)]) == 2
+    assert "--sizes" in capsys.readouterr().err

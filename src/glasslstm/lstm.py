@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from glasslstm.ops import lstm_layer
-from glasslstm.recurrent import Lengths, Recurrent
+from glasslstm.ops.checkpoint import checkpointed
+from glasslstm.recurrent import Lengths, Recurrent, _check_int
+from glasslstm.stream import fast_step
 
 
 class LSTM(Recurrent):
@@ -37,6 +39,17 @@ class LSTM(Recurrent):
             choice after Jozefowicz et al. (2015): the cell starts out remembering.
         backend: ``"auto"`` (default), ``"bptt"`` (hand-derived backward, fast) or ``"loop"``
             (plain autograd loop). None reads ``$GLASSLSTM_BACKEND``. See :mod:`glasslstm.ops`.
+        checkpoint: activation checkpointing through time, for training on long sequences.
+            ``0`` (default): off. ``S > 0``: every layer and direction runs in segments of
+            ``S`` steps; forward keeps only each segment's initial ``(h, c)`` (besides the
+            input and output, which autograd needs anyway) and backward recomputes one segment
+            at a time. Training memory then grows as O(T/S + S) per layer instead of O(T)
+            activations (gates, cell states, tanh(C)) — a T = 10,000 sequence fits — at the cost
+            of one more forward pass per step. Gradients equal those without checkpointing up
+            to rounding; results, ``return_gates``, ``lengths`` and every backend are
+            unchanged. It acts only when gradients are on and the sequence is longer than
+            ``S``; ``S`` near ``sqrt(T)`` minimises memory. (Not to be confused with the run
+            directory "checkpoints" of :mod:`glasslstm.checkpoint`.)
     """
 
     mode = "LSTM"
@@ -47,8 +60,10 @@ class LSTM(Recurrent):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, forget_bias: float = 0.0,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, checkpoint: int = 0) -> None:
+        _check_int("checkpoint", checkpoint, minimum=0)
         self.forget_bias = float(forget_bias)  # read by reset_parameters, called below
+        self.checkpoint = checkpoint
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, backend=backend)
 
@@ -71,7 +86,7 @@ class LSTM(Recurrent):
         return ("proj_size",)
 
     def _repr_options(self) -> dict:
-        return {**super()._repr_options(), "forget_bias": 0.0}
+        return {**super()._repr_options(), "forget_bias": 0.0, "checkpoint": 0}
 
     def forward(self, input, hx: tuple[torch.Tensor, torch.Tensor] | None = None, *,
                 lengths: Lengths = None, return_gates: bool = False):
@@ -95,13 +110,23 @@ class LSTM(Recurrent):
             ``PackedSequence`` for packed input), out = proj_size or hidden_size, D = 2 if
             bidirectional else 1.
         """
+        if not return_gates and lengths is None and not torch.is_grad_enabled() \
+                and isinstance(input, torch.Tensor) and input.dim() in (2, 3) \
+                and input.shape[0] == 1:
+            fast = fast_step(self, input, hx)  # one token of one sequence: the C step
+            if fast is not None:
+                return fast
         output, states, trace = self._run(input, hx, lengths, return_gates)
         if return_gates:
             return output, states, trace
         return output, states
 
     def _layer(self, backend, x, state, weights, batch_sizes, reverse, record):
-        res = lstm_layer(backend, x, state[0], state[1], weights, batch_sizes, reverse, record)
+        def run(x, state, weights, batch_sizes, record):
+            return lstm_layer(backend, x, state[0], state[1], weights, batch_sizes, reverse,
+                              record)
+
+        res = checkpointed(run, self.checkpoint, x, state, weights, batch_sizes, reverse, record)
         y, h_n, c_n = res[:3]
         recorded = None
         if record:

@@ -48,11 +48,17 @@ class ModelConfig:
     tie_weights: bool = False   # share the embedding with the output layer (Press & Wolf 2017)
     forget_bias: float = 1.0    # start out remembering (Jozefowicz et al. 2015)
     proj_size: int = 0          # LSTMP: project H_t to this size (0: none)
+    checkpoint: int = 0         # recompute in backward, S steps per segment (0: off); memory only
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "num_layers"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"model {key} must be a positive int; got {getattr(self, key)!r}")
+        if isinstance(self.checkpoint, bool) or not isinstance(self.checkpoint, int) \
+                or self.checkpoint < 0:
+            raise ConfigError(
+                f"model checkpoint must be an int >= 0 (0: off); got {self.checkpoint!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); got {self.dropout}")
         if self.proj_size and self.proj_size >= self.hidden_size:
@@ -103,6 +109,7 @@ class LanguageModel(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
             proj_size=config.proj_size,
             forget_bias=config.forget_bias,
+            checkpoint=config.checkpoint,
         )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.out_size, config.vocab_size)  # V H_t + b_V
@@ -133,6 +140,14 @@ class LanguageModel(nn.Module):
         if return_gates:
             return logits, loss, state, out[2]
         return logits, loss, state
+
+    def stream(self, state: State | None = None):
+        """A :class:`~glasslstm.stream.LMStream`: ``step(token_id) -> logits`` one token at a
+        time from ``state`` (default: zeros), the fused C step on the CPU. Inference only
+        (no dropout, no gradients)."""
+        from glasslstm.stream import LMStream
+
+        return LMStream(self, state)
 
     @property
     def device(self) -> torch.device:
@@ -182,13 +197,13 @@ class LanguageModel(nn.Module):
         decoder = codecs.getincrementaldecoder("utf-8")("replace") if tok.level == "byte" else None
         with self._evaluating():
             logits, state = self._prime(prompt)
+            stream = self.stream(state)       # one token per step, nothing allocated
             for _ in range(length):
                 nxt = _sample(logits, temperature, top_k, top_p, gen)
                 piece = decoder.decode(bytes([nxt])) if decoder else tok.decode([nxt])
                 if piece:
                     yield piece
-                out, _, state = self(torch.tensor([[nxt]], device=self.device), state)
-                logits = out[0, -1]
+                logits = stream.step(nxt)
             if decoder:
                 tail = decoder.decode(b"", final=True)
                 if tail:
@@ -222,7 +237,7 @@ class LanguageModel(nn.Module):
         """The most likely next word after ``text``, found greedily token by token, and its
         probability (the product of the chosen tokens' probabilities, spaces included)."""
         tok = self._require_tokenizer()
-        word, prob = "", 1.0
+        word, prob, stream = "", 1.0, None
         with self._evaluating():
             logits, state = self._prime(text)
             for _ in range(max_tokens):
@@ -237,8 +252,9 @@ class LanguageModel(nn.Module):
                 word += piece.strip()
                 if word and tok.level == "word":
                     break  # one token is one word
-                out, _, state = self(torch.tensor([[i]], device=self.device), state)
-                logits = out[0, -1]
+                if stream is None:
+                    stream = self.stream(state)
+                logits = stream.step(i)
         return word, prob
 
     @torch.no_grad()

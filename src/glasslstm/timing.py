@@ -1,4 +1,4 @@
-"""Shared timing helpers for the scripts in ``benchmarks/`` (not part of the package).
+"""Timing helpers shared by `glasslstm bench speed` and the scripts in ``benchmarks/``.
 
 How benchmarks are run here (docs/ARCHITECTURE.md section 4): the machines are shared and noisy,
 so every script times its contenders against the peer *in the same run*, alternating them inside

@@ -36,6 +36,7 @@ from glasslstm.data import (
     encode_corpus,
     load_corpus,
 )
+from glasslstm.determinism import deterministic
 from glasslstm.model import ConfigError, LanguageModel, ModelConfig, config_from_dict, load_vocab
 
 LN2 = math.log(2.0)
@@ -73,11 +74,13 @@ class TrainConfig:
     seed: int = 1337               # model init, dropout, sampling: all from this
     device: str = "auto"           # auto (cuda if present) | cpu | cuda | cuda:N
     threads: int = 0               # torch intra-op threads (0: torch's default)
+    checkpoint: int = 0            # recompute in backward, N steps a segment (0: off): less memory
+    deterministic: bool = False    # bitwise repeatable runs (same machine and --threads)
     out: str | None = None         # run directory (default: runs/<corpus>-<time>)
 
     # Keys that may change when a run is resumed; everything else defines the run.
     RESUMABLE = ("max_steps", "time_budget", "eval_every", "eval_batches", "patience",
-                 "log_every", "device", "threads")
+                 "log_every", "device", "threads", "checkpoint", "deterministic")
 
     def __post_init__(self):
         checks = {
@@ -97,6 +100,7 @@ class TrainConfig:
             "patience": self.patience >= 0,
             "eval_batches": self.eval_batches >= 0,
             "threads": self.threads >= 0,
+            "checkpoint": self.checkpoint >= 0,
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
         }
         for key, ok in checks.items():
@@ -112,7 +116,8 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden, num_layers=self.layers,
                            dropout=self.dropout, embed_size=self.embed,
-                           tie_weights=self.tie_weights, forget_bias=self.forget_bias)
+                           tie_weights=self.tie_weights, forget_bias=self.forget_bias,
+                           checkpoint=self.checkpoint)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -292,6 +297,13 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     device = _device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    with deterministic(cfg.deterministic):
+        return _train(cfg, run_dir, resume, device, progress, on_step, corpus, build_model)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume, device: torch.device, progress: bool,
+           on_step, corpus: Corpus | None, build_model) -> TrainResult:
+    """:func:`train` once its configuration, run directory and device are settled."""
     corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
     if resume is not None:
         tok = load_vocab(run_dir)

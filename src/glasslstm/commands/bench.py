@@ -1,10 +1,13 @@
-"""glasslstm bench: the long-term-memory claim measured (memory) and the vanishing gradient."""
+"""glasslstm bench: the long-term-memory claim measured (memory), the vanishing gradient, and
+speed against torch.nn.LSTM."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 from glasslstm.model import ConfigError
 from glasslstm.tasks import TASKS
@@ -20,7 +23,7 @@ from glasslstm.tasks.bench import (
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: long-term memory (LSTM vs GRU vs RNN), gradients",
+    p = sub.add_parser("bench", help="benchmarks: long-term memory (LSTM vs GRU vs RNN), gradients, speed",
                        description="Benchmarks that print figures and write JSON + PNG.")
     kinds = p.add_subparsers(dest="bench", metavar="BENCH")
     kinds.required = True
@@ -50,6 +53,55 @@ def add_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     _outputs(g, "gradient")
     g.set_defaults(run=run_gradient)
+
+    _add_speed(kinds)
+
+
+def _add_speed(kinds) -> None:
+    s = kinds.add_parser("speed", help="glasslstm vs torch.nn.LSTM: training, inference, batch-1 "
+                         "step, generation", description=speed_doc())
+    s.add_argument("--sizes", default="128,512,1024", help="comma-separated hidden sizes (I = H)")
+    s.add_argument("--T", type=int, default=100, help="sequence length for train/infer")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--reps", type=int, default=5, help="timed repetitions per contender")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    s.add_argument("--gen-tokens", type=int, default=300, help="tokens generated per model")
+    s.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke test")
+    _outputs(s, "speed")
+    s.set_defaults(run=run_speed)
+
+
+def speed_doc() -> str:
+    from glasslstm import speed
+
+    return speed.__doc__
+
+
+def run_speed(args) -> int:
+    from glasslstm.speed import speed_bench, speed_table
+
+    sizes = _ints(args.sizes, "sizes")
+    if args.T < 1 or args.batch_size < 1 or args.reps < 1 or args.gen_tokens < 1:
+        raise ConfigError("--T, --batch-size, --reps and --gen-tokens must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
+    kw = dict(sizes=sizes, T=args.T, B=args.batch_size, reps=args.reps, device=args.device,
+              gen_tokens=args.gen_tokens)
+    if args.quick:
+        kw.update(sizes=[16], T=8, B=4, reps=1, step_calls=20, gen_tokens=10, gen_layers=1,
+                  gen_hidden=16)
+    log = _log(args)
+    res = speed_bench(progress=log or (lambda line: None), **kw)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(res, indent=2, default=str))
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(speed_table(res))
+        print(f"\nwrote {out / 'speed.json'}")
+    return 0
 
 
 def _outputs(p, name: str) -> None:

@@ -1,0 +1,185 @@
+"""`glasslstm bench speed`: glasslstm against torch.nn.LSTM (oneDNN on the CPU, cuDNN on a GPU)
+in the same run, on what users do with an LSTM.
+
+Sections (each contender timed alternately with its peer inside every repetition; medians):
+
+* ``train``    forward + backward of one layer, T x B x H with I = H: torch.nn.LSTM,
+               glasslstm.LSTM (default backend), glasslstm with ``return_gates=True``; on CUDA
+               also the CUDA-graphed fused module (:func:`glasslstm.ops.graphs.graphed`).
+               GFLOP/s and the fraction of this machine's float32 GEMM peak (measured here).
+* ``infer``    forward only under ``torch.no_grad()``.
+* ``step``     one token of one sequence (batch 1), state carried: torch.nn.LSTM called as
+               ``lstm(x_t, (h, c))``, glasslstm called the same way (drop-in), and
+               :class:`glasslstm.Stream`'s ``step``.
+* ``generate`` tokens/s of a char language model (``--gen-layers`` x ``--gen-hidden``, 65
+               tokens), glasslstm's ``generate`` against the same model with torch.nn.LSTM inside.
+
+Ratios are ``peer time / our time``: above 1 means glasslstm is faster.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import glasslstm
+from glasslstm.timing import machine_info, sgemm_peak, sync, time_once
+
+
+def _alternate(fns: dict, reps: int, device) -> dict:
+    """Median seconds per contender, and each contender's median per-repetition ratio to the
+    first (the peer); the order rotates every repetition."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(reps):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(time_once(fns[n], device))
+    peer = names[0]
+    return {n: {"ms": statistics.median(times[n]) * 1e3,
+                "speedup": statistics.median(p / t for p, t in zip(times[peer], times[n]))}
+            for n in names}
+
+
+def _mean_us(fn, n: int, device) -> float:
+    """Mean microseconds per call over ``n`` calls (for calls too short to time singly)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def bench_train(H: int, T: int, B: int, reps: int, device, peak: float) -> dict:
+    torch.manual_seed(0)
+    peer = torch.nn.LSTM(H, H).to(device)
+    ours = glasslstm.LSTM.from_torch(peer)
+    x = torch.randn(T, B, H, device=device, requires_grad=True)
+    dy = torch.randn(T, B, H, device=device)
+
+    def step(model, gates=False):
+        def run():
+            x.grad = None
+            out = model(x, return_gates=True)[0] if gates else model(x)[0]
+            out.backward(dy)
+        return run
+
+    fns = {"torch.nn.LSTM": step(peer), "glasslstm": step(ours),
+           "glasslstm+gates": step(ours, gates=True)}
+    if device.type == "cuda":
+        from glasslstm.ops import graphs
+
+        fused = glasslstm.LSTM.from_torch(peer, backend="fused")
+        fns["glasslstm graphed"] = step(graphs.graphed(fused, (x,)))
+    for fn in fns.values():  # warm up (and build kernels / graphs)
+        fn()
+    res = _alternate(fns, reps, device)
+    flops = 3.0 * 2.0 * T * B * 4 * H * (2 * H)
+    for r in res.values():
+        r["gflops"] = flops / (r["ms"] / 1e3) / 1e9
+        r["of_peak"] = r["gflops"] / peak
+    return res
+
+
+def bench_infer(H: int, T: int, B: int, reps: int, device) -> dict:
+    torch.manual_seed(0)
+    peer = torch.nn.LSTM(H, H).to(device)
+    ours = glasslstm.LSTM.from_torch(peer)
+    x = torch.randn(T, B, H, device=device)
+    with torch.no_grad():
+        fns = {"torch.nn.LSTM": lambda: peer(x), "glasslstm": lambda: ours(x)}
+        for fn in fns.values():
+            fn()
+        return _alternate(fns, reps, device)
+
+
+def bench_step(H: int, calls: int, device) -> dict:
+    torch.manual_seed(0)
+    peer = torch.nn.LSTM(H, H).to(device)
+    ours = glasslstm.LSTM.from_torch(peer)
+    x = torch.randn(1, 1, H, device=device)
+    hx = (torch.zeros(1, 1, H, device=device), torch.zeros(1, 1, H, device=device))
+    stream = glasslstm.Stream(ours)
+    xv = x.reshape(-1)
+    res = {}
+    with torch.no_grad():
+        for _ in range(2):  # two rounds, keep the better: calls this short are easily disturbed
+            for name, fn in (("torch.nn.LSTM", lambda: peer(x, hx)), ("glasslstm", lambda: ours(x, hx)),
+                             ("glasslstm Stream", lambda: stream.step(xv))):
+                us = _mean_us(fn, calls, device)
+                res[name] = min(res.get(name, us), us)
+    out = {n: {"us": us, "speedup": res["torch.nn.LSTM"] / us} for n, us in res.items()}
+    out["glasslstm Stream"]["fused"] = stream.fused
+    return out
+
+
+def bench_generate(layers: int, hidden: int, tokens: int, device) -> dict:
+    from glasslstm.data import CharTokenizer
+    from glasslstm.model import LanguageModel, ModelConfig
+
+    chars = [chr(c) for c in range(32, 97)]                        # 65 tokens, like shakespeare
+    tok = CharTokenizer(chars)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_layers=layers)
+    ours = LanguageModel(cfg, tok).to(device).eval()
+    peer = LanguageModel(cfg, tok).to(device).eval()
+    peer.load_state_dict(ours.state_dict())
+    peer.lstm = ours.lstm.to_torch()                               # same weights, torch inside
+    res = {}
+    for _ in range(2):
+        for name, model in (("torch.nn.LSTM", peer), ("glasslstm", ours)):
+            sync(device)
+            start = time.perf_counter()
+            n = sum(1 for _ in model.generate("A", length=tokens, temperature=1.0, seed=0))
+            sync(device)
+            rate = n / (time.perf_counter() - start)
+            res[name] = max(res.get(name, 0.0), rate)
+    return {n: {"tokens_per_s": r, "speedup": r / res["torch.nn.LSTM"]} for n, r in res.items()}
+
+
+def speed_bench(sizes=(128, 512, 1024), T: int = 100, B: int = 32, reps: int = 5,
+                device: str = "cpu", step_calls: int = 2000, gen_tokens: int = 300,
+                gen_layers: int = 2, gen_hidden: int = 512, progress=print) -> dict:
+    """Run every section; returns a JSON-ready dict (see the module docstring)."""
+    dev = torch.device(device)
+    peak = sgemm_peak(dev)["gflops"]
+    out = {"machine": machine_info(dev), "sgemm_peak_gflops": peak,
+           "backend": glasslstm.ops.describe(None, device), "T": T, "B": B,
+           "train": {}, "infer": {}, "step": {}}
+    for H in sizes:
+        progress(f"train H={H} ...")
+        out["train"][H] = bench_train(H, T, B, reps, dev, peak)
+        progress(f"infer H={H} ...")
+        out["infer"][H] = bench_infer(H, T, B, reps, dev)
+        progress(f"step H={H} ...")
+        out["step"][H] = bench_step(H, step_calls if H <= 512 else max(step_calls // 10, 20), dev)
+    progress(f"generate {gen_layers}x{gen_hidden} ...")
+    out["generate"] = bench_generate(gen_layers, gen_hidden, gen_tokens, dev)
+    out["generate"]["model"] = f"{gen_layers}x{gen_hidden} char LM, 65 tokens"
+    return out
+
+
+def speed_table(res: dict) -> str:
+    """The figures as markdown tables."""
+    lines = [f"backend: {res['backend']}; sgemm peak {res['sgemm_peak_gflops']:.0f} GFLOP/s; "
+             f"T={res['T']} B={res['B']} I=H; speedup = peer time / our time (> 1: faster)", "",
+             "| section | H | contender | time | speedup vs torch | GFLOP/s (of peak) |",
+             "|---|---:|---|---:|---:|---:|"]
+    for sec in ("train", "infer"):
+        for H, rows in res[sec].items():
+            for name, r in rows.items():
+                g = f"{r['gflops']:.0f} ({r['of_peak']:.0%})" if "gflops" in r else ""
+                lines.append(f"| {sec} | {H} | {name} | {r['ms']:.2f} ms | {r['speedup']:.2f}x | {g} |")
+    for H, rows in res["step"].items():
+        for name, r in rows.items():
+            lines.append(f"| step (batch 1) | {H} | {name} | {r['us']:.1f} us | {r['speedup']:.2f}x | |")
+    gen = res["generate"]
+    for name in ("torch.nn.LSTM", "glasslstm"):
+        r = gen[name]
+        lines.append(f"| generate ({gen['model']}) | | {name} | {r['tokens_per_s']:,.0f} tokens/s "
+                     f"| {r['speedup']:.2f}x | |")
+    return "\n".join(lines)

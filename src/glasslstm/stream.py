@@ -1,0 +1,304 @@
+"""Streaming inference: one token at a time, the state kept, nothing allocated per step.
+
+:class:`Stream` wraps a :class:`glasslstm.LSTM`; :class:`LMStream` a whole
+:class:`~glasslstm.LanguageModel` (embedding -> LSTM -> output layer), which ``generate``,
+``predict`` and the CLI use. On the CPU (float32/float64, a C compiler present) each step is a
+single call into :mod:`glasslstm.ops.cpu`: every layer's matrix-vector products and gate math,
+written into buffers allocated once. Elsewhere (CUDA, no compiler) the same API runs the
+module's own forward under ``torch.no_grad()``.
+
+Weights are read where they live, so a stream follows in-place updates (an optimizer step,
+``load_state_dict``); sums it precomputes (``b_ih + b_hh``, a language model's embedding pushed
+through the first layer's ``U``) are rebuilt when a parameter's version counter or storage
+changes.
+
+    >>> s = Stream(lstm)               # zero state
+    >>> h = s.step(x_t)                # (input_size,) -> the top layer's H_t, (out,)
+    >>> h_all, c_all = s.state         # (num_layers, 1, out) and (num_layers, 1, hidden)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import torch
+
+from glasslstm.ops import cpu, resolve_backend
+
+
+class StepKernel:
+    """The C one-token step for an LSTM's weights (pointers, in-sizes, bias sums), kept current.
+
+    ``lstm`` is a unidirectional :class:`glasslstm.LSTM` (or anything with its ``_weights``,
+    ``num_layers``, ``hidden_size``, ``proj_size``, ``input_size``) on the CPU.
+    """
+
+    def __init__(self, lstm):
+        self.lstm = lstm
+        self.dtype = lstm.weight_hh_l0.dtype
+        suf = cpu.SUFFIX[self.dtype]
+        lib = cpu.library()
+        self._step = getattr(lib, f"glasslstm_step_{suf}")
+        self._params = list(lstm.parameters())
+        self.L, self.H = lstm.num_layers, lstm.hidden_size
+        self.P = lstm.proj_size or lstm.hidden_size
+        self.work = torch.empty(6 * self.H, dtype=self.dtype)
+        self._work = self.work.data_ptr()
+        self._key = None
+
+    def key(self):
+        return tuple(p._version for p in self._params) + tuple(p.data_ptr() for p in self._params[:1])
+
+    def refresh(self) -> None:
+        """Re-read the weights when they changed (cheap: compares version counters)."""
+        key = self.key()
+        if key == self._key:
+            return
+        keep, ptrs, sizes = [], [], []
+        for layer in range(self.L):
+            w_ih, w_hh, b_ih, b_hh, w_hr = (None if w is None else w.detach()
+                                            for w in self.lstm._weights(layer, 0))
+            bias = None if b_ih is None else (b_ih + b_hh).contiguous()
+            # transposed copies: the C step's matrix-vector products read columns as rows
+            mats = [w_ih.t().contiguous(), w_hh.t().contiguous(), bias,
+                    None if w_hr is None else w_hr.t().contiguous()]
+            keep += mats
+            ptrs += [None if m is None else m.data_ptr() for m in mats]
+            sizes.append(w_ih.shape[1])
+        self._keep = keep                     # the tensors the pointers point into
+        self._layers = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        self._sizes = (ctypes.c_int64 * self.L)(*sizes)
+        self._key = key
+
+    def __call__(self, x_ptr, xproj_ptr, h, c, out, h_in=None, c_in=None) -> None:
+        """One step in place: ``h`` (L, P) and ``c`` (L, H) contiguous (``h_in``/``c_in``, when
+        given, copied into them first); writes ``out`` (P)."""
+        self._step(self.L, self.H, self.P, self._sizes, self._layers, x_ptr, xproj_ptr,
+                   h_in, c_in, h.data_ptr(), c.data_ptr(), self._work, out.data_ptr())
+
+
+def fused_step_possible(lstm, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :class:`StepKernel` can run this LSTM here."""
+    return (device.type == "cpu" and dtype in cpu.SUFFIX and not lstm.bidirectional
+            and resolve_backend(lstm.backend) in ("auto", "fused") and cpu.available())
+
+
+_KERNELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def fast_step(lstm, input: torch.Tensor, hx):
+    """``lstm(x_t, hx)`` for ONE step of ONE sequence under no_grad, through the C kernel:
+    what a drop-in user's generation loop calls. Returns torch's ``(output, (h_n, c_n))``, or
+    None when this call is not such a step (the general path then handles it, errors included).
+    """
+    L, H, P, I = lstm.num_layers, lstm.hidden_size, lstm.proj_size or lstm.hidden_size, lstm.input_size
+    unbatched = input.dim() == 2
+    if input.shape[:-1] != ((1,) if unbatched else (1, 1)) or input.shape[-1] != I:
+        return None
+    w = lstm.weight_hh_l0
+    if (input.dtype != w.dtype or input.device.type != "cpu" or w.device.type != "cpu"
+            or (lstm.training and lstm.dropout and L > 1)
+            or not fused_step_possible(lstm, w.device, w.dtype)):
+        return None
+    shape_h, shape_c = ((L, P), (L, H)) if unbatched else ((L, 1, P), (L, 1, H))
+    h_in = c_in = None
+    if hx is None:
+        h_n, c_n = w.new_zeros(shape_h), w.new_zeros(shape_c)
+    else:
+        if (not isinstance(hx, (tuple, list)) or len(hx) != 2
+                or hx[0].shape != shape_h or hx[1].shape != shape_c
+                or hx[0].dtype != w.dtype or hx[1].dtype != w.dtype
+                or hx[0].device != w.device or hx[1].device != w.device
+                or not hx[0].is_contiguous() or not hx[1].is_contiguous()):
+            return None
+        h_n, c_n = w.new_empty(shape_h), w.new_empty(shape_c)
+        h_in, c_in = hx[0].data_ptr(), hx[1].data_ptr()  # copied in by the kernel
+    kernel = _KERNELS.get(lstm)
+    if kernel is None or kernel.dtype != w.dtype:
+        kernel = _KERNELS[lstm] = StepKernel(lstm)
+    kernel.refresh()
+    x = input if input.is_contiguous() else input.contiguous()
+    out = w.new_empty((1, P) if unbatched else (1, 1, P))
+    kernel(x.data_ptr(), None, h_n, c_n, out, h_in, c_in)
+    return out, (h_n, c_n)
+
+
+def _check_lstm(lstm) -> None:
+    from glasslstm.lstm import LSTM
+
+    if not isinstance(lstm, LSTM):
+        raise TypeError(f"Stream needs a glasslstm.LSTM; got {type(lstm).__name__} "
+                        "(glasslstm.LSTM.from_torch(module) converts a torch.nn.LSTM)")
+    if lstm.bidirectional:
+        raise ValueError("a bidirectional LSTM needs the whole sequence; it cannot stream")
+
+
+class Stream:
+    """One input vector at a time through an LSTM; see the module docstring.
+
+    Args:
+        lstm: a unidirectional :class:`glasslstm.LSTM`.
+        state: optional ``(h, c)`` to start from, shaped like torch's ``hx`` for batch 1:
+            ``(num_layers, 1, out)`` and ``(num_layers, 1, hidden)`` (or without the 1).
+    """
+
+    def __init__(self, lstm, state=None):
+        _check_lstm(lstm)
+        self.lstm = lstm
+        w = lstm.weight_hh_l0
+        self.device, self.dtype = w.device, w.dtype
+        L, H, P = lstm.num_layers, lstm.hidden_size, lstm.proj_size or lstm.hidden_size
+        self.h = torch.zeros(L, P, device=self.device, dtype=self.dtype)
+        self.c = torch.zeros(L, H, device=self.device, dtype=self.dtype)
+        self.out = torch.empty(P, device=self.device, dtype=self.dtype)
+        self._x = torch.empty(lstm.input_size, device=self.device, dtype=self.dtype)
+        self._kernel = StepKernel(lstm) if fused_step_possible(lstm, self.device, self.dtype) else None
+        if state is not None:
+            self.reset(state)
+
+    @property
+    def fused(self) -> bool:
+        """True when steps run in the C kernel (else in the module's torch forward)."""
+        return self._kernel is not None
+
+    @property
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, c)`` as ``(num_layers, 1, ...)`` views: pass them as ``hx`` to the module."""
+        return self.h.unsqueeze(1), self.c.unsqueeze(1)
+
+    def reset(self, state=None) -> None:
+        """Back to the zero state, or to ``state`` = ``(h, c)``."""
+        if state is None:
+            self.h.zero_()
+            self.c.zero_()
+            return
+        h, c = state
+        for name, src, dst in (("h", h, self.h), ("c", c, self.c)):
+            src = src.detach()
+            if src.dim() == 3 and src.shape[1] == 1:
+                src = src[:, 0]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"state {name} must be {tuple(dst.shape)} (or with a batch "
+                                 f"dimension of 1); got {tuple(src.shape)}")
+            dst.copy_(src)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Feed ``x`` (input_size,); return the top layer's new ``H_t`` (out,).
+
+        The result is a buffer that the next step overwrites: ``.clone()`` it to keep it.
+        """
+        if x.numel() != self._x.numel():
+            raise ValueError(f"x must have input_size={self._x.numel()} values; got shape "
+                             f"{tuple(x.shape)}")
+        if self._kernel is None:
+            return self._torch_step(x.reshape(1, 1, -1))
+        if x.dtype != self.dtype or x.device != self.device or not x.is_contiguous():
+            self._x.copy_(x.reshape(-1))
+            x = self._x
+        self._kernel.refresh()
+        self._kernel(x.data_ptr(), None, self.h, self.c, self.out)
+        return self.out
+
+    @torch.no_grad()
+    def _torch_step(self, x: torch.Tensor) -> torch.Tensor:
+        y, (h, c) = self.lstm(x.to(self.device, self.dtype), self.state)
+        self.h.copy_(h[:, 0])
+        self.c.copy_(c[:, 0])
+        self.out.copy_(y.reshape(-1))
+        return self.out
+
+
+class LMStream:
+    """One token at a time through a :class:`~glasslstm.LanguageModel`: ``step(token) ->
+    logits`` (V,), a buffer the next step overwrites.
+
+    With the C kernel, the first layer's input projection of every token (``E U_0 + b``) is
+    computed once (when the table stays under ``table_limit`` values; else the embedding row is
+    multiplied per step), and the output layer is one matrix-vector product into ``logits``.
+    Dropout is off (inference). The model's weights are followed as :class:`Stream` does.
+    """
+
+    def __init__(self, model, state=None, table_limit: int = 4_000_000):
+        from glasslstm.lstm import LSTM
+
+        lstm = model.lstm
+        self.model = model
+        V = model.config.vocab_size
+        w = model.head.weight
+        self.logits = torch.empty(V, device=w.device, dtype=w.dtype)
+        # Any other LSTM inside (a torch.nn.LSTM swapped in, say): the model's own forward.
+        self.stream = Stream(lstm, state) if isinstance(lstm, LSTM) and not lstm.bidirectional else None
+        self._state = state
+        self._fused = (self.stream is not None and self.stream.fused
+                       and w.dtype == self.stream.dtype)
+        if self._fused:
+            suf = cpu.SUFFIX[self.stream.dtype]
+            self._linear = getattr(cpu.library(), f"glasslstm_linear_{suf}")
+            self._use_table = V * 4 * lstm.hidden_size <= table_limit
+            self._key = None
+            self._extra = [t for t in (model.embedding.weight, model.head.weight, model.head.bias)
+                           if t is not None]
+
+    @property
+    def state(self):
+        return self._state if self.stream is None else self.stream.state
+
+    def reset(self, state=None) -> None:
+        if self.stream is None:
+            self._state = state
+        else:
+            self.stream.reset(state)
+
+    def _refresh(self) -> None:
+        """Rebuild what is precomputed from the weights when any of them changed: the (V, 4H)
+        table of every token's embedding through the first layer's U (bias included), and the
+        output layer's transposed weight (the C matrix-vector product reads it by rows)."""
+        k = self.stream._kernel
+        k.refresh()
+        key = (k._key, tuple(t._version for t in self._extra), self._extra[0].data_ptr())
+        if key == self._key:
+            return
+        model = self.model
+        if self._use_table:
+            w_ih, _, b_ih, b_hh, _ = model.lstm._weights(0, 0)
+            table = model.embedding.weight.detach() @ w_ih.detach().t()
+            if b_ih is not None:
+                table += (b_ih + b_hh).detach()
+            self._table = table.contiguous()
+        self._head_t = model.head.weight.detach().t().contiguous()
+        self._head_b = None if model.head.bias is None else model.head.bias.detach()
+        self._key = key
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feed token id ``token``; return the logits of the next token (V,)."""
+        V = self.logits.numel()
+        if not 0 <= token < V:
+            raise ValueError(f"token id {token} is outside the vocabulary (0..{V - 1})")
+        if not self._fused:
+            return self._torch_step(token)
+        s, k = self.stream, self.stream._kernel
+        self._refresh()
+        if self._use_table:
+            tab = self._table
+            k(None, tab.data_ptr() + token * tab.stride(0) * tab.element_size(), s.h, s.c, s.out)
+        else:
+            emb = self.model.embedding.weight
+            k(emb.data_ptr() + token * emb.stride(0) * emb.element_size(), None, s.h, s.c, s.out)
+        W = self._head_t                                          # (P, V)
+        self._linear(W.shape[1], W.shape[0], W.data_ptr(),
+                     None if self._head_b is None else self._head_b.data_ptr(),
+                     s.out.data_ptr(), self.logits.data_ptr())
+        return self.logits
+
+    @torch.no_grad()
+    def _torch_step(self, token: int) -> torch.Tensor:
+        model = self.model
+        idx = torch.tensor([[token]], device=self.logits.device)
+        if self.stream is None:
+            logits, _, self._state = model(idx, self._state)
+            self.logits.copy_(logits.reshape(-1))
+        else:
+            h = self.stream.step(model.embedding(idx).reshape(-1))
+            self.logits.copy_(model.head(h))
+        return self.logits
