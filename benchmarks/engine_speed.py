@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from glasslstm.timing import command_line, machine_info, median, sgemm_peak, sync, time_once  # noqa: E402
+from glasslstm.timing import announce, command_line, median, sgemm_peak, sync, time_once  # noqa: E402
 
 import glasslstm  # noqa: E402
 
@@ -190,10 +188,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    info = machine_info(device)
-    print("command:", command_line())
-    for k, v in info.items():
-        print(f"{k}: {v}")
+    info = announce(device)
     print(f"T={args.T} B={args.B} I=H in {args.sizes}, float32, 1 layer, fwd+bwd (dx included)")
 
     peak_before = sgemm_peak(device)

@@ -41,14 +41,12 @@ import contextlib
 import gc
 import json
 import os
-import sys
 import time
 import traceback
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from glasslstm.timing import command_line, machine_info, median, sync, time_once  # noqa: E402
 
 import glasslstm  # noqa: E402

@@ -43,9 +43,8 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from glasslstm.timing import command_line, machine_info, median, sync, time_once  # noqa: E402
+from glasslstm.timing import announce, command_line, median, sync, time_once  # noqa: E402
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
@@ -223,10 +222,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    info = machine_info(device)
-    print("command:", command_line())
-    for k, v in info.items():
-        print(f"{k}: {v}")
+    info = announce(device)
     I = args.input or args.hidden
     print(f"H={args.hidden} I={I} B={args.batch} layers={args.layers} float32; one step = "
           f"forward + backward(R) + SGD; memory over {args.steps} step(s), time median of "

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from glasslstm.timing import command_line, machine_info  # noqa: E402
 
 from glasslstm import LanguageModel, TrainConfig, train  # noqa: E402

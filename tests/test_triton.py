@@ -513,9 +513,10 @@ def test_gpu_dispatch(monkeypatch):
     x = torch.empty(1, device="cuda")
     assert glasslstm.ops.cell_for("fused", x).name == "triton"
     monkeypatch.delenv("GLASSLSTM_TRITON", raising=False)
-    assert glasslstm.ops.cell_for("auto", x).name == "torch"
-    monkeypatch.setenv("GLASSLSTM_TRITON", "1")
     assert glasslstm.ops.cell_for("auto", x).name == "triton"
+    monkeypatch.setenv("GLASSLSTM_TRITON", "0")
+    assert glasslstm.ops.cell_for("auto", x).name == "torch"
+    assert glasslstm.ops.cell_for("fused", x).name == "triton"     # forced wins
     with pytest.raises(ValueError, match="cannot run here"):
         glasslstm.ops.cell_for("fused", x.to(torch.int32))
 

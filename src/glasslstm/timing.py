@@ -106,3 +106,12 @@ def command_line() -> str:
 
 def median(xs) -> float:
     return statistics.median(xs)
+
+
+def announce(device: torch.device) -> dict:
+    """Print the command line and :func:`machine_info` (a benchmark's header); return the info."""
+    info = machine_info(device)
+    print("command:", command_line())
+    for k, v in info.items():
+        print(f"{k}: {v}")
+    return info

@@ -3,9 +3,9 @@
 Paths (``backend=`` on :class:`glasslstm.LSTM`, or the ``GLASSLSTM_BACKEND`` environment
 variable; an explicit argument wins):
 
-* ``"auto"`` (default) — ``"fused"`` where it can run (CPU, float32/float64, a C compiler
-  present), else ``"bptt"``. On CUDA: ``"bptt"`` unless ``$GLASSLSTM_TRITON=1`` opts into the
-  Triton kernels.
+* ``"auto"`` (default) — ``"fused"`` where it can run (CPU: float32/float64 and a C compiler;
+  CUDA: triton installed), else ``"bptt"``. ``$GLASSLSTM_TRITON=0`` keeps CUDA on ``"bptt"``.
+  (The Triton cell was checked on an H100: docs/benchmarks.md, *Speed on a GPU*.)
 * ``"fused"`` — :class:`~glasslstm.ops.bptt.LSTMLayerFunction` with each step's pointwise gate
   math in one fused kernel: C on the CPU (:mod:`glasslstm.ops.cpu`), Triton on CUDA
   (:mod:`glasslstm.ops.triton_cell`). Asking for it where it cannot run is an error that says why.
@@ -72,7 +72,7 @@ def cell_for(backend: str, x: torch.Tensor):
             why = cpu.status() if x.dtype in cpu.SUFFIX else f"dtype {x.dtype} (float32/float64 only)"
             raise ValueError(f"backend='fused' cannot run here ({why}); use backend='bptt'")
         return fused or TORCH_CELL
-    if x.device.type == "cuda" and (forced or os.environ.get("GLASSLSTM_TRITON") == "1"):
+    if x.device.type == "cuda" and (forced or os.environ.get("GLASSLSTM_TRITON", "1") != "0"):
         return _triton_cell(x, forced) or TORCH_CELL
     if forced:
         raise ValueError(f"backend='fused' has no kernels for {x.device.type}; use backend='bptt'")

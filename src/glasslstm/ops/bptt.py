@@ -48,11 +48,13 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     P = h0.shape[1]
     ragged = batch_sizes is not None
     x2 = x.reshape(T * B, -1)
-    # Input projections of all steps at once: x_t U + b  -> (T, B, 4H)
+    # Input projections of all steps at once: x_t U + b  -> (T, B, 4H). On many rows a
+    # contiguous U^T pays for its copy (MKL's GEMM on a transposed view: ~20% slower).
+    u = w_ih.t().contiguous() if T * B >= 64 and x.device.type == "cpu" else w_ih.t()
     if bias is not None:
-        gates = torch.addmm(bias, x2, w_ih.t()).view(T, B, 4 * H)
+        gates = torch.addmm(bias, x2, u).view(T, B, 4 * H)
     else:
-        gates = torch.mm(x2, w_ih.t()).view(T, B, 4 * H)
+        gates = torch.mm(x2, u).view(T, B, 4 * H)
     hs = x.new_empty(T + 1, B, P)
     cs = x.new_empty(T + 1, B, H)
     tanh_c = x.new_empty(T, B, H)
