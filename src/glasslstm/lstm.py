@@ -37,8 +37,10 @@ class LSTM(Recurrent):
         forget_bias: added to the forget-gate slice of every ``bias_ih`` after torch's uniform
             init. ``0.0`` (default) reproduces torch's init exactly; ``1.0`` is the common
             choice after Jozefowicz et al. (2015): the cell starts out remembering.
-        backend: ``"auto"`` (default), ``"bptt"`` (hand-derived backward, fast) or ``"loop"``
-            (plain autograd loop). None reads ``$GLASSLSTM_BACKEND``. See :mod:`glasslstm.ops`.
+        backend: ``"auto"`` (default: ``"fused"`` where it can run, else ``"bptt"``),
+            ``"fused"`` (hand-derived backward, gate math in one fused kernel: C on the CPU,
+            Triton on CUDA), ``"bptt"`` (the same in torch ops) or ``"loop"`` (plain autograd
+            loop). None reads ``$GLASSLSTM_BACKEND``. See :mod:`glasslstm.ops`.
         checkpoint: activation checkpointing through time, for training on long sequences.
             ``0`` (default): off. ``S > 0``: every layer and direction runs in segments of
             ``S`` steps; forward keeps only each segment's initial ``(h, c)`` (besides the
