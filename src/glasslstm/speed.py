@@ -14,7 +14,9 @@ Sections (each contender timed alternately with its peer inside every repetition
 * ``generate`` tokens/s of a char language model (``--gen-layers`` x ``--gen-hidden``, 65
                tokens), glasslstm's ``generate`` against the same model with torch.nn.LSTM inside.
 
-Ratios are ``peer time / our time``: above 1 means glasslstm is faster.
+Ratios are ``peer time / our time``: above 1 means glasslstm is faster. torch.nn.LSTM appears
+here only as that peer (glasslstm's copies are built with ``from_torch``); nothing of
+glasslstm computes with it.
 """
 
 from __future__ import annotations

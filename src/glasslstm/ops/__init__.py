@@ -104,14 +104,16 @@ def lstm_layer(backend: str, x, h0, c0, weights, batch_sizes, reverse: bool, rec
         # gates from an autocast GEMM must not reach them). Results are float32.
         x, h0, c0, weights = _up(x), _up(h0), _up(c0), tuple(_up(w) for w in weights)
         with torch.autocast(x.device.type, enabled=False):
-            if backend == "loop":
-                return lstm_layer_loop(x, h0, c0, *weights, batch_sizes, reverse, record)
-            return _AutocastOffLayerFunction.apply(x, h0, c0, *weights, batch_sizes, reverse,
-                                                   record, cell_for(backend, x))
+            return _layer(backend, _AutocastOffLayerFunction, x, h0, c0, weights, batch_sizes,
+                          reverse, record)
+    return _layer(backend, LSTMLayerFunction, x, h0, c0, weights, batch_sizes, reverse, record)
+
+
+def _layer(backend, function, x, h0, c0, weights, batch_sizes, reverse, record):
     if backend == "loop":
         return lstm_layer_loop(x, h0, c0, *weights, batch_sizes, reverse, record)
-    return LSTMLayerFunction.apply(x, h0, c0, *weights, batch_sizes, reverse, record,
-                                   cell_for(backend, x))
+    return function.apply(x, h0, c0, *weights, batch_sizes, reverse, record,
+                          cell_for(backend, x))
 
 
 # ---- autocast support for lstm_layer (kept apart from the paths above) ----------------------

@@ -178,8 +178,12 @@ class CpuCell:
     # Whole time loops in C (one call per layer and direction). They return False where they
     # cannot run (no BLAS symbol, non-contiguous weights); the caller then loops in Python.
 
+    def _loops_in_c(self, w_hh, w_hr) -> bool:
+        return (self._gemm is not None and w_hh.is_contiguous()
+                and (w_hr is None or w_hr.is_contiguous()))
+
     def layer_forward(self, gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse) -> bool:
-        if self._gemm is None or not w_hh.is_contiguous() or not (w_hr is None or w_hr.is_contiguous()):
+        if not self._loops_in_c(w_hh, w_hr):
             return False
         T, B, H4 = gates.shape
         transposed = T >= 8  # see the C source: the copies pay for themselves from ~8 steps
@@ -193,7 +197,7 @@ class CpuCell:
 
     def layer_backward(self, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes,
                        reverse) -> bool:
-        if self._gemm is None or not w_hh.is_contiguous() or not (w_hr is None or w_hr.is_contiguous()):
+        if not self._loops_in_c(w_hh, w_hr):
             return False
         T, B, H4 = gates.shape
         H = H4 // 4
@@ -240,8 +244,3 @@ def cell(dtype: torch.dtype) -> CpuCell | None:
         return None
     return CpuCell(dtype)
 
-
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the C kernels can take these tensors: CPU, float32/64, unit column stride."""
-    return all(t.device.type == "cpu" and t.dtype in SUFFIX and t.stride(-1) == 1
-               for t in tensors)
