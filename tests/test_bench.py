@@ -40,13 +40,30 @@ def test_gradient_vanishes_for_the_rnn_not_along_the_lstm_cell():
 def test_bench_memory_command_writes_table_json_and_png(tmp_path, capsys):
     out = tmp_path / "mem"
     assert main(["bench", "memory", "--task", "copy", "--T", "5,10", "--models", "lstm,rnn",
-                 "--budget", "256", "--hidden", "16", "--out", str(out)]) == 0
+                 "--budget", "256", "--hidden", "16", "--init", "chrono", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "copy" in table and "lstm" in table and "rnn" in table and "baseline" in table
     data = json.loads((out / "memory-copy.json").read_text())
     assert [(r["T"], r["model"]) for r in data["runs"]] == [(5, "lstm"), (5, "rnn"), (10, "lstm"), (10, "rnn")]
+    assert data["init"] == "chrono" and {r["init"] for r in data["runs"]} == {"chrono"}
     assert data["runs"][0]["baseline"] == pytest.approx(10 * torch.log(torch.tensor(8.0)).item() / 25)
     assert (out / "memory-copy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_chrono_init_spans_the_task_length_for_the_lstm_only():
+    task = make_task("copy", 30)                       # 50 steps: 10 symbols, 30, 10
+    lstm = SequenceModel("lstm", task, 16, init="chrono").rnn
+    assert lstm.chrono_init == task.seq_len == 50 and lstm.forget_bias == 0.0
+    b_f = lstm.bias_ih_l0.detach()[16:32]
+    assert float(b_f.min()) >= 0.0 and float(b_f.max()) <= torch.log(torch.tensor(49.0)).item()
+    assert SequenceModel("lstm", task, 16).rnn.forget_bias == 1.0   # the default: forget1
+    torch.manual_seed(0)
+    gru_plain = SequenceModel("gru", task, 16)
+    torch.manual_seed(0)
+    gru_chrono = SequenceModel("gru", task, 16, init="chrono")       # torch's init, unchanged
+    assert all(torch.equal(a, b) for a, b in zip(gru_plain.parameters(), gru_chrono.parameters()))
+    with pytest.raises(ValueError, match="unknown init"):
+        SequenceModel("lstm", task, 16, init="orthogonal")
 
 
 def test_bench_gradient_command(tmp_path, capsys):

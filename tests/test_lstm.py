@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -366,6 +367,39 @@ def test_forget_bias_shifts_torch_init():
         assert torch.equal(b[:4], a[:4]) and torch.equal(b[8:], a[8:])
         assert torch.equal(getattr(plain, f"bias_hh_l{k}"), getattr(shifted, f"bias_hh_l{k}"))
     assert "forget_bias=1.0" in repr(shifted)
+
+
+def test_chrono_init_spreads_forget_time_scales():
+    torch.manual_seed(3)
+    plain = glasslstm.LSTM(3, 64, num_layers=2, bidirectional=True)
+    torch.manual_seed(3)
+    chrono = glasslstm.LSTM(3, 64, num_layers=2, bidirectional=True, chrono_init=100)
+    H = 64
+    for name, p in plain.named_parameters():  # weights: torch's init, untouched
+        if name.startswith("weight"):
+            assert torch.equal(p, getattr(chrono, name))
+    for layer in range(2):
+        for direction in range(2):
+            b_ih, b_hh = (b.detach() for b in chrono._weights(layer, direction)[2:4])
+            b_f = b_ih[H : 2 * H]
+            # forget biases log(u), u ~ U[1, 99]: time scales 1 / (1 - σ(b_f)) ≈ 1 + u
+            assert float(b_f.min()) >= 0.0 and float(b_f.max()) <= math.log(99) + 1e-6
+            assert float(b_f.max()) > math.log(50)  # 128 draws: spread up to the long scales
+            assert torch.equal(b_ih[:H], -b_f)                # input bias: the negative
+            assert not bool(b_hh[: 2 * H].any())              # one bias carries them
+            pb_ih, pb_hh = plain._weights(layer, direction)[2:4]
+            assert torch.equal(b_ih[2 * H :], pb_ih[2 * H :])  # g and o: torch's init
+            assert torch.equal(b_hh[2 * H :], pb_hh[2 * H :])
+    torch.manual_seed(3)
+    again = glasslstm.LSTM(3, 64, num_layers=2, bidirectional=True, chrono_init=100)
+    assert all(torch.equal(a, b) for a, b in zip(chrono.parameters(), again.parameters()))
+    assert "chrono_init=100" in repr(chrono)
+    with pytest.raises(ValueError, match="not both"):
+        glasslstm.LSTM(3, 4, forget_bias=1.0, chrono_init=10)
+    with pytest.raises(ValueError, match="T_max >= 2"):
+        glasslstm.LSTM(3, 4, chrono_init=1)
+    with pytest.raises(ValueError, match="bias=True"):
+        glasslstm.LSTM(3, 4, bias=False, chrono_init=10)
 
 
 def test_dropout_has_torchs_meaning():

@@ -37,6 +37,14 @@ class LSTM(Recurrent):
         forget_bias: added to the forget-gate slice of every ``bias_ih`` after torch's uniform
             init. ``0.0`` (default) reproduces torch's init exactly; ``1.0`` is the common
             choice after Jozefowicz et al. (2015): the cell starts out remembering.
+        chrono_init: ``0`` (default): off. ``T_max > 1``: the chrono initialisation of Tallec &
+            Ollivier (2018, "Can recurrent neural networks warp time?"): each unit's forget
+            bias is ``log(u)``, ``u`` drawn uniformly from ``[1, T_max - 1]``, and its input
+            bias the negative of that (both in ``bias_ih``; ``bias_hh``'s i and f slices are
+            zeroed). Unit ``j`` then starts out remembering over about ``u_j`` steps, a
+            spread of time scales up to ``T_max`` — set it to the longest dependency the data
+            has. Replaces ``forget_bias`` (give one or the other). Draws from torch's global
+            RNG after the uniform init, so a seed still fixes the weights.
         backend: ``"auto"`` (default: ``"fused"`` where it can run, else ``"bptt"``),
             ``"fused"`` (hand-derived backward, gate math in one fused kernel: C on the CPU,
             Triton on CUDA), ``"bptt"`` (the same in torch ops) or ``"loop"`` (plain autograd
@@ -62,22 +70,42 @@ class LSTM(Recurrent):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, forget_bias: float = 0.0,
-                 backend: str | None = None, checkpoint: int = 0) -> None:
+                 backend: str | None = None, checkpoint: int = 0, chrono_init: int = 0) -> None:
         _check_int("checkpoint", checkpoint, minimum=0)
+        _check_int("chrono_init", chrono_init, minimum=0)
+        if chrono_init == 1:
+            raise ValueError("chrono_init=1 gives no time scale to spread; use 0 (off) or the "
+                             "longest dependency length T_max >= 2")
+        if chrono_init and forget_bias:
+            raise ValueError("give forget_bias or chrono_init, not both: chrono_init sets the "
+                             "forget biases itself")
+        if chrono_init and not bias:
+            raise ValueError("chrono_init sets biases; it needs bias=True")
         self.forget_bias = float(forget_bias)  # read by reset_parameters, called below
+        self.chrono_init = chrono_init
         self.checkpoint = checkpoint
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, backend=backend)
 
     def reset_parameters(self) -> None:
-        """torch.nn.LSTM's init (uniform ±1/sqrt(hidden_size)), plus ``forget_bias``."""
+        """torch.nn.LSTM's init (uniform ±1/sqrt(hidden_size)), plus ``forget_bias`` or
+        ``chrono_init``."""
         super().reset_parameters()
-        if self.bias and self.forget_bias:
-            H = self.hidden_size
-            with torch.no_grad():
-                for layer in range(self.num_layers):
-                    for direction in range(self.num_directions):
-                        self._weights(layer, direction)[2][H : 2 * H] += self.forget_bias
+        if not self.bias or not (self.forget_bias or self.chrono_init):
+            return
+        H = self.hidden_size
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                for direction in range(self.num_directions):
+                    _, _, b_ih, b_hh = self._weights(layer, direction)[:4]
+                    if self.chrono_init:
+                        u = torch.empty(H, dtype=torch.float64).uniform_(1, self.chrono_init - 1)
+                        b_f = u.log().to(b_ih.dtype)
+                        b_ih[H : 2 * H] = b_f
+                        b_ih[:H] = -b_f
+                        b_hh[: 2 * H] = 0
+                    else:
+                        b_ih[H : 2 * H] += self.forget_bias
 
     @classmethod
     def _torch_class(cls) -> type[nn.Module]:
@@ -88,7 +116,8 @@ class LSTM(Recurrent):
         return ("proj_size",)
 
     def _repr_options(self) -> dict:
-        return {**super()._repr_options(), "forget_bias": 0.0, "checkpoint": 0}
+        return {**super()._repr_options(), "forget_bias": 0.0, "checkpoint": 0,
+                "chrono_init": 0}
 
     def forward(self, input, hx: tuple[torch.Tensor, torch.Tensor] | None = None, *,
                 lengths: Lengths = None, return_gates: bool = False):

@@ -12,6 +12,7 @@ import torch
 from glasslstm.model import ConfigError
 from glasslstm.tasks import TASKS
 from glasslstm.tasks.bench import (
+    INITS,
     MODELS,
     gradient_bench,
     memory_bench,
@@ -39,6 +40,9 @@ def add_parser(sub) -> None:
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--hidden", type=int, default=128)
     m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--init", choices=INITS, default="forget1",
+                   help="the LSTM's gate biases: forget1 (forget bias 1, the default) or chrono "
+                   "(Tallec & Ollivier 2018: forget biases log U[1, L-1], L the sequence length)")
     m.add_argument("--seed", type=int, default=0)
     _outputs(m, "memory")
     m.set_defaults(run=run_memory)
@@ -134,12 +138,13 @@ def run_memory(args) -> int:
     try:
         runs = memory_bench(args.task, Ts, models, budget=args.budget, seed=args.seed,
                             batch_size=args.batch_size, hidden_size=args.hidden, lr=args.lr,
-                            log=_log(args))
+                            init=args.init, log=_log(args))
     except ValueError as e:  # e.g. a T below the task's minimum
         raise ConfigError(str(e)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"task": args.task, "budget": args.budget, "seed": args.seed, "runs": runs_to_json(runs)}
+    data = {"task": args.task, "budget": args.budget, "seed": args.seed, "init": args.init,
+            "runs": runs_to_json(runs)}
     (out / f"memory-{args.task}.json").write_text(json.dumps(data, indent=2))
     png = plot_memory(runs, out / f"memory-{args.task}.png")
     if args.json:

@@ -20,6 +20,9 @@ from glasslstm.rnn import GRU, RNN
 from glasslstm.tasks import Task, make_task
 
 MODELS = ("lstm", "gru", "rnn")
+# How the LSTM's gate biases start: forget bias 1 (Jozefowicz et al. 2015), or the chrono
+# initialisation (Tallec & Ollivier 2018) spread over time scales up to the task's length.
+INITS = ("forget1", "chrono")
 # The metric that decides "solved" and that the tables and plots show, per task.
 PRIMARY = {"adding": "mse", "copy": "loss", "subject": "accuracy"}
 
@@ -27,10 +30,13 @@ PRIMARY = {"adding": "mse", "copy": "loss", "subject": "accuracy"}
 class SequenceModel(nn.Module):
     """A recurrent layer and a per-step linear readout; token tasks get an embedding first."""
 
-    def __init__(self, kind: str, task: Task, hidden_size: int = 128, num_layers: int = 1):
+    def __init__(self, kind: str, task: Task, hidden_size: int = 128, num_layers: int = 1,
+                 init: str = "forget1"):
         super().__init__()
         if kind not in MODELS:
             raise ValueError(f"unknown model {kind!r}; choose from {', '.join(MODELS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
         self.kind = kind
         self.tokens = hasattr(task, "token_batch")
         in_size = task.input_size
@@ -38,7 +44,10 @@ class SequenceModel(nn.Module):
         if self.tokens:
             in_size = hidden_size
         cls = {"lstm": LSTM, "gru": GRU, "rnn": RNN}[kind]
-        extra = {"forget_bias": 1.0} if kind == "lstm" else {}
+        extra = {}
+        if kind == "lstm":  # the GRU and the RNN keep torch's init
+            extra = ({"chrono_init": max(2, task.seq_len)} if init == "chrono"
+                     else {"forget_bias": 1.0})
         self.rnn = cls(in_size, hidden_size, num_layers, batch_first=True, **extra)
         self.head = nn.Linear(hidden_size, task.output_size)
 
@@ -64,6 +73,7 @@ class MemoryRun:
     T: int
     model: str
     budget: int                     # training sequences allowed
+    init: str                       # the LSTM's bias init (see INITS); others ignore it
     sequences: int                  # training sequences seen
     metric: dict                    # held-out metrics at the end
     primary: str                    # the metric that decides "solved"
@@ -77,14 +87,16 @@ class MemoryRun:
 def train_memory(task: Task, kind: str, *, budget: int, batch_size: int = 32,
                  hidden_size: int = 128, lr: float = 1e-3, clip: float = 1.0, seed: int = 0,
                  evals: int = 40, eval_size: int = 512, stop_when_solved: bool = True,
-                 log=None, model: SequenceModel | None = None) -> MemoryRun:
+                 log=None, model: SequenceModel | None = None,
+                 init: str = "forget1") -> MemoryRun:
     """Train ``kind`` on ``task`` for up to ``budget`` sequences (Adam, gradient clipping).
 
-    ``model``: train this one (in place) instead of a fresh one built from ``seed``.
+    ``model``: train this one (in place) instead of a fresh one built from ``seed`` and
+    ``init`` (the LSTM's bias init, one of :data:`INITS`).
     """
     torch.manual_seed(seed)
     if model is None:
-        model = SequenceModel(kind, task, hidden_size)
+        model = SequenceModel(kind, task, hidden_size, init=init)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     train_gen = torch.Generator().manual_seed(seed)
     held_out = task_batch(task, model, eval_size, torch.Generator().manual_seed(10**6 + seed))
@@ -113,7 +125,8 @@ def train_memory(task: Task, kind: str, *, budget: int, batch_size: int = 32,
                 solved_at = seen
                 if stop_when_solved:
                     break
-    return MemoryRun(task=task.name, T=task.T, model=kind, budget=budget, sequences=seen,
+    return MemoryRun(task=task.name, T=task.T, model=kind, budget=budget, init=init,
+                     sequences=seen,
                      metric=metric, primary=primary, baseline=task.baseline,
                      solved=solved_at is not None, solved_at=solved_at,
                      seconds=time.perf_counter() - t0, curve=curve)
