@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -84,11 +85,42 @@ def test_nan_and_inf_propagate():
     assert torch.equal(res[0][:, :4], res[1][:, :4]) and torch.allclose(res[0], res[1], atol=1e-6)
 
 
+@pytest.mark.skipif(cpu.blas_routines().get(torch.float32) is None
+                    or not cpu.blas_routines()[torch.float32].pack,
+                    reason="torch's BLAS has no packed GEMM (MKL's sgemm_pack) here")
+def test_packed_gemm_time_loops_match_plain_gemm(monkeypatch):
+    """float32 time loops multiply by the recurrent weight packed once (MKL's sgemm_pack +
+    sgemm_compute); the same loops on plain sgemm, and torch, agree. A ragged batch mixes the
+    two (steps with fewer rows take plain sgemm)."""
+    packed_cell = cpu.CpuCell(torch.float32)
+    plain_cell = cpu.CpuCell(torch.float32)
+    full = cpu.blas_routines()[torch.float32]
+    plain_cell._blas = cpu.Blas(full.gemm, None, None, None)
+    plain_cell._blas_ptr = ctypes.addressof(plain_cell._blas)
+    ref = torch.nn.LSTM(6, 12, num_layers=2)
+    x = torch.randn(20, 5, 6)
+    lengths = torch.tensor([20, 17, 17, 9, 3])
+    results = {}
+    for name, cell in (("packed", packed_cell), ("plain", plain_cell)):
+        monkeypatch.setattr(cpu, "cell", lambda dtype, cell=cell: cell)
+        ours = glasslstm.LSTM.from_torch(ref, backend="fused")
+        for ragged in (False, True):
+            xx = x.clone().requires_grad_()
+            y = ours(xx, lengths=lengths if ragged else None)[0]
+            y.pow(2).sum().backward()
+            results[name, ragged] = (y.detach(), xx.grad, ours.weight_hh_l0.grad.clone())
+    want = ref(x)[0]
+    assert rel_err(results["packed", False][0], want) <= 1e-5
+    for ragged in (False, True):
+        for a, b in zip(results["packed", ragged], results["plain", ragged]):
+            assert rel_err(a, b) <= 1e-5
+
+
 def test_python_time_loop_fallback_matches(monkeypatch):
     """Without torch's BLAS symbol the fused cell runs under the Python time loop."""
     ref = torch.nn.LSTM(4, 6, num_layers=2, proj_size=3, dtype=torch.float64)
     cell = cpu.CpuCell(torch.float64)
-    cell._gemm = None                                # as if no sgemm_/dgemm_ were exported
+    cell._blas = None                                # as if no sgemm_/dgemm_ were exported
     assert not cell.layer_forward(*[None] * 9)
     monkeypatch.setattr(cpu, "cell", lambda dtype: cell)
     ours = glasslstm.LSTM.from_torch(ref, backend="fused")
@@ -226,6 +258,94 @@ def test_drop_in_step_keeps_the_callers_state_and_grad_mode():
     assert torch.equal(hx[0], before[0]) and torch.equal(hx[1], before[1])
     out = lstm(torch.randn(1, 1, 2), hx)[0]          # grad mode: the autograd path
     assert out.grad_fn is not None
+
+
+def test_drop_in_step_beyond_l2_is_the_same_on_every_step():
+    """H = 256 takes the chunked zig-zag product (weights read front to back on one step, back
+    to front on the next): torch's results, and the same call twice gives the same bits."""
+    ref = torch.nn.LSTM(256, 256, num_layers=2)
+    lstm = glasslstm.LSTM.from_torch(ref)
+    x = torch.randn(1, 1, 256)
+    hx = tuple(torch.randn(2, 1, 256) for _ in range(2))
+    with torch.no_grad():
+        first = lstm(x, hx)
+        second = lstm(x, hx)                   # the other direction through the weights
+        want = ref(x, hx)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1][1], second[1][1])
+    assert rel_err(first[0], want[0]) <= 1e-5 and rel_err(first[1][1], want[1][1]) <= 1e-5
+
+
+def test_drop_in_step_runs_hooks_and_follows_replaced_weights():
+    ref = torch.nn.LSTM(3, 4)
+    lstm = glasslstm.LSTM.from_torch(ref)
+    x = torch.randn(1, 1, 3)
+    seen = []
+    handle = lstm.register_forward_hook(lambda mod, args, out: seen.append(out[0].clone()))
+    with torch.no_grad():
+        y = lstm(x)[0]
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], y)
+    with torch.no_grad():
+        lstm(x)                                          # builds the cached plan
+        new = torch.nn.Parameter(torch.randn(16, 4))
+        lstm.weight_hh_l0 = new                          # a new Parameter object
+        ref.weight_hh_l0 = torch.nn.Parameter(new.detach().clone())
+        hx = (torch.randn(1, 1, 4), torch.randn(1, 1, 4))
+        assert rel_err(lstm(x, hx)[0], ref(x, hx)[0]) <= 1e-6
+        lstm.weight_ih_l0.data = torch.randn(16, 3)      # storage swapped, version unchanged
+        ref.weight_ih_l0.data = lstm.weight_ih_l0.data.clone()
+        assert rel_err(lstm(x, hx)[0], ref(x, hx)[0]) <= 1e-6
+        lstm.double()
+        ref.double()
+        hx64 = tuple(t.double() for t in hx)
+        y64 = lstm(x.double(), hx64)[0]
+        assert y64.dtype == torch.float64 and rel_err(y64, ref(x.double(), hx64)[0]) <= 1e-12
+
+
+def test_drop_in_plan_is_neither_copied_nor_pickled():
+    import copy
+    import io
+
+    lstm = glasslstm.LSTM(3, 4)
+    x = torch.randn(1, 1, 3)
+    with torch.no_grad():
+        before = lstm(x)[0]
+        twin = copy.deepcopy(lstm)
+        twin.weight_ih_l0.add_(1.0)
+        assert not torch.equal(twin(x)[0], before)     # the copy steps with its own weights
+        assert torch.equal(lstm(x)[0], before)
+        buf = io.BytesIO()
+        torch.save(lstm, buf)                          # no ctypes object in the pickle
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded(x)[0], before)
+
+
+def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode():
+    """A gradient halved at each of 140 steps reaches 2^-140 (7e-43, denormal in float32):
+    the fused time loop flushes it to zero (denormal arithmetic is 10-100x slower on x86),
+    the torch path keeps it; float64 has the range, and both agree. The calling thread's
+    floating-point control is left as it was."""
+    lib = cpu.library()
+    lib.glasslstm_fp_mode.restype = ctypes.c_uint
+    control = lambda: lib.glasslstm_fp_mode() & ~0x3F   # without the sticky status flags
+    before = control()
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        for backend in ("fused", "bptt"):
+            lstm = glasslstm.LSTM(1, 1, backend=backend, dtype=dtype)
+            with torch.no_grad():
+                for p in lstm.parameters():
+                    p.zero_()                          # every gate 0.5: dc_{t-1} = 0.5 dc_t
+            c0 = torch.ones(1, 1, 1, dtype=dtype, requires_grad=True)
+            _, (_, c_n) = lstm(torch.zeros(140, 1, 1, dtype=dtype),
+                               (torch.zeros(1, 1, 1, dtype=dtype), c0))
+            c_n.sum().backward()
+            grads[dtype, backend] = float(c0.grad)
+    assert control() == before
+    assert grads[torch.float32, "bptt"] == pytest.approx(2.0 ** -140, rel=1e-3)
+    assert grads[torch.float32, "fused"] == 0.0
+    assert grads[torch.float64, "fused"] == grads[torch.float64, "bptt"] == 2.0 ** -140
 
 
 def _tiny_lm(vocab="abc ."):

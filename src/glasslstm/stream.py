@@ -20,41 +20,54 @@ changes.
 from __future__ import annotations
 
 import ctypes
-import weakref
+import os
 
 import torch
 
-from glasslstm.ops import cpu, resolve_backend
+from glasslstm.ops import ENV_VAR, cpu, resolve_backend
+
+
+class _StepPlan(ctypes.Structure):
+    """``glasslstm_step_plan`` of cpu_kernels.c: what a step keeps from call to call."""
+
+    _fields_ = [("L", ctypes.c_int64), ("H", ctypes.c_int64), ("P", ctypes.c_int64),
+                ("in_sizes", ctypes.c_void_p), ("layers", ctypes.c_void_p),
+                ("work", ctypes.c_void_p), ("phase", ctypes.c_int64)]
 
 
 class StepKernel:
-    """The C one-token step for an LSTM's weights (pointers, in-sizes, bias sums), kept current.
+    """The C one-token step for an LSTM's weights (transposed copies, bias sums), kept current.
 
     ``lstm`` is a unidirectional :class:`glasslstm.LSTM` (or anything with its ``_weights``,
-    ``num_layers``, ``hidden_size``, ``proj_size``, ``input_size``) on the CPU.
+    ``_parameters``, ``num_layers``, ``hidden_size``, ``proj_size``, ``input_size``) on the CPU.
     """
 
     def __init__(self, lstm):
         self.lstm = lstm
         self.dtype = lstm.weight_hh_l0.dtype
-        suf = cpu.SUFFIX[self.dtype]
         lib = cpu.library()
-        self._step = getattr(lib, f"glasslstm_step_{suf}")
-        self._params = list(lstm.parameters())
+        self._step = getattr(lib, f"glasslstm_step_{cpu.SUFFIX[self.dtype]}")
         self.L, self.H = lstm.num_layers, lstm.hidden_size
         self.P = lstm.proj_size or lstm.hidden_size
-        self.work = torch.empty(6 * self.H, dtype=self.dtype)
-        self._work = self.work.data_ptr()
+        self.work = torch.empty(lib.glasslstm_step_work(self.H), dtype=self.dtype)
+        self._plan = _StepPlan(self.L, self.H, self.P, None, None, self.work.data_ptr(), 0)
+        self._plan_ptr = ctypes.addressof(self._plan)
+        self._params = lstm._parameters   # the live dict: a replaced parameter is seen too
         self._key = None
 
-    def key(self):
-        return tuple(p._version for p in self._params) + tuple(p.data_ptr() for p in self._params[:1])
+    def key(self) -> list:
+        return [(p._version, p.data_ptr()) for p in self._params.values()]
 
-    def refresh(self) -> None:
-        """Re-read the weights when they changed (cheap: compares version counters)."""
+    def refresh(self) -> bool:
+        """Re-read the weights when they changed (cheap: compares version counters and
+        storages). False when they can no longer run here (moved off the CPU, another dtype):
+        build a new kernel then."""
         key = self.key()
         if key == self._key:
-            return
+            return True
+        w = self.lstm.weight_hh_l0
+        if w.dtype != self.dtype or w.device.type != "cpu":
+            return False
         keep, ptrs, sizes = [], [], []
         for layer in range(self.L):
             w_ih, w_hh, b_ih, b_hh, w_hr = (None if w is None else w.detach()
@@ -69,13 +82,16 @@ class StepKernel:
         self._keep = keep                     # the tensors the pointers point into
         self._layers = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self._sizes = (ctypes.c_int64 * self.L)(*sizes)
+        self._plan.layers = ctypes.addressof(self._layers)
+        self._plan.in_sizes = ctypes.addressof(self._sizes)
         self._key = key
+        return True
 
     def __call__(self, x_ptr, xproj_ptr, h, c, out, h_in=None, c_in=None) -> None:
         """One step in place: ``h`` (L, P) and ``c`` (L, H) contiguous (``h_in``/``c_in``, when
         given, copied into them first); writes ``out`` (P)."""
-        self._step(self.L, self.H, self.P, self._sizes, self._layers, x_ptr, xproj_ptr,
-                   h_in, c_in, h.data_ptr(), c.data_ptr(), self._work, out.data_ptr())
+        self._step(self._plan_ptr, x_ptr, xproj_ptr, h_in, c_in, h.data_ptr(), c.data_ptr(),
+                   out.data_ptr())
 
 
 def fused_step_possible(lstm, device: torch.device, dtype: torch.dtype) -> bool:
@@ -84,44 +100,76 @@ def fused_step_possible(lstm, device: torch.device, dtype: torch.dtype) -> bool:
             and resolve_backend(lstm.backend) in ("auto", "fused") and cpu.available())
 
 
-_KERNELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def fast_step(lstm, input: torch.Tensor, hx):
+class DropInStep:
     """``lstm(x_t, hx)`` for ONE step of ONE sequence under no_grad, through the C kernel:
-    what a drop-in user's generation loop calls. Returns torch's ``(output, (h_n, c_n))``, or
-    None when this call is not such a step (the general path then handles it, errors included).
+    what a drop-in user's generation loop calls (:meth:`glasslstm.LSTM.__call__` tries it
+    first). Built once per module and kept on it; each call re-checks only what can change
+    between calls (shapes, dtypes, devices, the backend setting, dropout, the weights).
     """
-    L, H, P, I = lstm.num_layers, lstm.hidden_size, lstm.proj_size or lstm.hidden_size, lstm.input_size
-    unbatched = input.dim() == 2
-    if input.shape[:-1] != ((1,) if unbatched else (1, 1)) or input.shape[-1] != I:
-        return None
-    w = lstm.weight_hh_l0
-    if (input.dtype != w.dtype or input.device.type != "cpu" or w.device.type != "cpu"
-            or (lstm.training and lstm.dropout and L > 1)
-            or not fused_step_possible(lstm, w.device, w.dtype)):
-        return None
-    shape_h, shape_c = ((L, P), (L, H)) if unbatched else ((L, 1, P), (L, 1, H))
-    h_in = c_in = None
-    if hx is None:
-        h_n, c_n = w.new_zeros(shape_h), w.new_zeros(shape_c)
-    else:
-        if (not isinstance(hx, (tuple, list)) or len(hx) != 2
-                or hx[0].shape != shape_h or hx[1].shape != shape_c
-                or hx[0].dtype != w.dtype or hx[1].dtype != w.dtype
-                or hx[0].device != w.device or hx[1].device != w.device
-                or not hx[0].is_contiguous() or not hx[1].is_contiguous()):
+
+    _FAST_BACKENDS = (None, "", "auto", "fused")
+
+    def __init__(self, lstm):
+        self.owner = id(lstm)   # a copied module's __dict__ must not reuse this plan
+        self.kernel = StepKernel(lstm)
+        dt, L, H, P, I = (self.kernel.dtype, lstm.num_layers, lstm.hidden_size,
+                          lstm.proj_size or lstm.hidden_size, lstm.input_size)
+        self.dtype, self.multi = dt, L > 1
+        self.x3, self.x2 = torch.Size((1, 1, I)), torch.Size((1, I))
+        self.h3, self.c3 = torch.Size((L, 1, P)), torch.Size((L, 1, H))
+        self.h2, self.c2 = torch.Size((L, P)), torch.Size((L, H))
+        self.y3, self.y2 = (1, 1, P), (1, P)
+
+    def __call__(self, lstm, input, hx):
+        """``(output, (h_n, c_n))``, or None when this call is not such a step (the general
+        path then handles it, errors included)."""
+        shape = input.shape
+        if shape == self.x3:
+            sh, sc, sy = self.h3, self.c3, self.y3
+        elif shape == self.x2:
+            sh, sc, sy = self.h2, self.c2, self.y2
+        else:
             return None
-        h_n, c_n = w.new_empty(shape_h), w.new_empty(shape_c)
-        h_in, c_in = hx[0].data_ptr(), hx[1].data_ptr()  # copied in by the kernel
-    kernel = _KERNELS.get(lstm)
-    if kernel is None or kernel.dtype != w.dtype:
-        kernel = _KERNELS[lstm] = StepKernel(lstm)
-    kernel.refresh()
-    x = input if input.is_contiguous() else input.contiguous()
-    out = w.new_empty((1, P) if unbatched else (1, 1, P))
-    kernel(x.data_ptr(), None, h_n, c_n, out, h_in, c_in)
-    return out, (h_n, c_n)
+        dt = self.dtype
+        if (input.dtype is not dt or not input.is_cpu
+                or (lstm.training and lstm.dropout and self.multi)
+                or (lstm.backend or os.environ.get(ENV_VAR)) not in self._FAST_BACKENDS):
+            return None
+        if hx is None:
+            h_in = c_in = None
+            h_n, c_n = torch.zeros(sh, dtype=dt), torch.zeros(sc, dtype=dt)
+        else:
+            if type(hx) not in (tuple, list) or len(hx) != 2:
+                return None
+            h0, c0 = hx
+            if (h0.shape != sh or c0.shape != sc or h0.dtype is not dt or c0.dtype is not dt
+                    or not h0.is_cpu or not c0.is_cpu
+                    or not h0.is_contiguous() or not c0.is_contiguous()):
+                return None
+            h_in, c_in = h0.data_ptr(), c0.data_ptr()      # copied in by the kernel
+            h_n, c_n = torch.empty(sh, dtype=dt), torch.empty(sc, dtype=dt)
+        if not self.kernel.refresh():            # the weights moved or changed dtype
+            lstm._drop_in = None
+            return drop_in_step(lstm, input, hx)     # a new plan, or the general path
+        if not input.is_contiguous():
+            input = input.contiguous()
+        out = torch.empty(sy, dtype=dt)
+        self.kernel(input.data_ptr(), None, h_n, c_n, out, h_in, c_in)
+        return out, (h_n, c_n)
+
+
+def drop_in_step(lstm, input, hx):
+    """:class:`DropInStep` for ``lstm``, built (or rebuilt) as needed; None where the C step
+    cannot run or this call is not a one-token step."""
+    if type(input) is not torch.Tensor or input.dim() not in (2, 3) or input.shape[0] != 1:
+        return None
+    plan = lstm._drop_in
+    if plan is None or plan.owner != id(lstm):
+        w = lstm.weight_hh_l0
+        if not fused_step_possible(lstm, w.device, w.dtype):
+            return None
+        plan = lstm._drop_in = DropInStep(lstm)
+    return plan(lstm, input, hx)
 
 
 def _check_lstm(lstm) -> None:
@@ -196,7 +244,9 @@ class Stream:
         if x.dtype != self.dtype or x.device != self.device or not x.is_contiguous():
             self._x.copy_(x.reshape(-1))
             x = self._x
-        self._kernel.refresh()
+        if not self._kernel.refresh():
+            raise RuntimeError("the LSTM's weights changed device or dtype under this Stream; "
+                               "make a new Stream for the module as it is now")
         self._kernel(x.data_ptr(), None, self.h, self.c, self.out)
         return self.out
 
@@ -255,7 +305,9 @@ class LMStream:
         table of every token's embedding through the first layer's U (bias included), and the
         output layer's transposed weight (the C matrix-vector product reads it by rows)."""
         k = self.stream._kernel
-        k.refresh()
+        if not k.refresh():
+            raise RuntimeError("the model's weights changed device or dtype under this stream; "
+                               "make a new one (model.stream()) for the model as it is now")
         key = (k._key, tuple(t._version for t in self._extra), self._extra[0].data_ptr())
         if key == self._key:
             return

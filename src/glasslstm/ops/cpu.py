@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # (ISO C mode forbids it by default); 512-bit vectors where the CPU has them (harmless elsewhere).
 FLAGS = ["-O3", "-march=native", "-std=c99", "-fno-trapping-math", "-fno-math-errno",
          "-ffp-contract=fast", "-mprefer-vector-width=512", "-fPIC", "-shared"]
-ABI_VERSION = 6
+ABI_VERSION = 7
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 _failure: str | None = None
@@ -111,13 +111,14 @@ def library() -> ctypes.CDLL | None:
         _failure = "stale kernel library (ABI mismatch)"
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.glasslstm_step_work.argtypes, lib.glasslstm_step_work.restype = [i64], i64
     for suf in SUFFIX.values():
         getattr(lib, f"glasslstm_cell_forward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, i64,
                                                                   ptr, ptr, i64, ptr, i64]
         getattr(lib, f"glasslstm_cell_backward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, i64,
                                                                    ptr, i64, ptr, ptr, i64,
                                                                    ptr, i64, ptr]
-        getattr(lib, f"glasslstm_step_{suf}").argtypes = [i64, i64, i64] + [ptr] * 10
+        getattr(lib, f"glasslstm_step_{suf}").argtypes = [ptr] * 8
         sizes = ctypes.POINTER(i64)
         getattr(lib, f"glasslstm_layer_forward_{suf}").argtypes = (
             [ptr, i64, i64, i64, i64] + [ptr] * 7 + [sizes, ctypes.c_int, ctypes.c_int])
@@ -130,22 +131,41 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+class Blas(ctypes.Structure):
+    """``glasslstm_blas`` of cpu_kernels.c: the BLAS routines the C time loops call."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("gemm", "pack_get_size", "pack", "compute")]
+
+
+# Per dtype: torch's Fortran ?gemm, and MKL's packed-GEMM trio where it has one (float32).
+_BLAS_SYMBOLS = {torch.float32: ("sgemm_", "sgemm_pack_get_size", "sgemm_pack", "sgemm_compute"),
+                 torch.float64: ("dgemm_", "dgemm_pack_get_size", "dgemm_pack", "dgemm_compute")}
+
+
 @functools.lru_cache(maxsize=None)
-def blas_gemm() -> dict:
-    """dtype -> address of the Fortran ?gemm torch's CPU build uses (MKL's sgemm_/dgemm_ in
-    libtorch_cpu), so the C time loop runs the very GEMM kernels torch.addmm would. Empty where
-    torch exposes none (then the loop stays in Python, still with the fused cell)."""
+def blas_routines() -> dict:
+    """dtype -> :class:`Blas` with the addresses of the routines torch's CPU build uses (MKL's
+    sgemm_/dgemm_ in libtorch_cpu, and sgemm_pack/sgemm_compute), so the C time loop runs the
+    very GEMM kernels torch.addmm would. Empty where torch exposes no gemm (then the loop stays
+    in Python, still with the fused cell). ``$GLASSLSTM_BLAS_PACK=0`` leaves the packed GEMM
+    out (a diagnostic: it shows what packing gains)."""
     found = {}
+    use_pack = os.environ.get("GLASSLSTM_BLAS_PACK", "1") != "0"
     for lib_dir in (Path(torch.__file__).parent / "lib",):
         for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
             try:
                 lib = ctypes.CDLL(str(lib_dir / name))
             except OSError:
                 continue
-            for dtype, sym in ((torch.float32, "sgemm_"), (torch.float64, "dgemm_")):
-                fn = getattr(lib, sym, None)
-                if fn is not None:
-                    found[dtype] = ctypes.cast(fn, ctypes.c_void_p).value
+            for dtype, symbols in _BLAS_SYMBOLS.items():
+                addr = [getattr(lib, sym, None) for sym in symbols]
+                addr = [None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
+                        for fn in addr]
+                if addr[0] is None:
+                    continue
+                if not use_pack or None in addr[1:]:
+                    addr[1:] = [None] * 3
+                found[dtype] = Blas(*addr)
     return found
 
 
@@ -157,7 +177,12 @@ def status() -> str:
     """One line: is the fused CPU path on, and if not, why."""
     if not available():
         return f"off: {_failure}"
-    loop = "time loop in C on torch's BLAS" if blas_gemm() else "time loop in Python (no BLAS symbol found)"
+    blas = blas_routines()
+    if not blas:
+        loop = "time loop in Python (no BLAS symbol found)"
+    else:
+        packed = blas.get(torch.float32) is not None and blas[torch.float32].pack is not None
+        loop = "time loop in C on torch's BLAS" + (", packed GEMM" if packed else "")
     return f"on ({loop})"
 
 
@@ -171,7 +196,8 @@ class CpuCell:
         suf = SUFFIX[dtype]
         self._fwd = getattr(lib, f"glasslstm_cell_forward_{suf}")
         self._bwd = getattr(lib, f"glasslstm_cell_backward_{suf}")
-        self._gemm = blas_gemm().get(dtype)
+        self._blas = blas_routines().get(dtype)
+        self._blas_ptr = None if self._blas is None else ctypes.addressof(self._blas)
         self._layer_fwd = getattr(lib, f"glasslstm_layer_forward_{suf}")
         self._layer_bwd = getattr(lib, f"glasslstm_layer_backward_{suf}")
 
@@ -179,7 +205,7 @@ class CpuCell:
     # cannot run (no BLAS symbol, non-contiguous weights); the caller then loops in Python.
 
     def _loops_in_c(self, w_hh, w_hr) -> bool:
-        return (self._gemm is not None and w_hh.is_contiguous()
+        return (self._blas is not None and w_hh.is_contiguous()
                 and (w_hr is None or w_hr.is_contiguous()))
 
     def layer_forward(self, gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse) -> bool:
@@ -190,7 +216,7 @@ class CpuCell:
         if transposed:
             w_hh = w_hh.t().contiguous()
             w_hr = None if w_hr is None else w_hr.t().contiguous()
-        self._layer_fwd(self._gemm, T, B, H4 // 4, hs.shape[2], gates.data_ptr(), hs.data_ptr(),
+        self._layer_fwd(self._blas_ptr, T, B, H4 // 4, hs.shape[2], gates.data_ptr(), hs.data_ptr(),
                         cs.data_ptr(), tanh_c.data_ptr(), _ptr(rs), w_hh.data_ptr(), _ptr(w_hr),
                         _sizes(batch_sizes), int(reverse), int(transposed))
         return True
@@ -202,7 +228,7 @@ class CpuCell:
         T, B, H4 = gates.shape
         H = H4 // 4
         dr = None if w_hr is None else dc.new_empty(B, H)
-        self._layer_bwd(self._gemm, T, B, H, dh.shape[1], gates.data_ptr(), cs.data_ptr(),
+        self._layer_bwd(self._blas_ptr, T, B, H, dh.shape[1], gates.data_ptr(), cs.data_ptr(),
                         tanh_c.data_ptr(), _ptr(dy), dh.data_ptr(), dc.data_ptr(), da.data_ptr(),
                         _ptr(dhs), _ptr(dr), w_hh.data_ptr(), _ptr(w_hr), _sizes(batch_sizes),
                         int(reverse))
