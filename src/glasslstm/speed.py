@@ -5,17 +5,19 @@ Sections (each contender timed alternately with its peer inside every repetition
 
 * ``train``    forward + backward of one layer, T x B x H with I = H: torch.nn.LSTM,
                glasslstm.LSTM (default backend), glasslstm with ``return_gates=True``; on CUDA
-               also the CUDA-graphed fused module (:func:`glasslstm.ops.graphs.graphed`).
+               also the CUDA-graphed fused module (:func:`glasslstm.ops.graphs.graphed`); on the
+               CPU, when ``jax`` is installed, a jitted ``lax.scan`` LSTM (XLA) with the same
+               weights — the other peer (checked against torch.nn.LSTM's output first).
                GFLOP/s and the fraction of this machine's float32 GEMM peak (measured here).
-* ``infer``    forward only under ``torch.no_grad()``.
+* ``infer``    forward only under ``torch.no_grad()`` (and the jitted JAX forward).
 * ``step``     one token of one sequence (batch 1), state carried: torch.nn.LSTM called as
                ``lstm(x_t, (h, c))``, glasslstm called the same way (drop-in), and
                :class:`glasslstm.Stream`'s ``step``.
 * ``generate`` tokens/s of a char language model (``--gen-layers`` x ``--gen-hidden``, 65
                tokens), glasslstm's ``generate`` against the same model with torch.nn.LSTM inside.
 
-Ratios are ``peer time / our time``: above 1 means glasslstm is faster. torch.nn.LSTM appears
-here only as that peer (glasslstm's copies are built with ``from_torch``); nothing of
+Ratios are ``peer time / our time``: above 1 means glasslstm is faster (for the JAX rows:
+torch.nn.LSTM's time / JAX's time). torch.nn.LSTM and JAX appear here only as peers (glasslstm's copies are built with ``from_torch``); nothing of
 glasslstm computes with it.
 """
 
@@ -56,6 +58,50 @@ def _mean_us(fn, n: int, device) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
+def _jax_peer(peer: torch.nn.LSTM, x: torch.Tensor, dy: torch.Tensor):
+    """``(train, infer)`` callables of a jitted JAX ``lax.scan`` LSTM with ``peer``'s weights
+    on ``x`` (T, B, I) — train: gradients of sum(y * dy) w.r.t. the weights and x — or None
+    when jax is not installed. The input projection is one matrix product over all steps, as
+    in glasslstm and torch. Raises if its output differs from ``peer``'s."""
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+
+    def as_jax(t):
+        return jnp.asarray(t.detach().cpu().numpy())
+
+    params = (as_jax(peer.weight_ih_l0), as_jax(peer.weight_hh_l0),
+              as_jax(peer.bias_ih_l0 + peer.bias_hh_l0))
+    xj, dyj = as_jax(x), as_jax(dy)
+
+    def lstm(params, xs):
+        w_ih, w_hh, b = params
+        B, H = xs.shape[1], w_hh.shape[1]
+
+        def cell(state, a):
+            h, c = state
+            i, f, g, o = jnp.split(a + h @ w_hh.T, 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), h
+
+        zeros = jnp.zeros((B, H), xs.dtype)
+        return jax.lax.scan(cell, (zeros, zeros), xs @ w_ih.T + b)[1]
+
+    grads = jax.jit(jax.grad(lambda p, xs: jnp.sum(lstm(p, xs) * dyj), argnums=(0, 1)))
+    forward = jax.jit(lstm)
+    with torch.no_grad():
+        want = peer(x)[0].cpu().numpy()
+    got = jax.device_get(forward(params, xj))
+    err = float(abs(got - want).max())
+    if err > 1e-4:
+        raise RuntimeError(f"the JAX peer disagrees with torch.nn.LSTM (max error {err:.2e})")
+    return (lambda: jax.block_until_ready(grads(params, xj)),
+            lambda: jax.block_until_ready(forward(params, xj)))
+
+
 def bench_train(H: int, T: int, B: int, reps: int, device, peak: float) -> dict:
     torch.manual_seed(0)
     peer = torch.nn.LSTM(H, H).to(device)
@@ -77,7 +123,11 @@ def bench_train(H: int, T: int, B: int, reps: int, device, peak: float) -> dict:
 
         fused = glasslstm.LSTM.from_torch(peer, backend="fused")
         fns["glasslstm graphed"] = step(graphs.graphed(fused, (x,)))
-    for fn in fns.values():  # warm up (and build kernels / graphs)
+    else:
+        jax_fns = _jax_peer(peer, x, dy)
+        if jax_fns is not None:
+            fns["JAX lax.scan (jit)"] = jax_fns[0]
+    for fn in fns.values():  # warm up (and build kernels / graphs / XLA programs)
         fn()
     res = _alternate(fns, reps, device)
     flops = 3.0 * 2.0 * T * B * 4 * H * (2 * H)
@@ -94,6 +144,9 @@ def bench_infer(H: int, T: int, B: int, reps: int, device) -> dict:
     x = torch.randn(T, B, H, device=device)
     with torch.no_grad():
         fns = {"torch.nn.LSTM": lambda: peer(x), "glasslstm": lambda: ours(x)}
+        jax_fns = _jax_peer(peer, x, torch.zeros_like(x[..., :H])) if device.type == "cpu" else None
+        if jax_fns is not None:
+            fns["JAX lax.scan (jit)"] = jax_fns[1]
         for fn in fns.values():
             fn()
         return _alternate(fns, reps, device)
