@@ -20,11 +20,10 @@ changes.
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
-from glasslstm.ops import ENV_VAR, cpu, resolve_backend
+from glasslstm.ops import cpu, resolve_backend
 
 
 class _StepPlan(ctypes.Structure):
@@ -114,7 +113,7 @@ class DropInStep:
         self.kernel = StepKernel(lstm)
         dt, L, H, P, I = (self.kernel.dtype, lstm.num_layers, lstm.hidden_size,
                           lstm.proj_size or lstm.hidden_size, lstm.input_size)
-        self.dtype, self.multi = dt, L > 1
+        self.dtype, self.multi, self.single = dt, L > 1, L == 1
         self.x3, self.x2 = torch.Size((1, 1, I)), torch.Size((1, I))
         self.h3, self.c3 = torch.Size((L, 1, P)), torch.Size((L, 1, H))
         self.h2, self.c2 = torch.Size((L, P)), torch.Size((L, H))
@@ -122,7 +121,10 @@ class DropInStep:
 
     def __call__(self, lstm, input, hx):
         """``(output, (h_n, c_n))``, or None when this call is not such a step (the general
-        path then handles it, errors included)."""
+        path then handles it, errors included). Lean on purpose: after a step has streamed
+        the weights through the caches, every line of Python here runs cold."""
+        if type(input) is not torch.Tensor:
+            return None
         shape = input.shape
         if shape == self.x3:
             sh, sc, sy = self.h3, self.c3, self.y3
@@ -133,7 +135,7 @@ class DropInStep:
         dt = self.dtype
         if (input.dtype is not dt or not input.is_cpu
                 or (lstm.training and lstm.dropout and self.multi)
-                or (lstm.backend or os.environ.get(ENV_VAR)) not in self._FAST_BACKENDS):
+                or lstm.backend not in self._FAST_BACKENDS):
             return None
         if hx is None:
             h_in = c_in = None
@@ -147,28 +149,32 @@ class DropInStep:
                     or not h0.is_contiguous() or not c0.is_contiguous()):
                 return None
             h_in, c_in = h0.data_ptr(), c0.data_ptr()      # copied in by the kernel
-            h_n, c_n = torch.empty(sh, dtype=dt), torch.empty(sc, dtype=dt)
+            h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)   # contiguous, as h0, c0
         if not self.kernel.refresh():            # the weights moved or changed dtype
             lstm._drop_in = None
             return drop_in_step(lstm, input, hx)     # a new plan, or the general path
         if not input.is_contiguous():
             input = input.contiguous()
-        out = torch.empty(sy, dtype=dt)
-        self.kernel(input.data_ptr(), None, h_n, c_n, out, h_in, c_in)
+        # one layer: the output has h_n's shape ((1, 1, P) or (1, P))
+        out = torch.empty_like(h_n) if self.single else torch.empty(sy, dtype=dt)
+        k = self.kernel
+        k._step(k._plan_ptr, input.data_ptr(), None, h_in, c_in, h_n.data_ptr(), c_n.data_ptr(),
+                out.data_ptr())
         return out, (h_n, c_n)
 
 
 def drop_in_step(lstm, input, hx):
     """:class:`DropInStep` for ``lstm``, built (or rebuilt) as needed; None where the C step
     cannot run or this call is not a one-token step."""
-    if type(input) is not torch.Tensor or input.dim() not in (2, 3) or input.shape[0] != 1:
-        return None
     plan = lstm._drop_in
-    if plan is None or plan.owner != id(lstm):
-        w = lstm.weight_hh_l0
-        if not fused_step_possible(lstm, w.device, w.dtype):
-            return None
-        plan = lstm._drop_in = DropInStep(lstm)
+    if plan is not None and plan.owner == id(lstm):
+        return plan(lstm, input, hx)
+    if type(input) is not torch.Tensor or input.dim() not in (2, 3) or input.shape[0] != 1:
+        return None        # not a step: no plan (and no weight copies) for this module yet
+    w = lstm.weight_hh_l0
+    if not fused_step_possible(lstm, w.device, w.dtype):
+        return None
+    plan = lstm._drop_in = DropInStep(lstm)
     return plan(lstm, input, hx)
 
 

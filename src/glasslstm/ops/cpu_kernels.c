@@ -23,9 +23,10 @@
 
 #ifdef _OPENMP
 #include <omp.h>
-/* rows split in 64-row blocks (whole cache lines) over the threads when the work is large */
-#define PARALLEL_ROWS(rows, k, CALL)                                                          \
-    if ((rows) * (k) >= (1 << 18) && omp_get_max_threads() > 1) {                             \
+/* rows split in 64-row blocks (whole cache lines) over the threads when the work (rows x k
+ * multiply-adds) is at least min_work */
+#define PARALLEL_ROWS(rows, k, min_work, CALL)                                                \
+    if ((rows) * (k) >= (min_work) && omp_get_max_threads() > 1) {                            \
         _Pragma("omp parallel")                                                               \
         {                                                                                     \
             int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();                    \
@@ -39,7 +40,7 @@
         CALL;                                                                                 \
     }
 #else
-#define PARALLEL_ROWS(rows, k, CALL) { int64_t r0 = 0, r1 = (rows); CALL; }
+#define PARALLEL_ROWS(rows, k, min_work, CALL) { int64_t r0 = 0, r1 = (rows); CALL; }
 #endif
 
 /* ---- exp, sigmoid, tanh that gcc vectorises ---------------------------------------- */
@@ -196,25 +197,34 @@ static void gemv_t_block_##SUF(int64_t rows, int64_t r0, int64_t r1, int64_t k, 
  * OpenMP threads (torch's own pool: libgomp is shared, torch.set_num_threads applies). */    \
 static void gemv_t_##SUF(int64_t rows, int64_t k, const T *RESTRICT Wt,                      \
                          const T *RESTRICT v, T *RESTRICT acc) {                              \
-    PARALLEL_ROWS(rows, k, gemv_t_block_##SUF(rows, r0, r1, k, Wt, v, acc))                   \
+    PARALLEL_ROWS(rows, k, 1 << 18, gemv_t_block_##SUF(rows, r0, r1, k, Wt, v, acc))          \
 }
 GEMV_BLOCK(float, f32)
 GEMV_BLOCK(double, f64)
 
-/* [a over rows] += [W1t; W2t]^T [v1; v2] for the products beyond L2 (weights of 1 MB and more):
- * each thread's rows of the two (transposed) weights are cut into ZZ_CHUNKS column chunks, each
- * summed into its own partial vector, and the chunks visited in ascending order on one step and
- * descending on the next ("zig-zag"). Read in the same order every step, a working set a little
- * larger than a core's L2 evicts itself completely (LRU meets a cyclic scan); read back to front
- * every other step, the part touched last is still cached and is read first — on this CPU the
- * H = 512 step reads most of its 8 MB of weights from the two L2s instead of L3. The partials are
- * added to a in chunk order whatever the direction, so the result is the same on every step.
- * part: ZZ_CHUNKS * rows values of scratch. W1t (k1 x rows) may be absent (k1 = 0). */
+/* [a over rows] += [W1t; W2t]^T [v1; v2]: a step's two products (input and recurrent weight)
+ * in one parallel region. From 2^18 multiply-adds (1 MB of float32 weights; at H = 128 with
+ * I = H, half that, a second thread gained nothing) the rows are split over the threads, each
+ * reading its part of the weights from its own L2, and each thread's rows are cut into
+ * ZZ_CHUNKS column chunks, each summed into its own partial vector, the chunks visited in
+ * ascending order on one step and descending on the next ("zig-zag"). Read in the same order
+ * every step, a working set a little larger than a core's L2 evicts itself completely (LRU
+ * meets a cyclic scan); read back to front every other step, the part touched last is still
+ * cached and is read first, so more of the H = 512 step's 8 MB of weights comes from the two
+ * L2s instead of L3. The partials are added to a in chunk order whatever the direction, so the
+ * result is the same on every step. part: ZZ_CHUNKS * rows values of scratch. W1t (k1 x rows)
+ * may be absent (k1 = 0). */
 #define ZZ_CHUNKS 16
-#define GEMV2_ZIGZAG(T, SUF)                                                                  \
-static void gemv2_zz_block_##SUF(int64_t rows, int64_t r0, int64_t r1, int64_t k1,            \
-                                 const T *W1t, const T *v1, int64_t k2, const T *W2t,         \
-                                 const T *v2, T *RESTRICT a, T *RESTRICT part, int reverse) { \
+#define GEMV2(T, SUF)                                                                         \
+static void gemv2_block_##SUF(int64_t rows, int64_t r0, int64_t r1, int64_t k1,               \
+                              const T *W1t, const T *v1, int64_t k2, const T *W2t,            \
+                              const T *v2, T *RESTRICT a, T *RESTRICT part, int zigzag,       \
+                              int reverse) {                                                  \
+    if (!zigzag) {                                                                            \
+        if (k1) gemv_t_block_##SUF(rows, r0, r1, k1, W1t, v1, a);                             \
+        gemv_t_block_##SUF(rows, r0, r1, k2, W2t, v2, a);                                     \
+        return;                                                                               \
+    }                                                                                         \
     int64_t k = k1 + k2;                                                                      \
     for (int64_t n = 0; n < ZZ_CHUNKS; n++) {                                                 \
         int64_t ch = reverse ? ZZ_CHUNKS - 1 - n : n;                                         \
@@ -234,20 +244,22 @@ static void gemv2_zz_block_##SUF(int64_t rows, int64_t r0, int64_t r1, int64_t k
         for (int64_t r = r0; r < r1; r++) a[r] += p[r];                                       \
     }                                                                                         \
 }                                                                                             \
-static void gemv2_zz_##SUF(int64_t rows, int64_t k1, const T *W1t, const T *v1, int64_t k2,  \
-                           const T *W2t, const T *v2, T *a, T *part, int reverse) {           \
-    PARALLEL_ROWS(rows, k1 + k2, gemv2_zz_block_##SUF(rows, r0, r1, k1, W1t, v1, k2, W2t, v2, \
-                                                      a, part, reverse))                      \
+static void gemv2_##SUF(int64_t rows, int64_t k1, const T *W1t, const T *v1, int64_t k2,     \
+                        const T *W2t, const T *v2, T *a, T *part, int reverse) {              \
+    int zigzag = rows * (k1 + k2) >= (1 << 18);                                               \
+    PARALLEL_ROWS(rows, k1 + k2, 1 << 18, gemv2_block_##SUF(rows, r0, r1, k1, W1t, v1, k2,   \
+                                                            W2t, v2, a, part, zigzag,         \
+                                                            reverse))                         \
 }
-GEMV2_ZIGZAG(float, f32)
-GEMV2_ZIGZAG(double, f64)
+GEMV2(float, f32)
+GEMV2(double, f64)
 
 /* What a one-token step keeps from call to call: built once per set of weights by
  * glasslstm.stream.StepKernel, so a step passes 7 pointers instead of 13 arguments.
  * layers[4 l .. 4 l + 3] = {w_ih^T (in x 4H), w_hh^T (P x 4H), bias (b_ih + b_hh, or NULL),
  * w_hr^T (H x P, or NULL)}: contiguous TRANSPOSED copies (see gemv_t), l = 0..L-1;
  * in_sizes[l]: the input size of layer l; work: STEP_WORK(H) values of scratch; phase: flipped
- * by every step (the zig-zag order of gemv2_zz). */
+ * by every step (the zig-zag order of gemv2). */
 typedef struct {
     int64_t L, H, P;
     const int64_t *in_sizes;
@@ -285,12 +297,7 @@ void glasslstm_step_##SUF(glasslstm_step_plan *plan, const T *x, const T *xproj,
         if (k1 == 0) memcpy(a, xproj, 4 * H * sizeof(T));                                     \
         else if (bias) memcpy(a, bias, 4 * H * sizeof(T));                                    \
         else memset(a, 0, 4 * H * sizeof(T));                                                 \
-        if (4 * H * (k1 + P) >= (1 << 18)) {                                                  \
-            gemv2_zz_##SUF(4 * H, k1, w_ih, v1, P, w_hh, hl, a, part, reverse);               \
-        } else {                                                                              \
-            if (k1) gemv_t_##SUF(4 * H, k1, w_ih, v1, a);                                     \
-            gemv_t_##SUF(4 * H, P, w_hh, hl, a);                                              \
-        }                                                                                     \
+        gemv2_##SUF(4 * H, k1, w_ih, v1, P, w_hh, hl, a, part, reverse);                     \
         T *dst = w_hr ? r : hl;                                                               \
         glasslstm_cell_forward_##SUF(1, H, a, 4 * H, cl, H, cl, tcw, H, dst, H);              \
         if (w_hr) {                                                                           \
