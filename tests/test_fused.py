@@ -401,3 +401,17 @@ def test_many_rows_match_torch(backend, bias):
     assert rel_err(outs[0], outs[1]) <= 1e-12
     for a, b in zip(*grads):
         assert rel_err(a, b) <= 1e-12
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")       # jit.trace, still in use
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_drop_in_step_stays_out_of_jit_traces():
+    """Under torch.jit.trace the one-token call runs the torch ops, so the trace has them."""
+    lstm = glasslstm.LSTM(3, 4).eval()
+    x, hx = torch.randn(1, 1, 3), (torch.randn(1, 1, 4), torch.randn(1, 1, 4))
+    with torch.no_grad():
+        want = lstm(x, hx)
+        traced = torch.jit.trace(lstm, (x, hx), check_trace=False)
+        x2 = torch.randn(1, 1, 3)
+        got, want2 = traced(x2, hx), lstm(x2, hx)
+    assert rel_err(got[0], want2[0]) <= 1e-6 and not torch.equal(got[0], want[0])

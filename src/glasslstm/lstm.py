@@ -163,11 +163,10 @@ class LSTM(Recurrent):
 
     def __call__(self, *args, **kwargs):
         """torch's module call; a one-token step of one sequence under ``torch.no_grad()``
-        with no hooks, tracing or ``compile()`` in the way goes straight to the C step,
+        with no hooks or ``compile()`` in the way goes straight to the C step,
         skipping the module machinery (the batch-1 streaming target is 10 us)."""
         if (0 < len(args) <= 2 and not kwargs and not torch.is_grad_enabled()
-                and self._compiled_call_impl is None and not _hooked(self)
-                and not torch._C._get_tracing_state()):
+                and self.__dict__.get("_compiled_call_impl") is None and not _hooked(self)):
             fast = drop_in_step(self, args[0], args[1] if len(args) == 2 else None)
             if fast is not None:
                 return fast

@@ -166,6 +166,8 @@ class DropInStep:
 def drop_in_step(lstm, input, hx):
     """:class:`DropInStep` for ``lstm``, built (or rebuilt) as needed; None where the C step
     cannot run or this call is not a one-token step."""
+    if torch._C._get_tracing_state():    # torch.jit.trace must see the torch ops
+        return None
     plan = lstm._drop_in
     if plan is not None and plan.owner == id(lstm):
         return plan(lstm, input, hx)
