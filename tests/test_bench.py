@@ -52,6 +52,7 @@ def test_bench_memory_command_writes_table_json_and_png(tmp_path, capsys):
     assert data["init"] == "chrono" and {r["init"] for r in data["runs"]} == {"chrono"}
     assert data["runs"][0]["baseline"] == pytest.approx(10 * torch.log(torch.tensor(8.0)).item() / 25)
     assert (out / "memory-copy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "memory-copy-curves.png").read_bytes()[:4] == b"\x89PNG"   # learning curves
 
 
 def test_chrono_init_spans_the_task_length_for_the_lstm_only():

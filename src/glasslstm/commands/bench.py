@@ -17,6 +17,7 @@ from glasslstm.tasks.bench import (
     gradient_bench,
     memory_bench,
     plot_gradients,
+    plot_curves,
     plot_memory,
     runs_table,
     runs_to_json,
@@ -147,11 +148,12 @@ def run_memory(args) -> int:
             "runs": runs_to_json(runs)}
     (out / f"memory-{args.task}.json").write_text(json.dumps(data, indent=2))
     png = plot_memory(runs, out / f"memory-{args.task}.png")
+    curves = plot_curves(runs, out / f"memory-{args.task}-curves.png")
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         print(runs_table(runs))
-        print(f"\nwrote {out / f'memory-{args.task}.json'} and {png}")
+        print(f"\nwrote {out / f'memory-{args.task}.json'}, {png} and {curves}")
     return 0
 
 

@@ -211,6 +211,34 @@ def plot_memory(runs: list[MemoryRun], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_curves(runs: list[MemoryRun], path: Path) -> Path:
+    """Learning curves: the held-out metric against training sequences seen, one panel per T,
+    one line per model, the baseline dashed; where a model solved the task, a dot."""
+    from glasslstm.viz import _figure, save_figure
+
+    plt = _figure()
+    Ts = sorted({r.T for r in runs})
+    fig, axes = plt.subplots(1, len(Ts), figsize=(5 * len(Ts), 3.8), dpi=110, squeeze=False)
+    for ax, T in zip(axes[0], Ts):
+        for r in (r for r in runs if r.T == T):
+            seen, values = zip(*r.curve)
+            line = ax.plot(seen, values, label=r.model)[0]
+            if r.solved:
+                ax.plot([r.solved_at], [dict(r.curve)[r.solved_at]], "o", color=line.get_color())
+        ax.axhline(next(r.baseline for r in runs if r.T == T), color="k", ls="--", alpha=0.6,
+                   label="baseline")
+        ax.set_title(f"{runs[0].task}, T = {T}")
+        ax.set_xlabel("training sequences")
+        if runs[0].primary != "accuracy":   # losses: the fall below the baseline, on a log scale
+            ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1000:g}k")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"held-out {runs[0].primary}")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 # --------------------------------------------------------------------------- the gradient
 
 
