@@ -253,8 +253,8 @@ def gradient_norms(model: SequenceModel, task: Task, *, batch_size: int = 32,
     x, target, mask = task_batch(task, model, batch_size, torch.Generator().manual_seed(seed))
     inp = model.inputs(x)
     state, hs, cs, outs = None, [], [], []
-    for t in range(inp.shape[1]):
-        out, state = model.rnn(inp[:, t : t + 1], state)
+    for x_t in inp.unbind(1):  # not inp[:, t]: its backward would be O(T^2)
+        out, state = model.rnn(x_t.unsqueeze(1), state)
         for s in (out, *state) if isinstance(state, tuple) else (out, state):
             s.retain_grad()
         if isinstance(state, tuple):
