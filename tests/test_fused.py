@@ -415,3 +415,17 @@ def test_drop_in_step_stays_out_of_jit_traces():
         x2 = torch.randn(1, 1, 3)
         got, want2 = traced(x2, hx), lstm(x2, hx)
     assert rel_err(got[0], want2[0]) <= 1e-6 and not torch.equal(got[0], want[0])
+
+
+def test_drop_in_step_follows_a_later_backend_change(monkeypatch):
+    lstm = glasslstm.LSTM(3, 4)
+    x = torch.randn(1, 1, 3)
+    with torch.no_grad():
+        want = lstm(x)[0]                                # builds the module's C-step plan
+
+        def no_c_step(*args):
+            raise AssertionError("the C step ran although backend='bptt'")
+
+        monkeypatch.setattr(lstm._drop_in.kernel, "_step", no_c_step)
+        lstm.backend = "bptt"
+        assert rel_err(lstm(x)[0], want) <= 1e-6           # the torch path, same numbers

@@ -102,11 +102,13 @@ def fused_step_possible(lstm, device: torch.device, dtype: torch.dtype) -> bool:
 class DropInStep:
     """``lstm(x_t, hx)`` for ONE step of ONE sequence under no_grad, through the C kernel:
     what a drop-in user's generation loop calls (:meth:`glasslstm.LSTM.__call__` tries it
-    first). Built once per module and kept on it; each call re-checks only what can change
-    between calls (shapes, dtypes, devices, the backend setting, dropout, the weights).
+    first). Built once per module and kept on it; each call re-checks what can change between
+    calls (shapes, dtypes, devices, ``lstm.backend``, dropout, the weights). Like
+    :class:`Stream`, it reads ``$GLASSLSTM_BACKEND`` when it is built (the module's first
+    such step), not on every call.
     """
 
-    _FAST_BACKENDS = (None, "", "auto", "fused")
+    _FAST_BACKENDS = (None, "auto", "fused")
 
     def __init__(self, lstm):
         self.owner = id(lstm)   # a copied module's __dict__ must not reuse this plan
