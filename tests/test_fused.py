@@ -260,13 +260,14 @@ def test_drop_in_step_keeps_the_callers_state_and_grad_mode():
     assert out.grad_fn is not None
 
 
-def test_drop_in_step_beyond_l2_is_the_same_on_every_step():
+@pytest.mark.parametrize("proj", [0, 96])
+def test_drop_in_step_beyond_l2_is_the_same_on_every_step(proj):
     """H = 256 takes the chunked zig-zag product (weights read front to back on one step, back
     to front on the next): torch's results, and the same call twice gives the same bits."""
-    ref = torch.nn.LSTM(256, 256, num_layers=2)
+    ref = torch.nn.LSTM(256, 256, num_layers=2, proj_size=proj)
     lstm = glasslstm.LSTM.from_torch(ref)
     x = torch.randn(1, 1, 256)
-    hx = tuple(torch.randn(2, 1, 256) for _ in range(2))
+    hx = (torch.randn(2, 1, proj or 256), torch.randn(2, 1, 256))
     with torch.no_grad():
         first = lstm(x, hx)
         second = lstm(x, hx)                   # the other direction through the weights
