@@ -174,7 +174,7 @@ class LSTM(Recurrent):
 
     def __getstate__(self):
         state = super().__getstate__()
-        if state.get("_drop_in") is not None:  # ctypes pointers: neither copied nor pickled
+        if state.get("_drop_in") is not None:  # ctypes pointers: never copied or serialized
             state = {**state, "_drop_in": None}
         return state
 
