@@ -430,3 +430,18 @@ def test_drop_in_step_follows_a_later_backend_change(monkeypatch):
         monkeypatch.setattr(lstm._drop_in.kernel, "_step", no_c_step)
         lstm.backend = "bptt"
         assert rel_err(lstm(x)[0], want) <= 1e-6           # the torch path, same numbers
+
+
+def test_drop_in_step_runs_global_module_hooks():
+    lstm = glasslstm.LSTM(3, 4)
+    x = torch.randn(1, 1, 3)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: calls.append(type(mod).__name__))
+    try:
+        with torch.no_grad():
+            lstm(x)
+            lstm(x)
+    finally:
+        handle.remove()
+    assert calls == ["LSTM", "LSTM"]
