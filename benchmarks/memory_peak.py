@@ -70,14 +70,18 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _setup(spec: dict):
+    """A worker's threads and device, and ``(T, B, I, H, checkpoint)`` from its spec."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    return torch.device(spec["device"]), tuple(spec[k] for k in ("T", "B", "I", "H", "checkpoint"))
+
+
 def worker(spec: dict) -> dict:
     """Build, warm up, then measure ``spec["steps"]`` training steps; returns the figures."""
     import glasslstm
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    T, B, I, H, S = spec["T"], spec["B"], spec["I"], spec["H"], spec["checkpoint"]
+    device, (T, B, I, H, S) = _setup(spec)
     torch.manual_seed(0)
     model = glasslstm.LSTM(I, H, spec["layers"], backend=spec["backend"], checkpoint=S,
                            device=device)
@@ -124,10 +128,7 @@ def timing_worker(spec: dict) -> dict:
     """Step times without and with checkpointing, taking turns (see the module docstring)."""
     import glasslstm
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    T, B, I, H, S = spec["T"], spec["B"], spec["I"], spec["H"], spec["checkpoint"]
+    device, (T, B, I, H, S) = _setup(spec)
     torch.manual_seed(0)
     models = {0: glasslstm.LSTM(I, H, spec["layers"], backend=spec["backend"], device=device)}
     models[S] = glasslstm.LSTM(I, H, spec["layers"], backend=spec["backend"], checkpoint=S,

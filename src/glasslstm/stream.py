@@ -159,9 +159,7 @@ class DropInStep:
             input = input.contiguous()
         # one layer: the output has h_n's shape ((1, 1, P) or (1, P))
         out = torch.empty_like(h_n) if self.single else torch.empty(sy, dtype=dt)
-        k = self.kernel
-        k._step(k._plan_ptr, input.data_ptr(), None, h_in, c_in, h_n.data_ptr(), c_n.data_ptr(),
-                out.data_ptr())
+        self.kernel(input.data_ptr(), None, h_n, c_n, out, h_in, c_in)
         return out, (h_n, c_n)
 
 

@@ -158,15 +158,16 @@ def blas_routines() -> dict:
             except OSError:
                 continue
             for dtype, symbols in _BLAS_SYMBOLS.items():
-                addr = [getattr(lib, sym, None) for sym in symbols]
-                addr = [None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
-                        for fn in addr]
-                if addr[0] is None:
+                gemm, *pack = (_address(lib, sym) for sym in symbols)
+                if gemm is None:
                     continue
-                if not use_pack or None in addr[1:]:
-                    addr[1:] = [None] * 3
-                found[dtype] = Blas(*addr)
+                found[dtype] = Blas(gemm, *(pack if use_pack and None not in pack else [None] * 3))
     return found
+
+
+def _address(lib: ctypes.CDLL, symbol: str) -> int | None:
+    fn = getattr(lib, symbol, None)
+    return None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
 
 
 def available() -> bool:
