@@ -322,7 +322,17 @@ def test_drop_in_plan_is_neither_copied_nor_pickled():
         assert torch.equal(loaded(x)[0], before)
 
 
-def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode():
+@pytest.fixture
+def two_threads():
+    """Two OpenMP threads whatever the machine has: the row-split time loops need two."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("batch", [1, 32])        # 32: the loop is split over the threads
+def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode(batch, two_threads):
     """A gradient halved at each of 140 steps reaches 2^-140 (7e-43, denormal in float32):
     the fused time loop flushes it to zero (denormal arithmetic is 10-100x slower on x86),
     the torch path keeps it; float64 has the range, and both agree. The calling thread's
@@ -338,15 +348,74 @@ def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode():
             with torch.no_grad():
                 for p in lstm.parameters():
                     p.zero_()                          # every gate 0.5: dc_{t-1} = 0.5 dc_t
-            c0 = torch.ones(1, 1, 1, dtype=dtype, requires_grad=True)
-            _, (_, c_n) = lstm(torch.zeros(140, 1, 1, dtype=dtype),
-                               (torch.zeros(1, 1, 1, dtype=dtype), c0))
+            c0 = torch.ones(1, batch, 1, dtype=dtype, requires_grad=True)
+            _, (_, c_n) = lstm(torch.zeros(140, batch, 1, dtype=dtype),
+                               (torch.zeros(1, batch, 1, dtype=dtype), c0))
             c_n.sum().backward()
-            grads[dtype, backend] = float(c0.grad)
+            grads[dtype, backend] = c0.grad.flatten().tolist()
     assert control() == before
-    assert grads[torch.float32, "bptt"] == pytest.approx(2.0 ** -140, rel=1e-3)
-    assert grads[torch.float32, "fused"] == 0.0
-    assert grads[torch.float64, "fused"] == grads[torch.float64, "bptt"] == 2.0 ** -140
+    assert grads[torch.float32, "bptt"] == pytest.approx([2.0 ** -140] * batch, rel=1e-3)
+    assert grads[torch.float32, "fused"] == [0.0] * batch        # every thread flushed
+    assert grads[torch.float64, "fused"] == grads[torch.float64, "bptt"] == [2.0 ** -140] * batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", [{}, {"proj_size": 5, "bidirectional": True}])
+def test_row_split_time_loops_match_torch(dtype, cfg, two_threads):
+    """With small weights the time loops share out the batch rows (37 rows: an uneven split),
+    each thread running every step for its rows; ragged lengths end rows inside one thread's
+    share and in the other's. Forward and gradients match torch and the one-thread loops."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(6, 12, num_layers=2, dtype=dtype, **cfg)
+    ours = glasslstm.LSTM.from_torch(ref, backend="fused")
+    T, B = 9, 37
+    x = torch.randn(T, B, 6, dtype=dtype)
+    lengths = torch.tensor(sorted(torch.randint(1, T + 1, (B,)).tolist(), reverse=True))
+    lengths[0] = T
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+
+    def run(model, ragged, threads):
+        torch.set_num_threads(threads)
+        xx = x.clone().requires_grad_()
+        if model is ref and ragged:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths)
+            y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
+        else:
+            y = model(xx, lengths=lengths)[0] if ragged else model(xx)[0]
+        grads = torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0, model.weight_ih_l1])
+        return [y.detach(), *grads]
+
+    for ragged in (False, True):
+        want = run(ref, ragged, 2)
+        split, serial = run(ours, ragged, 2), run(ours, ragged, 1)
+        for a, b, c in zip(split, serial, want):
+            assert rel_err(a, c) <= tol
+            assert rel_err(a, b) <= tol
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_large_weight_loops_match_torch(ragged, two_threads):
+    """Weights beyond a core's L2 keep one loop with threaded GEMMs; a step's gate math with
+    8192+ values is still shared by the threads (48 rows x 192 units, float64)."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(7, 192, dtype=torch.float64)
+    ours = glasslstm.LSTM.from_torch(ref, backend="fused")
+    T, B = 6, 48
+    x = torch.randn(T, B, 7, dtype=torch.float64)
+    lengths = torch.tensor([T] * 20 + [4] * 20 + [1] * 8)
+    outs = []
+    for model in (ours, ref):
+        xx = x.clone().requires_grad_()
+        if not ragged:
+            y = model(xx)[0]
+        elif model is ours:
+            y = model(xx, lengths=lengths)[0]
+        else:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths)
+            y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
+        outs.append([y.detach(), *torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0])])
+    for a, b in zip(*outs):
+        assert rel_err(a, b) <= 1e-12
 
 
 def _tiny_lm(vocab="abc ."):

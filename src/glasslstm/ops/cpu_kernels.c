@@ -364,10 +364,68 @@ static void ftz_begin(ftz_state *st, int64_t steps) {
     FTZ_EACH_THREAD(st->pool, ftz_set(&st->saved[id_]))
 }
 static void ftz_end(ftz_state *st) { FTZ_EACH_THREAD(st->pool, _mm_setcsr(st->saved[id_])) }
+static void fp_begin(unsigned int *saved) { ftz_set(saved); }
+static void fp_end(unsigned int saved) { _mm_setcsr(saved); }
 #else
+static void fp_begin(unsigned int *saved) { *saved = 0; }
+static void fp_end(unsigned int saved) { (void)saved; }
 typedef struct { int unused; } ftz_state;
 static void ftz_begin(ftz_state *st, int64_t steps) { (void)st; (void)steps; }
 static void ftz_end(ftz_state *st) { (void)st; }
+#endif
+
+/* Batch-row split of a whole time loop over the OpenMP threads (see forward_rows below):
+ * how many threads, at least ROW_SPLIT_MIN rows each; 1 = one loop on the calling thread,
+ * its GEMMs threaded by the BLAS. Inside the region the BLAS runs one thread per call (MKL
+ * and OpenBLAS do not nest), and each thread flushes denormals for itself. */
+#define ROW_SPLIT_MIN 8
+#ifndef ROW_SPLIT_MAX_BYTES
+#define ROW_SPLIT_MAX_BYTES (1 << 20)
+#endif
+#ifdef _OPENMP
+static int row_threads(int64_t B, size_t weight_bytes) {
+    int64_t nt = omp_get_max_threads();
+    if (omp_in_parallel() || weight_bytes > ROW_SPLIT_MAX_BYTES) return 1;
+    if (nt > B / ROW_SPLIT_MIN) nt = B / ROW_SPLIT_MIN;
+    return nt < 1 ? 1 : (int)nt;
+}
+#define ROW_SPLIT(B, BODY) /* the threads: the caller's variable nt */                        \
+    _Pragma("omp parallel num_threads(nt)")                                                   \
+    {                                                                                         \
+        int64_t nt_ = omp_get_num_threads(), id_ = omp_get_thread_num();                      \
+        int64_t r0 = (B) * id_ / nt_, r1 = (B) * (id_ + 1) / nt_;                              \
+        unsigned int fp_;                                                                     \
+        fp_begin(&fp_);                                                                       \
+        if (r0 < r1) BODY                                                                     \
+        fp_end(fp_);                                                                          \
+    }
+#else
+static int row_threads(int64_t B, size_t weight_bytes) { (void)B; (void)weight_bytes; return 1; }
+#define ROW_SPLIT(B, BODY) { int64_t r0 = 0, r1 = (B); BODY }
+#endif
+
+/* CELL_ROWS: rows [r0, r1) of a step's gate math on each OpenMP thread (see
+ * cell_forward_par), or all rows here (inside a row split, or too little work). */
+#define CELL_SPLIT_MIN 8192
+#ifdef _OPENMP
+#define CELL_ROWS(n, H, CALL)                                                                 \
+    if ((n) >= 2 && (n) * (H) >= CELL_SPLIT_MIN && omp_get_max_threads() > 1                 \
+        && !omp_in_parallel()) {                                                              \
+        _Pragma("omp parallel")                                                               \
+        {                                                                                     \
+            int64_t nt_ = omp_get_num_threads(), id_ = omp_get_thread_num();                  \
+            int64_t r0 = (n) * id_ / nt_, r1 = (n) * (id_ + 1) / nt_;                          \
+            unsigned int fp_;                                                                 \
+            fp_begin(&fp_);                                                                   \
+            if (r0 < r1) CALL;                                                                \
+            fp_end(fp_);                                                                      \
+        }                                                                                     \
+    } else {                                                                                  \
+        int64_t r0 = 0, r1 = (n);                                                             \
+        CALL;                                                                                 \
+    }
+#else
+#define CELL_ROWS(n, H, CALL) { int64_t r0 = 0, r1 = (n); CALL; }
 #endif
 
 /* The BLAS routines a time loop calls (addresses found in torch's own library by
@@ -417,76 +475,148 @@ static void compute_##SUF(const glasslstm_blas *blas, int64_t m, int64_t n, int6
     ((compute_##SUF##_t)blas->compute)("P", "N", &mi, &ni, &ki, packed, &mi, B, &lb, &beta,   \
                                        C, &lc);                                               \
 }                                                                                             \
+/* The gate math of a step in a loop that is not row-split (large weights: the BLAS threads \
+ * each GEMM): from CELL_SPLIT_MIN values on, the rows are shared by the OpenMP threads too,  \
+ * instead of one thread doing them while the others wait for the next GEMM. */               \
+static void cell_forward_par_##SUF(int64_t n, int64_t H, T *a, int64_t lda, const T *cp,      \
+                                   int64_t ldp, T *c, T *tc, int64_t ldc, T *out,             \
+                                   int64_t ldo) {                                             \
+    CELL_ROWS(n, H, glasslstm_cell_forward_##SUF(r1 - r0, H, a + r0 * lda, lda,               \
+                                                 cp + r0 * ldp, ldp, c + r0 * ldc,            \
+                                                 tc + r0 * ldc, ldc, out + r0 * ldo, ldo))    \
+}                                                                                             \
+static void cell_backward_par_##SUF(int64_t n, int64_t H, const T *a, int64_t lda,           \
+                                    const T *cp, int64_t ldp, const T *tc, int64_t ldt,       \
+                                    const T *dh, const T *dy, int64_t ldh, T *dc, int64_t ldc, \
+                                    T *d) {                                                   \
+    CELL_ROWS(n, H, glasslstm_cell_backward_##SUF(r1 - r0, H, a + r0 * lda, lda,              \
+                                                  cp + r0 * ldp, ldp, tc + r0 * ldt, ldt,     \
+                                                  dh + r0 * ldh, dy ? dy + r0 * ldh : NULL,   \
+                                                  ldh, dc + r0 * ldc, ldc, d + r0 * lda))     \
+}                                                                                             \
+/* One thread's share of a time loop: batch rows [r0, r1) for all steps. Rows of a batch never \
+ * meet in an LSTM (row b's state depends on row b alone), so threads that own disjoint rows  \
+ * run whole loops without a single barrier: each multiplies its rows by the (packed) weight \
+ * with a one-thread GEMM and does their gate math. `packed` is this share's own copy. */     \
+static void forward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int64_t Tn,      \
+                               int64_t B, int64_t H, int64_t P, int64_t r0, int64_t r1,       \
+                               T *gates, T *hs, T *cs, T *tanh_c, T *rs, const T *w_hh,       \
+                               const T *w_hr, const int64_t *batch_sizes, int reverse,        \
+                               int transposed) {                                              \
+    GEMM_T gemm = (GEMM_T)blas->gemm;                                                         \
+    for (int64_t s = 0; s < Tn; s++) {                                                        \
+        int64_t t = reverse ? Tn - 1 - s : s;                                                 \
+        int64_t prev = reverse ? t + 1 : t, cur = reverse ? t : t + 1;                        \
+        int64_t nb = batch_sizes ? batch_sizes[t] : B;                                        \
+        int64_t e = nb < r1 ? nb : r1, n = e - r0; /* active rows: [r0, e) */                 \
+        T *hp = hs + prev * B * P, *hc = hs + cur * B * P;                                    \
+        T *cp = cs + prev * B * H, *cc = cs + cur * B * H;                                    \
+        if (e < r1) { /* rows past their end (or before their start) keep their state */      \
+            int64_t k0 = e > r0 ? e : r0;                                                     \
+            memcpy(hc + k0 * P, hp + k0 * P, (size_t)((r1 - k0) * P) * sizeof(T));            \
+            memcpy(cc + k0 * H, cp + k0 * H, (size_t)((r1 - k0) * H) * sizeof(T));            \
+        }                                                                                     \
+        if (n <= 0) continue;                                                                 \
+        T *a = gates + (t * B + r0) * 4 * H, *hpr = hp + r0 * P;                              \
+        if (packed && n == r1 - r0) compute_##SUF(blas, 4 * H, n, P, packed, hpr, P, 1, a,     \
+                                                  4 * H);                                     \
+        else if (transposed) gemm_##SUF(gemm, 'N', 'N', 4 * H, n, P, w_hh, 4 * H, hpr, P, 1,  \
+                                        a, 4 * H);                                            \
+        else gemm_##SUF(gemm, 'T', 'N', 4 * H, n, P, w_hh, P, hpr, P, 1, a, 4 * H);           \
+        T *dst = rs ? rs + (t * B + r0) * H : hc + r0 * P;                                    \
+        cell_forward_par_##SUF(n, H, a, 4 * H, cp + r0 * H, H, cc + r0 * H,                   \
+                                     tanh_c + (t * B + r0) * H, H, dst, rs ? H : P);          \
+        if (rs && transposed) gemm_##SUF(gemm, 'N', 'N', P, n, H, w_hr, P, dst, H, 0,         \
+                                         hc + r0 * P, P);                                     \
+        else if (rs) gemm_##SUF(gemm, 'T', 'N', P, n, H, w_hr, H, dst, H, 0, hc + r0 * P, P); \
+    }                                                                                         \
+}                                                                                             \
+static T *pack_forward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64_t H, int64_t P,   \
+                             int64_t n, const T *w_hh, int transposed) {                      \
+    return transposed ? pack_a_##SUF(blas, Tn, 'N', 4 * H, n, P, w_hh, 4 * H)                 \
+                      : pack_a_##SUF(blas, Tn, 'T', 4 * H, n, P, w_hh, P);                    \
+}                                                                                             \
 void glasslstm_layer_forward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64_t B,        \
                                    int64_t H, int64_t P,                                      \
                                    T *gates, T *hs, T *cs, T *tanh_c, T *rs, const T *w_hh,   \
                                    const T *w_hr, const int64_t *batch_sizes, int reverse,    \
                                    int transposed) {                                          \
-    GEMM_T gemm = (GEMM_T)blas->gemm;                                                         \
-    ftz_state ftz;                                                                            \
-    ftz_begin(&ftz, Tn);                                                                          \
-    T *packed = transposed ? pack_a_##SUF(blas, Tn, 'N', 4 * H, B, P, w_hh, 4 * H)            \
-                           : pack_a_##SUF(blas, Tn, 'T', 4 * H, B, P, w_hh, P);               \
-    for (int64_t s = 0; s < Tn; s++) {                                                        \
-        int64_t t = reverse ? Tn - 1 - s : s;                                                 \
-        int64_t prev = reverse ? t + 1 : t, cur = reverse ? t : t + 1;                        \
-        int64_t nb = batch_sizes ? batch_sizes[t] : B;                                        \
-        T *hp = hs + prev * B * P, *hc = hs + cur * B * P;                                    \
-        T *cp = cs + prev * B * H, *cc = cs + cur * B * H;                                    \
-        if (nb < B) { /* rows past their end (or before their start) keep their state */      \
-            memcpy(hc + nb * P, hp + nb * P, (size_t)((B - nb) * P) * sizeof(T));             \
-            memcpy(cc + nb * H, cp + nb * H, (size_t)((B - nb) * H) * sizeof(T));             \
-            if (nb == 0) continue;                                                            \
-        }                                                                                     \
-        T *a = gates + t * B * 4 * H;                                                         \
-        if (packed && nb == B) compute_##SUF(blas, 4 * H, nb, P, packed, hp, P, 1, a, 4 * H); \
-        else if (transposed) gemm_##SUF(gemm, 'N', 'N', 4 * H, nb, P, w_hh, 4 * H, hp, P, 1, a, \
-                                        4 * H);                                               \
-        else gemm_##SUF(gemm, 'T', 'N', 4 * H, nb, P, w_hh, P, hp, P, 1, a, 4 * H);           \
-        T *dst = rs ? rs + t * B * H : hc;                                                    \
-        glasslstm_cell_forward_##SUF(nb, H, a, 4 * H, cp, H, cc, tanh_c + t * B * H, H, dst,  \
-                                     rs ? H : P);                                             \
-        if (rs && transposed) gemm_##SUF(gemm, 'N', 'N', P, nb, H, w_hr, P, dst, H, 0, hc, P); \
-        else if (rs) gemm_##SUF(gemm, 'T', 'N', P, nb, H, w_hr, H, dst, H, 0, hc, P);         \
+    int nt = row_threads(B, (size_t)(4 * H * P + (rs ? H * P : 0)) * sizeof(T));              \
+    if (nt > 1) {                                                                             \
+        ROW_SPLIT(B, {                                                                    \
+            T *packed = pack_forward_##SUF(blas, Tn, H, P, r1 - r0, w_hh, transposed);        \
+            forward_rows_##SUF(blas, packed, Tn, B, H, P, r0, r1, gates, hs, cs, tanh_c, rs,  \
+                               w_hh, w_hr, batch_sizes, reverse, transposed);                 \
+            free(packed);                                                                     \
+        })                                                                                    \
+        return;                                                                               \
     }                                                                                         \
+    ftz_state ftz;                                                                            \
+    ftz_begin(&ftz, Tn);                                                                      \
+    T *packed = pack_forward_##SUF(blas, Tn, H, P, B, w_hh, transposed);                      \
+    forward_rows_##SUF(blas, packed, Tn, B, H, P, 0, B, gates, hs, cs, tanh_c, rs, w_hh, w_hr, \
+                       batch_sizes, reverse, transposed);                                     \
     free(packed);                                                                             \
     ftz_end(&ftz);                                                                            \
 }                                                                                             \
-/* backward: dy (T, B, P) or NULL; dh (B, P) and dc (B, H): the gradients reaching the final   \
- * state on entry, the initial state's on exit; da (T, B, 4H): the pre-activation gradients   \
- * (zero-filled by the caller where rows are inactive); dhs (T, B, P) the gradient reaching    \
- * each H_t (needed for dW_hr) and dr (B, H) scratch, both only with a projection. */         \
+/* backward, rows [r0, r1) (see forward_rows): dy (T, B, P) or NULL; dh (B, P) and dc (B, H):  \
+ * the gradients reaching the final state on entry, the initial state's on exit; da (T, B,    \
+ * 4H): the pre-activation gradients (zero-filled by the caller where rows are inactive); dhs  \
+ * (T, B, P) the gradient reaching each H_t (needed for dW_hr) and dr (B, H) scratch, both    \
+ * only with a projection. */                                                                 \
+static void backward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int64_t Tn,     \
+                                int64_t B, int64_t H, int64_t P, int64_t r0, int64_t r1,      \
+                                const T *gates, const T *cs, const T *tanh_c, const T *dy,    \
+                                T *dh, T *dc, T *da, T *dhs, T *dr, const T *w_hh,            \
+                                const T *w_hr, const int64_t *batch_sizes, int reverse) {     \
+    GEMM_T gemm = (GEMM_T)blas->gemm;                                                         \
+    T *dhr = dh + r0 * P, *dcr = dc + r0 * H;                                                 \
+    for (int64_t s = 0; s < Tn; s++) {                                                        \
+        int64_t t = reverse ? s : Tn - 1 - s;                                                 \
+        int64_t prev = reverse ? t + 1 : t;                                                   \
+        int64_t nb = batch_sizes ? batch_sizes[t] : B;                                        \
+        int64_t n = (nb < r1 ? nb : r1) - r0;                                                 \
+        if (n <= 0) continue;                                                                 \
+        const T *dyt = dy ? dy + (t * B + r0) * P : NULL;                                     \
+        const T *g = dr + r0 * H, *gy = NULL;                                                 \
+        int64_t ldg = H;                                                                      \
+        if (w_hr) {                                                                           \
+            if (dyt) for (int64_t j = 0; j < n * P; j++) dhr[j] += dyt[j];                    \
+            memcpy(dhs + (t * B + r0) * P, dhr, (size_t)(n * P) * sizeof(T));                 \
+            gemm_##SUF(gemm, 'N', 'N', H, n, P, w_hr, H, dhr, P, 0, dr + r0 * H, H);          \
+        } else {                                                                              \
+            g = dhr; gy = dyt; ldg = P;                                                       \
+        }                                                                                     \
+        T *d = da + (t * B + r0) * 4 * H;                                                     \
+        cell_backward_par_##SUF(n, H, gates + (t * B + r0) * 4 * H, 4 * H,                    \
+                                      cs + (prev * B + r0) * H, H, tanh_c + (t * B + r0) * H, \
+                                      H, g, gy, ldg, dcr, H, d);                              \
+        if (packed && n == r1 - r0) compute_##SUF(blas, P, n, 4 * H, packed, d, 4 * H, 0,      \
+                                                  dhr, P);                                    \
+        else gemm_##SUF(gemm, 'N', 'N', P, n, 4 * H, w_hh, P, d, 4 * H, 0, dhr, P);           \
+    }                                                                                         \
+}                                                                                             \
 void glasslstm_layer_backward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64_t B,       \
                                     int64_t H, int64_t P,                                     \
                                     const T *gates, const T *cs, const T *tanh_c,             \
                                     const T *dy, T *dh, T *dc, T *da, T *dhs, T *dr,          \
                                     const T *w_hh, const T *w_hr,                             \
                                     const int64_t *batch_sizes, int reverse) {                \
-    GEMM_T gemm = (GEMM_T)blas->gemm;                                                         \
-    ftz_state ftz;                                                                            \
-    ftz_begin(&ftz, Tn);                                                                          \
-    T *packed = pack_a_##SUF(blas, Tn, 'N', P, B, 4 * H, w_hh, P);                            \
-    for (int64_t s = 0; s < Tn; s++) {                                                        \
-        int64_t t = reverse ? s : Tn - 1 - s;                                                 \
-        int64_t prev = reverse ? t + 1 : t;                                                   \
-        int64_t nb = batch_sizes ? batch_sizes[t] : B;                                        \
-        if (nb == 0) continue;                                                                \
-        const T *dyt = dy ? dy + t * B * P : NULL;                                            \
-        const T *g = dr, *gy = NULL;                                                          \
-        int64_t ldg = H;                                                                      \
-        if (w_hr) {                                                                           \
-            if (dyt) for (int64_t j = 0; j < nb * P; j++) dh[j] += dyt[j];                    \
-            memcpy(dhs + t * B * P, dh, (size_t)(nb * P) * sizeof(T));                        \
-            gemm_##SUF(gemm, 'N', 'N', H, nb, P, w_hr, H, dh, P, 0, dr, H);                   \
-        } else {                                                                              \
-            g = dh; gy = dyt; ldg = P;                                                        \
-        }                                                                                     \
-        T *d = da + t * B * 4 * H;                                                            \
-        glasslstm_cell_backward_##SUF(nb, H, gates + t * B * 4 * H, 4 * H, cs + prev * B * H,  \
-                                      H, tanh_c + t * B * H, H, g, gy, ldg, dc, H, d);        \
-        if (packed && nb == B) compute_##SUF(blas, P, nb, 4 * H, packed, d, 4 * H, 0, dh, P); \
-        else gemm_##SUF(gemm, 'N', 'N', P, nb, 4 * H, w_hh, P, d, 4 * H, 0, dh, P);           \
+    int nt = row_threads(B, (size_t)(4 * H * P + (w_hr ? H * P : 0)) * sizeof(T));            \
+    if (nt > 1) {                                                                             \
+        ROW_SPLIT(B, {                                                                    \
+            T *packed = pack_a_##SUF(blas, Tn, 'N', P, r1 - r0, 4 * H, w_hh, P);              \
+            backward_rows_##SUF(blas, packed, Tn, B, H, P, r0, r1, gates, cs, tanh_c, dy, dh, \
+                                dc, da, dhs, dr, w_hh, w_hr, batch_sizes, reverse);           \
+            free(packed);                                                                     \
+        })                                                                                    \
+        return;                                                                               \
     }                                                                                         \
+    ftz_state ftz;                                                                            \
+    ftz_begin(&ftz, Tn);                                                                      \
+    T *packed = pack_a_##SUF(blas, Tn, 'N', P, B, 4 * H, w_hh, P);                            \
+    backward_rows_##SUF(blas, packed, Tn, B, H, P, 0, B, gates, cs, tanh_c, dy, dh, dc, da,    \
+                        dhs, dr, w_hh, w_hr, batch_sizes, reverse);                           \
     free(packed);                                                                             \
     ftz_end(&ftz);                                                                            \
 }
