@@ -364,7 +364,8 @@ def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode(batch
 def test_row_split_time_loops_match_torch(dtype, cfg, two_threads):
     """With small weights the time loops share out the batch rows (37 rows: an uneven split),
     each thread running every step for its rows; ragged lengths end rows inside one thread's
-    share and in the other's. Forward and gradients match torch and the one-thread loops."""
+    share and in the other's. Forward and gradients (the bias's: summed by the loop, a partial
+    per thread) match torch and the one-thread loops."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(6, 12, num_layers=2, dtype=dtype, **cfg)
     ours = glasslstm.LSTM.from_torch(ref, backend="fused")
@@ -382,7 +383,8 @@ def test_row_split_time_loops_match_torch(dtype, cfg, two_threads):
             y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
         else:
             y = model(xx, lengths=lengths)[0] if ragged else model(xx)[0]
-        grads = torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0, model.weight_ih_l1])
+        grads = torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0, model.weight_ih_l1,
+                                                     model.bias_ih_l0, model.bias_hh_l1])
         return [y.detach(), *grads]
 
     for ragged in (False, True):
@@ -413,7 +415,8 @@ def test_large_weight_loops_match_torch(ragged, two_threads):
         else:
             packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths)
             y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
-        outs.append([y.detach(), *torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0])])
+        outs.append([y.detach(), *torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0,
+                                                                         model.bias_ih_l0])])
     for a, b in zip(*outs):
         assert rel_err(a, b) <= 1e-12
 

@@ -51,7 +51,11 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     # Input projections of all steps at once: x_t U + b  -> (T, B, 4H). On many rows a
     # contiguous U^T pays for its copy (MKL's GEMM on a transposed view: ~20% slower).
     u = w_ih.t().contiguous() if T * B >= 64 and x.device.type == "cpu" else w_ih.t()
-    if bias is not None:
+    # A kernel that runs the whole time loop adds b itself, as it reads each step's gates:
+    # addmm would first write the broadcast bias over all T*B rows (at H = 128 that copy cost
+    # ~5% of a training step).
+    whole = getattr(cell, "layer_forward", None)
+    if bias is not None and whole is None:
         gates = torch.addmm(bias, x2, u).view(T, B, 4 * H)
     else:
         gates = torch.mm(x2, u).view(T, B, 4 * H)
@@ -63,9 +67,11 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     start = T if reverse else 0
     hs[start] = h0
     cs[start] = c0
-    whole = getattr(cell, "layer_forward", None)  # a kernel that runs the whole time loop
-    if whole is not None and whole(gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse):
-        return gates, hs, cs, tanh_c, rs
+    if whole is not None:
+        if whole(gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse, bias):
+            return gates, hs, cs, tanh_c, rs
+        if bias is not None:        # the loop could not run there: the Python loop below
+            gates += bias
     # Contiguous transposed copies: the per-step GEMM on a transposed view is 20-30% slower
     # (measured at H=512 and 1024). The copy costs about one step, so only long sequences get
     # it — not the one-token steps of generation.
@@ -242,20 +248,25 @@ class LSTMLayerFunction(torch.autograd.Function):
         # (B, P) / (B, H): the gradient arriving at the state, from later steps and h_n / c_n
         dh = x.new_zeros(B, P) if dh_n is None else dh_n.clone(memory_format=torch.contiguous_format)
         dc = x.new_zeros(B, H) if dc_n is None else dc_n.clone(memory_format=torch.contiguous_format)
+        need = ctx.needs_input_grad
+        need_db = ctx.has_bias and (need[5] or need[6])
         whole = getattr(cell, "layer_backward", None)  # a kernel that runs the whole time loop
+        # such a kernel sums the bias gradient while each step's da is in cache
+        db = x.new_empty(4 * H) if need_db and whole is not None else None
         if whole is None or not whole(gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr,
-                                      batch_sizes, reverse):
+                                      batch_sizes, reverse, db):
             _backward_steps(cell, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr,
                             batch_sizes, reverse)
+            db = None
 
         # Gradients of the weights and input: one GEMM each over all T*B rows.
         da2 = da.view(T * B, 4 * H)
-        need = ctx.needs_input_grad
         dx = torch.mm(da2, w_ih).view(T, B, I) if need[0] else None
         dw_ih = torch.mm(da2.t(), x.reshape(T * B, I)) if need[3] else None
         h_prev = hs[1:] if reverse else hs[:T]
         dw_hh = torch.mm(da2.t(), h_prev.reshape(T * B, P)) if need[4] else None
-        db = da2.sum(0) if ctx.has_bias and (need[5] or need[6]) else None
+        if need_db and db is None:
+            db = da2.sum(0)
         dw_hr = None
         if w_hr is not None and need[7]:
             dw_hr = torch.mm(dhs.view(T * B, P).t(), rs.view(T * B, H))

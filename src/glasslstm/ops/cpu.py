@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # (ISO C mode forbids it by default); 512-bit vectors where the CPU has them (harmless elsewhere).
 FLAGS = ["-O3", "-march=native", "-std=c99", "-fno-trapping-math", "-fno-math-errno",
          "-ffp-contract=fast", "-mprefer-vector-width=512", "-fPIC", "-shared"]
-ABI_VERSION = 7
+ABI_VERSION = 8
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 _failure: str | None = None
@@ -113,17 +113,17 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.glasslstm_step_work.argtypes, lib.glasslstm_step_work.restype = [i64], i64
     for suf in SUFFIX.values():
-        getattr(lib, f"glasslstm_cell_forward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, i64,
-                                                                  ptr, ptr, i64, ptr, i64]
+        getattr(lib, f"glasslstm_cell_forward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, ptr,
+                                                                  i64, ptr, ptr, i64, ptr, i64]
         getattr(lib, f"glasslstm_cell_backward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, i64,
                                                                    ptr, i64, ptr, ptr, i64,
                                                                    ptr, i64, ptr]
         getattr(lib, f"glasslstm_step_{suf}").argtypes = [ptr] * 8
         sizes = ctypes.POINTER(i64)
         getattr(lib, f"glasslstm_layer_forward_{suf}").argtypes = (
-            [ptr, i64, i64, i64, i64] + [ptr] * 7 + [sizes, ctypes.c_int, ctypes.c_int])
+            [ptr, i64, i64, i64, i64] + [ptr] * 8 + [sizes, ctypes.c_int, ctypes.c_int])
         getattr(lib, f"glasslstm_layer_backward_{suf}").argtypes = (
-            [ptr, i64, i64, i64, i64] + [ptr] * 11 + [sizes, ctypes.c_int])
+            [ptr, i64, i64, i64, i64] + [ptr] * 12 + [sizes, ctypes.c_int])
         getattr(lib, f"glasslstm_linear_{suf}").argtypes = [i64, i64, ptr, ptr, ptr, ptr]
         for name in ("cell_forward", "cell_backward", "step", "layer_forward", "layer_backward",
                      "linear"):
@@ -209,7 +209,10 @@ class CpuCell:
         return (self._blas is not None and w_hh.is_contiguous()
                 and (w_hr is None or w_hr.is_contiguous()))
 
-    def layer_forward(self, gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse) -> bool:
+    def layer_forward(self, gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse,
+                      bias=None) -> bool:
+        """The forward time loop; ``bias`` (4H), when given, is added to ``gates`` (x U) in
+        the loop. False (nothing done) where the loop cannot run in C."""
         if not self._loops_in_c(w_hh, w_hr):
             return False
         T, B, H4 = gates.shape
@@ -219,11 +222,13 @@ class CpuCell:
             w_hr = None if w_hr is None else w_hr.t().contiguous()
         self._layer_fwd(self._blas_ptr, T, B, H4 // 4, hs.shape[2], gates.data_ptr(), hs.data_ptr(),
                         cs.data_ptr(), tanh_c.data_ptr(), _ptr(rs), w_hh.data_ptr(), _ptr(w_hr),
-                        _sizes(batch_sizes), int(reverse), int(transposed))
+                        _ptr(bias), _sizes(batch_sizes), int(reverse), int(transposed))
         return True
 
     def layer_backward(self, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes,
-                       reverse) -> bool:
+                       reverse, db=None) -> bool:
+        """The backward time loop; ``db`` (4H), when given, receives the bias gradient (the
+        sum of ``da`` over all rows). False (nothing done) where the loop cannot run in C."""
         if not self._loops_in_c(w_hh, w_hr):
             return False
         T, B, H4 = gates.shape
@@ -231,13 +236,13 @@ class CpuCell:
         dr = None if w_hr is None else dc.new_empty(B, H)
         self._layer_bwd(self._blas_ptr, T, B, H, dh.shape[1], gates.data_ptr(), cs.data_ptr(),
                         tanh_c.data_ptr(), _ptr(dy), dh.data_ptr(), dc.data_ptr(), da.data_ptr(),
-                        _ptr(dhs), _ptr(dr), w_hh.data_ptr(), _ptr(w_hr), _sizes(batch_sizes),
-                        int(reverse))
+                        _ptr(dhs), _ptr(dr), w_hh.data_ptr(), _ptr(w_hr), _ptr(db),
+                        _sizes(batch_sizes), int(reverse))
         return True
 
     def forward(self, a, c_prev, c, tc, out) -> None:
         n, H = c.shape
-        self._fwd(n, H, a.data_ptr(), a.stride(0), c_prev.data_ptr(), c_prev.stride(0),
+        self._fwd(n, H, a.data_ptr(), a.stride(0), None, c_prev.data_ptr(), c_prev.stride(0),
                   c.data_ptr(), tc.data_ptr(), c.stride(0), out.data_ptr(), out.stride(0))
 
     @staticmethod

@@ -109,17 +109,24 @@ static inline double tanh_f64(double x) { return 2.0 / (1.0 + exp_f64(-2.0 * x))
 /* ---- the cell, pointwise ---------------------------------------------------------------
  * forward: a (n rows, stride lda >= 4H) holds the pre-activations x U + H W + b on entry and
  * the activated gates i, f, g, o on exit; c = f c_prev + i g; tc = tanh(c); out = o tc.
+ * bias (4H, nullable): added to every row of a first (a time loop's x U then comes from a
+ * plain GEMM: torch's addmm would write the broadcast bias over the whole (T B, 4H) first).
  * c_prev, c, tc, out: n rows of H, row strides ldc (c_prev, c, tc) and ldo (out).
  */
 #define CELL_FORWARD(T, SUF)                                                                  \
 void glasslstm_cell_forward_##SUF(int64_t n, int64_t H, T *RESTRICT a, int64_t lda,          \
-                                  const T *c_prev, int64_t ldp, T *c, T *RESTRICT tc,        \
+                                  const T *RESTRICT bias, const T *c_prev, int64_t ldp, T *c, \
+                                  T *RESTRICT tc,                                             \
                                   int64_t ldc, T *RESTRICT out, int64_t ldo) {               \
     for (int64_t b = 0; b < n; b++) {                                                         \
         T *RESTRICT ai = a + b * lda, *RESTRICT af = ai + H, *RESTRICT ag = ai + 2 * H,       \
           *RESTRICT ao = ai + 3 * H;                                                          \
         const T *cp = c_prev + b * ldp;                                                       \
         T *cb = c + b * ldc, *RESTRICT tb = tc + b * ldc, *RESTRICT ob = out + b * ldo;       \
+        if (bias) {                                                                           \
+            _Pragma("GCC ivdep")                                                              \
+            for (int64_t j = 0; j < 4 * H; j++) ai[j] += bias[j];                             \
+        }                                                                                     \
         _Pragma("GCC ivdep")                                                                  \
         for (int64_t j = 0; j < H; j++) {                                                     \
             T i = sigmoid_##SUF(ai[j]), f = sigmoid_##SUF(af[j]);                             \
@@ -299,7 +306,7 @@ void glasslstm_step_##SUF(glasslstm_step_plan *plan, const T *x, const T *xproj,
         else memset(a, 0, 4 * H * sizeof(T));                                                 \
         gemv2_##SUF(4 * H, k1, w_ih, v1, P, w_hh, hl, a, part, reverse);                     \
         T *dst = w_hr ? r : hl;                                                               \
-        glasslstm_cell_forward_##SUF(1, H, a, 4 * H, cl, H, cl, tcw, H, dst, H);              \
+        glasslstm_cell_forward_##SUF(1, H, a, 4 * H, NULL, cl, H, cl, tcw, H, dst, H);        \
         if (w_hr) {                                                                           \
             memset(hl, 0, P * sizeof(T));                                                     \
             gemv_t_##SUF(P, H, w_hr, r, hl);                                                  \
@@ -328,7 +335,8 @@ LINEAR(double, f64)
  * loop costs no Python. Row-major C (n x m) = A (n x k) B^T with B (m x k) is, column-major,
  * C^T = B A^T: gemm("T", "N", m, n, k, B, k, A, k, C, m).
  *
- * forward: gates (T, B, 4H) holds x U + b on entry (activated gates on exit); hs (T+1, B, P)
+ * forward: gates (T, B, 4H) holds x U on entry (activated gates on exit), b added in the loop
+ * when bias (4H) is given (else gates hold x U + b); hs (T+1, B, P)
  * and cs (T+1, B, H) hold the initial state at index 0 (forward) or T (reverse); tanh_c
  * (T, B, H); rs (T, B, H) o * tanh(c) before the projection, or NULL without one; batch_sizes
  * (T rows active per step, sorted longest first) or NULL. transposed: w_hh and w_hr are given
@@ -364,11 +372,11 @@ static void ftz_begin(ftz_state *st, int64_t steps) {
     FTZ_EACH_THREAD(st->pool, ftz_set(&st->saved[id_]))
 }
 static void ftz_end(ftz_state *st) { FTZ_EACH_THREAD(st->pool, _mm_setcsr(st->saved[id_])) }
-static void fp_begin(unsigned int *saved) { ftz_set(saved); }
-static void fp_end(unsigned int saved) { _mm_setcsr(saved); }
+static inline void fp_begin(unsigned int *saved) { ftz_set(saved); }
+static inline void fp_end(unsigned int saved) { _mm_setcsr(saved); }
 #else
-static void fp_begin(unsigned int *saved) { *saved = 0; }
-static void fp_end(unsigned int saved) { (void)saved; }
+static inline void fp_begin(unsigned int *saved) { *saved = 0; }
+static inline void fp_end(unsigned int saved) { (void)saved; }
 typedef struct { int unused; } ftz_state;
 static void ftz_begin(ftz_state *st, int64_t steps) { (void)st; (void)steps; }
 static void ftz_end(ftz_state *st) { (void)st; }
@@ -401,7 +409,7 @@ static int row_threads(int64_t B, size_t weight_bytes) {
     }
 #else
 static int row_threads(int64_t B, size_t weight_bytes) { (void)B; (void)weight_bytes; return 1; }
-#define ROW_SPLIT(B, BODY) { int64_t r0 = 0, r1 = (B); BODY }
+#define ROW_SPLIT(B, BODY) { int64_t r0 = 0, r1 = (B), id_ = 0; (void)id_; BODY }
 #endif
 
 /* CELL_ROWS: rows [r0, r1) of a step's gate math on each OpenMP thread (see
@@ -478,10 +486,10 @@ static void compute_##SUF(const glasslstm_blas *blas, int64_t m, int64_t n, int6
 /* The gate math of a step in a loop that is not row-split (large weights: the BLAS threads \
  * each GEMM): from CELL_SPLIT_MIN values on, the rows are shared by the OpenMP threads too,  \
  * instead of one thread doing them while the others wait for the next GEMM. */               \
-static void cell_forward_par_##SUF(int64_t n, int64_t H, T *a, int64_t lda, const T *cp,      \
-                                   int64_t ldp, T *c, T *tc, int64_t ldc, T *out,             \
-                                   int64_t ldo) {                                             \
-    CELL_ROWS(n, H, glasslstm_cell_forward_##SUF(r1 - r0, H, a + r0 * lda, lda,               \
+static void cell_forward_par_##SUF(int64_t n, int64_t H, T *a, int64_t lda, const T *bias,   \
+                                   const T *cp, int64_t ldp, T *c, T *tc, int64_t ldc,        \
+                                   T *out, int64_t ldo) {                                     \
+    CELL_ROWS(n, H, glasslstm_cell_forward_##SUF(r1 - r0, H, a + r0 * lda, lda, bias,         \
                                                  cp + r0 * ldp, ldp, c + r0 * ldc,            \
                                                  tc + r0 * ldc, ldc, out + r0 * ldo, ldo))    \
 }                                                                                             \
@@ -494,6 +502,14 @@ static void cell_backward_par_##SUF(int64_t n, int64_t H, const T *a, int64_t ld
                                                   dh + r0 * ldh, dy ? dy + r0 * ldh : NULL,   \
                                                   ldh, dc + r0 * ldc, ldc, d + r0 * lda))     \
 }                                                                                             \
+/* acc (k) += the column sums of A (n x k, contiguous) */                                    \
+static void col_sums_##SUF(int64_t n, int64_t k, const T *RESTRICT A, T *RESTRICT acc) {      \
+    for (int64_t r = 0; r < n; r++) {                                                         \
+        const T *RESTRICT row = A + r * k;                                                    \
+        _Pragma("GCC ivdep")                                                                  \
+        for (int64_t j = 0; j < k; j++) acc[j] += row[j];                                     \
+    }                                                                                         \
+}                                                                                             \
 /* One thread's share of a time loop: batch rows [r0, r1) for all steps. Rows of a batch never \
  * meet in an LSTM (row b's state depends on row b alone), so threads that own disjoint rows  \
  * run whole loops without a single barrier: each multiplies its rows by the (packed) weight \
@@ -501,8 +517,8 @@ static void cell_backward_par_##SUF(int64_t n, int64_t H, const T *a, int64_t ld
 static void forward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int64_t Tn,      \
                                int64_t B, int64_t H, int64_t P, int64_t r0, int64_t r1,       \
                                T *gates, T *hs, T *cs, T *tanh_c, T *rs, const T *w_hh,       \
-                               const T *w_hr, const int64_t *batch_sizes, int reverse,        \
-                               int transposed) {                                              \
+                               const T *w_hr, const T *bias, const int64_t *batch_sizes,      \
+                               int reverse, int transposed) {                                 \
     GEMM_T gemm = (GEMM_T)blas->gemm;                                                         \
     for (int64_t s = 0; s < Tn; s++) {                                                        \
         int64_t t = reverse ? Tn - 1 - s : s;                                                 \
@@ -524,8 +540,8 @@ static void forward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int6
                                         a, 4 * H);                                            \
         else gemm_##SUF(gemm, 'T', 'N', 4 * H, n, P, w_hh, P, hpr, P, 1, a, 4 * H);           \
         T *dst = rs ? rs + (t * B + r0) * H : hc + r0 * P;                                    \
-        cell_forward_par_##SUF(n, H, a, 4 * H, cp + r0 * H, H, cc + r0 * H,                   \
-                                     tanh_c + (t * B + r0) * H, H, dst, rs ? H : P);          \
+        cell_forward_par_##SUF(n, H, a, 4 * H, bias, cp + r0 * H, H, cc + r0 * H,             \
+                               tanh_c + (t * B + r0) * H, H, dst, rs ? H : P);                \
         if (rs && transposed) gemm_##SUF(gemm, 'N', 'N', P, n, H, w_hr, P, dst, H, 0,         \
                                          hc + r0 * P, P);                                     \
         else if (rs) gemm_##SUF(gemm, 'T', 'N', P, n, H, w_hr, H, dst, H, 0, hc + r0 * P, P); \
@@ -539,14 +555,14 @@ static T *pack_forward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64_t H, 
 void glasslstm_layer_forward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64_t B,        \
                                    int64_t H, int64_t P,                                      \
                                    T *gates, T *hs, T *cs, T *tanh_c, T *rs, const T *w_hh,   \
-                                   const T *w_hr, const int64_t *batch_sizes, int reverse,    \
-                                   int transposed) {                                          \
+                                   const T *w_hr, const T *bias,                              \
+                                   const int64_t *batch_sizes, int reverse, int transposed) { \
     int nt = row_threads(B, (size_t)(4 * H * P + (rs ? H * P : 0)) * sizeof(T));              \
     if (nt > 1) {                                                                             \
         ROW_SPLIT(B, {                                                                    \
             T *packed = pack_forward_##SUF(blas, Tn, H, P, r1 - r0, w_hh, transposed);        \
             forward_rows_##SUF(blas, packed, Tn, B, H, P, r0, r1, gates, hs, cs, tanh_c, rs,  \
-                               w_hh, w_hr, batch_sizes, reverse, transposed);                 \
+                               w_hh, w_hr, bias, batch_sizes, reverse, transposed);           \
             free(packed);                                                                     \
         })                                                                                    \
         return;                                                                               \
@@ -555,7 +571,7 @@ void glasslstm_layer_forward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64
     ftz_begin(&ftz, Tn);                                                                      \
     T *packed = pack_forward_##SUF(blas, Tn, H, P, B, w_hh, transposed);                      \
     forward_rows_##SUF(blas, packed, Tn, B, H, P, 0, B, gates, hs, cs, tanh_c, rs, w_hh, w_hr, \
-                       batch_sizes, reverse, transposed);                                     \
+                       bias, batch_sizes, reverse, transposed);                               \
     free(packed);                                                                             \
     ftz_end(&ftz);                                                                            \
 }                                                                                             \
@@ -568,7 +584,8 @@ static void backward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int
                                 int64_t B, int64_t H, int64_t P, int64_t r0, int64_t r1,      \
                                 const T *gates, const T *cs, const T *tanh_c, const T *dy,    \
                                 T *dh, T *dc, T *da, T *dhs, T *dr, const T *w_hh,            \
-                                const T *w_hr, const int64_t *batch_sizes, int reverse) {     \
+                                const T *w_hr, T *RESTRICT db, const int64_t *batch_sizes,    \
+                                int reverse) {                                                \
     GEMM_T gemm = (GEMM_T)blas->gemm;                                                         \
     T *dhr = dh + r0 * P, *dcr = dc + r0 * H;                                                 \
     for (int64_t s = 0; s < Tn; s++) {                                                        \
@@ -591,32 +608,48 @@ static void backward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int
         cell_backward_par_##SUF(n, H, gates + (t * B + r0) * 4 * H, 4 * H,                    \
                                       cs + (prev * B + r0) * H, H, tanh_c + (t * B + r0) * H, \
                                       H, g, gy, ldg, dcr, H, d);                              \
+        if (db) col_sums_##SUF(n, 4 * H, d, db); /* while d is in cache */                     \
         if (packed && n == r1 - r0) compute_##SUF(blas, P, n, 4 * H, packed, d, 4 * H, 0,      \
                                                   dhr, P);                                    \
         else gemm_##SUF(gemm, 'N', 'N', P, n, 4 * H, w_hh, P, d, 4 * H, 0, dhr, P);           \
     }                                                                                         \
 }                                                                                             \
+/* db (4H, nullable): the bias gradient, the sum of da over all rows, added up as each step's  \
+ * rows are made (a share's partial sums, then the shares in order: the same bits on every    \
+ * run with the same threads). */                                                             \
 void glasslstm_layer_backward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64_t B,       \
                                     int64_t H, int64_t P,                                     \
                                     const T *gates, const T *cs, const T *tanh_c,             \
                                     const T *dy, T *dh, T *dc, T *da, T *dhs, T *dr,          \
-                                    const T *w_hh, const T *w_hr,                             \
+                                    const T *w_hh, const T *w_hr, T *db,                      \
                                     const int64_t *batch_sizes, int reverse) {                \
     int nt = row_threads(B, (size_t)(4 * H * P + (w_hr ? H * P : 0)) * sizeof(T));            \
+    if (db) memset(db, 0, (size_t)(4 * H) * sizeof(T));                                       \
+    T *parts = NULL;                                                                          \
+    if (nt > 1 && db) {                                                                       \
+        parts = (T *)calloc((size_t)(nt * 4 * H), sizeof(T));                                 \
+        if (!parts) nt = 1;                                                                   \
+    }                                                                                         \
     if (nt > 1) {                                                                             \
         ROW_SPLIT(B, {                                                                    \
             T *packed = pack_a_##SUF(blas, Tn, 'N', P, r1 - r0, 4 * H, w_hh, P);              \
             backward_rows_##SUF(blas, packed, Tn, B, H, P, r0, r1, gates, cs, tanh_c, dy, dh, \
-                                dc, da, dhs, dr, w_hh, w_hr, batch_sizes, reverse);           \
+                                dc, da, dhs, dr, w_hh, w_hr, parts ? parts + id_ * 4 * H : NULL, \
+                                batch_sizes, reverse);                                        \
             free(packed);                                                                     \
         })                                                                                    \
+        if (parts) {                                                                          \
+            for (int k = 0; k < nt; k++)                                                      \
+                for (int64_t j = 0; j < 4 * H; j++) db[j] += parts[k * 4 * H + j];            \
+            free(parts);                                                                      \
+        }                                                                                     \
         return;                                                                               \
     }                                                                                         \
     ftz_state ftz;                                                                            \
     ftz_begin(&ftz, Tn);                                                                      \
     T *packed = pack_a_##SUF(blas, Tn, 'N', P, B, 4 * H, w_hh, P);                            \
     backward_rows_##SUF(blas, packed, Tn, B, H, P, 0, B, gates, cs, tanh_c, dy, dh, dc, da,    \
-                        dhs, dr, w_hh, w_hr, batch_sizes, reverse);                           \
+                        dhs, dr, w_hh, w_hr, db, batch_sizes, reverse);                       \
     free(packed);                                                                             \
     ftz_end(&ftz);                                                                            \
 }
@@ -633,4 +666,4 @@ unsigned int glasslstm_fp_mode(void) {
 #endif
 }
 
-int glasslstm_abi_version(void) { return 7; }
+int glasslstm_abi_version(void) { return 8; }
