@@ -260,14 +260,15 @@ def test_drop_in_step_keeps_the_callers_state_and_grad_mode():
     assert out.grad_fn is not None
 
 
-@pytest.mark.parametrize("proj", [0, 96])
-def test_drop_in_step_beyond_l2_is_the_same_on_every_step(proj):
-    """H = 256 takes the chunked zig-zag product (weights read front to back on one step, back
-    to front on the next): torch's results, and the same call twice gives the same bits."""
-    ref = torch.nn.LSTM(256, 256, num_layers=2, proj_size=proj)
+@pytest.mark.parametrize("hidden, proj", [(256, 0), (256, 96), (100, 0)])
+def test_threaded_step_is_the_same_on_every_step(hidden, proj, two_threads):
+    """Weights of 2^16+ multiply-adds take the threaded panel product (each thread reads its
+    panels front to back on one step, back to front on the next; H = 100: 400 rows, the last
+    panel part padding): torch's results, and the same call twice gives the same bits."""
+    ref = torch.nn.LSTM(hidden, hidden, num_layers=2, proj_size=proj)
     lstm = glasslstm.LSTM.from_torch(ref)
-    x = torch.randn(1, 1, 256)
-    hx = (torch.randn(2, 1, proj or 256), torch.randn(2, 1, 256))
+    x = torch.randn(1, 1, hidden)
+    hx = (torch.randn(2, 1, proj or hidden), torch.randn(2, 1, hidden))
     with torch.no_grad():
         first = lstm(x, hx)
         second = lstm(x, hx)                   # the other direction through the weights

@@ -35,7 +35,7 @@ class _StepPlan(ctypes.Structure):
 
 
 class StepKernel:
-    """The C one-token step for an LSTM's weights (transposed copies, bias sums), kept current.
+    """The C one-token step for an LSTM's weights (panel copies, bias sums), kept current.
 
     ``lstm`` is a unidirectional :class:`glasslstm.LSTM` (or anything with its ``_weights``,
     ``_parameters``, ``num_layers``, ``hidden_size``, ``proj_size``, ``input_size``) on the CPU.
@@ -49,6 +49,7 @@ class StepKernel:
         self.L, self.H = lstm.num_layers, lstm.hidden_size
         self.P = lstm.proj_size or lstm.hidden_size
         self.work = torch.empty(lib.glasslstm_step_work(self.H), dtype=self.dtype)
+        self._panel = lib.glasslstm_step_panel()
         self._plan = _StepPlan(self.L, self.H, self.P, None, None, self.work.data_ptr(), 0)
         self._plan_ptr = ctypes.addressof(self._plan)
         self._params = lstm._parameters   # the live dict: a replaced parameter is seen too
@@ -72,8 +73,9 @@ class StepKernel:
             w_ih, w_hh, b_ih, b_hh, w_hr = (None if w is None else w.detach()
                                             for w in self.lstm._weights(layer, 0))
             bias = None if b_ih is None else (b_ih + b_hh).contiguous()
-            # transposed copies: the C step's matrix-vector products read columns as rows
-            mats = [w_ih.t().contiguous(), w_hh.t().contiguous(), bias,
+            # [U W] cut into panels of rows, each its own contiguous (in + P, panel) block,
+            # and W_hr transposed: the layouts the C step streams (see cpu_kernels.c)
+            mats = [_panels(torch.cat([w_ih, w_hh], 1), self._panel), bias,
                     None if w_hr is None else w_hr.t().contiguous()]
             keep += mats
             ptrs += [None if m is None else m.data_ptr() for m in mats]
@@ -91,6 +93,16 @@ class StepKernel:
         given, copied into them first); writes ``out`` (P)."""
         self._step(self._plan_ptr, x_ptr, xproj_ptr, h_in, c_in, h.data_ptr(), c.data_ptr(),
                    out.data_ptr())
+
+
+def _panels(w: torch.Tensor, panel: int) -> torch.Tensor:
+    """(rows, k) -> (ceil(rows / panel), k, panel): each block of ``panel`` rows transposed into
+    its own contiguous matrix, rows past the end zero."""
+    rows, k = w.shape
+    n = -(-rows // panel)
+    padded = w.new_zeros(n * panel, k)
+    padded[:rows] = w
+    return padded.view(n, panel, k).transpose(1, 2).contiguous()
 
 
 def fused_step_possible(lstm, device: torch.device, dtype: torch.dtype) -> bool:

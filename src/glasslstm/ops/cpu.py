@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # (ISO C mode forbids it by default); 512-bit vectors where the CPU has them (harmless elsewhere).
 FLAGS = ["-O3", "-march=native", "-std=c99", "-fno-trapping-math", "-fno-math-errno",
          "-ffp-contract=fast", "-mprefer-vector-width=512", "-fPIC", "-shared"]
-ABI_VERSION = 8
+ABI_VERSION = 9
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 _failure: str | None = None
@@ -112,6 +112,7 @@ def library() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.glasslstm_step_work.argtypes, lib.glasslstm_step_work.restype = [i64], i64
+    lib.glasslstm_step_panel.argtypes, lib.glasslstm_step_panel.restype = [], i64
     for suf in SUFFIX.values():
         getattr(lib, f"glasslstm_cell_forward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, ptr,
                                                                   i64, ptr, ptr, i64, ptr, i64]
