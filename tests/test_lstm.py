@@ -129,6 +129,28 @@ def test_packed_sequence_matches_torch(cfg, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", [dict(), dict(bidirectional=True)], ids=["uni", "bi"])
+def test_no_grad_results_match_torch_and_stand_alone(cfg, backend):
+    """Under no_grad the output may share memory with the kept states (no backward needs them):
+    still torch's values for a packed batch (h_n of the short rows included: taken before the
+    output's padding is zeroed), and writing into the output leaves h_n and c_n alone."""
+    ref, ours = pair(torch.float64, backend, input_size=3, hidden_size=4, **cfg)
+    lengths = torch.tensor([5, 5, 3, 1])
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        results = []
+        for model in (ours, ref):
+            out, (h_n, c_n) = model(pack_padded_sequence(x, lengths))
+            results.append((pad_packed_sequence(out)[0], h_n, c_n))
+        for a, b in zip(*results):
+            assert rel_err(a, b) <= TOL[torch.float64]
+        y, (h_n, c_n) = ours(x)
+        kept = h_n.clone(), c_n.clone()
+        y.fill_(7.0)
+    assert torch.equal(h_n, kept[0]) and torch.equal(c_n, kept[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_lengths_matches_packed_torch(backend, batch_first):
     """lengths= on a padded batch == torch.nn.LSTM on the packed batch, unsorted lengths."""

@@ -113,7 +113,7 @@ def _layer(backend, function, x, h0, c0, weights, batch_sizes, reverse, record):
     if backend == "loop":
         return lstm_layer_loop(x, h0, c0, *weights, batch_sizes, reverse, record)
     return function.apply(x, h0, c0, *weights, batch_sizes, reverse, record,
-                          cell_for(backend, x))
+                          cell_for(backend, x), torch.is_grad_enabled())
 
 
 # ---- autocast support for lstm_layer (kept apart from the paths above) ----------------------

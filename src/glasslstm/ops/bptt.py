@@ -187,7 +187,9 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     Inputs: ``x`` (T, B, I), ``h0`` (B, P), ``c0`` (B, H), ``w_ih`` (4H, I), ``w_hh`` (4H, P),
     ``b_ih``/``b_hh`` (4H) or None, ``w_hr`` (P, H) or None, ``batch_sizes`` (list of T ints, or
-    None when all rows run all T steps), ``reverse`` (bool), ``record`` (bool).
+    None when all rows run all T steps), ``reverse`` (bool), ``record`` (bool), ``cell`` (the
+    pointwise kernel, default :data:`TORCH_CELL`), ``grad`` (bool: the caller's grad mode;
+    False lets ``y`` share the memory of the kept states).
     Outputs: ``y`` (T, B, P) with zeros past each row's end, ``h_n`` (B, P), ``c_n`` (B, H), and
     when ``record``: the activated gates (T, B, 4H) and the cell states (T, B, H), not
     differentiable (they are for looking at).
@@ -195,7 +197,7 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, record,
-                cell=None):
+                cell=None, grad=True):
         T, B, _ = x.shape
         cell = cell or TORCH_CELL
         bias = None if b_ih is None else b_ih + b_hh
@@ -204,12 +206,17 @@ class LSTMLayerFunction(torch.autograd.Function):
         )
         states = slice(0, T) if reverse else slice(1, T + 1)
         end = 0 if reverse else T
-        y = hs[states].clone()
+        # Without a backward to come (``grad``: the caller's grad mode), y can be the
+        # (contiguous) view of hs itself: the copy was ~7% of an H = 128 inference call. With
+        # one, hs is saved for it and y must not share its memory (an in-place change of y
+        # would corrupt the backward).
+        h_n, c_n = hs[end].clone(), cs[end].clone()   # before y's padding (it may be hs's)
+        y = hs[states].clone() if grad and any(ctx.needs_input_grad) else hs[states]
         pad = None
         if batch_sizes is not None:
             pad = _pad_mask(batch_sizes, B, x.device)
             y.masked_fill_(pad, 0.0)
-        outputs = [y, hs[end].clone(), cs[end].clone()]
+        outputs = [y, h_n, c_n]
         if record:
             g_rec = gates.clone()
             c_rec = cs[states].clone()
@@ -273,4 +280,4 @@ class LSTMLayerFunction(torch.autograd.Function):
         # b_ih and b_hh get the same gradient; separate tensors, so that accumulating into one
         # .grad never changes the other.
         db2 = None if db is None else db.clone()
-        return dx, dh, dc, dw_ih, dw_hh, db, db2, dw_hr, None, None, None, None
+        return dx, dh, dc, dw_ih, dw_hh, db, db2, dw_hr, None, None, None, None, None
