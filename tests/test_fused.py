@@ -360,17 +360,18 @@ def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode(batch
     assert grads[torch.float64, "fused"] == grads[torch.float64, "bptt"] == [2.0 ** -140] * batch
 
 
+@pytest.mark.parametrize("batch", [37, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cfg", [{}, {"proj_size": 5, "bidirectional": True}])
-def test_row_split_time_loops_match_torch(dtype, cfg, two_threads):
-    """With small weights the time loops share out the batch rows (37 rows: an uneven split),
+def test_row_split_time_loops_match_torch(dtype, cfg, batch, two_threads):
+    """With small weights the time loops share out the batch rows (37 or 5: uneven splits),
     each thread running every step for its rows; ragged lengths end rows inside one thread's
     share and in the other's. Forward and gradients (the bias's: summed by the loop, a partial
     per thread) match torch and the one-thread loops."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(6, 12, num_layers=2, dtype=dtype, **cfg)
     ours = glasslstm.LSTM.from_torch(ref, backend="fused")
-    T, B = 9, 37
+    T, B = 9, batch
     x = torch.randn(T, B, 6, dtype=dtype)
     lengths = torch.tensor(sorted(torch.randint(1, T + 1, (B,)).tolist(), reverse=True))
     lengths[0] = T
