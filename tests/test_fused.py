@@ -423,6 +423,97 @@ def test_large_weight_loops_match_torch(ragged, two_threads):
         assert rel_err(a, b) <= 1e-12
 
 
+needs_bf16 = pytest.mark.skipif(cpu.bf16_cell() is None,
+                                reason="torch's BLAS has no bf16 GEMM (MKL gemm_bf16bf16f32) here")
+
+
+def test_bf16_rounding_is_torchs():
+    """The C loops round h and da to bf16 as torch's .to(torch.bfloat16) does: to nearest,
+    ties to even, NaN stays NaN, overflow to inf, denormals kept."""
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF, 0x00012345, 0x80008000,
+                         0x7F800000, 0xFF800000, 0x7FC00001, 0x7F800001]).to(torch.int32)
+    x = torch.cat([bits.view(torch.float32), torch.randn(1000) * 1e3, torch.randn(1000) * 1e-39])
+    out = torch.empty(x.numel(), dtype=torch.int16)
+    cpu.library().glasslstm_to_bf16(x.numel(), x.data_ptr(), out.data_ptr())
+    want = x.to(torch.bfloat16).view(torch.int16)
+    nan = torch.isnan(x)
+    assert torch.equal(out[~nan], want[~nan])
+    assert torch.isnan(out.view(torch.bfloat16)[nan]).all()
+
+
+@needs_bf16
+@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_bf16_mm_is_the_float32_product_of_bf16_operands(ta, tb):
+    a, b = torch.randn(37, 45), torch.randn(45, 29)
+    a_in = a.t().contiguous().t() if ta else a          # transposed storage, same values
+    b_in = b.t().contiguous().t() if tb else b
+    got = cpu.bf16_cell().mm(a_in, b_in)
+    want = a.bfloat16().float() @ b.bfloat16().float()
+    assert got.dtype == torch.float32 and rel_err(got, want) <= 1e-5
+
+
+@needs_bf16
+@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 5)])   # row-split / threaded GEMMs
+def test_bf16_time_loops_match_a_bf16_emulation(hidden, batch, two_threads):
+    """The bf16 loops are the float32 loops with each step's h (forward) or da (backward)
+    and the recurrent weight rounded to bf16 before the product: each step, written with torch
+    ops on the loop's own rounded inputs, agrees to float32 round-off. (Whole runs cannot be
+    held that close: a last-bit difference flips some later rounding to bf16.)"""
+    torch.manual_seed(0)
+    T, B, H = 7, batch, hidden
+    cell, ref = cpu.bf16_cell(), bptt.TORCH_CELL
+    w_hh = torch.randn(4 * H, H) * 0.3
+    w16 = w_hh.bfloat16().float()
+    x_proj = torch.randn(T, B, 4 * H)
+    gates = x_proj.clone()
+    hs, cs, tc = torch.empty(T + 1, B, H), torch.empty(T + 1, B, H), torch.empty(T, B, H)
+    hs[0], cs[0] = torch.randn(B, H), torch.randn(B, H)
+    assert cell.layer_forward(gates, hs, cs, tc, None, w_hh, None, None, False)
+    for t in range(T):                                   # step t from the loop's own state
+        a = x_proj[t] + hs[t].bfloat16().float() @ w16.t()
+        c, tanh_c, h = torch.empty(B, H), torch.empty(B, H), torch.empty(B, H)
+        ref.forward(a, cs[t], c, tanh_c, h)
+        for got, want in ((gates[t], a), (cs[t + 1], c), (tc[t], tanh_c), (hs[t + 1], h)):
+            assert rel_err(got, want) <= 1e-5
+
+    dy = torch.randn(T, B, H)
+    dh, dc, da = torch.zeros(B, H), torch.zeros(B, H), torch.empty(T, B, 4 * H)
+    assert cell.layer_backward(gates, cs, tc, dy, dh, dc, da, None, w_hh, None, None, False)
+    prep = ref.backward_prepare(gates, tc, H)
+    dc_e = torch.zeros(B, H)
+    for t in reversed(range(T)):
+        dh_e = torch.zeros(B, H) if t == T - 1 else da[t + 1].bfloat16().float() @ w16
+        d = torch.empty(B, 4 * H)
+        ref.backward(gates[t], cs[t], tc[t], dh_e, dy[t], dc_e, d, (prep[0][t], prep[1][t]))
+        assert rel_err(da[t], d) <= 1e-5
+    assert rel_err(dh, da[0].bfloat16().float() @ w16) <= 1e-5
+    assert rel_err(dc, dc_e) <= 1e-5
+
+
+@needs_bf16
+@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 6)])   # row-split / threaded GEMMs
+def test_autocast_bf16_time_loops_stay_close_to_float32(hidden, batch, two_threads):
+    """Under CPU bf16 autocast the fused loops multiply in bf16 (float32 sums, float32 state):
+    outputs and gradients within bf16 rounding of the float32 run, ragged and both directions."""
+    torch.manual_seed(0)
+    model = glasslstm.LSTM(7, hidden, num_layers=2, bidirectional=True, backend="fused")
+    x = torch.randn(6, batch, 7)
+    lengths = torch.tensor(sorted(torch.randint(1, 7, (batch,)).tolist(), reverse=True))
+    lengths[0] = 6
+    runs = []
+    for autocast in (False, True):
+        model.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, (h, c) = model(xx, lengths=lengths)
+        (y.pow(2).sum() + c.sum()).backward()
+        runs.append([y.detach(), h.detach(), xx.grad] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert a.dtype == torch.float32
+        assert rel_err(a, b) <= 2e-2
+    assert not torch.equal(runs[0][0], runs[1][0])        # the bf16 GEMMs did run
+
+
 def _tiny_lm(vocab="abc ."):
     tok = CharTokenizer(sorted(set(vocab)))
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=2, dropout=0.0)

@@ -394,16 +394,24 @@ def _fwd_bwd(model, x, autocast: str | None = None, backward_inside: bool = Fals
     # (torch advises backward outside it); the hand-written backward guards itself.
     ("loop", False),
 ], ids=["fused-bwd-outside", "fused-bwd-inside", "bptt-bwd-outside", "bptt-bwd-inside", "loop"])
-def test_autocast_cpu_runs_the_lstm_in_float32(backend, backward_inside):
-    """Under torch.autocast("cpu", bfloat16) the LSTM computes exactly its float32 results
-    (state, gates and GEMMs in float32; before, the fused path read bf16 gates as float32)."""
+def test_autocast_cpu_keeps_the_lstm_state_in_float32(backend, backward_inside):
+    """Under torch.autocast("cpu", bfloat16) the LSTM's results are float32 (state and gate
+    math in float32; before, the fused path read bf16 gates as float32). bptt and loop compute
+    exactly their float32 results; the fused path's matrix products take bf16 operands
+    (float32 accumulation) where torch's MKL has a bf16 GEMM: close to float32, not equal."""
     model = glasslstm.LSTM(6, 8, num_layers=2, bidirectional=True, proj_size=3, backend=backend)
     x = torch.randn(5, 3, 6)
     plain = _fwd_bwd(model, x)
     cast = _fwd_bwd(model, x, "cpu", backward_inside)
+    bf16_gemms = backend == "fused" and glasslstm.ops.cpu.bf16_cell() is not None
     for a, b in zip(cast, plain):
         assert a.dtype == torch.float32
-        assert torch.equal(a, b)
+        if bf16_gemms:
+            assert ((a - b).abs().max() / b.abs().max()).item() <= 3e-2
+        else:
+            assert torch.equal(a, b)
+    if bf16_gemms:
+        assert not torch.equal(cast[0], plain[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast still acts around the LSTM
         assert torch.nn.Linear(3, 2)(model(x)[0][..., :3]).dtype == torch.bfloat16
 

@@ -16,8 +16,11 @@ variable; an explicit argument wins):
 Every path computes the same numbers (the tests hold them to float64 round-off against each
 other, the NumPy reference and torch.nn.LSTM).
 
-Under ``torch.autocast`` (bf16/fp16, CPU or CUDA) a layer runs in float32 with autocast off: its
-inputs and weights are cast up and its results are float32 (see :func:`lstm_layer`). The
+Under ``torch.autocast`` (bf16/fp16, CPU or CUDA) a layer takes its inputs and weights in
+float32 and gives float32 results, its gate math and cell state in float32 (see
+:func:`lstm_layer`). Under CPU bfloat16 autocast the fused path's matrix products take bf16
+operands with float32 accumulation (:class:`~glasslstm.ops.cpu.CpuBf16Cell`, where torch's MKL
+has ``gemm_bf16bf16f32``); elsewhere the layer runs wholly in float32. The
 ``"loop"`` backend's backward is autograd's: run it outside the autocast region, as torch advises.
 """
 
@@ -103,17 +106,18 @@ def lstm_layer(backend: str, x, h0, c0, weights, batch_sizes, reverse: bool, rec
         # carries its rounding through all T steps, and the fused kernels take one dtype (bf16
         # gates from an autocast GEMM must not reach them). Results are float32.
         x, h0, c0, weights = _up(x), _up(h0), _up(c0), tuple(_up(w) for w in weights)
+        cell = _autocast_cell(backend, x)
         with torch.autocast(x.device.type, enabled=False):
             return _layer(backend, _AutocastOffLayerFunction, x, h0, c0, weights, batch_sizes,
-                          reverse, record)
+                          reverse, record, cell)
     return _layer(backend, LSTMLayerFunction, x, h0, c0, weights, batch_sizes, reverse, record)
 
 
-def _layer(backend, function, x, h0, c0, weights, batch_sizes, reverse, record):
+def _layer(backend, function, x, h0, c0, weights, batch_sizes, reverse, record, cell=None):
     if backend == "loop":
         return lstm_layer_loop(x, h0, c0, *weights, batch_sizes, reverse, record)
     return function.apply(x, h0, c0, *weights, batch_sizes, reverse, record,
-                          cell_for(backend, x), torch.is_grad_enabled())
+                          cell or cell_for(backend, x), torch.is_grad_enabled())
 
 
 # ---- autocast support for lstm_layer (kept apart from the paths above) ----------------------
@@ -129,6 +133,24 @@ def _autocasting(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return device_type == "cuda" and torch.is_autocast_enabled()
+
+
+def _autocast_cell(backend: str, x: torch.Tensor):
+    """The bf16-GEMM cell where ``backend`` would run the C kernels on float32 CPU tensors under
+    bfloat16 autocast; else None (the layer's usual float32 cell)."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32
+            or _autocast_dtype("cpu") != torch.bfloat16 or backend == "loop"):
+        return None
+    if not isinstance(cell_for(backend, x), cpu.CpuCell):
+        return None
+    return cpu.bf16_cell()
+
+
+def _autocast_dtype(device_type: str):
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except (AttributeError, RuntimeError):      # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else None
 
 
 def _up(t):

@@ -58,7 +58,7 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     if bias is not None and whole is None:
         gates = torch.addmm(bias, x2, u).view(T, B, 4 * H)
     else:
-        gates = torch.mm(x2, u).view(T, B, 4 * H)
+        gates = getattr(cell, "mm", torch.mm)(x2, u).view(T, B, 4 * H)  # a bf16 cell: its own
     hs = x.new_empty(T + 1, B, P)
     cs = x.new_empty(T + 1, B, H)
     tanh_c = x.new_empty(T, B, H)
@@ -268,15 +268,16 @@ class LSTMLayerFunction(torch.autograd.Function):
 
         # Gradients of the weights and input: one GEMM each over all T*B rows.
         da2 = da.view(T * B, 4 * H)
-        dx = torch.mm(da2, w_ih).view(T, B, I) if need[0] else None
-        dw_ih = torch.mm(da2.t(), x.reshape(T * B, I)) if need[3] else None
+        mm = getattr(cell, "mm", torch.mm)         # a bf16 cell's GEMMs: bf16 in, float32 out
+        dx = mm(da2, w_ih).view(T, B, I) if need[0] else None
+        dw_ih = mm(da2.t(), x.reshape(T * B, I)) if need[3] else None
         h_prev = hs[1:] if reverse else hs[:T]
-        dw_hh = torch.mm(da2.t(), h_prev.reshape(T * B, P)) if need[4] else None
+        dw_hh = mm(da2.t(), h_prev.reshape(T * B, P)) if need[4] else None
         if need_db and db is None:
             db = da2.sum(0)
         dw_hr = None
         if w_hr is not None and need[7]:
-            dw_hr = torch.mm(dhs.view(T * B, P).t(), rs.view(T * B, H))
+            dw_hr = mm(dhs.view(T * B, P).t(), rs.view(T * B, H))
         # b_ih and b_hh get the same gradient; separate tensors, so that accumulating into one
         # .grad never changes the other.
         db2 = None if db is None else db.clone()

@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # (ISO C mode forbids it by default); 512-bit vectors where the CPU has them (harmless elsewhere).
 FLAGS = ["-O3", "-march=native", "-std=c99", "-fno-trapping-math", "-fno-math-errno",
          "-ffp-contract=fast", "-mprefer-vector-width=512", "-fPIC", "-shared"]
-ABI_VERSION = 9
+ABI_VERSION = 10
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 _failure: str | None = None
@@ -122,20 +122,25 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, f"glasslstm_step_{suf}").argtypes = [ptr] * 8
         sizes = ctypes.POINTER(i64)
         getattr(lib, f"glasslstm_layer_forward_{suf}").argtypes = (
-            [ptr, i64, i64, i64, i64] + [ptr] * 8 + [sizes, ctypes.c_int, ctypes.c_int])
+            [ptr, i64, i64, i64, i64] + [ptr] * 9 + [sizes, ctypes.c_int, ctypes.c_int])
         getattr(lib, f"glasslstm_layer_backward_{suf}").argtypes = (
-            [ptr, i64, i64, i64, i64] + [ptr] * 12 + [sizes, ctypes.c_int])
+            [ptr, i64, i64, i64, i64] + [ptr] * 13 + [sizes, ctypes.c_int])
         getattr(lib, f"glasslstm_linear_{suf}").argtypes = [i64, i64, ptr, ptr, ptr, ptr]
         for name in ("cell_forward", "cell_backward", "step", "layer_forward", "layer_backward",
                      "linear"):
             getattr(lib, f"glasslstm_{name}_{suf}").restype = None
+    lib.glasslstm_to_bf16.argtypes, lib.glasslstm_to_bf16.restype = [i64, ptr, ptr], None
+    lib.glasslstm_mm_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ctypes.c_int, ptr, i64,
+                                      ctypes.c_int, ctypes.c_float, ptr, i64]
+    lib.glasslstm_mm_bf16.restype = None
     return lib
 
 
 class Blas(ctypes.Structure):
     """``glasslstm_blas`` of cpu_kernels.c: the BLAS routines the C time loops call."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in ("gemm", "pack_get_size", "pack", "compute")]
+    _fields_ = [(name, ctypes.c_void_p)
+                for name in ("gemm", "pack_get_size", "pack", "compute", "gemm_bf16")]
 
 
 # Per dtype: torch's Fortran ?gemm, and MKL's packed-GEMM trio where it has one (float32).
@@ -149,7 +154,8 @@ def blas_routines() -> dict:
     sgemm_/dgemm_ in libtorch_cpu, and sgemm_pack/sgemm_compute), so the C time loop runs the
     very GEMM kernels torch.addmm would. Empty where torch exposes no gemm (then the loop stays
     in Python, still with the fused cell). ``$GLASSLSTM_BLAS_PACK=0`` leaves the packed GEMM
-    out (a diagnostic: it shows what packing gains)."""
+    out (a diagnostic: it shows what packing gains). float32's entry also carries MKL's
+    ``gemm_bf16bf16f32`` where torch's library has it (:class:`CpuBf16Cell`)."""
     found = {}
     use_pack = os.environ.get("GLASSLSTM_BLAS_PACK", "1") != "0"
     for lib_dir in (Path(torch.__file__).parent / "lib",):
@@ -162,7 +168,9 @@ def blas_routines() -> dict:
                 gemm, *pack = (_address(lib, sym) for sym in symbols)
                 if gemm is None:
                     continue
-                found[dtype] = Blas(gemm, *(pack if use_pack and None not in pack else [None] * 3))
+                found[dtype] = Blas(gemm, *(pack if use_pack and None not in pack else [None] * 3),
+                                    _address(lib, "gemm_bf16bf16f32") if dtype == torch.float32
+                                    else None)
     return found
 
 
@@ -210,6 +218,10 @@ class CpuCell:
         return (self._blas is not None and w_hh.is_contiguous()
                 and (w_hr is None or w_hr.is_contiguous()))
 
+    def _w16(self, w_hh):
+        """The recurrent weight for the C loops' bf16 steps (None: float32 steps)."""
+        return None
+
     def layer_forward(self, gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse,
                       bias=None) -> bool:
         """The forward time loop; ``bias`` (4H), when given, is added to ``gates`` (x U) in
@@ -217,13 +229,15 @@ class CpuCell:
         if not self._loops_in_c(w_hh, w_hr):
             return False
         T, B, H4 = gates.shape
-        transposed = T >= 8  # see the C source: the copies pay for themselves from ~8 steps
+        w16 = self._w16(w_hh)
+        # see the C source: the copies pay for themselves from ~8 steps (bf16 steps read w16)
+        transposed = T >= 8 and w16 is None
         if transposed:
             w_hh = w_hh.t().contiguous()
             w_hr = None if w_hr is None else w_hr.t().contiguous()
         self._layer_fwd(self._blas_ptr, T, B, H4 // 4, hs.shape[2], gates.data_ptr(), hs.data_ptr(),
                         cs.data_ptr(), tanh_c.data_ptr(), _ptr(rs), w_hh.data_ptr(), _ptr(w_hr),
-                        _ptr(bias), _sizes(batch_sizes), int(reverse), int(transposed))
+                        _ptr(bias), _ptr(w16), _sizes(batch_sizes), int(reverse), int(transposed))
         return True
 
     def layer_backward(self, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes,
@@ -235,10 +249,11 @@ class CpuCell:
         T, B, H4 = gates.shape
         H = H4 // 4
         dr = None if w_hr is None else dc.new_empty(B, H)
+        w16 = self._w16(w_hh)          # kept alive across the call
         self._layer_bwd(self._blas_ptr, T, B, H, dh.shape[1], gates.data_ptr(), cs.data_ptr(),
                         tanh_c.data_ptr(), _ptr(dy), dh.data_ptr(), dc.data_ptr(), da.data_ptr(),
                         _ptr(dhs), _ptr(dr), w_hh.data_ptr(), _ptr(w_hr), _ptr(db),
-                        _sizes(batch_sizes), int(reverse))
+                        _ptr(w16), _sizes(batch_sizes), int(reverse))
         return True
 
     def forward(self, a, c_prev, c, tc, out) -> None:
@@ -258,6 +273,58 @@ class CpuCell:
         self._bwd(n, H, a.data_ptr(), a.stride(0), c_prev.data_ptr(), c_prev.stride(0),
                   tc.data_ptr(), tc.stride(0), dh.data_ptr(), None if dy is None else dy.data_ptr(),
                   dh.stride(0), dc.data_ptr(), dc.stride(0), d.data_ptr())
+
+
+class CpuBf16Cell(CpuCell):
+    """:class:`CpuCell` for ``torch.autocast("cpu", dtype=torch.bfloat16)``: every matrix
+    product (the time loops' recurrent GEMM, the input projection, the weight and input
+    gradients) takes bfloat16 operands and accumulates and returns float32 (MKL's
+    ``gemm_bf16bf16f32``: AMX / AVX512-BF16 where the CPU has them); the gate math, the cell
+    state and the bias sums stay float32. Layers get float32 inputs and weights and give
+    float32 results (see :func:`glasslstm.ops.lstm_layer`)."""
+
+    name = "cpu-fused-bf16"
+
+    def __init__(self):
+        super().__init__(torch.float32)
+        self._mm = library().glasslstm_mm_bf16
+
+    def _w16(self, w_hh):
+        return w_hh.detach().to(torch.bfloat16).contiguous()
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` (float32, any strides) with bf16 operands, float32 result."""
+        a16, ta, lda = _bf16_operand(a)
+        b16, tb, ldb = _bf16_operand(b)
+        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32)
+        if out.numel():
+            self._mm(self._blas_ptr, a.shape[0], b.shape[1], a.shape[1], a16.data_ptr(), lda, ta,
+                     b16.data_ptr(), ldb, tb, 0.0, out.data_ptr(), out.stride(0))
+        return out
+
+
+def _bf16_operand(t: torch.Tensor):
+    """(bf16 copy, transposed?, leading dimension) of a 2-D float32 matrix for glasslstm_mm_bf16:
+    row-major (unit column stride) or its transpose (unit row stride), else made contiguous."""
+    t16 = t.detach().to(torch.bfloat16)          # keeps a transposed view's strides
+    rows, cols = t16.shape
+    if t16.stride(1) == 1 and t16.stride(0) >= max(cols, 1):
+        return t16, 0, max(t16.stride(0), 1)
+    if t16.stride(0) == 1 and t16.stride(1) >= max(rows, 1):
+        return t16, 1, max(t16.stride(1), 1)
+    t16 = t16.contiguous()
+    return t16, 0, max(cols, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_cell() -> CpuBf16Cell | None:
+    """The autocast-bf16 cell, or None where torch's BLAS has no bf16 GEMM (or no kernels)."""
+    if not available():
+        return None
+    blas = blas_routines().get(torch.float32)
+    if blas is None or not blas.gemm_bf16:
+        return None
+    return CpuBf16Cell()
 
 
 def _ptr(t: torch.Tensor | None):

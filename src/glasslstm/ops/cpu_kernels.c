@@ -449,9 +449,59 @@ static int row_threads(int64_t B, size_t weight_bytes) { (void)B; (void)weight_b
  * once per loop and every step multiplies with the packed copy: a step's GEMM (a few rows of
  * h against the whole weight) otherwise repacks the weight on every call. */
 typedef struct {
-    void *gemm, *pack_get_size, *pack, *compute;
+    void *gemm, *pack_get_size, *pack, *compute, *gemm_bf16;
 } glasslstm_blas;
 typedef size_t (*pack_size_t)(const char *, const int *, const int *, const int *);
+
+/* ---- bfloat16 GEMMs for autocast: bf16 operands, float32 accumulation and result ----------
+ * gemm_bf16 is MKL's gemm_bf16bf16f32 (Fortran interface, column-major), found in torch's
+ * library like sgemm_; on CPUs with AMX or AVX512-BF16 it is several times faster than sgemm.
+ * Under torch.autocast(bfloat16) the time loops multiply by a bf16 copy of the recurrent
+ * weight, each step's h (or, backward, da) rounded to bf16 first; the gate math, the cell
+ * state and every sum stay float32. bf16 values are uint16_t bit patterns. */
+typedef void (*gemm_bf16_t)(const char *, const char *, const int *, const int *, const int *,
+                            const float *, const uint16_t *, const int *, const uint16_t *,
+                            const int *, const float *, float *, const int *);
+
+/* float32 -> bfloat16, rounded to nearest even (what torch's .to(torch.bfloat16) does); NaN
+ * stays NaN (quieted), +-inf stays inf */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+void glasslstm_to_bf16(int64_t n, const float *RESTRICT src, uint16_t *RESTRICT dst) {
+    for (int64_t i = 0; i < n; i++) dst[i] = to_bf16(src[i]);
+}
+
+/* C (m x n, ldc; float32) = op(A) B + beta C, column-major: A (bf16, op ta, lda); B given in
+ * float32 (k x n, ldb), rounded into scratch (k x n bf16) first. A void C keeps the float64
+ * instantiations of the loops compiling (they never take this path). */
+static void gemm_bf16_b32(const glasslstm_blas *blas, char ta, int64_t m, int64_t n, int64_t k,
+                          const uint16_t *A, int64_t lda, const float *B, int64_t ldb,
+                          uint16_t *scratch, float beta, void *C, int64_t ldc) {
+    for (int64_t j = 0; j < n; j++) glasslstm_to_bf16(k, B + j * ldb, scratch + j * k);
+    int mi = (int)m, ni = (int)n, ki = (int)k, la = (int)lda, lb = (int)k, lc = (int)ldc;
+    float one = 1;
+    ((gemm_bf16_t)blas->gemm_bf16)(&ta, "N", &mi, &ni, &ki, &one, A, &la, scratch, &lb, &beta,
+                                   (float *)C, &lc);
+}
+
+/* Row-major C (M x N, ldc; float32) = op(A) op(B), A and B bf16 row-major (ta/tb 'N' or 'T':
+ * whether the stored matrix is used transposed): the big GEMMs of an autocast layer (input
+ * projection, weight and input gradients). Row-major C is column-major C^T = op(B)^T op(A)^T,
+ * and a row-major matrix read column-major is its transpose: the same flags, operands
+ * swapped. */
+void glasslstm_mm_bf16(const glasslstm_blas *blas, int64_t M, int64_t N, int64_t K,
+                       const uint16_t *A, int64_t lda, int ta, const uint16_t *B, int64_t ldb,
+                       int tb, float beta, float *C, int64_t ldc) {
+    char fa = ta ? 'T' : 'N', fb = tb ? 'T' : 'N';
+    int mi = (int)N, ni = (int)M, ki = (int)K, la = (int)ldb, lb = (int)lda, lc = (int)ldc;
+    float one = 1;
+    ((gemm_bf16_t)blas->gemm_bf16)(&fb, &fa, &mi, &ni, &ki, &one, B, &la, A, &lb, &beta, C, &lc);
+}
 
 #define LAYER_LOOPS(T, SUF, GEMM_T)                                                           \
 typedef void (*GEMM_T)(const char *, const char *, const int *, const int *, const int *,    \
@@ -524,9 +574,12 @@ static void col_sums_##SUF(int64_t n, int64_t k, const T *RESTRICT A, T *RESTRIC
 static void forward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int64_t Tn,      \
                                int64_t B, int64_t H, int64_t P, int64_t r0, int64_t r1,       \
                                T *gates, T *hs, T *cs, T *tanh_c, T *rs, const T *w_hh,       \
-                               const T *w_hr, const T *bias, const int64_t *batch_sizes,      \
-                               int reverse, int transposed) {                                 \
+                               const T *w_hr, const T *bias, const uint16_t *w16,             \
+                               const int64_t *batch_sizes, int reverse, int transposed) {     \
     GEMM_T gemm = (GEMM_T)blas->gemm;                                                         \
+    /* w16: the recurrent weight in bf16 (4H x P row-major): autocast's bf16 steps */          \
+    uint16_t *h16 = w16 ? (uint16_t *)malloc((size_t)((r1 - r0) * P) * sizeof(uint16_t)) : NULL; \
+    if (!h16) w16 = NULL; /* no memory for the scratch: float32 steps */                      \
     for (int64_t s = 0; s < Tn; s++) {                                                        \
         int64_t t = reverse ? Tn - 1 - s : s;                                                 \
         int64_t prev = reverse ? t + 1 : t, cur = reverse ? t : t + 1;                        \
@@ -541,8 +594,10 @@ static void forward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int6
         }                                                                                     \
         if (n <= 0) continue;                                                                 \
         T *a = gates + (t * B + r0) * 4 * H, *hpr = hp + r0 * P;                              \
-        if (packed && n == r1 - r0) compute_##SUF(blas, 4 * H, n, P, packed, hpr, P, 1, a,     \
-                                                  4 * H);                                     \
+        if (w16) gemm_bf16_b32(blas, 'T', 4 * H, n, P, w16, P, (const float *)hpr, P, h16, 1,  \
+                               a, 4 * H);                                                     \
+        else if (packed && n == r1 - r0) compute_##SUF(blas, 4 * H, n, P, packed, hpr, P, 1, a, \
+                                                       4 * H);                                \
         else if (transposed) gemm_##SUF(gemm, 'N', 'N', 4 * H, n, P, w_hh, 4 * H, hpr, P, 1,  \
                                         a, 4 * H);                                            \
         else gemm_##SUF(gemm, 'T', 'N', 4 * H, n, P, w_hh, P, hpr, P, 1, a, 4 * H);           \
@@ -553,6 +608,7 @@ static void forward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int6
                                          hc + r0 * P, P);                                     \
         else if (rs) gemm_##SUF(gemm, 'T', 'N', P, n, H, w_hr, H, dst, H, 0, hc + r0 * P, P); \
     }                                                                                         \
+    free(h16);                                                                                \
 }                                                                                             \
 static T *pack_forward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64_t H, int64_t P,   \
                              int64_t n, const T *w_hh, int transposed) {                      \
@@ -562,23 +618,25 @@ static T *pack_forward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64_t H, 
 void glasslstm_layer_forward_##SUF(const glasslstm_blas *blas, int64_t Tn, int64_t B,        \
                                    int64_t H, int64_t P,                                      \
                                    T *gates, T *hs, T *cs, T *tanh_c, T *rs, const T *w_hh,   \
-                                   const T *w_hr, const T *bias,                              \
+                                   const T *w_hr, const T *bias, const uint16_t *w16,         \
                                    const int64_t *batch_sizes, int reverse, int transposed) { \
+    if (sizeof(T) != sizeof(float) || !blas->gemm_bf16) w16 = NULL;                           \
     int nt = row_threads(B, (size_t)(4 * H * P + (rs ? H * P : 0)) * sizeof(T));              \
     if (nt > 1) {                                                                             \
         ROW_SPLIT(B, {                                                                    \
-            T *packed = pack_forward_##SUF(blas, Tn, H, P, r1 - r0, w_hh, transposed);        \
+            T *packed = w16 ? NULL : pack_forward_##SUF(blas, Tn, H, P, r1 - r0, w_hh,         \
+                                                        transposed);                          \
             forward_rows_##SUF(blas, packed, Tn, B, H, P, r0, r1, gates, hs, cs, tanh_c, rs,  \
-                               w_hh, w_hr, bias, batch_sizes, reverse, transposed);           \
+                               w_hh, w_hr, bias, w16, batch_sizes, reverse, transposed);      \
             free(packed);                                                                     \
         })                                                                                    \
         return;                                                                               \
     }                                                                                         \
     ftz_state ftz;                                                                            \
     ftz_begin(&ftz, Tn);                                                                      \
-    T *packed = pack_forward_##SUF(blas, Tn, H, P, B, w_hh, transposed);                      \
+    T *packed = w16 ? NULL : pack_forward_##SUF(blas, Tn, H, P, B, w_hh, transposed);         \
     forward_rows_##SUF(blas, packed, Tn, B, H, P, 0, B, gates, hs, cs, tanh_c, rs, w_hh, w_hr, \
-                       bias, batch_sizes, reverse, transposed);                               \
+                       bias, w16, batch_sizes, reverse, transposed);                          \
     free(packed);                                                                             \
     ftz_end(&ftz);                                                                            \
 }                                                                                             \
@@ -591,10 +649,13 @@ static void backward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int
                                 int64_t B, int64_t H, int64_t P, int64_t r0, int64_t r1,      \
                                 const T *gates, const T *cs, const T *tanh_c, const T *dy,    \
                                 T *dh, T *dc, T *da, T *dhs, T *dr, const T *w_hh,            \
-                                const T *w_hr, T *RESTRICT db, const int64_t *batch_sizes,    \
-                                int reverse) {                                                \
+                                const T *w_hr, T *RESTRICT db, const uint16_t *w16,           \
+                                const int64_t *batch_sizes, int reverse) {                    \
     GEMM_T gemm = (GEMM_T)blas->gemm;                                                         \
     T *dhr = dh + r0 * P, *dcr = dc + r0 * H;                                                 \
+    uint16_t *d16 = w16 ? (uint16_t *)malloc((size_t)((r1 - r0) * 4 * H) * sizeof(uint16_t)) \
+                        : NULL;                                                               \
+    if (!d16) w16 = NULL;                                                                     \
     for (int64_t s = 0; s < Tn; s++) {                                                        \
         int64_t t = reverse ? s : Tn - 1 - s;                                                 \
         int64_t prev = reverse ? t + 1 : t;                                                   \
@@ -616,10 +677,13 @@ static void backward_rows_##SUF(const glasslstm_blas *blas, const T *packed, int
                                       cs + (prev * B + r0) * H, H, tanh_c + (t * B + r0) * H, \
                                       H, g, gy, ldg, dcr, H, d);                              \
         if (db) col_sums_##SUF(n, 4 * H, d, db); /* while d is in cache */                     \
-        if (packed && n == r1 - r0) compute_##SUF(blas, P, n, 4 * H, packed, d, 4 * H, 0,      \
-                                                  dhr, P);                                    \
+        if (w16) gemm_bf16_b32(blas, 'N', P, n, 4 * H, w16, P, (const float *)d, 4 * H, d16,  \
+                               0, dhr, P);                                                    \
+        else if (packed && n == r1 - r0) compute_##SUF(blas, P, n, 4 * H, packed, d, 4 * H, 0, \
+                                                       dhr, P);                               \
         else gemm_##SUF(gemm, 'N', 'N', P, n, 4 * H, w_hh, P, d, 4 * H, 0, dhr, P);           \
     }                                                                                         \
+    free(d16);                                                                                \
 }                                                                                             \
 /* db (4H, nullable): the bias gradient, the sum of da over all rows, added up as each step's  \
  * rows are made (a share's partial sums, then the shares in order: the same bits on every    \
@@ -628,8 +692,9 @@ void glasslstm_layer_backward_##SUF(const glasslstm_blas *blas, int64_t Tn, int6
                                     int64_t H, int64_t P,                                     \
                                     const T *gates, const T *cs, const T *tanh_c,             \
                                     const T *dy, T *dh, T *dc, T *da, T *dhs, T *dr,          \
-                                    const T *w_hh, const T *w_hr, T *db,                      \
+                                    const T *w_hh, const T *w_hr, T *db, const uint16_t *w16, \
                                     const int64_t *batch_sizes, int reverse) {                \
+    if (sizeof(T) != sizeof(float) || !blas->gemm_bf16) w16 = NULL;                           \
     int nt = row_threads(B, (size_t)(4 * H * P + (w_hr ? H * P : 0)) * sizeof(T));            \
     if (db) memset(db, 0, (size_t)(4 * H) * sizeof(T));                                       \
     T *parts = NULL;                                                                          \
@@ -639,10 +704,10 @@ void glasslstm_layer_backward_##SUF(const glasslstm_blas *blas, int64_t Tn, int6
     }                                                                                         \
     if (nt > 1) {                                                                             \
         ROW_SPLIT(B, {                                                                    \
-            T *packed = pack_a_##SUF(blas, Tn, 'N', P, r1 - r0, 4 * H, w_hh, P);              \
+            T *packed = w16 ? NULL : pack_a_##SUF(blas, Tn, 'N', P, r1 - r0, 4 * H, w_hh, P);  \
             backward_rows_##SUF(blas, packed, Tn, B, H, P, r0, r1, gates, cs, tanh_c, dy, dh, \
                                 dc, da, dhs, dr, w_hh, w_hr, parts ? parts + id_ * 4 * H : NULL, \
-                                batch_sizes, reverse);                                        \
+                                w16, batch_sizes, reverse);                                   \
             free(packed);                                                                     \
         })                                                                                    \
         if (parts) {                                                                          \
@@ -654,9 +719,9 @@ void glasslstm_layer_backward_##SUF(const glasslstm_blas *blas, int64_t Tn, int6
     }                                                                                         \
     ftz_state ftz;                                                                            \
     ftz_begin(&ftz, Tn);                                                                      \
-    T *packed = pack_a_##SUF(blas, Tn, 'N', P, B, 4 * H, w_hh, P);                            \
+    T *packed = w16 ? NULL : pack_a_##SUF(blas, Tn, 'N', P, B, 4 * H, w_hh, P);               \
     backward_rows_##SUF(blas, packed, Tn, B, H, P, 0, B, gates, cs, tanh_c, dy, dh, dc, da,    \
-                        dhs, dr, w_hh, w_hr, db, batch_sizes, reverse);                       \
+                        dhs, dr, w_hh, w_hr, db, w16, batch_sizes, reverse);                  \
     free(packed);                                                                             \
     ftz_end(&ftz);                                                                            \
 }
@@ -673,4 +738,4 @@ unsigned int glasslstm_fp_mode(void) {
 #endif
 }
 
-int glasslstm_abi_version(void) { return 9; }
+int glasslstm_abi_version(void) { return 10; }
