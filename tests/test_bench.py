@@ -100,6 +100,9 @@ def test_bench_speed_quick_reports_every_section(tmp_path, capsys):
     assert set(train) == {"torch.nn.LSTM", "glasslstm", "glasslstm+gates"} | jax
     assert all(r["ms"] > 0 and r["gflops"] > 0 and r["speedup"] > 0 for r in train.values())
     assert train["torch.nn.LSTM"]["speedup"] == 1.0          # the peer against itself
+    bf16 = res["train_bf16"]["16"]                            # under bf16 autocast
+    assert set(bf16) == {"torch.nn.LSTM", "glasslstm", "glasslstm+gates"}
+    assert all(r["ms"] > 0 and r["speedup"] > 0 and "gflops" not in r for r in bf16.values())
     assert set(res["infer"]["16"]) == {"torch.nn.LSTM", "glasslstm"} | jax
     step = res["step"]["16"]
     assert step["glasslstm Stream"]["us"] > 0 and step["torch.nn.LSTM"]["speedup"] == 1.0
@@ -112,5 +115,6 @@ def test_bench_speed_table_and_bad_options(tmp_path, capsys):
     assert main(["bench", "speed", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| step (batch 1) | 16 | glasslstm Stream |" in out and "tokens/s" in out
+    assert "| train, bf16 autocast | 16 | glasslstm |" in out
     assert main(["bench", "speed", "--sizes", "0", "--out", str(tmp_path)]) == 2
     assert "--sizes" in capsys.readouterr().err

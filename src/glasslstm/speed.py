@@ -9,6 +9,10 @@ Sections (each contender timed alternately with its peer inside every repetition
                CPU, when ``jax`` is installed, a jitted ``lax.scan`` LSTM (XLA) with the same
                weights — the other peer (checked against torch.nn.LSTM's output first).
                GFLOP/s and the fraction of this machine's float32 GEMM peak (measured here).
+* ``train_bf16`` the same forward + backward under ``torch.autocast(dtype=torch.bfloat16)``:
+               torch.nn.LSTM runs oneDNN's (cuDNN's) bf16 RNN; glasslstm keeps its state and
+               gate math in float32 with bf16 matrix products on the CPU (and on a GPU runs
+               wholly in float32). No GFLOP/s: the peak measured is float32's.
 * ``infer``    forward only under ``torch.no_grad()`` (and the jitted JAX forward).
 * ``step``     one token of one sequence (batch 1), state carried: torch.nn.LSTM called as
                ``lstm(x_t, (h, c))``, glasslstm called the same way (drop-in), and
@@ -102,7 +106,9 @@ def _jax_peer(peer: torch.nn.LSTM, x: torch.Tensor, dy: torch.Tensor):
             lambda: jax.block_until_ready(forward(params, xj)))
 
 
-def bench_train(H: int, T: int, B: int, reps: int, device, peak: float) -> dict:
+def bench_train(H: int, T: int, B: int, reps: int, device, peak: float,
+                bf16: bool = False) -> dict:
+    """``bf16``: under bfloat16 autocast (no graphed or JAX contender, no GFLOP/s)."""
     torch.manual_seed(0)
     peer = torch.nn.LSTM(H, H).to(device)
     ours = glasslstm.LSTM.from_torch(peer)
@@ -112,24 +118,27 @@ def bench_train(H: int, T: int, B: int, reps: int, device, peak: float) -> dict:
     def step(model, gates=False):
         def run():
             x.grad = None
-            out = model(x, return_gates=True)[0] if gates else model(x)[0]
-            out.backward(dy)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(x, return_gates=True)[0] if gates else model(x)[0]
+            out.backward(dy.to(out.dtype))
         return run
 
     fns = {"torch.nn.LSTM": step(peer), "glasslstm": step(ours),
            "glasslstm+gates": step(ours, gates=True)}
-    if device.type == "cuda":
+    if device.type == "cuda" and not bf16:
         from glasslstm.ops import graphs
 
         fused = glasslstm.LSTM.from_torch(peer, backend="fused")
         fns["glasslstm graphed"] = step(graphs.graphed(fused, (x,)))
-    else:
+    elif not bf16:
         jax_fns = _jax_peer(peer, x, dy)
         if jax_fns is not None:
             fns["JAX lax.scan (jit)"] = jax_fns[0]
     for fn in fns.values():  # warm up (and build kernels / graphs / XLA programs)
         fn()
     res = _alternate(fns, reps, device)
+    if bf16:
+        return res
     flops = 3.0 * 2.0 * T * B * 4 * H * (2 * H)
     for r in res.values():
         r["gflops"] = flops / (r["ms"] / 1e3) / 1e9
@@ -204,10 +213,12 @@ def speed_bench(sizes=(128, 512, 1024), T: int = 100, B: int = 32, reps: int = 5
     peak = sgemm_peak(dev)["gflops"]
     out = {"machine": machine_info(dev), "sgemm_peak_gflops": peak,
            "backend": glasslstm.ops.describe(None, device), "T": T, "B": B,
-           "train": {}, "infer": {}, "step": {}}
+           "train": {}, "train_bf16": {}, "infer": {}, "step": {}}
     for H in sizes:
         progress(f"train H={H} ...")
         out["train"][H] = bench_train(H, T, B, reps, dev, peak)
+        progress(f"train, bf16 autocast, H={H} ...")
+        out["train_bf16"][H] = bench_train(H, T, B, reps, dev, peak, bf16=True)
         progress(f"infer H={H} ...")
         out["infer"][H] = bench_infer(H, T, B, reps, dev)
         progress(f"step H={H} ...")
@@ -224,11 +235,13 @@ def speed_table(res: dict) -> str:
              f"T={res['T']} B={res['B']} I=H; speedup = peer time / our time (> 1: faster)", "",
              "| section | H | contender | time | speedup vs torch | GFLOP/s (of peak) |",
              "|---|---:|---|---:|---:|---:|"]
-    for sec in ("train", "infer"):
-        for H, rows in res[sec].items():
+    for sec, label in (("train", "train"), ("train_bf16", "train, bf16 autocast"),
+                       ("infer", "infer")):
+        for H, rows in res.get(sec, {}).items():
             for name, r in rows.items():
                 g = f"{r['gflops']:.0f} ({r['of_peak']:.0%})" if "gflops" in r else ""
-                lines.append(f"| {sec} | {H} | {name} | {r['ms']:.2f} ms | {r['speedup']:.2f}x | {g} |")
+                lines.append(f"| {label} | {H} | {name} | {r['ms']:.2f} ms | {r['speedup']:.2f}x "
+                             f"| {g} |")
     for H, rows in res["step"].items():
         for name, r in rows.items():
             lines.append(f"| step (batch 1) | {H} | {name} | {r['us']:.1f} us | {r['speedup']:.2f}x | |")
