@@ -269,10 +269,13 @@ class LSTMLayerFunction(torch.autograd.Function):
         # Gradients of the weights and input: one GEMM each over all T*B rows.
         da2 = da.view(T * B, 4 * H)
         mm = getattr(cell, "mm", torch.mm)         # a bf16 cell's GEMMs: bf16 in, float32 out
-        dx = mm(da2, w_ih).view(T, B, I) if need[0] else None
-        dw_ih = mm(da2.t(), x.reshape(T * B, I)) if need[3] else None
+        da_op = da2                                # converted once for up to three GEMMs
+        if hasattr(cell, "operand") and (need[0] or need[3] or need[4]):
+            da_op = cell.operand(da2)
+        dx = mm(da_op, w_ih).view(T, B, I) if need[0] else None
+        dw_ih = mm(da_op.t(), x.reshape(T * B, I)) if need[3] else None
         h_prev = hs[1:] if reverse else hs[:T]
-        dw_hh = mm(da2.t(), h_prev.reshape(T * B, P)) if need[4] else None
+        dw_hh = mm(da_op.t(), h_prev.reshape(T * B, P)) if need[4] else None
         if need_db and db is None:
             db = da2.sum(0)
         dw_hr = None

@@ -292,8 +292,14 @@ class CpuBf16Cell(CpuCell):
     def _w16(self, w_hh):
         return w_hh.detach().to(torch.bfloat16).contiguous()
 
+    @staticmethod
+    def operand(t: torch.Tensor) -> torch.Tensor:
+        """``t`` as :meth:`mm` takes it: in bf16 (convert a matrix used twice only once)."""
+        return t.detach().to(torch.bfloat16)
+
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b`` (float32, any strides) with bf16 operands, float32 result."""
+        """``a @ b`` (float32 or already bf16, any strides) with bf16 operands, float32
+        result."""
         a16, ta, lda = _bf16_operand(a)
         b16, tb, ldb = _bf16_operand(b)
         out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32)
@@ -306,7 +312,7 @@ class CpuBf16Cell(CpuCell):
 def _bf16_operand(t: torch.Tensor):
     """(bf16 copy, transposed?, leading dimension) of a 2-D float32 matrix for glasslstm_mm_bf16:
     row-major (unit column stride) or its transpose (unit row stride), else made contiguous."""
-    t16 = t.detach().to(torch.bfloat16)          # keeps a transposed view's strides
+    t16 = t.detach().to(torch.bfloat16)          # keeps a transposed view's strides; no-op on bf16
     rows, cols = t16.shape
     if t16.stride(1) == 1 and t16.stride(0) >= max(cols, 1):
         return t16, 0, max(t16.stride(0), 1)
