@@ -422,26 +422,22 @@ static int row_threads(int64_t B, size_t weight_bytes) { (void)B; (void)weight_b
 /* CELL_ROWS: rows [r0, r1) of a step's gate math on each OpenMP thread (see
  * cell_forward_par), or all rows here (inside a row split, or too little work). */
 #define CELL_SPLIT_MIN 8192
+static int cell_threads(int64_t n, int64_t H) {
 #ifdef _OPENMP
+    if (n >= 2 && n * H >= CELL_SPLIT_MIN && !omp_in_parallel()) return omp_get_max_threads();
+#else
+    (void)n; (void)H;
+#endif
+    return 1;
+}
 #define CELL_ROWS(n, H, CALL)                                                                 \
-    if ((n) >= 2 && (n) * (H) >= CELL_SPLIT_MIN && omp_get_max_threads() > 1                 \
-        && !omp_in_parallel()) {                                                              \
-        _Pragma("omp parallel")                                                               \
-        {                                                                                     \
-            int64_t nt_ = omp_get_num_threads(), id_ = omp_get_thread_num();                  \
-            int64_t r0 = (n) * id_ / nt_, r1 = (n) * (id_ + 1) / nt_;                          \
-            unsigned int fp_;                                                                 \
-            fp_begin(&fp_);                                                                   \
-            if (r0 < r1) CALL;                                                                \
-            fp_end(fp_);                                                                      \
-        }                                                                                     \
+    int nt = cell_threads(n, H);                                                              \
+    if (nt > 1) {                                                                             \
+        ROW_SPLIT(n, { CALL; })                                                               \
     } else {                                                                                  \
         int64_t r0 = 0, r1 = (n);                                                             \
         CALL;                                                                                 \
     }
-#else
-#define CELL_ROWS(n, H, CALL) { int64_t r0 = 0, r1 = (n); CALL; }
-#endif
 
 /* The BLAS routines a time loop calls (addresses found in torch's own library by
  * glasslstm.ops.cpu): gemm, and MKL's packed-GEMM trio (NULL where absent: float64, other
