@@ -11,7 +11,9 @@ compiles in about a second with the system's C compiler, for the CPU it runs on
 the compiler and the CPU; ``$GLASSLSTM_CC`` (else ``$CC``, else ``cc``) picks the compiler.
 
 Without a compiler everything still works on the torch path; :func:`status` says why the fused
-one is off (``GLASSLSTM_NO_FUSED=1`` turns it off on purpose). The matrix products stay torch's (oneDNN/MKL sgemm), which no hand-written C beats.
+one is off (``GLASSLSTM_NO_FUSED=1`` turns it off on purpose). The matrix products stay torch's
+BLAS (MKL's sgemm, packed sgemm and, under bf16 autocast, gemm_bf16bf16f32, called from C by
+address), which no hand-written C beats.
 """
 
 from __future__ import annotations

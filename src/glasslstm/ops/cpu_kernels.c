@@ -1,11 +1,13 @@
-/* glasslstm's fused CPU kernels: the LSTM cell's pointwise math, forward and backward, and a
- * whole one-token step (all layers) for streaming inference.
+/* glasslstm's fused CPU kernels: the LSTM cell's pointwise math, forward and backward; whole
+ * time loops (forward and backward, float32 or with bf16 GEMMs under autocast) on torch's own
+ * BLAS; and a whole one-token step (all layers) for streaming inference.
  *
  * Plain C99 with no torch or Python headers: glasslstm.ops.cpu compiles this file once per
  * machine (gcc/cc -O3 -march=native) and calls it through ctypes, so it builds in about a
  * second, never depends on torch's C++ ABI, and uses the vector units of the CPU it runs on.
  *
- * Every kernel exists for float (suffix _f32) and double (_f64). Gate order is torch's:
+ * Every kernel exists for float (suffix _f32) and double (_f64); bf16 products are float's
+ * only. Gate order is torch's:
  * i, f, g, o (the article's i, f, N, o); a gate row is 4H wide.
  *
  * exp is our own (Cephes-style range reduction + polynomial, ~2 ulp in float) so that loops
