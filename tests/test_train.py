@@ -103,6 +103,22 @@ def test_learning_happens(tmp_path):
     assert res.last_val_loss < first_train["loss"] - 0.5
 
 
+def test_bf16_precision_trains_and_can_be_switched_on_resume(tmp_path):
+    """--precision bf16: autocast around the forward (bf16 matrix products, float32 LSTM state
+    and loss); it learns like float32 and, not defining the model, may change on resume."""
+    res = run(tmp_path, "bf16", max_steps=60, lr=1e-2, eval_every=30, precision="bf16")
+    fp32 = run(tmp_path, "fp32", max_steps=60, lr=1e-2, eval_every=30)
+    vals = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    first_train = next(r for r in vals if r["split"] == "train")
+    assert res.last_val_loss < first_train["loss"] - 0.5
+    assert res.last_val_loss == pytest.approx(fp32.last_val_loss, rel=0.05)
+    assert res.last_val_loss != fp32.last_val_loss            # the bf16 products did run
+    assert checkpoint.read_config(res.run_dir)["train"]["precision"] == "bf16"
+    more = train(resume=res.run_dir, overrides={"max_steps": 64, "precision": "fp32"},
+                 progress=False, corpus=CORPUS)
+    assert more.step == 64 and more.stopped == "max_steps"
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, bad):
     """The 13th training loss comes out NaN/Inf: that step is not applied, the run stops."""
@@ -171,7 +187,7 @@ def test_corpus_shorter_than_one_batch(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("level", "morse"), ("optimizer", "adam2"), ("lr", -1.0),
-                                       ("seq_len", 0)])
+                                       ("seq_len", 0), ("precision", "fp8")])
 def test_bad_config_values(key, value):
     with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')}"):
         TrainConfig(**{key: value})

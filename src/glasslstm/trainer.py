@@ -39,6 +39,8 @@ from glasslstm.data import (
 from glasslstm.determinism import deterministic
 from glasslstm.model import ConfigError, LanguageModel, ModelConfig, config_from_dict, load_vocab
 
+PRECISIONS = ("fp32", "bf16")
+
 LN2 = math.log(2.0)
 
 
@@ -76,11 +78,12 @@ class TrainConfig:
     threads: int = 0               # torch intra-op threads (0: torch's default)
     checkpoint: int = 0            # recompute in backward, N steps a segment (0: off): less memory
     deterministic: bool = False    # bitwise repeatable runs (same machine and --threads)
+    precision: str = "fp32"        # fp32 | bf16: autocast, bf16 matrix products, float32 state and loss
     out: str | None = None         # run directory (default: runs/<corpus>-<time>)
 
     # Keys that may change when a run is resumed; everything else defines the run.
     RESUMABLE = ("max_steps", "time_budget", "eval_every", "eval_batches", "patience",
-                 "log_every", "device", "threads", "checkpoint", "deterministic")
+                 "log_every", "device", "threads", "checkpoint", "deterministic", "precision")
 
     def __post_init__(self):
         checks = {
@@ -102,12 +105,13 @@ class TrainConfig:
             "threads": self.threads >= 0,
             "checkpoint": self.checkpoint >= 0,
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "precision": self.precision in PRECISIONS,
         }
         for key, ok in checks.items():
             if not ok:
                 hint = {"level": LEVELS, "optimizer": ("adamw", "sgd"),
                         "schedule": ("cosine", "constant"),
-                        "batching": ("stream", "random")}.get(key)
+                        "batching": ("stream", "random"), "precision": PRECISIONS}.get(key)
                 raise ConfigError(
                     f"--{key.replace('_', '-')}={getattr(self, key)!r} is not valid"
                     + (f"; choose one of {', '.join(hint)}" if hint else "")
@@ -385,7 +389,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume, device: torch.device, progre
             lr = lr_at(cfg, step, meta["seconds"])
             for group in opt.param_groups:
                 group["lr"] = lr
-            _, loss, new_state = model(x, state, y)
+            # bf16: the LSTM's matrix products in bf16 (its state and gate math float32), the
+            # output layer's too; the loss in float32 (autocast's rule for cross-entropy).
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=cfg.precision == "bf16"):
+                _, loss, new_state = model(x, state, y)
             loss_value = loss.detach().item()
             opt.zero_grad(set_to_none=True)
             if math.isfinite(loss_value):
