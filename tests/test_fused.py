@@ -27,6 +27,7 @@ def test_auto_picks_the_fused_cell_on_cpu():
     assert describe() == "auto -> cpu-fused cell"
     assert describe("bptt") == "bptt -> torch cell"
     assert cpu.status().startswith("on")
+    assert ("bf16 GEMM under autocast" in cpu.status()) == (cpu.bf16_cell() is not None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -193,8 +193,9 @@ def status() -> str:
     if not blas:
         loop = "time loop in Python (no BLAS symbol found)"
     else:
-        packed = blas.get(torch.float32) is not None and blas[torch.float32].pack is not None
-        loop = "time loop in C on torch's BLAS" + (", packed GEMM" if packed else "")
+        f32 = blas.get(torch.float32)
+        loop = ("time loop in C on torch's BLAS" + (", packed GEMM" if f32 and f32.pack else "")
+                + (", bf16 GEMM under autocast" if f32 and f32.gemm_bf16 else ""))
     return f"on ({loop})"
 
 
