@@ -233,8 +233,12 @@ class CpuCell:
             return False
         T, B, H4 = gates.shape
         w16 = self._w16(w_hh)
-        # see the C source: the copies pay for themselves from ~8 steps (bf16 steps read w16)
-        transposed = T >= 8 and w16 is None
+        # See the C source: the transposed copies pay for themselves from ~8 steps. Not needed
+        # where every step multiplies by the packed weight (packing reads either layout) or
+        # by the bf16 copy.
+        packed_only = (self._blas.pack is not None and batch_sizes is None and w_hr is None
+                       and T >= 4)
+        transposed = T >= 8 and w16 is None and not packed_only
         if transposed:
             w_hh = w_hh.t().contiguous()
             w_hr = None if w_hr is None else w_hr.t().contiguous()
