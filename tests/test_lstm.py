@@ -147,7 +147,12 @@ def test_no_grad_results_match_torch_and_stand_alone(cfg, backend):
         y, (h_n, c_n) = ours(x)
         kept = h_n.clone(), c_n.clone()
         y.fill_(7.0)
+        quiet = ours(x, lengths=lengths, return_gates=True)     # gates: views too, padded
     assert torch.equal(h_n, kept[0]) and torch.equal(c_n, kept[1])
+    loud = ours(x, lengths=lengths, return_gates=True)          # with autograd: copies
+    assert torch.equal(quiet[0], loud[0].detach())
+    for name in ("i", "f", "g", "o", "c", "h"):
+        assert torch.equal(getattr(quiet[2], name), getattr(loud[2], name).detach()), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

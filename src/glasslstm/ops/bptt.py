@@ -211,15 +211,16 @@ class LSTMLayerFunction(torch.autograd.Function):
         # one, hs is saved for it and y must not share its memory (an in-place change of y
         # would corrupt the backward).
         h_n, c_n = hs[end].clone(), cs[end].clone()   # before y's padding (it may be hs's)
-        y = hs[states].clone() if grad and any(ctx.needs_input_grad) else hs[states]
+        backward_to_come = grad and any(ctx.needs_input_grad)
+        y = hs[states].clone() if backward_to_come else hs[states]
         pad = None
         if batch_sizes is not None:
             pad = _pad_mask(batch_sizes, B, x.device)
             y.masked_fill_(pad, 0.0)
         outputs = [y, h_n, c_n]
-        if record:
-            g_rec = gates.clone()
-            c_rec = cs[states].clone()
+        if record:      # likewise the recorded gates and cells (what an inspection reads)
+            g_rec = gates.clone() if backward_to_come else gates
+            c_rec = cs[states].clone() if backward_to_come else cs[states]
             if pad is not None:
                 g_rec.masked_fill_(pad, 0.0)
                 c_rec.masked_fill_(pad, 0.0)
