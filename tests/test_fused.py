@@ -13,8 +13,8 @@ import torch
 import glasslstm
 from glasslstm.data import CharTokenizer
 from glasslstm.model import LanguageModel, ModelConfig
-from glasslstm.ops import bptt, cpu, describe
-from glasslstm.stream import LMStream, Stream
+from glasslstm.ops import bptt, cpu, describe, ext
+from glasslstm.stream import LMStream, StepKernel, Stream
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"fused CPU path: {cpu.status()}")
 
@@ -228,8 +228,20 @@ def test_stream_without_kernel_uses_torch_forward():
     assert rel_err(got, want) <= 1e-6
 
 
+@pytest.fixture(params=["python", "ext"])
+def drop_in_path(request, monkeypatch):
+    """Each drop-in test runs twice: on the C++ entry point (glasslstm.ops.ext, built now)
+    and on the Python path it replaces once built (the path wherever it cannot be)."""
+    if request.param == "ext":
+        if ext.build() is None:
+            pytest.skip(f"drop-in extension: {ext.status()}")
+    else:
+        monkeypatch.setattr(ext, "module", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("unbatched", [False, True])
-def test_drop_in_one_step_call_matches_torch(unbatched):
+def test_drop_in_one_step_call_matches_torch(unbatched, drop_in_path):
     """``lstm(x_t, (h, c))`` under no_grad takes the C step and gives torch's results."""
     ref = torch.nn.LSTM(5, 7, num_layers=2)
     lstm = glasslstm.LSTM.from_torch(ref)
@@ -250,7 +262,41 @@ def test_drop_in_one_step_call_matches_torch(unbatched):
     assert not torch.equal(hx[0], keep[0])
 
 
-def test_drop_in_step_keeps_the_callers_state_and_grad_mode():
+def test_drop_in_extension_takes_the_call_and_hands_back_what_it_cannot(monkeypatch):
+    """Once built, the C++ entry point serves the one-token call whole (the Python path's
+    StepKernel call never runs); what it does not handle (a changed weight, an odd shape, a
+    non-contiguous state) goes back to the Python path, which still gives torch's results."""
+    if ext.build() is None:
+        pytest.skip(f"drop-in extension: {ext.status()}")
+    ref = torch.nn.LSTM(5, 7, num_layers=2, proj_size=3, dtype=torch.float64)
+    lstm = glasslstm.LSTM.from_torch(ref)
+    hx = (torch.randn(2, 1, 3, dtype=torch.float64), torch.randn(2, 1, 7, dtype=torch.float64))
+    x = torch.randn(1, 1, 5, dtype=torch.float64)
+    python_steps = []
+    real = StepKernel.__call__
+    monkeypatch.setattr(StepKernel, "__call__",
+                        lambda self, *a, **k: python_steps.append(1) or real(self, *a, **k))
+    with torch.no_grad():
+        lstm(x, hx)                                   # builds the plan (Python path)
+        python_steps.clear()
+        for _ in range(3):
+            y, (h, c) = lstm(x, hx)
+            want = ref(x, hx)
+            assert rel_err(y, want[0]) <= 1e-12 and rel_err(c, want[1][1]) <= 1e-12
+            hx = (h, c)
+        assert python_steps == []
+        lstm.weight_hh_l1.add_(0.5)                   # changed: the Python path re-reads it
+        ref.weight_hh_l1.add_(0.5)
+        assert rel_err(lstm(x, hx)[0], ref(x, hx)[0]) <= 1e-12 and python_steps == [1]
+        lstm(x, hx)                                   # and the extension takes over again
+        assert python_steps == [1]
+        odd = (hx[0].transpose(0, 1).contiguous().transpose(0, 1), hx[1])   # not contiguous
+        assert rel_err(lstm(x, odd)[0], ref(x, odd)[0]) <= 1e-12
+        with pytest.raises(ValueError, match="h_0 has shape"):   # the module's own error
+            lstm(x, (hx[0][:1], hx[1]))
+
+
+def test_drop_in_step_keeps_the_callers_state_and_grad_mode(drop_in_path):
     lstm = glasslstm.LSTM(2, 3)
     hx = (torch.randn(1, 1, 3), torch.randn(1, 1, 3))
     before = tuple(t.clone() for t in hx)
@@ -262,7 +308,7 @@ def test_drop_in_step_keeps_the_callers_state_and_grad_mode():
 
 
 @pytest.mark.parametrize("hidden, proj", [(256, 0), (256, 96), (100, 0)])
-def test_threaded_step_is_the_same_on_every_step(hidden, proj, two_threads):
+def test_threaded_step_is_the_same_on_every_step(hidden, proj, two_threads, drop_in_path):
     """Weights of 2^16+ multiply-adds take the threaded panel product (each thread reads its
     panels front to back on one step, back to front on the next; H = 100: 400 rows, the last
     panel part padding): torch's results, and the same call twice gives the same bits."""
@@ -278,7 +324,7 @@ def test_threaded_step_is_the_same_on_every_step(hidden, proj, two_threads):
     assert rel_err(first[0], want[0]) <= 1e-5 and rel_err(first[1][1], want[1][1]) <= 1e-5
 
 
-def test_drop_in_step_runs_hooks_and_follows_replaced_weights():
+def test_drop_in_step_runs_hooks_and_follows_replaced_weights(drop_in_path):
     ref = torch.nn.LSTM(3, 4)
     lstm = glasslstm.LSTM.from_torch(ref)
     x = torch.randn(1, 1, 3)
@@ -305,7 +351,7 @@ def test_drop_in_step_runs_hooks_and_follows_replaced_weights():
         assert y64.dtype == torch.float64 and rel_err(y64, ref(x.double(), hx64)[0]) <= 1e-12
 
 
-def test_drop_in_plan_is_neither_copied_nor_pickled():
+def test_drop_in_plan_is_neither_copied_nor_pickled(drop_in_path):
     import copy
     import io
 
@@ -572,7 +618,7 @@ def test_many_rows_match_torch(backend, bias):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")       # jit.trace, still in use
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_drop_in_step_stays_out_of_jit_traces():
+def test_drop_in_step_stays_out_of_jit_traces(drop_in_path):
     """Under torch.jit.trace the one-token call runs the torch ops, so the trace has them."""
     lstm = glasslstm.LSTM(3, 4).eval()
     x, hx = torch.randn(1, 1, 3), (torch.randn(1, 1, 4), torch.randn(1, 1, 4))
@@ -584,7 +630,7 @@ def test_drop_in_step_stays_out_of_jit_traces():
     assert rel_err(got[0], want2[0]) <= 1e-6 and not torch.equal(got[0], want[0])
 
 
-def test_drop_in_step_follows_a_later_backend_change(monkeypatch):
+def test_drop_in_step_follows_a_later_backend_change(monkeypatch, drop_in_path):
     lstm = glasslstm.LSTM(3, 4)
     x = torch.randn(1, 1, 3)
     with torch.no_grad():
@@ -598,7 +644,7 @@ def test_drop_in_step_follows_a_later_backend_change(monkeypatch):
         assert rel_err(lstm(x)[0], want) <= 1e-6           # the torch path, same numbers
 
 
-def test_drop_in_step_runs_global_module_hooks():
+def test_drop_in_step_runs_global_module_hooks(drop_in_path):
     lstm = glasslstm.LSTM(3, 4)
     x = torch.randn(1, 1, 3)
     calls = []

@@ -15,8 +15,9 @@ Sections (each contender timed alternately with its peer inside every repetition
                wholly in float32). No GFLOP/s: the peak measured is float32's.
 * ``infer``    forward only under ``torch.no_grad()`` (and the jitted JAX forward).
 * ``step``     one token of one sequence (batch 1), state carried: torch.nn.LSTM called as
-               ``lstm(x_t, (h, c))``, glasslstm called the same way (drop-in), and
-               :class:`glasslstm.Stream`'s ``step``.
+               ``lstm(x_t, (h, c))``, glasslstm called the same way (drop-in; its C++ entry
+               point, :mod:`glasslstm.ops.ext`, built first), and :class:`glasslstm.Stream`'s
+               ``step``.
 * ``generate`` tokens/s of a char language model (``--gen-layers`` x ``--gen-hidden``, 65
                tokens), glasslstm's ``generate`` against the same model with torch.nn.LSTM inside.
 
@@ -162,6 +163,10 @@ def bench_infer(H: int, T: int, B: int, reps: int, device) -> dict:
 
 
 def bench_step(H: int, calls: int, device) -> dict:
+    from glasslstm.ops import ext
+
+    if device.type == "cpu":
+        ext.build()   # the drop-in call's C++ entry point, else built in the background mid-run
     torch.manual_seed(0)
     peer = torch.nn.LSTM(H, H).to(device)
     ours = glasslstm.LSTM.from_torch(peer)
@@ -178,6 +183,7 @@ def bench_step(H: int, calls: int, device) -> dict:
                 res[name] = min(res.get(name, us), us)
     out = {n: {"us": us, "speedup": res["torch.nn.LSTM"] / us} for n, us in res.items()}
     out["glasslstm Stream"]["fused"] = stream.fused
+    out["glasslstm"]["extension"] = ext.status()
     return out
 
 

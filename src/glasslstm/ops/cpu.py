@@ -64,33 +64,44 @@ def _cache_dir() -> Path:
     return cache_dir() / "kernels"
 
 
-def _build(cc: str) -> Path:
-    """Compile (or find) the library for this source/compiler/CPU; an atomic rename publishes
-    it, so concurrent processes never load a half-written file."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version,
-                                    _cpu_signature(), platform.machine()]).encode()).hexdigest()
-    target = _cache_dir() / f"glasslstm_cpu-{key[:20]}.so"
+def compile_cached(stem: str, key_parts: list[str], commands: list[list[str]]) -> Path:
+    """A shared library built once per key: the first of ``commands`` (argument lists, "{out}"
+    standing for the output path) that succeeds, cached as ``<stem>-<hash of key_parts>.so``.
+    An atomic rename publishes it, so concurrent processes never load a half-written file.
+    Raises RuntimeError with the last compiler's complaint when none succeeds."""
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()
+    target = _cache_dir() / f"{stem}-{key[:20]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        # OpenMP links libgomp, which resolves to the copy torch has already loaded (one
-        # thread pool for both); without OpenMP support the kernels still build, serial.
-        for extra in (["-fopenmp"], []):
-            run = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"],
+        for command in commands:
+            run = subprocess.run([arg.replace("{out}", tmp) for arg in command],
                                  capture_output=True, text=True)
             if run.returncode == 0:
                 break
         else:
-            raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{commands[-1][0]} failed: {run.stderr.strip()[-500:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _build(cc: str) -> Path:
+    """The kernels for this source/compiler/CPU. OpenMP links libgomp, which resolves to the
+    copy torch has already loaded (one thread pool for both); without OpenMP support the
+    kernels still build, serial."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    base = [cc, *FLAGS]
+    return compile_cached("glasslstm_cpu",
+                          [SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature(),
+                           platform.machine()],
+                          [[*base, "-fopenmp", "-o", "{out}", str(SOURCE), "-lm"],
+                           [*base, "-o", "{out}", str(SOURCE), "-lm"]])
 
 
 @functools.lru_cache(maxsize=None)
