@@ -54,13 +54,14 @@ class StepKernel:
         self._plan_ptr = ctypes.addressof(self._plan)
         self._params = lstm._parameters   # the live dict: a replaced parameter is seen too
         self._key = None
-        # the same facts for glasslstm.ops.ext's drop_in: {L, H, P, I, dtype, n} and the key
-        # as 2 n int64 (version, data pointer)
-        self.dims = (ctypes.c_int64 * 6)(self.L, self.H, self.P, lstm.input_size,
-                                         0 if self.dtype == torch.float32 else 1, 0)
-        self.dims_addr = ctypes.addressof(self.dims)
-        self.key_buf, self.key_addr = None, None
-        self.step_addr = ctypes.cast(self._step, ctypes.c_void_p).value
+        # the same facts for glasslstm.ops.ext's drop_in: a header of int64 {plan, step, key
+        # addresses, L, H, P, I, dtype, n, release the GIL}; the key as 2 n int64 (version,
+        # data pointer), set by refresh
+        big = 4 * self.H * (lstm.input_size + self.P) * self.L >= 1 << 18
+        self.header = (ctypes.c_int64 * 10)(
+            self._plan_ptr, ctypes.cast(self._step, ctypes.c_void_p).value, 0, self.L, self.H,
+            self.P, lstm.input_size, 0 if self.dtype == torch.float32 else 1, 0, int(big))
+        self.header_addr = ctypes.addressof(self.header)
 
     def key(self) -> list:
         return [(p._version, p.data_ptr()) for p in self._params.values()]
@@ -94,9 +95,9 @@ class StepKernel:
         self._plan.in_sizes = ctypes.addressof(self._sizes)
         self._key = key
         flat = [v for pair in key for v in pair]
-        self.key_buf = (ctypes.c_int64 * max(len(flat), 1))(*flat)
-        self.key_addr = ctypes.addressof(self.key_buf)
-        self.dims[5] = len(key)
+        self._key_buf = (ctypes.c_int64 * max(len(flat), 1))(*flat)
+        self.header[2] = ctypes.addressof(self._key_buf)
+        self.header[8] = len(key)
         return True
 
     def __call__(self, x_ptr, xproj_ptr, h, c, out, h_in=None, c_in=None) -> None:
@@ -141,8 +142,8 @@ class DropInStep:
         self.owner = id(lstm)   # a copied module's __dict__ must not reuse this plan
         self.kernel = StepKernel(lstm)
         self.kernel.refresh()
-        self.plan_addr = self.kernel._plan_ptr
-        self._ext = None
+        self.header = self.kernel.header_addr
+        self.ext = None         # glasslstm.ops.ext's drop_in, once built
         ext.build_async()       # the C++ entry point; this Python path serves until it is ready
         dt, L, H, P, I = (self.kernel.dtype, lstm.num_layers, lstm.hidden_size,
                           lstm.proj_size or lstm.hidden_size, lstm.input_size)
@@ -156,18 +157,11 @@ class DropInStep:
         """``(output, (h_n, c_n))``, or None when this call is not such a step (the general
         path then handles it, errors included). Lean on purpose: after a step has streamed
         the weights through the caches, every line of Python here runs cold."""
-        if type(input) is not torch.Tensor:
-            return None
-        if (lstm.backend not in self._FAST_BACKENDS
+        if (type(input) is not torch.Tensor or lstm.backend not in self._FAST_BACKENDS
                 or (lstm.training and lstm.dropout and self.multi)):
             return None
-        fast = self._ext or self._ext_ready()
-        if fast is not None:
-            k = self.kernel
-            res = fast.drop_in(self.plan_addr, k.step_addr, lstm._parameters, k.key_addr,
-                               k.dims_addr, input, hx)
-            if res is not None:
-                return res
+        if self.ext is None and ext.module() is not None:
+            self.ext = ext.module().drop_in
         shape = input.shape
         if shape == self.x3:
             sh, sc, sy = self.h3, self.c3, self.y3
@@ -202,10 +196,6 @@ class DropInStep:
         return out, (h_n, c_n)
 
 
-    def _ext_ready(self):
-        self._ext = ext.module()
-        return self._ext
-
 
 def drop_in_step(lstm, input, hx):
     """:class:`DropInStep` for ``lstm``, built (or rebuilt) as needed; None where the C step
@@ -214,6 +204,12 @@ def drop_in_step(lstm, input, hx):
         return None
     plan = lstm._drop_in
     if plan is not None and plan.owner == id(lstm):
+        fast = plan.ext                     # the C++ entry point: the common case, whole
+        if (fast is not None and lstm.backend in plan._FAST_BACKENDS
+                and not (lstm.training and lstm.dropout and plan.multi)):
+            res = fast(plan.header, lstm._parameters, input, hx)
+            if res is not None:
+                return res
         return plan(lstm, input, hx)
     if type(input) is not torch.Tensor or input.dim() not in (2, 3) or input.shape[0] != 1:
         return None        # not a step: no plan (and no weight copies) for this module yet

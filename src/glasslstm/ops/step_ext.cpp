@@ -8,66 +8,69 @@
 // first use (in a background thread) and the Python path serves until it is ready, and
 // wherever it cannot be built (no C++ compiler or Python headers).
 //
-// drop_in(plan, step, params, key, dims, x, hx) -> (output, (h_n, c_n)), or None when this
-// call is not such a step or the weights changed (the Python path then handles it):
-//   plan, step  addresses of the glasslstm_step_plan and of glasslstm_step_f32/_f64
-//   params      the module's parameter dict (its live _parameters)
-//   key         address of int64[2 n]: (version counter, data pointer) of the n parameters,
-//               in dict order, when the plan's weight copies were made
-//   dims        address of int64[6]: num_layers L, hidden H, output P, input I, dtype (0:
-//               float32, 1: float64), n
-//   x           (1, 1, I) or (1, I), contiguous, on the CPU, of that dtype
-//   hx          None, or (h0, c0): (L, 1, P) and (L, 1, H) (or without the 1, as x), likewise
+// drop_in(header, params, x, hx) -> (output, (h_n, c_n)), or None when this call is not such
+// a step or the weights changed (the Python path then handles it):
+//   header  address of int64[10]: the addresses of the glasslstm_step_plan, of
+//           glasslstm_step_f32/_f64 and of the key; num_layers L, hidden H, output P, input I,
+//           dtype (0: float32, 1: float64), the number n of parameters, and whether to
+//           release the GIL during the step (large weights)
+//   params  the module's parameter dict (its live _parameters)
+//   key     int64[2 n]: (version counter, data pointer) of the n parameters, in dict order,
+//           when the plan's weight copies were made
+//   x       (1, 1, I) or (1, I), contiguous, on the CPU, of that dtype
+//   hx      None, or (h0, c0): (L, 1, P) and (L, 1, H) (or without the 1, as x), likewise
 #include <Python.h>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
-#include <vector>
+#include <cstring>
 
 namespace {
 
 typedef void (*step_fn)(void *plan, const void *x, const void *xproj, const void *h_in,
                         const void *c_in, void *h, void *c, void *out);
 
-bool address(PyObject *o, void **out) {
-    *out = PyLong_AsVoidPtr(o);
-    return !PyErr_Occurred();
+// t is a tensor of this dtype on the CPU, contiguous, shaped `sizes`
+bool fits(const at::Tensor &t, at::ScalarType dtype, at::IntArrayRef sizes) {
+    return t.scalar_type() == dtype && t.device().is_cpu() && t.is_contiguous()
+           && t.sizes() == sizes;
 }
 
-// t is a tensor of this dtype on the CPU, contiguous, shaped `sizes`
-bool fits(const at::Tensor &t, at::ScalarType dtype, const std::vector<int64_t> &sizes) {
-    return t.scalar_type() == dtype && t.device().is_cpu() && t.is_contiguous()
-           && t.sizes() == at::IntArrayRef(sizes);
+// a new CPU tensor (at::detail::empty_cpu: what torch.empty ends in, without the dispatcher)
+at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype, bool zero) {
+    at::Tensor t(at::detail::empty_cpu(sizes, dtype));
+    if (zero) std::memset(t.data_ptr(), 0, t.nbytes());
+    return t;
 }
 
 PyObject *drop_in(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "drop_in takes 7 arguments");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "drop_in takes 4 arguments");
         return nullptr;
     }
-    void *plan, *step, *key_addr, *dims_addr;
-    if (!address(args[0], &plan) || !address(args[1], &step) || !address(args[3], &key_addr)
-        || !address(args[4], &dims_addr))
-        return nullptr;
-    PyObject *params = args[2], *xo = args[5], *hx = args[6];
-    const int64_t *dims = static_cast<const int64_t *>(dims_addr);
-    const int64_t *key = static_cast<const int64_t *>(key_addr);
-    const int64_t L = dims[0], H = dims[1], P = dims[2], I = dims[3], n = dims[5];
-    const at::ScalarType dtype = dims[4] == 0 ? at::kFloat : at::kDouble;
+    const int64_t *hd = static_cast<const int64_t *>(PyLong_AsVoidPtr(args[0]));
+    if (PyErr_Occurred()) return nullptr;
+    PyObject *params = args[1], *xo = args[2], *hx = args[3];
+    void *plan = reinterpret_cast<void *>(hd[0]), *step = reinterpret_cast<void *>(hd[1]);
+    const int64_t *key = reinterpret_cast<const int64_t *>(hd[2]);
+    const int64_t L = hd[3], H = hd[4], P = hd[5], I = hd[6], n = hd[8];
+    const at::ScalarType dtype = hd[7] == 0 ? at::kFloat : at::kDouble;
+    if (!key) Py_RETURN_NONE;
 
     if (!THPVariable_Check(xo)) Py_RETURN_NONE;
     const at::Tensor &x = THPVariable_Unpack(xo);
     const bool three = x.dim() == 3;
-    if (!fits(x, dtype, three ? std::vector<int64_t>{1, 1, I} : std::vector<int64_t>{1, I}))
-        Py_RETURN_NONE;
-    const std::vector<int64_t> hs = three ? std::vector<int64_t>{L, 1, P}
-                                          : std::vector<int64_t>{L, P};
-    const std::vector<int64_t> cs = three ? std::vector<int64_t>{L, 1, H}
-                                          : std::vector<int64_t>{L, H};
+    const int64_t xa[3] = {1, 1, I}, ha[3] = {L, 1, P}, ca[3] = {L, 1, H}, ya[3] = {1, 1, P};
+    const int64_t xb[2] = {1, I}, hb[2] = {L, P}, cb[2] = {L, H}, yb[2] = {1, P};
+    const at::IntArrayRef xs = three ? at::IntArrayRef(xa, 3) : at::IntArrayRef(xb, 2);
+    const at::IntArrayRef hs = three ? at::IntArrayRef(ha, 3) : at::IntArrayRef(hb, 2);
+    const at::IntArrayRef cs = three ? at::IntArrayRef(ca, 3) : at::IntArrayRef(cb, 2);
+    // one layer: the output has h_n's shape ((1, 1, P) or (1, P))
+    const at::IntArrayRef ys = three ? at::IntArrayRef(ya, 3) : at::IntArrayRef(yb, 2);
+    if (!fits(x, dtype, xs)) Py_RETURN_NONE;
     const void *h_in = nullptr, *c_in = nullptr;
     if (hx != Py_None) {
         if (!(PyTuple_CheckExact(hx) || PyList_CheckExact(hx)) || PySequence_Fast_GET_SIZE(hx) != 2)
@@ -91,16 +94,16 @@ PyObject *drop_in(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
             Py_RETURN_NONE;
         i++;
     }
-    const auto options = x.options();
-    at::Tensor h_n = h_in ? at::empty(hs, options) : at::zeros(hs, options);
-    at::Tensor c_n = c_in ? at::empty(cs, options) : at::zeros(cs, options);
-    // one layer: the output has h_n's shape ((1, 1, P) or (1, P))
-    at::Tensor out = at::empty(three ? at::IntArrayRef({1, 1, P}) : at::IntArrayRef({1, P}),
-                               options);
+    at::Tensor h_n = empty(hs, dtype, h_in == nullptr), c_n = empty(cs, dtype, c_in == nullptr);
+    at::Tensor out = empty(ys, dtype, false);
     void *xp = x.data_ptr(), *hp = h_n.data_ptr(), *cp = c_n.data_ptr(), *op = out.data_ptr();
-    Py_BEGIN_ALLOW_THREADS
-    reinterpret_cast<step_fn>(step)(plan, xp, nullptr, h_in, c_in, hp, cp, op);
-    Py_END_ALLOW_THREADS
+    if (hd[9]) {  // large weights: let other Python threads run meanwhile
+        Py_BEGIN_ALLOW_THREADS
+        reinterpret_cast<step_fn>(step)(plan, xp, nullptr, h_in, c_in, hp, cp, op);
+        Py_END_ALLOW_THREADS
+    } else {      // a few microseconds: less than releasing and re-taking the GIL costs
+        reinterpret_cast<step_fn>(step)(plan, xp, nullptr, h_in, c_in, hp, cp, op);
+    }
     PyObject *o = THPVariable_Wrap(std::move(out));
     PyObject *h = THPVariable_Wrap(std::move(h_n));
     PyObject *c = THPVariable_Wrap(std::move(c_n));
@@ -110,7 +113,17 @@ PyObject *drop_in(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
         Py_XDECREF(c);
         return nullptr;
     }
-    return Py_BuildValue("(N(NN))", o, h, c);
+    PyObject *state = PyTuple_Pack(2, h, c);
+    Py_DECREF(h);
+    Py_DECREF(c);
+    if (!state) {
+        Py_DECREF(o);
+        return nullptr;
+    }
+    PyObject *result = PyTuple_Pack(2, o, state);
+    Py_DECREF(o);
+    Py_DECREF(state);
+    return result;
 }
 
 PyMethodDef methods[] = {
