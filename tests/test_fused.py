@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
 
@@ -153,6 +154,26 @@ def test_no_compiler_means_torch_path_with_a_reason(tmp_path):
     assert out[0] == "off: no C compiler found (install gcc, or set $GLASSLSTM_CC)"
     assert out[1] == "auto -> torch cell"
     assert out[2] == "torch.Size([4, 1, 3])"
+
+
+def test_drop_in_extension_can_be_switched_off_and_says_why(tmp_path):
+    """$GLASSLSTM_NO_EXT=1: no build; the drop-in call keeps its Python path (the C step).
+    Without a C++ compiler: likewise, with the reason."""
+    code = ("import torch, glasslstm; from glasslstm.ops import ext; "
+            "m = glasslstm.LSTM(2, 3)\n"
+            "with torch.no_grad(): y = m(torch.randn(1, 1, 2))[0]\n"
+            "print(ext.build(), ext.status(), tuple(y.shape), m._drop_in is not None)")
+    env = {**os.environ, "GLASSLSTM_NO_EXT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "None off: disabled by $GLASSLSTM_NO_EXT / $GLASSLSTM_NO_FUSED (1, 1, 3) True"
+    env = {**os.environ, "GLASSLSTM_CXX": "no-such-c++", "CXX": "no-such-c++",
+           "PATH": str(tmp_path)}
+    env["GLASSLSTM_CC"] = str(shutil.which(cpu._compiler()))   # the C kernels still build
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == ("None off: no C++ compiler found (install g++, or set $GLASSLSTM_CXX) "
+                   "(1, 1, 3) True")
 
 
 # ---------------------------------------------------------------- streaming

@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -74,7 +75,8 @@ def compile_cached(stem: str, key_parts: list[str], commands: list[list[str]]) -
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    _remove_stale(target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix="building-", dir=target.parent)
     os.close(fd)
     try:
         for command in commands:
@@ -89,6 +91,18 @@ def compile_cached(stem: str, key_parts: list[str], commands: list[list[str]]) -
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _remove_stale(folder: Path, age_s: float = 3600.0) -> None:
+    """Half-built files left by a process that exited mid-build (the drop-in extension builds
+    in a background thread), once they are an hour old."""
+    now = time.time()
+    for path in folder.glob("building-*.so"):
+        try:
+            if now - path.stat().st_mtime > age_s:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def _build(cc: str) -> Path:

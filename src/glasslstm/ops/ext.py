@@ -26,7 +26,8 @@ import torch
 from glasslstm.ops import cpu
 
 SOURCE = Path(__file__).with_name("step_ext.cpp")
-_lock = threading.Lock()
+_lock = threading.Lock()            # held while building (seconds)
+_start_lock = threading.Lock()      # held while starting the background build (never long)
 _state: dict = {"module": None, "failure": None, "thread": None}
 
 
@@ -91,7 +92,7 @@ def _unavailable() -> str | None:
 
 def build_async() -> None:
     """Start :func:`build` in a background thread (once); :func:`module` says when it is done."""
-    with _lock:
+    with _start_lock:
         if _state["thread"] is not None or _state["module"] is not None:
             return
         _state["thread"] = threading.Thread(target=_build_quietly, name="glasslstm-ext-build",
