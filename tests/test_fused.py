@@ -317,6 +317,23 @@ def test_drop_in_extension_takes_the_call_and_hands_back_what_it_cannot(monkeypa
             lstm(x, (hx[0][:1], hx[1]))
 
 
+def test_drop_in_step_leaves_dropout_in_training_to_the_forward(drop_in_path):
+    """A 2-layer LSTM with dropout in training mode drops between its layers even under
+    no_grad (the step has no dropout, so such calls take the module's forward); in eval mode
+    the same call is the deterministic step."""
+    lstm = glasslstm.LSTM(3, 8, num_layers=2, dropout=0.5)
+    x, hx = torch.randn(1, 1, 3), (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8))
+    with torch.no_grad():
+        lstm.eval()
+        assert torch.equal(lstm(x, hx)[0], lstm(x, hx)[0])     # builds the plan, steps
+        lstm.train()
+        outs = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            outs.append(lstm(x, hx)[0])
+    assert not torch.equal(outs[0], outs[1])
+
+
 def test_drop_in_step_keeps_the_callers_state_and_grad_mode(drop_in_path):
     lstm = glasslstm.LSTM(2, 3)
     hx = (torch.randn(1, 1, 3), torch.randn(1, 1, 3))

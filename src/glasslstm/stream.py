@@ -127,7 +127,8 @@ class DropInStep:
     """``lstm(x_t, hx)`` for ONE step of ONE sequence under no_grad, through the C kernel:
     what a drop-in user's generation loop calls (:meth:`glasslstm.LSTM.__call__` tries it
     first). Built once per module and kept on it; each call re-checks what can change between
-    calls (shapes, dtypes, devices, ``lstm.backend``, dropout, the weights). Like
+    calls (:func:`drop_in_step`: ``lstm.backend``, dropout; here: shapes, dtypes, devices, the
+    weights). Like
     :class:`Stream`, it reads ``$GLASSLSTM_BACKEND`` when it is built (the module's first
     such step), not on every call.
 
@@ -142,7 +143,7 @@ class DropInStep:
         self.owner = id(lstm)   # a copied module's __dict__ must not reuse this plan
         self.kernel = StepKernel(lstm)
         self.kernel.refresh()
-        self.header = self.kernel.header_addr
+        self.header_addr = self.kernel.header_addr
         self.ext = None         # glasslstm.ops.ext's drop_in, once built
         ext.build_async()       # the C++ entry point; this Python path serves until it is ready
         dt, L, H, P, I = (self.kernel.dtype, lstm.num_layers, lstm.hidden_size,
@@ -157,8 +158,7 @@ class DropInStep:
         """``(output, (h_n, c_n))``, or None when this call is not such a step (the general
         path then handles it, errors included). Lean on purpose: after a step has streamed
         the weights through the caches, every line of Python here runs cold."""
-        if (type(input) is not torch.Tensor or lstm.backend not in self._FAST_BACKENDS
-                or (lstm.training and lstm.dropout and self.multi)):
+        if type(input) is not torch.Tensor:
             return None
         if self.ext is None and ext.module() is not None:
             self.ext = ext.module().drop_in
@@ -196,27 +196,26 @@ class DropInStep:
         return out, (h_n, c_n)
 
 
-
 def drop_in_step(lstm, input, hx):
     """:class:`DropInStep` for ``lstm``, built (or rebuilt) as needed; None where the C step
     cannot run or this call is not a one-token step."""
     if torch._C._get_tracing_state():    # torch.jit.trace must see the torch ops
         return None
     plan = lstm._drop_in
-    if plan is not None and plan.owner == id(lstm):
-        fast = plan.ext                     # the C++ entry point: the common case, whole
-        if (fast is not None and lstm.backend in plan._FAST_BACKENDS
-                and not (lstm.training and lstm.dropout and plan.multi)):
-            res = fast(plan.header, lstm._parameters, input, hx)
-            if res is not None:
-                return res
-        return plan(lstm, input, hx)
-    if type(input) is not torch.Tensor or input.dim() not in (2, 3) or input.shape[0] != 1:
-        return None        # not a step: no plan (and no weight copies) for this module yet
-    w = lstm.weight_hh_l0
-    if not fused_step_possible(lstm, w.device, w.dtype):
+    if plan is None or plan.owner != id(lstm):
+        if type(input) is not torch.Tensor or input.dim() not in (2, 3) or input.shape[0] != 1:
+            return None    # not a step: no plan (and no weight copies) for this module yet
+        w = lstm.weight_hh_l0
+        if not fused_step_possible(lstm, w.device, w.dtype):
+            return None
+        plan = lstm._drop_in = DropInStep(lstm)
+    # what can change between calls and sends them down the module's forward
+    if lstm.backend not in plan._FAST_BACKENDS or (lstm.training and lstm.dropout and plan.multi):
         return None
-    plan = lstm._drop_in = DropInStep(lstm)
+    if plan.ext is not None:           # the C++ entry point: the common case, whole
+        res = plan.ext(plan.header_addr, lstm._parameters, input, hx)
+        if res is not None:
+            return res
     return plan(lstm, input, hx)
 
 
