@@ -55,10 +55,11 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     # addmm would first write the broadcast bias over all T*B rows (at H = 128 that copy cost
     # ~5% of a training step).
     whole = getattr(cell, "layer_forward", None)
+    mm = getattr(cell, "mm", torch.mm)        # a bf16 cell's: bf16 operands, float32 result
     if bias is not None and whole is None:
         gates = torch.addmm(bias, x2, u).view(T, B, 4 * H)
     else:
-        gates = getattr(cell, "mm", torch.mm)(x2, u).view(T, B, 4 * H)  # a bf16 cell: its own
+        gates = mm(x2, u).view(T, B, 4 * H)
     hs = x.new_empty(T + 1, B, P)
     cs = x.new_empty(T + 1, B, H)
     tanh_c = x.new_empty(T, B, H)
