@@ -45,7 +45,11 @@ class StepKernel:
         self.lstm = lstm
         self.dtype = lstm.weight_hh_l0.dtype
         lib = cpu.library()
-        self._step = getattr(lib, f"glasslstm_step_{cpu.SUFFIX[self.dtype]}")
+        fn = getattr(lib, f"glasslstm_step_{cpu.SUFFIX[self.dtype]}")
+        # Called with the GIL held (a PYFUNCTYPE; ctypes' CDLL functions release it): the
+        # plan's scratch is this module's, so two Python threads stepping it take turns, as
+        # they do through glasslstm.ops.ext, which keeps the GIL too.
+        self._step = ctypes.PYFUNCTYPE(None, *fn.argtypes)(ctypes.cast(fn, ctypes.c_void_p).value)
         self.L, self.H = lstm.num_layers, lstm.hidden_size
         self.P = lstm.proj_size or lstm.hidden_size
         self.work = torch.empty(lib.glasslstm_step_work(self.H), dtype=self.dtype)
@@ -55,12 +59,12 @@ class StepKernel:
         self._params = lstm._parameters   # the live dict: a replaced parameter is seen too
         self._key = None
         # the same facts for glasslstm.ops.ext's drop_in: a header of int64 {plan, step, key
-        # addresses, L, H, P, I, dtype, n, release the GIL}; the key as 2 n int64 (version,
-        # data pointer), set by refresh
-        big = 4 * self.H * (lstm.input_size + self.P) * self.L >= 1 << 18
-        self.header = (ctypes.c_int64 * 10)(
+        # addresses, L, H, P, I, dtype, n}; the key as 2 n int64 (version, data pointer), set
+        # last by refresh, so that drop_in never steps a plan refresh is half-way through (it
+        # sees the weights changed and hands the call back)
+        self.header = (ctypes.c_int64 * 9)(
             self._plan_ptr, ctypes.cast(self._step, ctypes.c_void_p).value, 0, self.L, self.H,
-            self.P, lstm.input_size, 0 if self.dtype == torch.float32 else 1, 0, int(big))
+            self.P, lstm.input_size, 0 if self.dtype == torch.float32 else 1, 0)
         self.header_addr = ctypes.addressof(self.header)
 
     def key(self) -> list:
@@ -185,13 +189,13 @@ class DropInStep:
                 return None
             h_in, c_in = h0.data_ptr(), c0.data_ptr()      # copied in by the kernel
             h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)   # contiguous, as h0, c0
-        if not self.kernel.refresh():            # the weights moved or changed dtype
-            lstm._drop_in = None
-            return drop_in_step(lstm, input, hx)     # a new plan, or the general path
         if not input.is_contiguous():
             input = input.contiguous()
         # one layer: the output has h_n's shape ((1, 1, P) or (1, P))
         out = torch.empty_like(h_n) if self.single else torch.empty(sy, dtype=dt)
+        if not self.kernel.refresh():            # the weights moved or changed dtype
+            lstm._drop_in = None
+            return drop_in_step(lstm, input, hx)     # a new plan, or the general path
         self.kernel(input.data_ptr(), None, h_n, c_n, out, h_in, c_in)
         return out, (h_n, c_n)
 

@@ -10,10 +10,9 @@
 //
 // drop_in(header, params, x, hx) -> (output, (h_n, c_n)), or None when this call is not such
 // a step or the weights changed (the Python path then handles it):
-//   header  address of int64[10]: the addresses of the glasslstm_step_plan, of
+//   header  address of int64[9]: the addresses of the glasslstm_step_plan, of
 //           glasslstm_step_f32/_f64 and of the key; num_layers L, hidden H, output P, input I,
-//           dtype (0: float32, 1: float64), the number n of parameters, and whether to
-//           release the GIL during the step (large weights)
+//           dtype (0: float32, 1: float64), the number n of parameters
 //   params  the module's parameter dict (its live _parameters)
 //   key     int64[2 n]: (version counter, data pointer) of the n parameters, in dict order,
 //           when the plan's weight copies were made
@@ -96,14 +95,10 @@ PyObject *drop_in(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     }
     at::Tensor h_n = empty(hs, dtype, h_in == nullptr), c_n = empty(cs, dtype, c_in == nullptr);
     at::Tensor out = empty(ys, dtype, false);
-    void *xp = x.data_ptr(), *hp = h_n.data_ptr(), *cp = c_n.data_ptr(), *op = out.data_ptr();
-    if (hd[9]) {  // large weights: let other Python threads run meanwhile
-        Py_BEGIN_ALLOW_THREADS
-        reinterpret_cast<step_fn>(step)(plan, xp, nullptr, h_in, c_in, hp, cp, op);
-        Py_END_ALLOW_THREADS
-    } else {      // a few microseconds: less than releasing and re-taking the GIL costs
-        reinterpret_cast<step_fn>(step)(plan, xp, nullptr, h_in, c_in, hp, cp, op);
-    }
+    // The GIL stays held: the plan's scratch is the module's, so two Python threads stepping
+    // the same module must take turns (and for a few microseconds releasing would cost more).
+    reinterpret_cast<step_fn>(step)(plan, x.data_ptr(), nullptr, h_in, c_in, h_n.data_ptr(),
+                                    c_n.data_ptr(), out.data_ptr());
     PyObject *o = THPVariable_Wrap(std::move(out));
     PyObject *h = THPVariable_Wrap(std::move(h_n));
     PyObject *c = THPVariable_Wrap(std::move(c_n));
