@@ -116,5 +116,6 @@ def test_bench_speed_table_and_bad_options(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| step (batch 1) | 16 | glasslstm Stream |" in out and "tokens/s" in out
     assert "| train, bf16 autocast | 16 | glasslstm |" in out
+    assert "drop-in step's C++ entry point (glasslstm.ops.ext): " in out
     assert main(["bench", "speed", "--sizes", "0", "--out", str(tmp_path)]) == 2
     assert "--sizes" in capsys.readouterr().err

@@ -251,9 +251,12 @@ def speed_table(res: dict) -> str:
     for H, rows in res["step"].items():
         for name, r in rows.items():
             lines.append(f"| step (batch 1) | {H} | {name} | {r['us']:.1f} us | {r['speedup']:.2f}x | |")
+    ext = next((r["glasslstm"].get("extension") for r in res["step"].values()), None)
     gen = res["generate"]
     for name in ("torch.nn.LSTM", "glasslstm"):
         r = gen[name]
         lines.append(f"| generate ({gen['model']}) | | {name} | {r['tokens_per_s']:,.0f} tokens/s "
                      f"| {r['speedup']:.2f}x | |")
+    if ext is not None:
+        lines += ["", f"drop-in step's C++ entry point (glasslstm.ops.ext): {ext}"]
     return "\n".join(lines)
