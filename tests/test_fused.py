@@ -605,6 +605,27 @@ def test_bf16_time_loops_match_a_bf16_emulation(hidden, batch, two_threads):
 
 
 @needs_bf16
+def test_autocast_bf16_without_the_c_loops_still_close_to_float32(monkeypatch):
+    """Where the C time loops cannot run (here: made to refuse), the bf16 cell's steps go
+    through the Python loop in float32 while its whole-sequence GEMMs stay bf16."""
+    monkeypatch.setattr(cpu.CpuBf16Cell, "_loops_in_c", lambda self, w_hh, w_hr: False)
+    torch.manual_seed(0)
+    model = glasslstm.LSTM(5, 16, num_layers=2, backend="fused")
+    x = torch.randn(7, 4, 5)
+    runs = []
+    for autocast in (False, True):
+        model.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(xx)[0]
+        y.pow(2).sum().backward()
+        runs.append([y.detach(), xx.grad] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert a.dtype == torch.float32 and rel_err(a, b) <= 2e-2
+    assert not torch.equal(runs[0][0], runs[1][0])
+
+
+@needs_bf16
 @pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 6)])   # row-split / threaded GEMMs
 def test_autocast_bf16_time_loops_stay_close_to_float32(hidden, batch, two_threads):
     """Under CPU bf16 autocast the fused loops multiply in bf16 (float32 sums, float32 state):
