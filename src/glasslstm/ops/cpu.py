@@ -246,8 +246,9 @@ class CpuCell:
         return (self._blas is not None and w_hh.is_contiguous()
                 and (w_hr is None or w_hr.is_contiguous()))
 
-    def _w16(self, w_hh):
-        """The recurrent weight for the C loops' bf16 steps (None: float32 steps)."""
+    def _w16(self, w_hh, transposed: bool = False):
+        """The recurrent weight for the C loops' bf16 steps (None: float32 steps); the
+        backward loop takes it transposed."""
         return None
 
     def layer_forward(self, gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse,
@@ -281,7 +282,7 @@ class CpuCell:
         T, B, H4 = gates.shape
         H = H4 // 4
         dr = None if w_hr is None else dc.new_empty(B, H)
-        w16 = self._w16(w_hh)          # kept alive across the call
+        w16 = self._w16(w_hh, transposed=True)    # kept alive across the call
         self._layer_bwd(self._blas_ptr, T, B, H, dh.shape[1], gates.data_ptr(), cs.data_ptr(),
                         tanh_c.data_ptr(), _ptr(dy), dh.data_ptr(), dc.data_ptr(), da.data_ptr(),
                         _ptr(dhs), _ptr(dr), w_hh.data_ptr(), _ptr(w_hr), _ptr(db),
@@ -321,8 +322,9 @@ class CpuBf16Cell(CpuCell):
         super().__init__(torch.float32)
         self._mm = library().glasslstm_mm_bf16
 
-    def _w16(self, w_hh):
-        return w_hh.detach().to(torch.bfloat16).contiguous()
+    def _w16(self, w_hh, transposed: bool = False):
+        w = w_hh.detach()
+        return (w.t() if transposed else w).to(torch.bfloat16).contiguous()
 
     @staticmethod
     def operand(t: torch.Tensor) -> torch.Tensor:
