@@ -50,7 +50,9 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     x2 = x.reshape(T * B, -1)
     # Input projections of all steps at once: x_t U + b  -> (T, B, 4H). On many rows a
     # contiguous U^T pays for its copy (MKL's GEMM on a transposed view: ~20% slower).
-    u = w_ih.t().contiguous() if T * B >= 64 and x.device.type == "cpu" else w_ih.t()
+    # (not for a cell with its own GEMM: the bf16 one converts U, whatever its layout)
+    u = (w_ih.t().contiguous() if T * B >= 64 and x.device.type == "cpu"
+         and not hasattr(cell, "mm") else w_ih.t())
     # A kernel that runs the whole time loop adds b itself, as it reads each step's gates:
     # addmm would first write the broadcast bias over all T*B rows (at H = 128 that copy cost
     # ~5% of a training step).

@@ -42,11 +42,16 @@ SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _failure: str | None = None
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("GLASSLSTM_CC"), os.environ.get("CC"), "cc", "gcc"):
+def find_compiler(own_var: str, var: str, *names: str) -> str | None:
+    """The first of ``$own_var``, ``$var`` and ``names`` that is on the PATH (or a path)."""
+    for name in (os.environ.get(own_var), os.environ.get(var), *names):
         if name and shutil.which(name):
             return name
     return None
+
+
+def _compiler() -> str | None:
+    return find_compiler("GLASSLSTM_CC", "CC", "cc", "gcc")
 
 
 def _cpu_signature() -> str:

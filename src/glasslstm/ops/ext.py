@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,10 +31,7 @@ _state: dict = {"module": None, "failure": None, "thread": None}
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("GLASSLSTM_CXX"), os.environ.get("CXX"), "c++", "g++"):
-        if name and shutil.which(name):
-            return name
-    return None
+    return cpu.find_compiler("GLASSLSTM_CXX", "CXX", "c++", "g++")
 
 
 def _commands(cxx: str) -> list[list[str]]:
