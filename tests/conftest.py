@@ -23,9 +23,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-STORY = ('Bob is a nice person. Dan, on the other hand, is evil. "Run," said Bob. '
-         "Bob can swim. He served in the Navy for four long years (and more). "
-         "For his contributions, brave Bob was given a medal.\n")
+STORY = (
+    'Bob is a nice person. Dan, on the other hand, is evil. "Run," said Bob. '
+    "Bob can swim. He served in the Navy for four long years (and more). "
+    "For his contributions, brave Bob was given a medal.\n"
+)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,17 @@ def tiny_run(tmp_path_factory):
     text = (STORY * 30).encode()
     cut = int(len(text) * 0.9)
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = TrainConfig(hidden=32, layers=2, dropout=0.0, seq_len=32, batch_size=8, max_steps=30,
-                      eval_every=30, warmup=2, lr=1e-2, out=str(out))
+    cfg = TrainConfig(
+        hidden=32,
+        layers=2,
+        dropout=0.0,
+        seq_len=32,
+        batch_size=8,
+        max_steps=30,
+        eval_every=30,
+        warmup=2,
+        lr=1e-2,
+        out=str(out),
+    )
     train(cfg, progress=False, corpus=Corpus("tiny", text[:cut], text[cut:], "test"))
     return out

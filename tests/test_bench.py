@@ -8,16 +8,26 @@ import json
 import pytest
 import torch
 
+from glasslstm.bench.memory import SequenceModel, gradient_norms, train_memory
 from glasslstm.cli import main
 from glasslstm.tasks import make_task
-from glasslstm.tasks.bench import SequenceModel, gradient_norms, train_memory
 
 
+@pytest.mark.slow
 def test_quick_mode_lstm_beats_the_adding_baseline_by_a_clear_margin():
     """T = 20, 400 steps: the LSTM gets the adding problem's MSE far below predicting the mean."""
     task = make_task("adding", 20)
-    run = train_memory(task, "lstm", budget=12_800, batch_size=32, hidden_size=32, lr=1e-2,
-                       evals=4, eval_size=256, seed=0)
+    run = train_memory(
+        task,
+        "lstm",
+        budget=12_800,
+        batch_size=32,
+        hidden_size=32,
+        lr=1e-2,
+        evals=4,
+        eval_size=256,
+        seed=0,
+    )
     assert run.metric["mse"] < 0.2 * task.baseline, run.metric
     assert run.curve[0][1] > 0.5 * task.baseline  # it started near the baseline
     # training flushed denormals (the RNN's vanishing gradient would crawl through them);
@@ -41,31 +51,60 @@ def test_gradient_vanishes_for_the_rnn_not_along_the_lstm_cell():
     assert lstm["c"][49] > 1e3 * rnn["h"][49]
 
 
+@pytest.mark.slow
 def test_bench_memory_command_writes_table_json_and_png(tmp_path, capsys):
     out = tmp_path / "mem"
-    assert main(["bench", "memory", "--task", "copy", "--T", "5,10", "--models", "lstm,rnn",
-                 "--budget", "256", "--hidden", "16", "--init", "chrono", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "memory",
+                "--task",
+                "copy",
+                "--T",
+                "5,10",
+                "--models",
+                "lstm,rnn",
+                "--budget",
+                "256",
+                "--hidden",
+                "16",
+                "--init",
+                "chrono",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "copy" in table and "lstm" in table and "rnn" in table and "baseline" in table
     data = json.loads((out / "memory-copy.json").read_text())
-    assert [(r["T"], r["model"]) for r in data["runs"]] == [(5, "lstm"), (5, "rnn"), (10, "lstm"), (10, "rnn")]
+    assert [(r["T"], r["model"]) for r in data["runs"]] == [
+        (5, "lstm"),
+        (5, "rnn"),
+        (10, "lstm"),
+        (10, "rnn"),
+    ]
     assert data["init"] == "chrono" and {r["init"] for r in data["runs"]} == {"chrono"}
-    assert data["runs"][0]["baseline"] == pytest.approx(10 * torch.log(torch.tensor(8.0)).item() / 25)
+    assert data["runs"][0]["baseline"] == pytest.approx(
+        10 * torch.log(torch.tensor(8.0)).item() / 25
+    )
     assert (out / "memory-copy.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "memory-copy-curves.png").read_bytes()[:4] == b"\x89PNG"   # learning curves
+    assert (out / "memory-copy-curves.png").read_bytes()[:4] == b"\x89PNG"  # learning curves
 
 
 def test_chrono_init_spans_the_task_length_for_the_lstm_only():
-    task = make_task("copy", 30)                       # 50 steps: 10 symbols, 30, 10
+    task = make_task("copy", 30)  # 50 steps: 10 symbols, 30, 10
     lstm = SequenceModel("lstm", task, 16, init="chrono").rnn
     assert lstm.chrono_init == task.seq_len == 50 and lstm.forget_bias == 0.0
     b_f = lstm.bias_ih_l0.detach()[16:32]
     assert float(b_f.min()) >= 0.0 and float(b_f.max()) <= torch.log(torch.tensor(49.0)).item()
-    assert SequenceModel("lstm", task, 16).rnn.forget_bias == 1.0   # the default: forget1
+    assert SequenceModel("lstm", task, 16).rnn.forget_bias == 1.0  # the default: forget1
     torch.manual_seed(0)
     gru_plain = SequenceModel("gru", task, 16)
     torch.manual_seed(0)
-    gru_chrono = SequenceModel("gru", task, 16, init="chrono")       # torch's init, unchanged
+    gru_chrono = SequenceModel("gru", task, 16, init="chrono")  # torch's init, unchanged
     assert all(torch.equal(a, b) for a, b in zip(gru_plain.parameters(), gru_chrono.parameters()))
     with pytest.raises(ValueError, match="unknown init"):
         SequenceModel("lstm", task, 16, init="orthogonal")
@@ -73,24 +112,44 @@ def test_chrono_init_spans_the_task_length_for_the_lstm_only():
 
 def test_bench_gradient_command(tmp_path, capsys):
     out = tmp_path / "grad"
-    assert main(["bench", "gradient", "--T", "20", "--budget", "64", "--hidden", "8",
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "gradient",
+                "--T",
+                "20",
+                "--budget",
+                "64",
+                "--hidden",
+                "8",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert set(res["models"]) == {"lstm", "gru", "rnn"}
     assert len(res["models"]["lstm"]["trained"]["c"]) == 20
     assert (out / "gradient-adding.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--models", "lstm,transformer"], "--models must name some of"),
-    (["--T", "ten"], "--T must be comma-separated integers"),
-    (["--task", "subject", "--T", "3"], "T must be"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--models", "lstm,transformer"], "--models must name some of"),
+        (["--T", "ten"], "--T must be comma-separated integers"),
+        (["--task", "subject", "--T", "3"], "T must be"),
+    ],
+)
 def test_bench_memory_bad_options(tmp_path, capsys, args, message):
     assert main(["bench", "memory", "--budget", "32", "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_speed_quick_reports_every_section(tmp_path, capsys):
     assert main(["bench", "speed", "--quick", "--json", "--out", str(tmp_path)]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -99,8 +158,8 @@ def test_bench_speed_quick_reports_every_section(tmp_path, capsys):
     jax = {"JAX lax.scan (jit)"} if importlib.util.find_spec("jax") else set()  # optional peer
     assert set(train) == {"torch.nn.LSTM", "glasslstm", "glasslstm+gates"} | jax
     assert all(r["ms"] > 0 and r["gflops"] > 0 and r["speedup"] > 0 for r in train.values())
-    assert train["torch.nn.LSTM"]["speedup"] == 1.0          # the peer against itself
-    bf16 = res["train_bf16"]["16"]                            # under bf16 autocast
+    assert train["torch.nn.LSTM"]["speedup"] == 1.0  # the peer against itself
+    bf16 = res["train_bf16"]["16"]  # under bf16 autocast
     assert set(bf16) == {"torch.nn.LSTM", "glasslstm", "glasslstm+gates"}
     assert all(r["ms"] > 0 and r["speedup"] > 0 and "gflops" not in r for r in bf16.values())
     assert set(res["infer"]["16"]) == {"torch.nn.LSTM", "glasslstm"} | jax
@@ -111,6 +170,7 @@ def test_bench_speed_quick_reports_every_section(tmp_path, capsys):
     assert res["sgemm_peak_gflops"] > 0 and res["backend"].startswith("auto")
 
 
+@pytest.mark.slow
 def test_bench_speed_table_and_bad_options(tmp_path, capsys):
     assert main(["bench", "speed", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -9,17 +9,24 @@ import os
 import threading
 
 import pytest
-from conftest import STORY
 
+from conftest import STORY
 from glasslstm.cli import build_parser, main
-from glasslstm.inspect import analyze
+from glasslstm.inspection import analyze
 from glasslstm.model import LanguageModel
 
 CHROMIUM = "/usr/bin/chromium"
 # Debian's chromium on a machine without a network: no GPU, no background traffic, no first-run
 # and sync chatter (python.md). Playwright's launch() gives each browser a fresh, empty profile.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 20_000
 TEXT = 'Bob is a nice person. "Run," said Bob.'
 
@@ -61,7 +68,7 @@ def server(tiny_run):
     import uvicorn
 
     from glasslstm.commands.serve import listen
-    from glasslstm.inspect.server import create_app
+    from glasslstm.inspection.server import create_app
 
     app = create_app(tiny_run, max_chars=200, val_text=STORY * 2)
     sock = listen("127.0.0.1", 0)  # listening already: requests queue until uvicorn accepts
@@ -87,6 +94,7 @@ def wait_analysed(page, text):
     page.wait_for_function("t => document.querySelector('#next').dataset.text === t", arg=text)
 
 
+@pytest.mark.slow
 def test_typing_updates_predictions_and_gates(page, server, tiny_run):
     model = LanguageModel.load(tiny_run)
     page.goto(server)
@@ -95,7 +103,9 @@ def test_typing_updates_predictions_and_gates(page, server, tiny_run):
     wait_analysed(page, "Bob is")
     bars = page.locator("#next .bar .label").all_inner_texts()
     assert bars == [shown(p.text) for p in model.predict_next("Bob is", top=10)]
-    widths = page.eval_on_selector_all("#next .fill", "els => els.map(e => parseFloat(e.style.width))")
+    widths = page.eval_on_selector_all(
+        "#next .fill", "els => els.map(e => parseFloat(e.style.width))"
+    )
     assert widths == sorted(widths, reverse=True) and widths[0] > 0
     assert page.locator("#gates .tok").count() == len("Bob is")
     assert page.locator("#heatmap").evaluate("c => c.width * c.height") > 0
@@ -104,7 +114,8 @@ def test_typing_updates_predictions_and_gates(page, server, tiny_run):
     wait_analysed(page, "Bob is a nice")
     assert page.locator("#gates .tok").count() == len("Bob is a nice")
     assert page.locator("#next .bar .label").all_inner_texts() == [
-        shown(p.text) for p in model.predict_next("Bob is a nice", top=10)]
+        shown(p.text) for p in model.predict_next("Bob is a nice", top=10)
+    ]
     assert page.locator("#error").is_hidden()
 
     # the gate view: another cell re-colours at once; another quantity after a fetch
@@ -113,13 +124,16 @@ def test_typing_updates_predictions_and_gates(page, server, tiny_run):
     after_cell = colours(page, "#gates .tok")
     assert after_cell != before and len(after_cell) == len(before)
     page.locator("#quantity").select_option("f")
-    page.wait_for_function("document.querySelector('#legend').textContent.startsWith('forget gate')")
+    page.wait_for_function(
+        "document.querySelector('#legend').textContent.startsWith('forget gate')"
+    )
     assert colours(page, "#gates .tok") != after_cell
     f = analyze(model, "Bob is a nice").values("f", 0)[:, 7]
     shown_values = page.eval_on_selector_all("#gates .tok", "els => els.map(e => +e.dataset.v)")
     assert shown_values == pytest.approx(f.tolist(), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_span_cells_on_and_match(page, server, tiny_run):
     model = LanguageModel.load(tiny_run)
     text = "Bob is a nice"
@@ -168,6 +182,7 @@ def centre(locator):
     return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
 
 
+@pytest.mark.slow
 def test_errors_are_shown_as_messages(page, server):
     page.goto(server)
     page.wait_for_function("document.querySelectorAll('#layer option').length === 2")
@@ -189,6 +204,7 @@ def _has_command(name: str) -> bool:
     return name in sub.choices
 
 
+@pytest.mark.slow
 def test_report_recolours_and_shows_predictions_on_hover(page, tiny_run, tmp_path):
     _require(_has_command("inspect"), "the `glasslstm inspect` command")
     out = tmp_path / "report.html"
@@ -201,7 +217,8 @@ def test_report_recolours_and_shows_predictions_on_hover(page, tiny_run, tmp_pat
     before = colours(page, "#text .tok")
     for selector in ("#cell", "#quantity", "#layer"):
         value = page.locator(selector).evaluate(
-            "s => Array.from(s.options).map(o => o.value).find(v => v !== s.value)")
+            "s => Array.from(s.options).map(o => o.value).find(v => v !== s.value)"
+        )
         page.locator(selector).select_option(value)
         now = colours(page, "#text .tok")
         assert now != before, f"changing {selector} to {value} did not re-colour the tokens"
@@ -218,6 +235,7 @@ def test_report_recolours_and_shows_predictions_on_hover(page, tiny_run, tmp_pat
         guess, p = a.top[t][0]
         assert shown(guess) in text or guess in text
         assert any(f"{100 * q:.{d}f}%" in text for q in (p, round(p, 4)) for d in (0, 1, 2)), (
-            f"the top guess's probability {p:.2%} is not in the tooltip: {text!r}")
+            f"the top guess's probability {p:.2%} is not in the tooltip: {text!r}"
+        )
         texts.append(text)
     assert texts[0] != texts[1]

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import STORY
 from glasslstm.cli import main
 from glasslstm.commands.cells import format_excerpt
 from glasslstm.data import CharTokenizer
-from glasslstm.inspect import Analysis, analyze
-from glasslstm.inspect.analysis import QUANTITIES
-from glasslstm.inspect.cells import PROBES, excerpt, find_cells, probe_signal, rank_cells
+from glasslstm.inspection import Analysis, analyze
+from glasslstm.inspection.analysis import QUANTITIES
+from glasslstm.inspection.cells import PROBES, excerpt, find_cells, probe_signal, rank_cells
 from glasslstm.model import ConfigError, LanguageModel, ModelConfig
-
-from conftest import STORY
 
 
 def _analysis(tokens, **gates) -> Analysis:
@@ -22,9 +21,15 @@ def _analysis(tokens, **gates) -> Analysis:
     shape = next(iter(gates.values())).shape
     full = {q: np.asarray(gates.get(q, np.zeros(shape)), dtype=np.float32) for q in QUANTITIES}
     T = len(tokens)
-    return Analysis(text="".join(tokens), tokens=list(tokens), token_ids=list(range(T)),
-                    level="char", gates=full, top=[[] for _ in range(T)],
-                    target_prob=np.full(T, np.nan))
+    return Analysis(
+        text="".join(tokens),
+        tokens=list(tokens),
+        token_ids=list(range(T)),
+        level="char",
+        gates=full,
+        top=[[] for _ in range(T)],
+        target_prob=np.full(T, np.nan),
+    )
 
 
 # --------------------------------------------------------------------------- probes
@@ -42,8 +47,8 @@ def test_line_position_counts_characters_since_the_newline():
 def test_sentence_boundary_marks_the_last_character_of_an_ending():
     text = 'Hi. "Stop!" he said 3.5 times?!\nEnd.'
     got = np.flatnonzero(PROBES["sentence-boundary"](text)).tolist()
-    assert got == [2, 10, 30, 35]          # '.', the closing '"', the '!' of '?!', the final '.'
-    assert text[2] + text[10] + text[30] + text[35] == '.\"!.'
+    assert got == [2, 10, 30, 35]  # '.', the closing '"', the '!' of '?!', the final '.'
+    assert text[2] + text[10] + text[30] + text[35] == '."!.'
 
 
 def test_bracket_depth_nests_and_never_goes_negative():
@@ -66,7 +71,9 @@ def test_invalid_regex_and_constant_probe_are_config_errors():
     a = _analysis(list("no quotes here."), c=np.zeros((1, 15, 2)))
     with pytest.raises(ConfigError, match=r"nor a valid regular expression: missing \)"):
         probe_signal(a, "(ab")
-    with pytest.raises(ConfigError, match="probe 'quote' is constant over this text.*double-quoted"):
+    with pytest.raises(
+        ConfigError, match="probe 'quote' is constant over this text.*double-quoted"
+    ):
         probe_signal(a, "quote")
     with pytest.raises(ConfigError, match="'bracket-depth' is constant.*never opens a bracket"):
         probe_signal(a, "bracket-depth")
@@ -82,9 +89,9 @@ def test_rank_cells_puts_a_planted_cell_first_with_r_one():
     signal = PROBES["quote"]('He said "yes" and "no" then "maybe so" and left.')
     T = len(signal)
     c = rng.normal(size=(2, T, 6))
-    c[1, :, 4] = 3.0 * signal - 1.0          # layer 1 cell 4 is the signal (affinely)
+    c[1, :, 4] = 3.0 * signal - 1.0  # layer 1 cell 4 is the signal (affinely)
     c[0, :, 2] = -signal + 0.1 * c[0, :, 2]  # layer 0 cell 2: the signal upside down, noisy
-    c[0, :, 5] = 0.25                        # a constant cell
+    c[0, :, 5] = 0.25  # a constant cell
     scores = rank_cells(_analysis(["x"] * T, c=c), signal)
     assert len(scores) == 12
     assert scores[0].r == pytest.approx(1.0) and (scores[0].layer, scores[0].cell) == (1, 4)
@@ -92,7 +99,9 @@ def test_rank_cells_puts_a_planted_cell_first_with_r_one():
     assert [abs(s.r) for s in scores] == sorted((abs(s.r) for s in scores), reverse=True)
     assert next(s for s in scores if (s.layer, s.cell) == (0, 5)).r == 0.0
     # the same r as numpy's Pearson
-    assert scores[2].r == pytest.approx(np.corrcoef(c[scores[2].layer, :, scores[2].cell], signal)[0, 1])
+    assert scores[2].r == pytest.approx(
+        np.corrcoef(c[scores[2].layer, :, scores[2].cell], signal)[0, 1]
+    )
     # one layer only, another quantity
     only = rank_cells(_analysis(["x"] * T, c=c, h=c[:, :, ::-1]), signal, quantity="h", layers=[1])
     assert {s.layer for s in only} == {1} and only[0].cell == 1 and only[0].quantity == "h"
@@ -109,7 +118,7 @@ def test_rank_cells_rejects_a_constant_signal_and_a_wrong_length():
 def test_excerpt_is_the_window_where_the_cell_follows_the_signal():
     T = 600
     signal = np.zeros(T)
-    signal[400:450] = 1.0                         # the only quote: tokens 400..449
+    signal[400:450] = 1.0  # the only quote: tokens 400..449
     c = np.zeros((1, T, 2))
     c[0, :, 0] = signal
     c[0, :, 1] = np.linspace(0, 1, T)
@@ -117,16 +126,18 @@ def test_excerpt_is_the_window_where_the_cell_follows_the_signal():
     best = rank_cells(a, signal)[0]
     ex = excerpt(a, best, signal, length=100)
     assert (best.cell, len(ex.tokens)) == (0, 100)
-    assert ex.start <= 400 and ex.start + 100 >= 450   # the whole quote is in view
+    assert ex.start <= 400 and ex.start + 100 >= 450  # the whole quote is in view
     assert ex.pairs()[400 - ex.start] == ("x", 1.0)
     assert ex.color_range() == (-1.0, 1.0) and ex.shade().max() == 1.0
 
 
 # --------------------------------------------------------------------------- planted cell
 
-QUOTED = ('Bob said "run, run away" and left. Dan had a nice day; "ok" said he.\n'
-          'The navy was "a long, long time ago, when I was young" for Bob.\n'
-          'She asked "why?" then "why not?" and we went home with "all the bread we had".\n')
+QUOTED = (
+    'Bob said "run, run away" and left. Dan had a nice day; "ok" said he.\n'
+    'The navy was "a long, long time ago, when I was young" for Bob.\n'
+    'She asked "why?" then "why not?" and we went home with "all the bread we had".\n'
+)
 
 
 def planted_quote_model(k: int = 5, dim: int = 3) -> LanguageModel:
@@ -143,8 +154,9 @@ def planted_quote_model(k: int = 5, dim: int = 3) -> LanguageModel:
     """
     chars = sorted(set(QUOTED))
     H = 8
-    model = LanguageModel(ModelConfig(len(chars), hidden_size=H, num_layers=1, dropout=0.0),
-                          CharTokenizer(chars))
+    model = LanguageModel(
+        ModelConfig(len(chars), hidden_size=H, num_layers=1, dropout=0.0), CharTokenizer(chars)
+    )
     rows = {"i": k, "f": H + k, "g": 2 * H + k, "o": 3 * H + k}
     with torch.no_grad():
         emb = model.embedding.weight
@@ -152,7 +164,7 @@ def planted_quote_model(k: int = 5, dim: int = 3) -> LanguageModel:
         emb[chars.index('"')] = 0.0
         emb[chars.index('"'), dim] = 1.0
         lstm = model.lstm
-        lstm.weight_hh_l0[:, k] = 0.0                  # nobody else reads h_k
+        lstm.weight_hh_l0[:, k] = 0.0  # nobody else reads h_k
         for r in rows.values():
             lstm.weight_ih_l0[r] = 0.0
             lstm.weight_hh_l0[r] = 0.0
@@ -174,7 +186,7 @@ def test_the_finder_recovers_a_planted_quote_cell():
     report = find_cells(a, "quote")
     best, second = report.scores[:2]
     assert (best.layer, best.cell) == (0, k) and best.r > 0.9
-    assert abs(second.r) < 0.6                                              # by a clear margin
+    assert abs(second.r) < 0.6  # by a clear margin
     assert report.excerpts[0].cell == k
     h_best = find_cells(a, "quote", quantity="h").scores[0]
     assert h_best.cell == k and h_best.r > 0.9
@@ -187,9 +199,9 @@ def test_plain_rendering_of_the_planted_cell_lines_up_with_the_quotes():
     rows = [l[8:] for l in shown.splitlines()[1:] if l]
     texts, cells, probes = rows[0::3], rows[1::3], rows[2::3]
     assert "".join(texts) == "".join(ex.tokens).replace("\n", "↵")
-    assert max(len(t) for t in texts) == 40                            # wrapped at the width
-    assert all(len(t) == 40 or t.endswith("↵") for t in texts[:-1])    # or after a newline
-    assert cells == probes                                              # c = ±1 is the probe
+    assert max(len(t) for t in texts) == 40  # wrapped at the width
+    assert all(len(t) == 40 or t.endswith("↵") for t in texts[:-1])  # or after a newline
+    assert cells == probes  # c = ±1 is the probe
     assert set("".join(cells)) == {"▁", "█"}
 
 
@@ -212,8 +224,22 @@ def story_file(tmp_path):
 
 
 def test_cells_cli_json(tiny_run, story_file, capsys):
-    assert main(["cells", str(tiny_run), "--data", str(story_file), "--probe", "quote",
-                 "--top", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "cells",
+                str(tiny_run),
+                "--data",
+                str(story_file),
+                "--probe",
+                "quote",
+                "--top",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["probe"] == "quote" and out["quantity"] == "c" and out["tokens"] == len(STORY) * 3
     assert out["cells_searched"] == 64 and len(out["cells"]) == 4 and len(out["excerpts"]) == 3
@@ -225,10 +251,30 @@ def test_cells_cli_json(tiny_run, story_file, capsys):
     assert set(ex["signal"]) <= {0.0, 1.0}
 
 
+@pytest.mark.slow
 def test_cells_cli_table_excerpts_and_png(tiny_run, story_file, tmp_path, capsys):
     png = tmp_path / "cell.png"
-    assert main(["cells", str(tiny_run), "--data", str(story_file), "--probe", "line-position",
-                 "--layer", "1", "--quantity", "h", "--max-chars", "300", "--png", str(png)]) == 0
+    assert (
+        main(
+            [
+                "cells",
+                str(tiny_run),
+                "--data",
+                str(story_file),
+                "--probe",
+                "line-position",
+                "--layer",
+                "1",
+                "--quantity",
+                "h",
+                "--max-chars",
+                "300",
+                "--png",
+                str(png),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "probe 'line-position' over the first 300 characters of" in out
     assert "32 cells of h in 1 layer" in out
@@ -247,13 +293,26 @@ def test_ansi_rendering_colours_each_token(tiny_run, story_file):
     assert shown.count("\x1b[48;2;") == len(ex.tokens) and shown.rstrip("\n").endswith("\x1b[0m")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--probe", "(unclosed"], "nor a valid regular expression: missing ), unterminated subpattern"),
-    (["--probe", "bracket-depth", "--max-chars", "100"], "probe 'bracket-depth' is constant over "
-     "this text (100 tokens): it never opens a bracket ( [ {; choose a text that has brackets"),
-    (["--layer", "2"], "--layer 2 is out of range: the model has 2 layers (0..1)"),
-    (["--png", "/nonexistent-dir/x.png"], "cannot write --png /nonexistent-dir/x.png: its folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--probe", "(unclosed"],
+            "nor a valid regular expression: missing ), unterminated subpattern",
+        ),
+        (
+            ["--probe", "bracket-depth", "--max-chars", "100"],
+            "probe 'bracket-depth' is constant over "
+            "this text (100 tokens): it never opens a bracket ( [ {; "
+            "choose a text that has brackets",
+        ),
+        (["--layer", "2"], "--layer 2 is out of range: the model has 2 layers (0..1)"),
+        (
+            ["--png", "/nonexistent-dir/x.png"],
+            "cannot write --png /nonexistent-dir/x.png: its folder",
+        ),
+    ],
+)
 def test_cells_cli_user_errors(tiny_run, story_file, capsys, argv, message):
     assert main(["cells", str(tiny_run), "--data", str(story_file), *argv]) == 2
     err = capsys.readouterr().err

@@ -15,10 +15,24 @@ import pytest
 
 from glasslstm.cli import main
 
-TEXT = ("Bob is a nice person. Dan, on the other hand, is evil. Bob can swim. "
-        "He served in the Navy for four long years. For his contributions, brave Bob. ") * 14
-SMALL = ["--hidden", "24", "--layers", "1", "--seq-len", "16", "--batch-size", "4",
-         "--eval-every", "10", "--warmup", "2"]
+TEXT = (
+    "Bob is a nice person. Dan, on the other hand, is evil. Bob can swim. "
+    "He served in the Navy for four long years. For his contributions, brave Bob. "
+) * 14
+SMALL = [
+    "--hidden",
+    "24",
+    "--layers",
+    "1",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-every",
+    "10",
+    "--warmup",
+    "2",
+]
 
 
 @pytest.fixture
@@ -31,8 +45,22 @@ def corpus_file(tmp_path):
 @pytest.fixture
 def trained(tmp_path, corpus_file, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data", str(corpus_file), *SMALL, "--max-steps", "20",
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(corpus_file),
+                *SMALL,
+                "--max-steps",
+                "20",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     return out, report
 
@@ -48,8 +76,22 @@ def test_train_json_report(trained):
 
 def test_train_human_report(tmp_path, corpus_file, capsys):
     out = tmp_path / "human"
-    assert main(["train", "--data", str(corpus_file), *SMALL, "--max-steps", "10",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(corpus_file),
+                *SMALL,
+                "--max-steps",
+                "10",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "bits per character" in text and "sample (temperature 0.8" in text
     assert "fill in the blank" in text and f"glasslstm sample {out}" in text
@@ -61,12 +103,24 @@ def test_sample_streams_the_prompt_and_continuation(trained, capsys):
     first = capsys.readouterr().out
     assert first.startswith("Bob ") and len(first.rstrip("\n")) == 44
     main(["sample", str(out), "--prompt", "Bob ", "--length", "40", "--seed", "1"])
-    assert capsys.readouterr().out == first                      # the seed reproduces it
+    assert capsys.readouterr().out == first  # the seed reproduces it
     main(["sample", str(out), "--prompt", "Bob ", "--length", "40", "--temperature", "0"])
     argmax = capsys.readouterr().out
-    main(["sample", str(out), "--prompt", "Bob ", "--length", "40", "--temperature", "0",
-          "--seed", "9"])
-    assert capsys.readouterr().out == argmax                     # argmax ignores the seed
+    main(
+        [
+            "sample",
+            str(out),
+            "--prompt",
+            "Bob ",
+            "--length",
+            "40",
+            "--temperature",
+            "0",
+            "--seed",
+            "9",
+        ]
+    )
+    assert capsys.readouterr().out == argmax  # argmax ignores the seed
 
 
 def test_predict_json_and_table(trained, capsys):
@@ -141,8 +195,24 @@ def test_bad_corpus_files(tmp_path, capsys, content, message):
     assert "Traceback" not in err
     assert re.search(message, err), err
     if content.startswith(b"good"):  # and byte level trains on it
-        assert main(["train", "--data", str(bad), *SMALL, "--level", "byte", "--max-steps", "2",
-                     "--out", str(tmp_path / "rb"), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(bad),
+                    *SMALL,
+                    "--level",
+                    "byte",
+                    "--max-steps",
+                    "2",
+                    "--out",
+                    str(tmp_path / "rb"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
 
 
 def test_corpus_too_short_for_one_batch(tmp_path, capsys):
@@ -163,25 +233,59 @@ def _console_script() -> str:
     return str(script)
 
 
+@pytest.mark.slow
 def test_installed_console_script_end_to_end(tmp_path, corpus_file):
     out = tmp_path / "e2e"
     env = {**os.environ, "PYTHONWARNINGS": "error"}
-    res = subprocess.run([_console_script(), "train", "--data", str(corpus_file), *SMALL,
-                          "--max-steps", "10", "--out", str(out), "--quiet"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [
+            _console_script(),
+            "train",
+            "--data",
+            str(corpus_file),
+            *SMALL,
+            "--max-steps",
+            "10",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "bits per character" in res.stdout
-    res = subprocess.run([_console_script(), "sample", str(out), "--prompt", "Bob", "--length",
-                          "20", "--seed", "0"], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [_console_script(), "sample", str(out), "--prompt", "Bob", "--length", "20", "--seed", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0 and res.stdout.startswith("Bob"), res.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_130(tmp_path, corpus_file):
     """A real SIGINT to the running console script: it finishes the step, saves, exits 130."""
     out = tmp_path / "ctrlc"
-    proc = subprocess.Popen([_console_script(), "train", "--data", str(corpus_file), *SMALL,
-                             "--max-steps", "100000", "--out", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            _console_script(),
+            "train",
+            "--data",
+            str(corpus_file),
+            *SMALL,
+            "--max-steps",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     seen = b""
     while b"3/100000" not in seen:  # tqdm's progress line: three steps done
         chunk = proc.stderr.read1(4096)
@@ -191,6 +295,6 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, corpus_file):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, (stdout + stderr).decode(errors="replace")
     assert b"interrupted at step" in stdout and b"--resume" in stdout
-    from glasslstm.checkpoint import load_train_state
+    from glasslstm.rundir import load_train_state
 
     assert load_train_state(out)[1]["step"] >= 3

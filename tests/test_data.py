@@ -13,8 +13,15 @@ import pytest
 import torch
 
 from glasslstm import data, stories
-from glasslstm.data import (Corpus, DataError, TokenStream, build_tokenizer, load_corpus,
-                            split_bytes, tokenizer_from_dict)
+from glasslstm.data import (
+    Corpus,
+    DataError,
+    TokenStream,
+    build_tokenizer,
+    load_corpus,
+    split_bytes,
+    tokenizer_from_dict,
+)
 
 # The project's shared data folder lies beside the checkout (../shared/data), in CI too.
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -52,6 +59,7 @@ def test_stories_deterministic_per_seed_and_different_across_seeds():
     assert stories.fill_in_examples(1, 5) != stories.fill_in_examples(2, 5)
 
 
+@pytest.mark.slow
 def test_stories_default_corpus_shape():
     c = load_corpus(None)
     assert c == load_corpus("stories")  # deterministic, seed 0
@@ -264,7 +272,9 @@ def test_shakespeare_download_is_saved_atomically_then_found_in_cache(isolated, 
 
     monkeypatch.setattr(data, "_download", offline)
     c2 = load_corpus("shakespeare")
-    assert c2 == Corpus("shakespeare", c.train, c.val, f"tiny-shakespeare from {target} (sha256 verified)")
+    assert c2 == Corpus(
+        "shakespeare", c.train, c.val, f"tiny-shakespeare from {target} (sha256 verified)"
+    )
 
 
 def test_corrupt_download_is_rejected_and_not_saved(isolated, monkeypatch):

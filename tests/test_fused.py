@@ -34,7 +34,7 @@ def test_auto_picks_the_fused_cell_on_cpu():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cell_matches_torch_cell_over_a_wide_range(dtype):
     """Every activation regime: saturated (|x| up to 60), near zero, and in between."""
-    n, H = 7, 37                                   # odd sizes: vector remainders
+    n, H = 7, 37  # odd sizes: vector remainders
     a = torch.cat([torch.randn(n, 4 * H, dtype=dtype) * s for s in (0.01, 1.0, 8.0, 60.0)])
     n = a.shape[0]
     c_prev = torch.randn(n, H, dtype=dtype) * 3
@@ -74,7 +74,7 @@ def test_nan_and_inf_propagate():
     x[2, 0, 1] = float("nan")
     out = lstm(x)[0]
     assert out[2:, 0].isnan().all() and not out[:, 1].isnan().any()
-    x = torch.full((1, 1, 3), 1e30)                 # saturated gates: finite, like torch
+    x = torch.full((1, 1, 3), 1e30)  # saturated gates: finite, like torch
     ref = lstm.to_torch()
     assert lstm(x)[0].isfinite().all() and torch.allclose(lstm(x)[0], ref(x)[0], atol=1e-6)
     # +-inf pre-activations: sigma and tanh saturate to exactly 0 / +-1, as torch's do
@@ -87,9 +87,10 @@ def test_nan_and_inf_propagate():
     assert torch.equal(res[0][:, :4], res[1][:, :4]) and torch.allclose(res[0], res[1], atol=1e-6)
 
 
-@pytest.mark.skipif(cpu.blas_routines().get(torch.float32) is None
-                    or not cpu.blas_routines()[torch.float32].pack,
-                    reason="torch's BLAS has no packed GEMM (MKL's sgemm_pack) here")
+@pytest.mark.skipif(
+    cpu.blas_routines().get(torch.float32) is None or not cpu.blas_routines()[torch.float32].pack,
+    reason="torch's BLAS has no packed GEMM (MKL's sgemm_pack) here",
+)
 def test_packed_gemm_time_loops_match_plain_gemm(monkeypatch):
     """float32 time loops multiply by the recurrent weight packed once (MKL's sgemm_pack +
     sgemm_compute); the same loops on plain sgemm, and torch, agree. A ragged batch mixes the
@@ -122,14 +123,15 @@ def test_python_time_loop_fallback_matches(monkeypatch):
     """Without torch's BLAS symbol the fused cell runs under the Python time loop."""
     ref = torch.nn.LSTM(4, 6, num_layers=2, proj_size=3, dtype=torch.float64)
     cell = cpu.CpuCell(torch.float64)
-    cell._blas = None                                # as if no sgemm_/dgemm_ were exported
+    cell._blas = None  # as if no sgemm_/dgemm_ were exported
     assert not cell.layer_forward(*[None] * 9)
     monkeypatch.setattr(cpu, "cell", lambda dtype: cell)
     ours = glasslstm.LSTM.from_torch(ref, backend="fused")
     x = torch.randn(10, 3, 4, dtype=torch.float64, requires_grad=True)
     outs = [m(x)[0] for m in (ours, ref)]
-    grads = [torch.autograd.grad(o.pow(2).sum(), [x, m.weight_hh_l1]) for o, m in
-             zip(outs, (ours, ref))]
+    grads = [
+        torch.autograd.grad(o.pow(2).sum(), [x, m.weight_hh_l1]) for o, m in zip(outs, (ours, ref))
+    ]
     assert rel_err(outs[0], outs[1]) <= 1e-12
     for a, b in zip(*grads):
         assert rel_err(a, b) <= 1e-12
@@ -139,49 +141,75 @@ def test_forced_fused_fails_clearly_where_it_cannot_run():
     lstm = glasslstm.LSTM(2, 3, backend="fused").to(torch.bfloat16)
     with pytest.raises(ValueError, match="backend='fused' cannot run here.*bfloat16.*bptt"):
         lstm(torch.randn(2, 1, 2, dtype=torch.bfloat16))
-    lstm.backend = None                              # auto falls back to the torch cell
+    lstm.backend = None  # auto falls back to the torch cell
     assert lstm(torch.randn(2, 1, 2, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_no_compiler_means_torch_path_with_a_reason(tmp_path):
-    code = ("import torch, glasslstm; from glasslstm.ops import cpu, describe; "
-            "print(cpu.status()); print(describe()); "
-            "print(glasslstm.LSTM(2, 3)(torch.randn(4, 1, 2))[0].shape)")
-    env = {**os.environ, "GLASSLSTM_CC": "no-such-cc", "CC": "no-such-cc", "PATH": str(tmp_path),
-           "XDG_CACHE_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    code = (
+        "import torch, glasslstm; from glasslstm.ops import cpu, describe; "
+        "print(cpu.status()); print(describe()); "
+        "print(glasslstm.LSTM(2, 3)(torch.randn(4, 1, 2))[0].shape)"
+    )
+    env = {
+        **os.environ,
+        "GLASSLSTM_CC": "no-such-cc",
+        "CC": "no-such-cc",
+        "PATH": str(tmp_path),
+        "XDG_CACHE_HOME": str(tmp_path),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert out[0] == "off: no C compiler found (install gcc, or set $GLASSLSTM_CC)"
     assert out[1] == "auto -> torch cell"
     assert out[2] == "torch.Size([4, 1, 3])"
 
 
+@pytest.mark.slow
 def test_drop_in_extension_can_be_switched_off_and_says_why(tmp_path):
     """$GLASSLSTM_NO_EXT=1: no build; the drop-in call keeps its Python path (the C step).
     Without a C++ compiler: likewise, with the reason."""
-    code = ("import torch, glasslstm; from glasslstm.ops import ext; "
-            "m = glasslstm.LSTM(2, 3)\n"
-            "with torch.no_grad(): y = m(torch.randn(1, 1, 2))[0]\n"
-            "print(ext.build(), ext.status(), tuple(y.shape), m._drop_in is not None)")
+    code = (
+        "import torch, glasslstm; from glasslstm.ops import ext; "
+        "m = glasslstm.LSTM(2, 3)\n"
+        "with torch.no_grad(): y = m(torch.randn(1, 1, 2))[0]\n"
+        "print(ext.build(), ext.status(), tuple(y.shape), m._drop_in is not None)"
+    )
     env = {**os.environ, "GLASSLSTM_NO_EXT": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "None off: disabled by $GLASSLSTM_NO_EXT / $GLASSLSTM_NO_FUSED (1, 1, 3) True"
-    env = {**os.environ, "GLASSLSTM_CXX": "no-such-c++", "CXX": "no-such-c++",
-           "PATH": str(tmp_path)}
-    env["GLASSLSTM_CC"] = str(shutil.which(cpu._compiler()))   # the C kernels still build
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == ("None off: no C++ compiler found (install g++, or set $GLASSLSTM_CXX) "
-                   "(1, 1, 3) True")
+    env = {
+        **os.environ,
+        "GLASSLSTM_CXX": "no-such-c++",
+        "CXX": "no-such-c++",
+        "PATH": str(tmp_path),
+    }
+    env["GLASSLSTM_CC"] = str(shutil.which(cpu._compiler()))  # the C kernels still build
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == (
+        "None off: no C++ compiler found (install g++, or set $GLASSLSTM_CXX) (1, 1, 3) True"
+    )
 
 
 # ---------------------------------------------------------------- streaming
 
 
-@pytest.mark.parametrize("cfg", [dict(num_layers=1), dict(num_layers=3),
-                                 dict(num_layers=2, proj_size=3), dict(num_layers=2, bias=False)],
-                         ids=["1layer", "3layers", "proj", "nobias"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(num_layers=1),
+        dict(num_layers=3),
+        dict(num_layers=2, proj_size=3),
+        dict(num_layers=2, bias=False),
+    ],
+    ids=["1layer", "3layers", "proj", "nobias"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stream_matches_the_whole_sequence(cfg, dtype):
     ref = torch.nn.LSTM(5, 8, dtype=dtype, **cfg)
@@ -207,7 +235,7 @@ def test_stream_follows_in_place_weight_updates():
     x = torch.randn(3)
     s.step(x)
     with torch.no_grad():
-        lstm.bias_hh_l1.add_(0.5)                  # like an optimizer step
+        lstm.bias_hh_l1.add_(0.5)  # like an optimizer step
         lstm.weight_ih_l0.mul_(2.0)
         want = lstm(x.view(1, 1, 3), s.state)[0].view(-1).clone()
     h, c = (t.clone() for t in s.state)
@@ -239,7 +267,7 @@ def test_stream_rejects_what_cannot_stream():
 
 
 def test_stream_without_kernel_uses_torch_forward():
-    lstm = glasslstm.LSTM(3, 4, backend="bptt")      # a forced torch path: no C step
+    lstm = glasslstm.LSTM(3, 4, backend="bptt")  # a forced torch path: no C step
     s = Stream(lstm)
     assert not s.fused
     x = torch.randn(6, 1, 3)
@@ -295,10 +323,11 @@ def test_drop_in_extension_takes_the_call_and_hands_back_what_it_cannot(monkeypa
     x = torch.randn(1, 1, 5, dtype=torch.float64)
     python_steps = []
     real = StepKernel.__call__
-    monkeypatch.setattr(StepKernel, "__call__",
-                        lambda self, *a, **k: python_steps.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(
+        StepKernel, "__call__", lambda self, *a, **k: python_steps.append(1) or real(self, *a, **k)
+    )
     with torch.no_grad():
-        lstm(x, hx)                                   # builds the plan (Python path)
+        lstm(x, hx)  # builds the plan (Python path)
         python_steps.clear()
         for _ in range(3):
             y, (h, c) = lstm(x, hx)
@@ -306,14 +335,14 @@ def test_drop_in_extension_takes_the_call_and_hands_back_what_it_cannot(monkeypa
             assert rel_err(y, want[0]) <= 1e-12 and rel_err(c, want[1][1]) <= 1e-12
             hx = (h, c)
         assert python_steps == []
-        lstm.weight_hh_l1.add_(0.5)                   # changed: the Python path re-reads it
+        lstm.weight_hh_l1.add_(0.5)  # changed: the Python path re-reads it
         ref.weight_hh_l1.add_(0.5)
         assert rel_err(lstm(x, hx)[0], ref(x, hx)[0]) <= 1e-12 and python_steps == [1]
-        lstm(x, hx)                                   # and the extension takes over again
+        lstm(x, hx)  # and the extension takes over again
         assert python_steps == [1]
-        odd = (hx[0].transpose(0, 1).contiguous().transpose(0, 1), hx[1])   # not contiguous
+        odd = (hx[0].transpose(0, 1).contiguous().transpose(0, 1), hx[1])  # not contiguous
         assert rel_err(lstm(x, odd)[0], ref(x, odd)[0]) <= 1e-12
-        with pytest.raises(ValueError, match="h_0 has shape"):   # the module's own error
+        with pytest.raises(ValueError, match="h_0 has shape"):  # the module's own error
             lstm(x, (hx[0][:1], hx[1]))
 
 
@@ -325,7 +354,7 @@ def test_drop_in_step_leaves_dropout_in_training_to_the_forward(drop_in_path):
     x, hx = torch.randn(1, 1, 3), (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8))
     with torch.no_grad():
         lstm.eval()
-        assert torch.equal(lstm(x, hx)[0], lstm(x, hx)[0])     # builds the plan, steps
+        assert torch.equal(lstm(x, hx)[0], lstm(x, hx)[0])  # builds the plan, steps
         lstm.train()
         outs = []
         for seed in (0, 1):
@@ -370,7 +399,7 @@ def test_drop_in_step_keeps_the_callers_state_and_grad_mode(drop_in_path):
     with torch.no_grad():
         lstm(torch.randn(1, 1, 2), hx)
     assert torch.equal(hx[0], before[0]) and torch.equal(hx[1], before[1])
-    out = lstm(torch.randn(1, 1, 2), hx)[0]          # grad mode: the autograd path
+    out = lstm(torch.randn(1, 1, 2), hx)[0]  # grad mode: the autograd path
     assert out.grad_fn is not None
 
 
@@ -385,7 +414,7 @@ def test_threaded_step_is_the_same_on_every_step(hidden, proj, two_threads, drop
     hx = (torch.randn(2, 1, proj or hidden), torch.randn(2, 1, hidden))
     with torch.no_grad():
         first = lstm(x, hx)
-        second = lstm(x, hx)                   # the other direction through the weights
+        second = lstm(x, hx)  # the other direction through the weights
         want = ref(x, hx)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1][1], second[1][1])
     assert rel_err(first[0], want[0]) <= 1e-5 and rel_err(first[1][1], want[1][1]) <= 1e-5
@@ -402,13 +431,13 @@ def test_drop_in_step_runs_hooks_and_follows_replaced_weights(drop_in_path):
     handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], y)
     with torch.no_grad():
-        lstm(x)                                          # builds the cached plan
+        lstm(x)  # builds the cached plan
         new = torch.nn.Parameter(torch.randn(16, 4))
-        lstm.weight_hh_l0 = new                          # a new Parameter object
+        lstm.weight_hh_l0 = new  # a new Parameter object
         ref.weight_hh_l0 = torch.nn.Parameter(new.detach().clone())
         hx = (torch.randn(1, 1, 4), torch.randn(1, 1, 4))
         assert rel_err(lstm(x, hx)[0], ref(x, hx)[0]) <= 1e-6
-        lstm.weight_ih_l0.data = torch.randn(16, 3)      # storage swapped, version unchanged
+        lstm.weight_ih_l0.data = torch.randn(16, 3)  # storage swapped, version unchanged
         ref.weight_ih_l0.data = lstm.weight_ih_l0.data.clone()
         assert rel_err(lstm(x, hx)[0], ref(x, hx)[0]) <= 1e-6
         lstm.double()
@@ -428,10 +457,10 @@ def test_drop_in_plan_is_neither_copied_nor_pickled(drop_in_path):
         before = lstm(x)[0]
         twin = copy.deepcopy(lstm)
         twin.weight_ih_l0.add_(1.0)
-        assert not torch.equal(twin(x)[0], before)     # the copy steps with its own weights
+        assert not torch.equal(twin(x)[0], before)  # the copy steps with its own weights
         assert torch.equal(lstm(x)[0], before)
         buf = io.BytesIO()
-        torch.save(lstm, buf)                          # no ctypes object in the pickle
+        torch.save(lstm, buf)  # no ctypes object in the pickle
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
         assert torch.equal(loaded(x)[0], before)
@@ -446,7 +475,7 @@ def two_threads():
     torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize("batch", [1, 32])        # 32: the loop is split over the threads
+@pytest.mark.parametrize("batch", [1, 32])  # 32: the loop is split over the threads
 def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode(batch, two_threads):
     """A gradient halved at each of 140 steps reaches 2^-140 (7e-43, denormal in float32):
     the fused time loop flushes it to zero (denormal arithmetic is 10-100x slower on x86),
@@ -454,7 +483,10 @@ def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode(batch
     floating-point control is left as it was."""
     lib = cpu.library()
     lib.glasslstm_fp_mode.restype = ctypes.c_uint
-    control = lambda: lib.glasslstm_fp_mode() & ~0x3F   # without the sticky status flags
+
+    def control():
+        return lib.glasslstm_fp_mode() & ~0x3F  # without the sticky status flags
+
     before = control()
     grads = {}
     for dtype in (torch.float32, torch.float64):
@@ -462,16 +494,17 @@ def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode(batch
             lstm = glasslstm.LSTM(1, 1, backend=backend, dtype=dtype)
             with torch.no_grad():
                 for p in lstm.parameters():
-                    p.zero_()                          # every gate 0.5: dc_{t-1} = 0.5 dc_t
+                    p.zero_()  # every gate 0.5: dc_{t-1} = 0.5 dc_t
             c0 = torch.ones(1, batch, 1, dtype=dtype, requires_grad=True)
-            _, (_, c_n) = lstm(torch.zeros(140, batch, 1, dtype=dtype),
-                               (torch.zeros(1, batch, 1, dtype=dtype), c0))
+            _, (_, c_n) = lstm(
+                torch.zeros(140, batch, 1, dtype=dtype), (torch.zeros(1, batch, 1, dtype=dtype), c0)
+            )
             c_n.sum().backward()
             grads[dtype, backend] = c0.grad.flatten().tolist()
     assert control() == before
-    assert grads[torch.float32, "bptt"] == pytest.approx([2.0 ** -140] * batch, rel=1e-3)
-    assert grads[torch.float32, "fused"] == [0.0] * batch        # every thread flushed
-    assert grads[torch.float64, "fused"] == grads[torch.float64, "bptt"] == [2.0 ** -140] * batch
+    assert grads[torch.float32, "bptt"] == pytest.approx([2.0**-140] * batch, rel=1e-3)
+    assert grads[torch.float32, "fused"] == [0.0] * batch  # every thread flushed
+    assert grads[torch.float64, "fused"] == grads[torch.float64, "bptt"] == [2.0**-140] * batch
 
 
 @pytest.mark.parametrize("batch", [37, 5])
@@ -499,8 +532,10 @@ def test_row_split_time_loops_match_torch(dtype, cfg, batch, two_threads):
             y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
         else:
             y = model(xx, lengths=lengths)[0] if ragged else model(xx)[0]
-        grads = torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0, model.weight_ih_l1,
-                                                     model.bias_ih_l0, model.bias_hh_l1])
+        grads = torch.autograd.grad(
+            y.pow(2).sum(),
+            [xx, model.weight_hh_l0, model.weight_ih_l1, model.bias_ih_l0, model.bias_hh_l1],
+        )
         return [y.detach(), *grads]
 
     for ragged in (False, True):
@@ -531,21 +566,38 @@ def test_large_weight_loops_match_torch(ragged, two_threads):
         else:
             packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths)
             y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
-        outs.append([y.detach(), *torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0,
-                                                                         model.bias_ih_l0])])
+        outs.append(
+            [
+                y.detach(),
+                *torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0, model.bias_ih_l0]),
+            ]
+        )
     for a, b in zip(*outs):
         assert rel_err(a, b) <= 1e-12
 
 
-needs_bf16 = pytest.mark.skipif(cpu.bf16_cell() is None,
-                                reason="torch's BLAS has no bf16 GEMM (MKL gemm_bf16bf16f32) here")
+needs_bf16 = pytest.mark.skipif(
+    cpu.bf16_cell() is None, reason="torch's BLAS has no bf16 GEMM (MKL gemm_bf16bf16f32) here"
+)
 
 
 def test_bf16_rounding_is_torchs():
     """The C loops round h and da to bf16 as torch's .to(torch.bfloat16) does: to nearest,
     ties to even, NaN stays NaN, overflow to inf, denormals kept."""
-    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF, 0x00012345, 0x80008000,
-                         0x7F800000, 0xFF800000, 0x7FC00001, 0x7F800001]).to(torch.int32)
+    bits = torch.tensor(
+        [
+            0x3F808000,
+            0x3F818000,
+            0x3F80FFFF,
+            0x7F7FFFFF,
+            0x00012345,
+            0x80008000,
+            0x7F800000,
+            0xFF800000,
+            0x7FC00001,
+            0x7F800001,
+        ]
+    ).to(torch.int32)
     x = torch.cat([bits.view(torch.float32), torch.randn(1000) * 1e3, torch.randn(1000) * 1e-39])
     out = torch.empty(x.numel(), dtype=torch.int16)
     cpu.library().glasslstm_to_bf16(x.numel(), x.data_ptr(), out.data_ptr())
@@ -559,7 +611,7 @@ def test_bf16_rounding_is_torchs():
 @pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)])
 def test_bf16_mm_is_the_float32_product_of_bf16_operands(ta, tb):
     a, b = torch.randn(37, 45), torch.randn(45, 29)
-    a_in = a.t().contiguous().t() if ta else a          # transposed storage, same values
+    a_in = a.t().contiguous().t() if ta else a  # transposed storage, same values
     b_in = b.t().contiguous().t() if tb else b
     got = cpu.bf16_cell().mm(a_in, b_in)
     want = a.bfloat16().float() @ b.bfloat16().float()
@@ -567,7 +619,7 @@ def test_bf16_mm_is_the_float32_product_of_bf16_operands(ta, tb):
 
 
 @needs_bf16
-@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 5)])   # row-split / threaded GEMMs
+@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 5)])  # row-split / threaded GEMMs
 def test_bf16_time_loops_match_a_bf16_emulation(hidden, batch, two_threads):
     """The bf16 loops are the float32 loops with each step's h (forward) or da (backward)
     and the recurrent weight rounded to bf16 before the product: each step, written with torch
@@ -583,7 +635,7 @@ def test_bf16_time_loops_match_a_bf16_emulation(hidden, batch, two_threads):
     hs, cs, tc = torch.empty(T + 1, B, H), torch.empty(T + 1, B, H), torch.empty(T, B, H)
     hs[0], cs[0] = torch.randn(B, H), torch.randn(B, H)
     assert cell.layer_forward(gates, hs, cs, tc, None, w_hh, None, None, False)
-    for t in range(T):                                   # step t from the loop's own state
+    for t in range(T):  # step t from the loop's own state
         a = x_proj[t] + hs[t].bfloat16().float() @ w16.t()
         c, tanh_c, h = torch.empty(B, H), torch.empty(B, H), torch.empty(B, H)
         ref.forward(a, cs[t], c, tanh_c, h)
@@ -626,7 +678,7 @@ def test_autocast_bf16_without_the_c_loops_still_close_to_float32(monkeypatch):
 
 
 @needs_bf16
-@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 6)])   # row-split / threaded GEMMs
+@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 6)])  # row-split / threaded GEMMs
 def test_autocast_bf16_time_loops_stay_close_to_float32(hidden, batch, two_threads):
     """Under CPU bf16 autocast the fused loops multiply in bf16 (float32 sums, float32 state):
     outputs and gradients within bf16 rounding of the float32 run, ragged and both directions."""
@@ -642,11 +694,13 @@ def test_autocast_bf16_time_loops_stay_close_to_float32(hidden, batch, two_threa
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y, (h, c) = model(xx, lengths=lengths)
         (y.pow(2).sum() + c.sum()).backward()
-        runs.append([y.detach(), h.detach(), xx.grad] + [p.grad.clone() for p in model.parameters()])
+        runs.append(
+            [y.detach(), h.detach(), xx.grad] + [p.grad.clone() for p in model.parameters()]
+        )
     for a, b in zip(*runs):
         assert a.dtype == torch.float32
         assert rel_err(a, b) <= 2e-2
-    assert not torch.equal(runs[0][0], runs[1][0])        # the bf16 GEMMs did run
+    assert not torch.equal(runs[0][0], runs[1][0])  # the bf16 GEMMs did run
 
 
 def _tiny_lm(vocab="abc ."):
@@ -697,14 +751,16 @@ def test_many_rows_match_torch(backend, bias):
     ours = glasslstm.LSTM.from_torch(ref, backend=backend)
     x = torch.randn(20, 8, 6, dtype=torch.float64, requires_grad=True)
     outs = [m(x)[0] for m in (ours, ref)]
-    grads = [torch.autograd.grad(o.pow(2).sum(), [x, m.weight_ih_l0, m.weight_hh_l1])
-             for o, m in zip(outs, (ours, ref))]
+    grads = [
+        torch.autograd.grad(o.pow(2).sum(), [x, m.weight_ih_l0, m.weight_hh_l1])
+        for o, m in zip(outs, (ours, ref))
+    ]
     assert rel_err(outs[0], outs[1]) <= 1e-12
     for a, b in zip(*grads):
         assert rel_err(a, b) <= 1e-12
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")       # jit.trace, still in use
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # jit.trace, still in use
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_drop_in_step_stays_out_of_jit_traces(drop_in_path):
     """Under torch.jit.trace the one-token call runs the torch ops, so the trace has them."""
@@ -722,14 +778,14 @@ def test_drop_in_step_follows_a_later_backend_change(monkeypatch, drop_in_path):
     lstm = glasslstm.LSTM(3, 4)
     x = torch.randn(1, 1, 3)
     with torch.no_grad():
-        want = lstm(x)[0]                                # builds the module's C-step plan
+        want = lstm(x)[0]  # builds the module's C-step plan
 
         def no_c_step(*args):
             raise AssertionError("the C step ran although backend='bptt'")
 
         monkeypatch.setattr(lstm._drop_in.kernel, "_step", no_c_step)
         lstm.backend = "bptt"
-        assert rel_err(lstm(x)[0], want) <= 1e-6           # the torch path, same numbers
+        assert rel_err(lstm(x)[0], want) <= 1e-6  # the torch path, same numbers
 
 
 def test_drop_in_step_runs_global_module_hooks(drop_in_path):
@@ -737,7 +793,8 @@ def test_drop_in_step_runs_global_module_hooks(drop_in_path):
     x = torch.randn(1, 1, 3)
     calls = []
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda mod, args, out: calls.append(type(mod).__name__))
+        lambda mod, args, out: calls.append(type(mod).__name__)
+    )
     try:
         with torch.no_grad():
             lstm(x)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from glasslstm.cli import main
-from glasslstm.inspect import Analysis, analyze
-from glasslstm.inspect.html import render_html
-from glasslstm.inspect.pictures import plot_png
-from glasslstm.inspect.terminal import render, resolve
+from glasslstm.inspection import Analysis, analyze
+from glasslstm.inspection.html import render_html
+from glasslstm.inspection.pictures import plot_png
+from glasslstm.inspection.terminal import render, resolve
 from glasslstm.model import LanguageModel
 
 TEXT = 'Bob is a nice person. Dan, on the other hand, is evil. "Run," said Bob.\nBob can swim.'
@@ -47,9 +47,15 @@ def fake_analysis(tokens: list[str], layers: int = 2, size: int = 8, seed: int =
         c[:, t] = g["f"][:, t] * (c[:, t - 1] if t else 0) + g["i"][:, t] * g["g"][:, t]
     g["c"], g["h"] = c, g["o"] * np.tanh(c)
     top = [[("e", 0.5), (" ", 0.25), ("</", 0.125)] for _ in range(T)]
-    return Analysis(text="".join(tokens), tokens=tokens, token_ids=list(range(T)), level="char",
-                    gates={q: a.astype(np.float32) for q, a in g.items()}, top=top,
-                    target_prob=np.r_[np.full(T - 1, 0.25), np.nan])
+    return Analysis(
+        text="".join(tokens),
+        tokens=tokens,
+        token_ids=list(range(T)),
+        level="char",
+        gates={q: a.astype(np.float32) for q, a in g.items()},
+        top=top,
+        target_prob=np.r_[np.full(T - 1, 0.25), np.nan],
+    )
 
 
 # --------------------------------------------------------------------------- the trace
@@ -74,12 +80,16 @@ def test_trace_and_guesses_are_what_the_weights_compute(model, analysis):
     """Recompute every gate from the state_dict in float64 (torch's order i, f, g, o; the input
     of layer k > 0 is H of layer k-1) and the next-token probabilities from the head."""
     sd = {k: v.double().numpy() for k, v in model.state_dict().items()}
-    x = sd["embedding.weight"][analysis.token_ids]                   # (T, E)
+    x = sd["embedding.weight"][analysis.token_ids]  # (T, E)
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     for layer in range(analysis.num_layers):
         h_rec = np.vstack([np.zeros((1, 32)), analysis.values("h", layer)[:-1].astype(np.float64)])
-        pre = (x @ sd[f"lstm.weight_ih_l{layer}"].T + h_rec @ sd[f"lstm.weight_hh_l{layer}"].T
-               + sd[f"lstm.bias_ih_l{layer}"] + sd[f"lstm.bias_hh_l{layer}"])   # (T, 4H)
+        pre = (
+            x @ sd[f"lstm.weight_ih_l{layer}"].T
+            + h_rec @ sd[f"lstm.weight_hh_l{layer}"].T
+            + sd[f"lstm.bias_ih_l{layer}"]
+            + sd[f"lstm.bias_hh_l{layer}"]
+        )  # (T, 4H)
         i, f, g, o = np.split(pre, 4, axis=1)
         for q, want in (("i", sig(i)), ("f", sig(f)), ("g", np.tanh(g)), ("o", sig(o))):
             np.testing.assert_allclose(analysis.values(q, layer), want, atol=2e-5, err_msg=q)
@@ -92,8 +102,9 @@ def test_trace_and_guesses_are_what_the_weights_compute(model, analysis):
         assert [s for s, _ in analysis.top[t]] == [model.tokenizer.decode([k]) for k in best]
         np.testing.assert_allclose([p for _, p in analysis.top[t]], probs[t, best], atol=1e-5)
     ids = analysis.token_ids
-    np.testing.assert_allclose(analysis.target_prob[:-1], probs[np.arange(len(ids) - 1), ids[1:]],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        analysis.target_prob[:-1], probs[np.arange(len(ids) - 1), ids[1:]], atol=1e-5
+    )
     assert np.isnan(analysis.target_prob[-1])
 
 
@@ -107,7 +118,7 @@ def test_terminal_table_plain_and_coloured(analysis):
     layer, cells, by_default = resolve(analysis)
     assert layer == 1 and len(cells) == 3 and by_default
     var = analysis.values("c", 1).var(axis=0)
-    assert sorted(cells) == sorted(np.argsort(-var)[:3].tolist())   # the most variable of c
+    assert sorted(cells) == sorted(np.argsort(-var)[:3].tolist())  # the most variable of c
     assert lines[0].startswith(f"layer 1 (layers 0..1), cells {', '.join(map(str, cells))}")
     assert "largest variance of c" in lines[0]
     rows = [ln for ln in lines if re.match(r"\s*\d+  ", ln)]
@@ -138,8 +149,9 @@ def test_terminal_rejects_bad_indices(analysis):
 
 
 def test_cli_prints_a_plain_table_when_piped(tiny_run, capsys):
-    assert main(["inspect", str(tiny_run), "--text", "Bob is", "--layer", "0",
-                 "--cells", "3,17"]) == 0
+    assert (
+        main(["inspect", str(tiny_run), "--text", "Bob is", "--layer", "0", "--cells", "3,17"]) == 0
+    )
     out = capsys.readouterr().out
     assert "\x1b" not in out and out.startswith("layer 0 (layers 0..1), cells 3, 17")
     assert "cell 3" in out and "cell 17" in out and "next: top-3" in out
@@ -160,12 +172,30 @@ def test_cli_json_round_trip(tiny_run, capsys):
     assert out["meta"]["source"] == "--text"
 
 
+@pytest.mark.slow
 def test_cli_writes_html_and_png(tiny_run, tmp_path, capsys):
     page, png = tmp_path / "report.html", tmp_path / "gates.png"
     text_file = tmp_path / "story.txt"
     text_file.write_text(TEXT, "utf-8")
-    assert main(["inspect", str(tiny_run), "--file", str(text_file), "--html", str(page),
-                 "--png", str(png), "--quantity", "f", "--cells", "5"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(tiny_run),
+                "--file",
+                str(text_file),
+                "--html",
+                str(page),
+                "--png",
+                str(png),
+                "--quantity",
+                "f",
+                "--cells",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0 and out.startswith("wrote ")
     assert str(page) in out and str(png) in out
@@ -196,8 +226,15 @@ def test_html_is_self_contained_and_shows_the_text(analysis):
         assert not pattern.search(doc), pattern.pattern
     assert "http://" not in doc and "https://" not in doc
     assert html.escape(TEXT, quote=False) in doc
-    for hook in ('id="layer"', 'id="quantity"', 'id="cell"', 'id="text"', 'id="tooltip"',
-                 'id="saturation"', 'id="legend"'):
+    for hook in (
+        'id="layer"',
+        'id="quantity"',
+        'id="cell"',
+        'id="text"',
+        'id="tooltip"',
+        'id="saturation"',
+        'id="legend"',
+    ):
         assert hook in doc, hook
     for q in "ifgoch":
         assert f'<canvas id="heat-{q}"' in doc
@@ -207,8 +244,15 @@ def test_html_is_self_contained_and_shows_the_text(analysis):
     assert re.findall(r'value="(\d+)"', layer_options) == ["0", "1"]
     sat = analysis.saturation()
     assert f'data-gate="f" data-layer="1" data-side="right">{sat["f"][1]["right"]:.1%}' in doc
-    for words in ("forget gate", "input gate", "output gate", "new information", "cell state",
-                  "hidden state", "Karpathy"):
+    for words in (
+        "forget gate",
+        "input gate",
+        "output gate",
+        "new information",
+        "cell state",
+        "hidden state",
+        "Karpathy",
+    ):
         assert words in doc
 
 
@@ -218,7 +262,7 @@ def test_html_embeds_the_arrays_exactly_and_safely():
     a.gates["c"] *= 7  # unbounded: travels as 16-bit
     doc = render_html(a, layer=0, cell=3, quantity="g")
     start = doc.index('id="analysis-data">') + len('id="analysis-data">')
-    raw = doc[start:doc.index("</script>", start)]
+    raw = doc[start : doc.index("</script>", start)]
     assert "</" not in raw and "<!--" not in raw
     data = json.loads(raw)
     assert data["tokens"] == tokens and data["default"] == {"layer": 0, "quantity": "g", "cell": 3}
@@ -255,21 +299,33 @@ def test_html_script_is_valid_javascript(tmp_path):
     script = re.findall(r"<script>(.*?)</script>", doc, re.S)
     assert len(script) == 1
     (tmp_path / "page.js").write_text(script[0], "utf-8")
-    run = subprocess.run(["node", "--check", str(tmp_path / "page.js")], capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        ["node", "--check", str(tmp_path / "page.js")], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs a headless chromium")
+@pytest.mark.slow
 def test_html_page_runs_in_a_browser(tmp_path):
     """The script runs: tokens get colours, the hash picks the view, the tooltip shows guesses."""
     tokens = list("Bob is evil.")
     page = tmp_path / "r.html"
     page.write_text(render_html(fake_analysis(tokens)), "utf-8")
     try:
-        run = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
-                              "--dump-dom", f"file://{page}#layer=0&quantity=f&cell=2&t=4"],
-                             capture_output=True, text=True, timeout=90)
+        run = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--dump-dom",
+                f"file://{page}#layer=0&quantity=f&cell=2&t=4",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("chromium did not finish in 90 s")
     if run.returncode != 0 or "<body" not in run.stdout:
@@ -286,14 +342,23 @@ def test_html_page_runs_in_a_browser(tmp_path):
 # --------------------------------------------------------------------------- PNG
 
 
+@pytest.mark.slow
 def test_png_is_written_and_long_texts_are_cut(analysis, tmp_path):
     out = plot_png(analysis, tmp_path / "a.png", layer=0, quantity="h")
     assert (tmp_path / "a.png").read_bytes()[:8] == PNG_MAGIC
     assert out["layer"] == 0 and out["tokens"] == len(TEXT) and out["cells"] == 32
     long = fake_analysis(list("abc def " * 40), size=100)
     out = plot_png(long, tmp_path / "b.png", cell=7)
-    assert out == {"path": str(tmp_path / "b.png"), "layer": 1, "cell": 7, "quantity": "c",
-                   "tokens": 200, "of_tokens": 320, "cells": 64, "of_cells": 100}
+    assert out == {
+        "path": str(tmp_path / "b.png"),
+        "layer": 1,
+        "cell": 7,
+        "quantity": "c",
+        "tokens": 200,
+        "of_tokens": 320,
+        "cells": 64,
+        "of_cells": 100,
+    }
     assert (tmp_path / "b.png").read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".*tmp*"))
 
@@ -301,18 +366,24 @@ def test_png_is_written_and_long_texts_are_cut(analysis, tmp_path):
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("extra, message", [
-    ([], "exactly one of --text TEXT or --file FILE"),
-    (["--text", "Bob", "--file", "x.txt"], "exactly one of --text TEXT or --file FILE"),
-    (["--text", "Bob", "--layer", "2"], "--layer 2 is out of range: the model has 2 layers (0..1)"),
-    (["--text", "Bob", "--layer", "-1"], "(0..1)"),
-    (["--text", "Bob", "--cells", "3,32"], "cell 32 is out of range: each layer has 32 cells"),
-    (["--text", "Bob", "--cells", "3,x"], "--cells must be cell numbers separated by commas"),
-    (["--text", "Bob", "--top-k", "0"], "--top-k must be at least 1"),
-    (["--text", ""], "is empty"),
-    (["--text", "Bob €"], "not in the vocabulary: '€'"),
-    (["--file", "missing.txt"], "cannot read"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "exactly one of --text TEXT or --file FILE"),
+        (["--text", "Bob", "--file", "x.txt"], "exactly one of --text TEXT or --file FILE"),
+        (
+            ["--text", "Bob", "--layer", "2"],
+            "--layer 2 is out of range: the model has 2 layers (0..1)",
+        ),
+        (["--text", "Bob", "--layer", "-1"], "(0..1)"),
+        (["--text", "Bob", "--cells", "3,32"], "cell 32 is out of range: each layer has 32 cells"),
+        (["--text", "Bob", "--cells", "3,x"], "--cells must be cell numbers separated by commas"),
+        (["--text", "Bob", "--top-k", "0"], "--top-k must be at least 1"),
+        (["--text", ""], "is empty"),
+        (["--text", "Bob €"], "not in the vocabulary: '€'"),
+        (["--file", "missing.txt"], "cannot read"),
+    ],
+)
 def test_cli_user_errors(tiny_run, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     assert main(["inspect", str(tiny_run), *extra]) == 2
@@ -323,7 +394,7 @@ def test_cli_user_errors(tiny_run, tmp_path, capsys, monkeypatch, extra, message
 
 def test_cli_file_must_be_utf8(tiny_run, tmp_path, capsys):
     bad = tmp_path / "latin1.txt"
-    bad.write_bytes("Bob is ".encode() + "caf\xe9".encode("latin-1"))
+    bad.write_bytes(b"Bob is " + "caf\xe9".encode("latin-1"))
     assert main(["inspect", str(tiny_run), "--file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "not valid UTF-8: at byte offset 10" in err and "iconv" in err
@@ -338,7 +409,8 @@ def test_inspect_views_have_no_torch():
     """The views work on NumPy arrays only (ARCHITECTURE: no torch in views). The package's
     __init__ imports analyze(), which needs torch; the view modules themselves do not."""
     from glasslstm.commands import inspect as command
-    from glasslstm.inspect import common, html as html_view, pictures, terminal
+    from glasslstm.inspection import common, pictures, terminal
+    from glasslstm.inspection import html as html_view
 
     assert callable(command.run) and callable(command.add_parser)
     for module in (common, html_view, pictures, terminal):
@@ -353,7 +425,8 @@ def test_views_handle_a_projected_hidden_state(tmp_path):
     table = render(a, cells=[6, 1])
     row = [ln for ln in table.splitlines() if ln.startswith("0  ")][0]
     assert row.split("│")[1].split()[-1] == "-" and row.split("│")[2].split()[-1] != "-"
-    data = json.loads(re.search(r'id="analysis-data">(.*?)</script>', render_html(a, cell=6),
-                                re.S).group(1))
+    data = json.loads(
+        re.search(r'id="analysis-data">(.*?)</script>', render_html(a, cell=6), re.S).group(1)
+    )
     assert data["arrays"]["h"][0]["n"] == 4 and data["arrays"]["c"][0]["n"] == 8
     assert plot_png(a, tmp_path / "p.png", cell=6, quantity="h")["cell"] == 6

@@ -36,7 +36,9 @@ def run(model, x, hx=None, **kw):
         hx = tuple(t.detach().clone().requires_grad_(True) for t in hx)
     out, (h_n, c_n) = model(x, hx, **kw)[:2]
     gen = torch.Generator().manual_seed(1)
-    weights = [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in (out, h_n, c_n)]
+    weights = [
+        torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in (out, h_n, c_n)
+    ]
     loss = sum((t * w).sum() for t, w in zip((out, h_n, c_n), weights))
     model.zero_grad()
     loss.backward()
@@ -82,25 +84,32 @@ def test_matches_torch(cfg, with_hx, dtype, backend):
     hx = None
     if with_hx:
         LD = ref.num_layers * (2 if ref.bidirectional else 1)
-        hx = (torch.randn(LD, B, ref.proj_size or 6, dtype=dtype), torch.randn(LD, B, 6, dtype=dtype))
+        hx = (
+            torch.randn(LD, B, ref.proj_size or 6, dtype=dtype),
+            torch.randn(LD, B, 6, dtype=dtype),
+        )
     assert_same(run(ours, x, hx), run(ref, x, hx), TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "T,B,H", [(1, 3, 4), (5, 1, 4), (5, 3, 1), (1, 1, 1), (12, 3, 4)],
+    "T,B,H",
+    [(1, 3, 4), (5, 1, 4), (5, 3, 1), (1, 1, 1), (12, 3, 4)],
     ids=["T1", "B1", "H1", "all1", "T12-copies-WT"],
 )
 def test_matches_torch_degenerate_sizes(T, B, H, backend):
-    ref, ours = pair(torch.float64, backend, input_size=2, hidden_size=H, num_layers=2,
-                     bidirectional=True)
+    ref, ours = pair(
+        torch.float64, backend, input_size=2, hidden_size=H, num_layers=2, bidirectional=True
+    )
     x = torch.randn(T, B, 2, dtype=torch.float64)
     assert_same(run(ours, x), run(ref, x), 1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("cfg", [dict(), dict(bidirectional=True, proj_size=3)], ids=["plain", "bi-proj"])
+@pytest.mark.parametrize(
+    "cfg", [dict(), dict(bidirectional=True, proj_size=3)], ids=["plain", "bi-proj"]
+)
 def test_packed_sequence_matches_torch(cfg, dtype, backend):
     ref, ours = pair(dtype, backend, input_size=3, hidden_size=5, num_layers=2, **cfg)
     T, lengths = 6, torch.tensor([2, 6, 1, 4, 6])  # unsorted, with ties
@@ -147,9 +156,9 @@ def test_no_grad_results_match_torch_and_stand_alone(cfg, backend):
         y, (h_n, c_n) = ours(x)
         kept = h_n.clone(), c_n.clone()
         y.fill_(7.0)
-        quiet = ours(x, lengths=lengths, return_gates=True)     # gates: views too, padded
+        quiet = ours(x, lengths=lengths, return_gates=True)  # gates: views too, padded
     assert torch.equal(h_n, kept[0]) and torch.equal(c_n, kept[1])
-    loud = ours(x, lengths=lengths, return_gates=True)          # with autograd: copies
+    loud = ours(x, lengths=lengths, return_gates=True)  # with autograd: copies
     assert torch.equal(quiet[0], loud[0].detach())
     for name in ("i", "f", "g", "o", "c", "h"):
         assert torch.equal(getattr(quiet[2], name), getattr(loud[2], name).detach()), name
@@ -159,27 +168,37 @@ def test_no_grad_results_match_torch_and_stand_alone(cfg, backend):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_lengths_matches_packed_torch(backend, batch_first):
     """lengths= on a padded batch == torch.nn.LSTM on the packed batch, unsorted lengths."""
-    ref, ours = pair(torch.float64, backend, input_size=3, hidden_size=4, num_layers=2,
-                     bidirectional=True, batch_first=batch_first)
+    ref, ours = pair(
+        torch.float64,
+        backend,
+        input_size=3,
+        hidden_size=4,
+        num_layers=2,
+        bidirectional=True,
+        batch_first=batch_first,
+    )
     lengths = [3, 7, 1, 7, 5]
     T, B = 7, len(lengths)
     x = torch.randn((B, T, 3) if batch_first else (T, B, 3), dtype=torch.float64)
     # junk (even NaN) in the padding must not leak into anything
     steps = torch.arange(T).view(-1, 1) if not batch_first else torch.arange(T).view(1, -1)
-    lens = torch.tensor(lengths).view(1, -1) if not batch_first else torch.tensor(lengths).view(-1, 1)
+    lens = (
+        torch.tensor(lengths).view(1, -1) if not batch_first else torch.tensor(lengths).view(-1, 1)
+    )
     x_junk = x.masked_fill((steps >= lens).unsqueeze(-1), float("nan"))
 
     xg = x_junk.clone().requires_grad_(True)
     out, (h_n, c_n) = ours(xg, lengths=torch.tensor(lengths))
     xr = x.clone().requires_grad_(True)
-    packed = pack_padded_sequence(xr, torch.tensor(lengths), batch_first=batch_first,
-                                  enforce_sorted=False)
+    packed = pack_padded_sequence(
+        xr, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False
+    )
     out_r, (h_r, c_r) = ref(packed)
     out_r, _ = pad_packed_sequence(out_r, batch_first=batch_first, total_length=T)
     for a, b in ((out, out_r), (h_n, h_r), (c_n, c_r)):
         assert rel_err(a, b) <= 1e-10
     # zero output past each length
-    pad = (steps >= lens)
+    pad = steps >= lens
     assert torch.all(out[pad] == 0)
 
     w = torch.randn(out.shape, dtype=torch.float64)
@@ -221,10 +240,12 @@ def test_unbatched_input_matches_torch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_agree_with_each_other(backend):
     torch.manual_seed(3)
-    a = glasslstm.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64,
-                       backend="bptt")
-    b = glasslstm.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64,
-                       backend="loop")
+    a = glasslstm.LSTM(
+        4, 5, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64, backend="bptt"
+    )
+    b = glasslstm.LSTM(
+        4, 5, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64, backend="loop"
+    )
     b.load_state_dict(a.state_dict())
     x = torch.randn(6, 3, 4, dtype=torch.float64)
     assert_same(run(a, x, lengths=[6, 2, 4]), run(b, x, lengths=[6, 2, 4]), 1e-12)
@@ -250,26 +271,43 @@ def test_engine_matches_numpy_reference():
                 getattr(trace, ours_name)[k].numpy(), getattr(layer, ref_name), rtol=0, atol=1e-12
             )
     dy, dh, dc = (np.random.default_rng(0).standard_normal(t.shape) for t in (out, h_n, c_n))
-    ((out * torch.from_numpy(dy)).sum() + (h_n * torch.from_numpy(dh)).sum()
-     + (c_n * torch.from_numpy(dc)).sum()).backward()
+    (
+        (out * torch.from_numpy(dy)).sum()
+        + (h_n * torch.from_numpy(dh)).sum()
+        + (c_n * torch.from_numpy(dc)).sum()
+    ).backward()
     grads = reference.backward(cache, dy, dh, dc)
     np.testing.assert_allclose(x.grad.numpy(), grads.dx, rtol=0, atol=1e-10)
     np.testing.assert_allclose(h0.grad.numpy(), grads.dh0, rtol=0, atol=1e-10)
     np.testing.assert_allclose(c0.grad.numpy(), grads.dc0, rtol=0, atol=1e-10)
     H = 4
-    rows = {"i": slice(0, H), "f": slice(H, 2 * H), "c": slice(2 * H, 3 * H), "o": slice(3 * H, 4 * H)}
+    rows = {
+        "i": slice(0, H),
+        "f": slice(H, 2 * H),
+        "c": slice(2 * H, 3 * H),
+        "o": slice(3 * H, 4 * H),
+    }
     for k in range(2):
         g = grads.layers[k]
         for gate, r in rows.items():
             np.testing.assert_allclose(
-                getattr(lstm, f"weight_ih_l{k}").grad[r].T.numpy(), g[f"U_{gate}"], atol=1e-10, rtol=0
+                getattr(lstm, f"weight_ih_l{k}").grad[r].T.numpy(),
+                g[f"U_{gate}"],
+                atol=1e-10,
+                rtol=0,
             )
             np.testing.assert_allclose(
-                getattr(lstm, f"weight_hh_l{k}").grad[r].T.numpy(), g[f"W_{gate}"], atol=1e-10, rtol=0
+                getattr(lstm, f"weight_hh_l{k}").grad[r].T.numpy(),
+                g[f"W_{gate}"],
+                atol=1e-10,
+                rtol=0,
             )
             for bias in ("bias_ih", "bias_hh"):
                 np.testing.assert_allclose(
-                    getattr(lstm, f"{bias}_l{k}").grad[r].numpy(), g[f"b_{gate}"], atol=1e-10, rtol=0
+                    getattr(lstm, f"{bias}_l{k}").grad[r].numpy(),
+                    g[f"b_{gate}"],
+                    atol=1e-10,
+                    rtol=0,
                 )
 
 
@@ -281,6 +319,7 @@ def test_engine_matches_numpy_reference():
     ],
     ids=["plain", "bi-proj-lengths"],
 )
+@pytest.mark.slow
 def test_autograd_gradcheck(cfg, lengths):
     lstm = glasslstm.LSTM(2, 3, dtype=torch.float64, **cfg)
     params = list(lstm.parameters())
@@ -292,15 +331,18 @@ def test_autograd_gradcheck(cfg, lengths):
 
     def fn(x, h0, c0, *weights):
         state = dict(zip(names, weights))
-        out, (h_n, c_n) = torch.func.functional_call(lstm, state, (x, (h0, c0)),
-                                                     {"lengths": lengths})
+        out, (h_n, c_n) = torch.func.functional_call(
+            lstm, state, (x, (h0, c0)), {"lengths": lengths}
+        )
         return out, h_n, c_n
 
     assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cfg", [dict(), dict(proj_size=2, bidirectional=True)], ids=["plain", "bi-proj"])
+@pytest.mark.parametrize(
+    "cfg", [dict(), dict(proj_size=2, bidirectional=True)], ids=["plain", "bi-proj"]
+)
 def test_trace_is_consistent(cfg, backend):
     """c and h recomputed from the recorded gates equal the recorded c and h and the output."""
     lstm = glasslstm.LSTM(3, 4, num_layers=2, dtype=torch.float64, backend=backend, **cfg)
@@ -319,15 +361,18 @@ def test_trace_is_consistent(cfg, backend):
             c = g["f"][t] * c_prev + g["i"][t] * g["g"][t]
             assert rel_err(g["c"][t], c) <= 1e-14
             r = g["o"][t] * torch.tanh(c)
-            h = r if not lstm.proj_size else r @ getattr(
-                lstm, f"weight_hr_l{layer}" + ("_reverse" if d else "")).detach().T
+            h = (
+                r
+                if not lstm.proj_size
+                else r @ getattr(lstm, f"weight_hr_l{layer}" + ("_reverse" if d else "")).detach().T
+            )
             assert rel_err(g["h"][t], h) <= 1e-14
             c_prev = c
         for gate in "ifo":
             assert torch.all((g[gate] > 0) & (g[gate] < 1))
         assert torch.all(g["g"].abs() < 1)
         assert rel_err(c_prev, c_n[k]) <= 1e-14
-    last = tr.h[-D:]                                             # top layer, each direction
+    last = tr.h[-D:]  # top layer, each direction
     assert rel_err(torch.cat(list(last), dim=-1), out) <= 1e-14
 
 
@@ -335,7 +380,7 @@ def test_trace_layout_batch_first_and_padding():
     lstm = glasslstm.LSTM(3, 4, batch_first=True, bidirectional=True)
     x = torch.randn(3, 5, 3)  # (B, T, I)
     out, _, tr = lstm(x, lengths=[5, 2, 3], return_gates=True)
-    assert tr.f.shape == (2, 3, 5, 4)           # (L*D, B, T, H)
+    assert tr.f.shape == (2, 3, 5, 4)  # (L*D, B, T, H)
     assert not tr.f.requires_grad
     for name in "ifgoch":
         t = getattr(tr, name)
@@ -370,9 +415,9 @@ def test_same_seed_same_init_as_torch():
 def test_state_dict_round_trip_both_ways():
     ours = glasslstm.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2, forget_bias=1.0)
     theirs = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2)
-    theirs.load_state_dict(ours.state_dict())                 # ours -> torch
+    theirs.load_state_dict(ours.state_dict())  # ours -> torch
     back = glasslstm.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2)
-    back.load_state_dict(theirs.state_dict())                 # torch -> ours
+    back.load_state_dict(theirs.state_dict())  # torch -> ours
     for name, t in ours.state_dict().items():
         assert torch.equal(back.state_dict()[name], t)
     exported = ours.to_torch()
@@ -412,8 +457,8 @@ def test_chrono_init_spreads_forget_time_scales():
             # forget biases log(u), u ~ U[1, 99]: time scales 1 / (1 - σ(b_f)) ≈ 1 + u
             assert float(b_f.min()) >= 0.0 and float(b_f.max()) <= math.log(99) + 1e-6
             assert float(b_f.max()) > math.log(50)  # 128 draws: spread up to the long scales
-            assert torch.equal(b_ih[:H], -b_f)                # input bias: the negative
-            assert not bool(b_hh[: 2 * H].any())              # one bias carries them
+            assert torch.equal(b_ih[:H], -b_f)  # input bias: the negative
+            assert not bool(b_hh[: 2 * H].any())  # one bias carries them
             pb_ih, pb_hh = plain._weights(layer, direction)[2:4]
             assert torch.equal(b_ih[2 * H :], pb_ih[2 * H :])  # g and o: torch's init
             assert torch.equal(b_hh[2 * H :], pb_hh[2 * H :])
@@ -436,14 +481,14 @@ def test_dropout_has_torchs_meaning():
     evaluated = lstm(x)[0]
     no_dropout = glasslstm.LSTM(3, 16, num_layers=3)
     no_dropout.load_state_dict(lstm.state_dict())
-    assert torch.equal(evaluated, no_dropout(x)[0])            # eval mode: no dropout
+    assert torch.equal(evaluated, no_dropout(x)[0])  # eval mode: no dropout
     lstm.train()
     torch.manual_seed(5)
     trained = lstm(x)[0]
     torch.manual_seed(5)
-    assert torch.equal(trained, lstm(x)[0])                    # reproducible from the seed
-    assert not torch.allclose(trained, evaluated)              # and it does something
-    assert torch.count_nonzero(trained == 0) == 0              # but not on the last layer
+    assert torch.equal(trained, lstm(x)[0])  # reproducible from the seed
+    assert not torch.allclose(trained, evaluated)  # and it does something
+    assert torch.count_nonzero(trained == 0) == 0  # but not on the last layer
 
 
 def test_dropout_with_one_layer_warns():
@@ -457,7 +502,7 @@ def test_backend_selection(monkeypatch):
     lstm = glasslstm.LSTM(2, 3, dtype=torch.float64)
     out = lstm(x)[0]
     assert "LSTMLayerFunction" not in type(out.grad_fn).__name__
-    lstm.backend = "bptt"                                      # the argument wins
+    lstm.backend = "bptt"  # the argument wins
     assert "LSTMLayerFunction" in type(lstm(x)[0].grad_fn).__name__
     monkeypatch.setenv("GLASSLSTM_BACKEND", "nope")
     lstm.backend = None
@@ -478,18 +523,52 @@ def test_loop_backend_supports_double_backward():
 BAD_INPUTS = [
     (lambda m: m(torch.randn(5, 3)), ValueError, r"feature size 3 .*input_size=4"),
     (lambda m: m(torch.randn(2, 3, 5, 4)), ValueError, r"rank 3 .*got shape \(2, 3, 5, 4\)"),
-    (lambda m: m(torch.randn(5, 2, 3)), ValueError, r"feature size 3 \(shape \(5, 2, 3\)\).*input_size=4"),
-    (lambda m: m(torch.ones(5, 2, 4, dtype=torch.long)), TypeError, r"floating-point.*torch.int64.*Embedding"),
-    (lambda m: m(torch.randn(5, 2, 4, dtype=torch.float64)), TypeError, r"torch.float64.*torch.float32"),
-    (lambda m: m(torch.randn(5, 2, 4), (torch.zeros(1, 2, 6), torch.zeros(2, 2, 6))), ValueError,
-     r"h_0 has shape \(1, 2, 6\); expected \(2, 2, 6\)"),
-    (lambda m: m(torch.randn(5, 2, 4), (torch.zeros(2, 2, 6), torch.zeros(2, 3, 6))), ValueError,
-     r"c_0 has shape \(2, 3, 6\); expected \(2, 2, 6\)"),
+    (
+        lambda m: m(torch.randn(5, 2, 3)),
+        ValueError,
+        r"feature size 3 \(shape \(5, 2, 3\)\).*input_size=4",
+    ),
+    (
+        lambda m: m(torch.ones(5, 2, 4, dtype=torch.long)),
+        TypeError,
+        r"floating-point.*torch.int64.*Embedding",
+    ),
+    (
+        lambda m: m(torch.randn(5, 2, 4, dtype=torch.float64)),
+        TypeError,
+        r"torch.float64.*torch.float32",
+    ),
+    (
+        lambda m: m(torch.randn(5, 2, 4), (torch.zeros(1, 2, 6), torch.zeros(2, 2, 6))),
+        ValueError,
+        r"h_0 has shape \(1, 2, 6\); expected \(2, 2, 6\)",
+    ),
+    (
+        lambda m: m(torch.randn(5, 2, 4), (torch.zeros(2, 2, 6), torch.zeros(2, 3, 6))),
+        ValueError,
+        r"c_0 has shape \(2, 3, 6\); expected \(2, 2, 6\)",
+    ),
     (lambda m: m(torch.randn(5, 2, 4), torch.zeros(2, 2, 6)), TypeError, r"hx must be a tuple"),
-    (lambda m: m(torch.randn(5, 2, 4), lengths=[5, 6]), ValueError, r"lengths must lie in 1\.\.5.*max 6"),
-    (lambda m: m(torch.randn(5, 2, 4), lengths=[0, 3]), ValueError, r"lengths must lie in 1\.\.5.*min 0"),
-    (lambda m: m(torch.randn(5, 2, 4), lengths=[5, 3, 2]), ValueError, r"one entry per sequence: shape \(2,\); got shape \(3,\)"),
-    (lambda m: m(torch.randn(5, 2, 4), lengths=torch.tensor([2.0, 3.0])), TypeError, r"lengths must hold integers"),
+    (
+        lambda m: m(torch.randn(5, 2, 4), lengths=[5, 6]),
+        ValueError,
+        r"lengths must lie in 1\.\.5.*max 6",
+    ),
+    (
+        lambda m: m(torch.randn(5, 2, 4), lengths=[0, 3]),
+        ValueError,
+        r"lengths must lie in 1\.\.5.*min 0",
+    ),
+    (
+        lambda m: m(torch.randn(5, 2, 4), lengths=[5, 3, 2]),
+        ValueError,
+        r"one entry per sequence: shape \(2,\); got shape \(3,\)",
+    ),
+    (
+        lambda m: m(torch.randn(5, 2, 4), lengths=torch.tensor([2.0, 3.0])),
+        TypeError,
+        r"lengths must hold integers",
+    ),
     (lambda m: m(torch.randn(5, 4), lengths=[5]), ValueError, r"lengths= needs a batched input"),
     (lambda m: m([[1.0]]), TypeError, r"torch.Tensor or PackedSequence; got list"),
 ]
@@ -505,7 +584,11 @@ def test_bad_input_gets_a_clear_error(call, exc, match):
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(input_size=4, hidden_size=6, proj_size=6), ValueError, r"proj_size=6 must be smaller than hidden_size=6"),
+        (
+            dict(input_size=4, hidden_size=6, proj_size=6),
+            ValueError,
+            r"proj_size=6 must be smaller than hidden_size=6",
+        ),
         (dict(input_size=4, hidden_size=6, proj_size=-1), ValueError, r"proj_size must be >= 0"),
         (dict(input_size=0, hidden_size=6), ValueError, r"input_size must be >= 1"),
         (dict(input_size=4, hidden_size=6.0), TypeError, r"hidden_size must be an int; got float"),
@@ -544,16 +627,19 @@ def test_cuda_configs_match_torch(cfg, backend):
     shape = (B, T, 5) if cfg.get("batch_first") else (T, B, 5)
     x = torch.randn(shape, dtype=torch.float64, device="cuda")
     L = ref.num_layers * (2 if ref.bidirectional else 1)
-    hx = (torch.randn(L, B, ref.proj_size or 6, dtype=torch.float64, device="cuda"),
-          torch.randn(L, B, 6, dtype=torch.float64, device="cuda"))
+    hx = (
+        torch.randn(L, B, ref.proj_size or 6, dtype=torch.float64, device="cuda"),
+        torch.randn(L, B, 6, dtype=torch.float64, device="cuda"),
+    )
     assert_same(run(ours, x, hx), run(ref, x, hx), 1e-10)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_lengths_match_packed_torch(backend):
-    ref, ours = pair(torch.float64, backend, input_size=3, hidden_size=5, num_layers=2,
-                     bidirectional=True)
+    ref, ours = pair(
+        torch.float64, backend, input_size=3, hidden_size=5, num_layers=2, bidirectional=True
+    )
     ref, ours = ref.cuda(), ours.cuda()
     lengths = torch.tensor([4, 9, 1, 9, 6])
     x = torch.randn(9, 5, 3, dtype=torch.float64, device="cuda")
@@ -570,8 +656,7 @@ def test_cuda_lengths_match_packed_torch(backend):
 @pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
 def test_gradients_when_only_one_result_is_used(used):
     """Unused results reach backward as None (no zero-filled gradients); grads stay right."""
-    ref, ours = pair(torch.float64, "bptt", input_size=3, hidden_size=4, num_layers=2,
-                     proj_size=2)
+    ref, ours = pair(torch.float64, "bptt", input_size=3, hidden_size=4, num_layers=2, proj_size=2)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     grads = []
     for model in (ours, ref):

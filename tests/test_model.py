@@ -17,8 +17,9 @@ TEXT = "hello glass lstm. the cell keeps bob in mind. " * 8
 
 def char_model(text=TEXT, **kw) -> LanguageModel:
     tok = CharTokenizer(sorted(set(text)))
-    cfg = ModelConfig(vocab_size=tok.vocab_size, **{"hidden_size": 32, "num_layers": 1,
-                                                      "dropout": 0.0, **kw})
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, **{"hidden_size": 32, "num_layers": 1, "dropout": 0.0, **kw}
+    )
     return LanguageModel(cfg, tok)
 
 
@@ -44,6 +45,7 @@ def test_state_carries_across_calls():
     assert torch.allclose(torch.cat([first, second], 1), whole, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_overfits_a_tiny_text_to_near_zero_loss():
     torch.manual_seed(0)
     text = "the brave bob served in the navy. "
@@ -106,7 +108,9 @@ def test_top_k_only_ever_picks_among_the_k_most_likely():
     ids = model.tokenizer.encode("the cell")
     logits = model(torch.tensor([ids]))[0][0, -1]
     allowed = {model.tokenizer.decode([i]) for i in logits.topk(2).indices.tolist()}
-    firsts = {next(model.generate("the cell", 1, temperature=5.0, top_k=2, seed=s)) for s in range(40)}
+    firsts = {
+        next(model.generate("the cell", 1, temperature=5.0, top_k=2, seed=s)) for s in range(40)
+    }
     assert firsts <= allowed and len(firsts) == 2
 
 
@@ -130,7 +134,9 @@ def test_prompt_characters_not_in_the_vocabulary_are_a_clear_error():
 
 
 def test_byte_model_streams_valid_text():
-    model = LanguageModel(ModelConfig(vocab_size=256, hidden_size=16, num_layers=1), ByteTokenizer())
+    model = LanguageModel(
+        ModelConfig(vocab_size=256, hidden_size=16, num_layers=1), ByteTokenizer()
+    )
     out = "".join(model.generate("naïve ☃", 50, temperature=1.5, seed=0))
     assert out and out.encode("utf-8")  # strict: no lone surrogates, split characters replaced
 
@@ -144,8 +150,12 @@ def test_weight_tying_shares_the_embedding():
 
 def test_sampling_options_are_checked():
     model = char_model()
-    for kw, match in [(dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"),
-                      (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")]:
+    for kw, match in [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             next(model.generate("bob", 3, **kw))
 

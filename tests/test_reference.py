@@ -175,7 +175,9 @@ def test_forward_matches_torch_via_params_from_torch(num_layers):
     # the article's bias is the sum of torch's two biases, in gate order i, f, g, o
     b_ih, b_hh = lstm.bias_ih_l0.detach().numpy(), lstm.bias_hh_l0.detach().numpy()
     np.testing.assert_array_equal(params[0].b_f, b_ih[H : 2 * H] + b_hh[H : 2 * H])
-    np.testing.assert_array_equal(params[0].U_c, lstm.weight_ih_l0.detach().numpy()[2 * H : 3 * H].T)
+    np.testing.assert_array_equal(
+        params[0].U_c, lstm.weight_ih_l0.detach().numpy()[2 * H : 3 * H].T
+    )
     x = np.random.default_rng(5).standard_normal((T, B, I))
     out, (h_n, c_n), _ = ref.forward(x, params)
     with torch.no_grad():

@@ -29,13 +29,20 @@ def outputs_and_grads(model, x, h0=None, **kw):
     return [out, h_n] + grads
 
 
-SHARED = [dict(), dict(num_layers=2, bidirectional=True), dict(num_layers=2, batch_first=True),
-          dict(bias=False)]
+SHARED = [
+    dict(),
+    dict(num_layers=2, bidirectional=True),
+    dict(num_layers=2, batch_first=True),
+    dict(bias=False),
+]
 CASES = [(k, c) for k in CLASSES for c in SHARED] + [("RNN", dict(nonlinearity="relu"))]
 
 
-@pytest.mark.parametrize("kind,cfg", CASES, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{k}{x}" for k, x in v.items()) or "plain")
+@pytest.mark.parametrize(
+    "kind,cfg",
+    CASES,
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}{x}" for k, x in v.items()) or "plain",
+)
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_matches_torch(kind, cfg, with_h0):
     ours_cls, torch_cls = CLASSES[kind]
@@ -82,7 +89,7 @@ def test_rnn_trace_and_bad_input():
     out, h_n, tr = rnn(torch.randn(5, 2, 3), return_gates=True)
     assert tr.fields == ("h",) and torch.equal(tr.h[1], out.detach())
     with pytest.raises(AttributeError, match="records h"):
-        tr.f
+        _ = tr.f
     with pytest.raises(ValueError, match=r"h_0 has shape \(1, 2, 4\); expected \(2, 2, 4\)"):
         rnn(torch.randn(5, 2, 3), torch.zeros(1, 2, 4))
     with pytest.raises(TypeError, match="hx must be a tensor h_0"):

@@ -1,14 +1,14 @@
-"""The web inspector's API (glasslstm.inspect.server) through Starlette's test client, and the
+"""The web inspector's API (glasslstm.inspection.server) through Starlette's test client, and the
 `glasslstm serve` command's parser and start-up."""
 
 import numpy as np
 import pytest
-from conftest import STORY
 from starlette.testclient import TestClient
 
+from conftest import STORY
 from glasslstm.cli import build_parser, main
-from glasslstm.inspect import analyze
-from glasslstm.inspect.server import cells_on, create_app, find_matches
+from glasslstm.inspection import analyze
+from glasslstm.inspection.server import cells_on, create_app, find_matches
 from glasslstm.model import LanguageModel
 
 TEXT = 'Bob is a nice person. "Run," said Bob.'
@@ -39,8 +39,17 @@ def assert_clean_error(resp, status, *words):
 def test_page_and_static_files_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    for element in ('id="text"', 'id="next"', 'id="gates"', 'id="threshold"', 'id="cells-on"',
-                    'id="cells"', 'id="match"', 'id="matches"', 'id="error"'):
+    for element in (
+        'id="text"',
+        'id="next"',
+        'id="gates"',
+        'id="threshold"',
+        'id="cells-on"',
+        'id="cells"',
+        'id="match"',
+        'id="matches"',
+        'id="error"',
+    ):
         assert element in page.text
     assert "analyze" in client.get("/static/app.js").text
     assert client.get("/static/style.css").status_code == 200
@@ -85,8 +94,11 @@ def test_text_over_the_cap_is_refused_with_a_clear_message(client):
 
 
 def test_oversized_body_is_refused_before_parsing(client):
-    r = client.post("/api/analyze", content=b'{"text": "' + b"a" * 200_000 + b'"}',
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/api/analyze",
+        content=b'{"text": "' + b"a" * 200_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
     assert_clean_error(r, 413, "too large")
 
 
@@ -95,24 +107,47 @@ def test_characters_outside_the_vocabulary_give_the_data_error(client):
     assert_clean_error(r, 400, "not in the vocabulary", "'Z'", "'ë'")
 
 
-@pytest.mark.parametrize("path, body, status, words", [
-    ("/api/analyze", {"text": ""}, 400, ["empty"]),
-    ("/api/analyze", {"text": 3}, 400, ["'text'"]),
-    ("/api/analyze", {"text": "Bob", "layer": 2}, 400, ["'layer'", "0..1"]),
-    ("/api/analyze", {"text": "Bob", "quantities": ["x"]}, 400, ["'quantities'"]),
-    ("/api/cells_on", {"text": "Bob", "start": 2, "end": 2}, 400, ["'end'", "3..3"]),
-    ("/api/cells_on", {"text": "Bob", "start": 0, "end": 1, "threshold": "hi"}, 400, ["threshold"]),
-    ("/api/cells_on", {"text": "Bob", "start": 0, "end": 1, "quantity": "f"}, 400, ["'quantity'"]),
-    ("/api/match", {"text": "Bob", "start": 0, "end": 3, "threshold": 5}, 400, ["no cell", "lower"]),
-    ("/api/match", {"cells": [99]}, 400, ["'cells'", "0..31"]),
-])
+@pytest.mark.parametrize(
+    "path, body, status, words",
+    [
+        ("/api/analyze", {"text": ""}, 400, ["empty"]),
+        ("/api/analyze", {"text": 3}, 400, ["'text'"]),
+        ("/api/analyze", {"text": "Bob", "layer": 2}, 400, ["'layer'", "0..1"]),
+        ("/api/analyze", {"text": "Bob", "quantities": ["x"]}, 400, ["'quantities'"]),
+        ("/api/cells_on", {"text": "Bob", "start": 2, "end": 2}, 400, ["'end'", "3..3"]),
+        (
+            "/api/cells_on",
+            {"text": "Bob", "start": 0, "end": 1, "threshold": "hi"},
+            400,
+            ["threshold"],
+        ),
+        (
+            "/api/cells_on",
+            {"text": "Bob", "start": 0, "end": 1, "quantity": "f"},
+            400,
+            ["'quantity'"],
+        ),
+        (
+            "/api/match",
+            {"text": "Bob", "start": 0, "end": 3, "threshold": 5},
+            400,
+            ["no cell", "lower"],
+        ),
+        ("/api/match", {"cells": [99]}, 400, ["'cells'", "0..31"]),
+    ],
+)
 def test_bad_requests_get_one_clear_message(client, path, body, status, words):
     assert_clean_error(client.post(path, json=body), status, *words)
 
 
 def test_malformed_json_unknown_route_and_wrong_method(client):
-    assert_clean_error(client.post("/api/analyze", content=b"{not json",
-                                   headers={"content-type": "application/json"}), 400, "JSON")
+    assert_clean_error(
+        client.post(
+            "/api/analyze", content=b"{not json", headers={"content-type": "application/json"}
+        ),
+        400,
+        "JSON",
+    )
     assert_clean_error(client.post("/api/analyze", json=[1, 2]), 400, "object")
     assert_clean_error(client.get("/api/nothing"), 404)
     assert_clean_error(client.get("/api/analyze"), 405)
@@ -120,8 +155,11 @@ def test_malformed_json_unknown_route_and_wrong_method(client):
 
 def test_a_crash_is_a_message_not_a_traceback(tiny_run, monkeypatch):
     app = create_app(tiny_run)
-    monkeypatch.setattr(app.state.inspector, "_analyze",
-                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom at secret.py")))
+    monkeypatch.setattr(
+        app.state.inspector,
+        "_analyze",
+        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom at secret.py")),
+    )
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/api/analyze", json={"text": "Bob"})
     assert_clean_error(r, 500, "internal error", "RuntimeError", "server's log")
@@ -146,7 +184,8 @@ def test_cells_on_are_above_threshold_across_the_whole_span(client, model):
     c_on = client.post("/api/cells_on", json={**body, "quantity": "c"}).json()
     c = analyze(model, TEXT).values("c", 1)
     assert {x["cell"] for x in c_on["cells"]} == {
-        k for k in range(c.shape[1]) if (c[start:end, k] > threshold).all()}
+        k for k in range(c.shape[1]) if (c[start:end, k] > threshold).all()
+    }
 
 
 def test_match_finds_the_span_itself_in_the_same_text(tiny_run, model):
@@ -155,28 +194,37 @@ def test_match_finds_the_span_itself_in_the_same_text(tiny_run, model):
     start = text.index("brave Bob")
     end = start + len("brave Bob")
     with TestClient(app) as c:
-        d = c.post("/api/match", json={"text": text, "layer": 1, "start": start, "end": end,
-                                       "threshold": 0.2, "top": 100}).json()
+        d = c.post(
+            "/api/match",
+            json={
+                "text": text,
+                "layer": 1,
+                "start": start,
+                "end": end,
+                "threshold": 0.2,
+                "top": 100,
+            },
+        ).json()
     assert d["cells"] and d["searched_tokens"] == len(text) and not d["searched_truncated"]
     assert d["source"] == "the given text" and d["length"] == end - start
     hits = [m for m in d["matches"] if m["start"] <= start and m["end"] >= end]
     assert len(hits) == 1
     m = hits[0]
-    assert text[start:end] in m["span"] and m["span"] == text[m["start"]:m["end"]]
-    assert m["before"] == text[max(0, m["start"] - 40):m["start"]]
+    assert text[start:end] in m["span"] and m["span"] == text[m["start"] : m["end"]]
+    assert m["before"] == text[max(0, m["start"] - 40) : m["start"]]
     # every match really has all the cells on, all the way through
     h = analyze(model, text).values("h", 1)
     for m in d["matches"]:
-        assert (h[m["start"]:m["end"], d["cells"]] > 0.2).all()
+        assert (h[m["start"] : m["end"], d["cells"]] > 0.2).all()
     scores = [m["score"] for m in d["matches"]]
     assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
 
 
 def test_find_matches_ranks_by_length_and_precision():
     v = np.zeros((12, 3))
-    v[1:4, 0] = 1           # cell 0 alone, length 3: the perfect match for length 3
-    v[6:8, :] = 1           # all cells, length 2: shorter and not precise
-    v[9:12, 0:2] = 1        # cells 0 and 1, length 3
+    v[1:4, 0] = 1  # cell 0 alone, length 3: the perfect match for length 3
+    v[6:8, :] = 1  # all cells, length 2: shorter and not precise
+    v[9:12, 0:2] = 1  # cells 0 and 1, length 3
     got = find_matches(v, [0], 0.5, 3)
     assert [(m["start"], m["end"]) for m in got] == [(1, 4), (9, 12), (6, 8)]
     assert [m["score"] for m in got] == [1.0, 0.5, round(2 / 3 / 3, 4)]
@@ -224,11 +272,14 @@ def test_serve_binds_loopback_and_prints_the_url(tiny_run, monkeypatch, capsys):
     assert seen["app"].state.inspector.max_chars == 2000
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-chars", "0"], "--max-chars must be >= 1"),
-    (["--port", "70000"], "--port must be in 0..65535"),
-    (["--host", "no such host.invalid"], "cannot listen on"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-chars", "0"], "--max-chars must be >= 1"),
+        (["--port", "70000"], "--port must be in 0..65535"),
+        (["--host", "no such host.invalid"], "cannot listen on"),
+    ],
+)
 def test_serve_user_errors_are_one_line(tiny_run, capsys, args, message):
     assert main(["serve", str(tiny_run), *args]) == 2
     err = capsys.readouterr().err

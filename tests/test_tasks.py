@@ -80,8 +80,8 @@ def test_copy_baseline_predictor_matches_formula():
     assert task.baseline == 10 * math.log(8) / (T + 20)
     # blank with probability 1 up to the delimiter, uniform over the 8 symbols afterwards
     pred = torch.full((8, T + 20, 9), -1e9, dtype=torch.float64)
-    pred[:, :T + 10, task.blank] = 0.0
-    pred[:, T + 10:, :8] = 0.0
+    pred[:, : T + 10, task.blank] = 0.0
+    pred[:, T + 10 :, :8] = 0.0
     direct = -torch.log_softmax(pred, -1).gather(-1, target.unsqueeze(-1)).mean()
     assert direct.item() == pytest.approx(10 * math.log(8) / (T + 20), rel=1e-12)
     assert task.loss(pred, target, mask).item() == pytest.approx(task.baseline, rel=1e-12)
@@ -101,8 +101,10 @@ def test_copy_perfect_predictor():
 
 
 # ------------------------------------------------------------------------------- subject
-GENDERED = {"m": {"He", "he", "His", "his", "him"},  # ("an old man" is not a pronoun)
-            "f": {"She", "she", "Her", "her"}}
+GENDERED = {
+    "m": {"He", "he", "His", "his", "him"},  # ("an old man" is not a pronoun)
+    "f": {"She", "she", "Her", "her"},
+}
 
 
 def gender(name):
@@ -112,9 +114,9 @@ def gender(name):
 def test_subject_vocab_and_baseline():
     task = make_task("subject", 60)
     names = MALE_NAMES + FEMALE_NAMES
-    assert task.vocab[:len(names)] == list(names) and task.output_size == len(names) == 64
+    assert task.vocab[: len(names)] == list(names) and task.output_size == len(names) == 64
     assert task.input_size == len(task.vocab) == len(set(task.vocab))
-    assert not set(task.vocab[len(names):]) & set(names)
+    assert not set(task.vocab[len(names) :]) & set(names)
     # chance: the pronoun gives the gender, then a uniform guess among that gender's names
     assert task.baseline == pytest.approx(0.5 / len(MALE_NAMES) + 0.5 / len(FEMALE_NAMES))
     assert task.baseline == pytest.approx(1 / 32)
@@ -188,8 +190,15 @@ def test_make_task_errors():
     assert isinstance(make_task("copy", 1), CopyTask)
     with pytest.raises(ValueError, match="unknown task 'add'.*adding, copy, subject"):
         make_task("add", 10)
-    for name, bad in [("adding", 1), ("adding", 0), ("copy", 0), ("copy", -3), ("adding", 10.0),
-                      ("copy", True), ("subject", "100")]:
+    for name, bad in [
+        ("adding", 1),
+        ("adding", 0),
+        ("copy", 0),
+        ("copy", -3),
+        ("adding", 10.0),
+        ("copy", True),
+        ("subject", "100"),
+    ]:
         with pytest.raises(ValueError, match=f"{name} task: T must be an integer >= "):
             make_task(name, bad)
     min_T = SubjectTask(100).min_T

@@ -10,17 +10,24 @@ import signal
 import pytest
 import torch
 
-from glasslstm import checkpoint
+from glasslstm import rundir
 from glasslstm.data import Corpus, DataError
 from glasslstm.model import ConfigError, LanguageModel
 from glasslstm.trainer import TrainConfig, lr_at, train
 
-TEXT = ("Bob is a nice person. Dan, on the other hand, is evil. Bob can swim. "
-        "He served in the Navy for four long years. For his contributions, brave Bob. ") * 12
-CORPUS = Corpus("tiny", TEXT.encode()[: int(len(TEXT) * 0.9)], TEXT.encode()[int(len(TEXT) * 0.9):],
-                "test text")
-TINY = dict(hidden=24, layers=2, dropout=0.1, seq_len=16, batch_size=4, eval_every=8,
-            log_every=4, warmup=2)
+TEXT = (
+    "Bob is a nice person. Dan, on the other hand, is evil. Bob can swim. "
+    "He served in the Navy for four long years. For his contributions, brave Bob. "
+) * 12
+CORPUS = Corpus(
+    "tiny",
+    TEXT.encode()[: int(len(TEXT) * 0.9)],
+    TEXT.encode()[int(len(TEXT) * 0.9) :],
+    "test text",
+)
+TINY = dict(
+    hidden=24, layers=2, dropout=0.1, seq_len=16, batch_size=4, eval_every=8, log_every=4, warmup=2
+)
 
 
 def run(tmp_path, name, corpus=CORPUS, **kw):
@@ -32,6 +39,7 @@ def weights(run_dir, which="last"):
     return LanguageModel.load(run_dir, which=which).state_dict()
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     full = run(tmp_path, "full", max_steps=24)
     assert full.stopped == "max_steps" and full.step == 24
@@ -52,6 +60,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert resumed.best_val_loss == full.best_val_loss
 
 
+@pytest.mark.slow
 def test_random_batching_resumes_exactly_too(tmp_path):
     full = run(tmp_path, "full", max_steps=16, batching="random")
 
@@ -59,13 +68,16 @@ def test_random_batching_resumes_exactly_too(tmp_path):
         if step == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
-    cfg = TrainConfig(**{**TINY, "max_steps": 16, "batching": "random", "out": str(tmp_path / "cut")})
+    cfg = TrainConfig(
+        **{**TINY, "max_steps": 16, "batching": "random", "out": str(tmp_path / "cut")}
+    )
     assert train(cfg, progress=False, corpus=CORPUS, on_step=ctrl_c_at_5).step == 5
     train(resume=tmp_path / "cut", progress=False, corpus=CORPUS)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a) and full.step == 16
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     run(tmp_path, "a", max_steps=6)
     run(tmp_path, "b", max_steps=6)
@@ -78,8 +90,8 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
 def test_run_directory_describes_itself(tmp_path):
     res = run(tmp_path, "r", max_steps=16)
     d = res.run_dir
-    cfg = checkpoint.read_config(d)
-    assert cfg["format_version"] == checkpoint.FORMAT_VERSION and cfg["kind"] == checkpoint.RUN_KIND
+    cfg = rundir.read_config(d)
+    assert cfg["format_version"] == rundir.FORMAT_VERSION and cfg["kind"] == rundir.RUN_KIND
     assert cfg["train"]["hidden"] == 24 and cfg["model"]["vocab_size"] > 10
     assert json.loads((d / "vocab.json").read_text())["level"] == "char"
     records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -93,7 +105,7 @@ def test_run_directory_describes_itself(tmp_path):
     assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (d / "best" / "model.safetensors").is_file()
     assert res.best_val_loss == min(r["loss"] for r in vals)
-    assert checkpoint.load_train_state(d)[1]["step"] == 16
+    assert rundir.load_train_state(d)[1]["step"] == 16
 
 
 def test_learning_happens(tmp_path):
@@ -103,6 +115,7 @@ def test_learning_happens(tmp_path):
     assert res.last_val_loss < first_train["loss"] - 0.5
 
 
+@pytest.mark.slow
 def test_bf16_precision_trains_and_can_be_switched_on_resume(tmp_path):
     """--precision bf16: autocast around the forward (bf16 matrix products, float32 LSTM state
     and loss); it learns like float32 and, not defining the model, may change on resume."""
@@ -112,10 +125,14 @@ def test_bf16_precision_trains_and_can_be_switched_on_resume(tmp_path):
     first_train = next(r for r in vals if r["split"] == "train")
     assert res.last_val_loss < first_train["loss"] - 0.5
     assert res.last_val_loss == pytest.approx(fp32.last_val_loss, rel=0.05)
-    assert res.last_val_loss != fp32.last_val_loss            # the bf16 products did run
-    assert checkpoint.read_config(res.run_dir)["train"]["precision"] == "bf16"
-    more = train(resume=res.run_dir, overrides={"max_steps": 64, "precision": "fp32"},
-                 progress=False, corpus=CORPUS)
+    assert res.last_val_loss != fp32.last_val_loss  # the bf16 products did run
+    assert rundir.read_config(res.run_dir)["train"]["precision"] == "bf16"
+    more = train(
+        resume=res.run_dir,
+        overrides={"max_steps": 64, "precision": "fp32"},
+        progress=False,
+        corpus=CORPUS,
+    )
     assert more.step == 64 and more.stopped == "max_steps"
 
 
@@ -137,7 +154,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     res = train(cfg, progress=False, corpus=CORPUS)
     assert res.stopped == "diverged" and res.step == 12
     assert "diverged" in res.message and "last good checkpoint" in res.message
-    tensors, meta = checkpoint.load_train_state(res.run_dir)
+    tensors, meta = rundir.load_train_state(res.run_dir)
     saved = LanguageModel.load(res.run_dir, which="last")
     assert all(torch.isfinite(p).all() for p in saved.parameters())
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model."))
@@ -147,14 +164,26 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
 def test_time_budget_stops_early_and_still_saves(tmp_path):
     res = run(tmp_path, "budget", max_steps=10_000, time_budget=1e-6)
     assert res.stopped == "time_budget" and res.step == 1
-    assert checkpoint.load_train_state(res.run_dir)[1]["step"] == 1
+    assert rundir.load_train_state(res.run_dir)[1]["step"] == 1
     assert math.isfinite(res.last_val_loss)
 
 
 def test_early_stopping_when_validation_stops_improving(tmp_path):
-    res = run(tmp_path, "patience", max_steps=100, optimizer="sgd", momentum=0.0, lr=1e-30,
-              warmup=0, schedule="constant", patience=1, dropout=0.0)
-    assert res.stopped == "early_stopping" and res.step == 16  # evals at 8 (best) and 16 (not better)
+    res = run(
+        tmp_path,
+        "patience",
+        max_steps=100,
+        optimizer="sgd",
+        momentum=0.0,
+        lr=1e-30,
+        warmup=0,
+        schedule="constant",
+        patience=1,
+        dropout=0.0,
+    )
+    assert (
+        res.stopped == "early_stopping" and res.step == 16
+    )  # evals at 8 (best) and 16 (not better)
 
 
 def test_lr_schedule():
@@ -168,7 +197,7 @@ def test_lr_schedule():
 
 def test_run_directory_is_never_clobbered(tmp_path):
     run(tmp_path, "taken", max_steps=2)
-    with pytest.raises(checkpoint.RunDirError, match="already exists.*--resume"):
+    with pytest.raises(rundir.RunDirError, match="already exists.*--resume"):
         run(tmp_path, "taken", max_steps=2)
 
 
@@ -186,8 +215,16 @@ def test_corpus_shorter_than_one_batch(tmp_path):
         run(tmp_path, "small", corpus=small, max_steps=2)
 
 
-@pytest.mark.parametrize("key,value", [("level", "morse"), ("optimizer", "adam2"), ("lr", -1.0),
-                                       ("seq_len", 0), ("precision", "fp8")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("level", "morse"),
+        ("optimizer", "adam2"),
+        ("lr", -1.0),
+        ("seq_len", 0),
+        ("precision", "fp8"),
+    ],
+)
 def test_bad_config_values(key, value):
     with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')}"):
         TrainConfig(**{key: value})

@@ -83,8 +83,9 @@ def forward_problem(n, H, dtype, device="cpu"):
     """Pre-activations (saturating, tiny and zero entries in row 0, small candidates a_g in
     row 1) and c_prev, each in a buffer with a row stride != H."""
     a = strided(n, 4 * H, dtype, device, pad=5, scale=3.0)
-    a[0, : min(4 * H, 8)] = torch.tensor([40.0, -40.0, 1e-9, -1e-9, 0.0, 0.02, -0.05, 19.0],
-                                         dtype=dtype)[: min(4 * H, 8)]
+    a[0, : min(4 * H, 8)] = torch.tensor(
+        [40.0, -40.0, 1e-9, -1e-9, 0.0, 0.02, -0.05, 19.0], dtype=dtype
+    )[: min(4 * H, 8)]
     k = min(H, len(SMALL))
     a[1, 2 * H : 2 * H + k] = torch.tensor(SMALL[:k], dtype=dtype)
     c_prev = strided(n, H, dtype, device, pad=7, scale=2.0)
@@ -159,9 +160,9 @@ def test_backward_matches_torch_cell(interp, dtype, with_dy, n, H):
         assert rel_err(x, y) <= TOL[dtype], f"{name}: {rel_err(x, y):.3g}"
     dh_in, dy = problem[3], problem[4]
     if dy is None:
-        assert torch.equal(ours[2], dh_in)                  # dh untouched without dy
+        assert torch.equal(ours[2], dh_in)  # dh untouched without dy
     else:
-        assert rel_err(ours[2], dh_in + dy) <= TOL[dtype]   # dy added into dh, in place
+        assert rel_err(ours[2], dh_in + dy) <= TOL[dtype]  # dy added into dh, in place
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
@@ -185,7 +186,7 @@ def test_low_precision_cell_computes_in_float32(interp, dtype):
 def test_nan_propagates_and_empty_is_a_no_op(interp):
     cell = interp.TritonCell(torch.float32)
     a, c_prev = forward_problem(2, 4, torch.float32)
-    a[1, 4] = float("nan")                              # f of row 1, column 0
+    a[1, 4] = float("nan")  # f of row 1, column 0
     _, c, _, out = run_forward(cell, a, c_prev)
     assert c[1, 0].isnan() and out[1, 0].isnan() and not c[0].isnan().any()
     empty = torch.empty(0, 16)
@@ -205,8 +206,8 @@ def test_cell_factory_and_launch_shape(interp):
         block, warps = interp.launch_shape(n, H)
         assert block & (block - 1) == 0 and 16 <= block <= 512
         assert warps == max(1, block // 128)
-    assert interp.launch_shape(256, 1024) == (512, 4)   # plenty of rows: wide blocks
-    assert interp.launch_shape(2, 1024) == (128, 1)     # few rows: more, narrower programs
+    assert interp.launch_shape(256, 1024) == (512, 4)  # plenty of rows: wide blocks
+    assert interp.launch_shape(2, 1024) == (128, 1)  # few rows: more, narrower programs
 
 
 def test_cell_checks_layout_and_dtype(interp):
@@ -214,7 +215,7 @@ def test_cell_checks_layout_and_dtype(interp):
     a, c_prev = forward_problem(2, 4, torch.float32)
     c, tc, out = out_buffers(2, 4, torch.float32)
     with pytest.raises(ValueError, match="unit column stride"):
-        cell.forward(a, c_prev, c, tc, torch.empty(4, 2).t())   # out: column stride 2
+        cell.forward(a, c_prev, c, tc, torch.empty(4, 2).t())  # out: column stride 2
     with pytest.raises(ValueError, match="float32 got a torch.float64"):
         cell.forward(a, c_prev.double(), c, tc, out)
 
@@ -250,8 +251,9 @@ def _layer_vs_torch(cell, dtype, *, reverse=False, proj=0, lengths=None, device=
     h, c = h0[k].clone().requires_grad_(True), c0[k].clone().requires_grad_(True)
     ws = [getattr(ref, n + sfx).detach().clone().requires_grad_(True) for n in names]
     w_hr = ws[4] if proj else None
-    y, h_n, c_n = LSTMLayerFunction.apply(xs, h, c, *ws[:4], w_hr, batch_sizes, reverse, False,
-                                          cell)
+    y, h_n, c_n = LSTMLayerFunction.apply(
+        xs, h, c, *ws[:4], w_hr, batch_sizes, reverse, False, cell
+    )
     ((y * wy).sum() + (h_n * wh).sum() + (c_n * wc).sum()).backward()
     ours = [y, h_n, c_n, xs.grad, h.grad, c.grad] + [w.grad for w in ws]
 
@@ -276,8 +278,11 @@ def _layer_vs_torch(cell, dtype, *, reverse=False, proj=0, lengths=None, device=
     return max(errs.values()), errs
 
 
-VARIANTS = {"plain": {}, "reverse-proj": dict(reverse=True, proj=3),
-            "ragged": dict(lengths=[7, 5, 5, 2])}
+VARIANTS = {
+    "plain": {},
+    "reverse-proj": dict(reverse=True, proj=3),
+    "ragged": dict(lengths=[7, 5, 5, 2]),
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -287,6 +292,7 @@ def test_layer_function_with_triton_cell_matches_torch(interp, dtype, variant):
     assert worst <= {torch.float64: 1e-10, torch.float32: 1e-5}[dtype], errs
 
 
+@pytest.mark.slow
 def test_whole_lstm_with_triton_cell_matches_torch(interp, monkeypatch):
     """glasslstm.LSTM (2 layers, bidirectional, projection, lengths=) with the dispatcher
     handing every layer the interpreted Triton cell, against torch.nn.LSTM on packed input."""
@@ -309,7 +315,7 @@ def test_whole_lstm_with_triton_cell_matches_torch(interp, monkeypatch):
     packed, (rh, rc) = ref(pack_padded_sequence(xb, lengths, enforce_sorted=False))
     rout, _ = pad_packed_sequence(packed, total_length=6)
     ((rout * w).sum() + rh.sum() + (rc**2).sum()).backward()
-    assert len(used) == 4                                   # 2 layers x 2 directions
+    assert len(used) == 4  # 2 layers x 2 directions
     for a, b in [(out, rout), (h_n, rh), (c_n, rc), (xa.grad, xb.grad)]:
         assert rel_err(a, b) <= 1e-10
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
@@ -320,24 +326,28 @@ def test_whole_lstm_with_triton_cell_matches_torch(interp, monkeypatch):
 # ---------------------------------------------------------------- the GPU build, without a GPU
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90(compiled):
     """Both kernels, every dtype, through Triton's whole CUDA pipeline (PTX and cubin, with the
     ptxas Triton ships) for an H100 target; float64 math must stay float64."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
-
-    import triton
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton has no CUDA backend")
     target = GPUTarget("cuda", 90, 32)
     for ty in ("fp32", "fp64", "bf16", "fp16"):
-        for kernel, extra in [(compiled._cell_forward, {}),
-                              (compiled._cell_backward, {"HAS_DY": True}),
-                              (compiled._cell_backward, {"HAS_DY": False})]:
+        for kernel, extra in [
+            (compiled._cell_forward, {}),
+            (compiled._cell_backward, {"HAS_DY": True}),
+            (compiled._cell_backward, {"HAS_DY": False}),
+        ]:
             consts = {"F64": ty == "fp64", "BLOCK": 512, **extra}
-            sig = {n: "constexpr" if n in consts else ("*" + ty if n.endswith("_ptr") else "i32")
-                   for n in kernel.arg_names}
+            sig = {
+                n: "constexpr" if n in consts else ("*" + ty if n.endswith("_ptr") else "i32")
+                for n in kernel.arg_names
+            }
             k = compile(ASTSource(kernel, sig, consts), target=target, options={"num_warps": 4})
             ptx = k.asm["ptx"]
             assert len(k.asm["cubin"]) > 0
@@ -350,7 +360,7 @@ def test_kernels_compile_for_sm90(compiled):
 
 
 def test_missing_triton_is_an_import_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton", None)     # "import triton" raises ImportError
+    monkeypatch.setitem(sys.modules, "triton", None)  # "import triton" raises ImportError
     with pytest.raises(ImportError, match="triton is not usable"):
         _load_cell_module("_glasslstm_triton_cell_without_triton", interpret=False)
     monkeypatch.setitem(sys.modules, "glasslstm.ops.triton_cell", None)
@@ -388,12 +398,19 @@ def _fwd_bwd(model, x, autocast: str | None = None, backward_inside: bool = Fals
     return [out, h, c, trace.f, trace.c, xg.grad] + [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("backend,backward_inside", [
-    ("fused", False), ("fused", True), ("bptt", False), ("bptt", True),
-    # The loop's backward is autograd's own ops, which autocast would lower inside the region
-    # (torch advises backward outside it); the hand-written backward guards itself.
-    ("loop", False),
-], ids=["fused-bwd-outside", "fused-bwd-inside", "bptt-bwd-outside", "bptt-bwd-inside", "loop"])
+@pytest.mark.parametrize(
+    "backend,backward_inside",
+    [
+        ("fused", False),
+        ("fused", True),
+        ("bptt", False),
+        ("bptt", True),
+        # The loop's backward is autograd's own ops, which autocast would lower inside the region
+        # (torch advises backward outside it); the hand-written backward guards itself.
+        ("loop", False),
+    ],
+    ids=["fused-bwd-outside", "fused-bwd-inside", "bptt-bwd-outside", "bptt-bwd-inside", "loop"],
+)
 def test_autocast_cpu_keeps_the_lstm_state_in_float32(backend, backward_inside):
     """Under torch.autocast("cpu", bfloat16) the LSTM's results are float32 (state and gate
     math in float32; before, the fused path read bf16 gates as float32). bptt and loop compute
@@ -412,7 +429,7 @@ def test_autocast_cpu_keeps_the_lstm_state_in_float32(backend, backward_inside):
             assert torch.equal(a, b)
     if bf16_gemms:
         assert not torch.equal(cast[0], plain[0])
-    with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast still acts around the LSTM
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast still acts around the LSTM
         assert torch.nn.Linear(3, 2)(model(x)[0][..., :3]).dtype == torch.bfloat16
 
 
@@ -430,8 +447,9 @@ def test_autocast_keeps_float64_models_in_float64():
 def test_graphed_rejects_what_it_cannot_capture():
     lstm = glasslstm.LSTM(3, 4)
     x = torch.randn(5, 2, 3)
-    with pytest.raises(ValueError, match="CUDA graphs need the module and sample_args on one "
-                                         "CUDA device"):
+    with pytest.raises(
+        ValueError, match="CUDA graphs need the module and sample_args on one CUDA device"
+    ):
         graphs.graphed(lstm, (x,))
     packed = pack_padded_sequence(x, [5, 3])
     with pytest.raises(ValueError, match="ragged input .* is not graphable"):
@@ -448,8 +466,9 @@ cuda = pytest.mark.gpu
 
 
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
-                         ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"]
+)
 @pytest.mark.parametrize("n,H", [(3, 5), (64, 512), (2, 1000)])
 def test_gpu_cell_matches_torch_cell(dtype, n, H):
     pytest.importorskip("triton")
@@ -457,11 +476,12 @@ def test_gpu_cell_matches_torch_cell(dtype, n, H):
 
     cell, why = triton_cell.cell(dtype)
     assert cell is not None, why
-    if dtype == torch.bfloat16:   # against the exact result of the same rounded inputs
+    if dtype == torch.bfloat16:  # against the exact result of the same rounded inputs
         tol_f, tol_b = 2 * 2**-8, 4 * 2**-8
         ref_f = lambda a, cp: run_forward(TORCH_CELL, a.double(), cp.double())  # noqa: E731
         ref_b = lambda *p: run_backward(  # noqa: E731
-            TORCH_CELL, *(None if t is None else t.double() for t in p))
+            TORCH_CELL, *(None if t is None else t.double() for t in p)
+        )
     else:
         tol_f = tol_b = {torch.float64: 1e-12, torch.float32: 4e-6}[dtype]
         ref_f = lambda a, cp: run_forward(TORCH_CELL, a, cp)  # noqa: E731
@@ -490,9 +510,11 @@ def test_gpu_layer_function_matches_cudnn(dtype, variant):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("cfg", [dict(num_layers=2, bidirectional=True),
-                                 dict(num_layers=2, proj_size=3, batch_first=True)],
-                         ids=["bi", "proj"])
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(num_layers=2, bidirectional=True), dict(num_layers=2, proj_size=3, batch_first=True)],
+    ids=["bi", "proj"],
+)
 def test_gpu_fused_lstm_matches_cudnn(dtype, cfg):
     """glasslstm.LSTM(backend="fused") on CUDA (the Triton cell) against cuDNN without TF32."""
     pytest.importorskip("triton")
@@ -524,7 +546,7 @@ def test_gpu_dispatch(monkeypatch):
     assert glasslstm.ops.cell_for("auto", x).name == "triton"
     monkeypatch.setenv("GLASSLSTM_TRITON", "0")
     assert glasslstm.ops.cell_for("auto", x).name == "torch"
-    assert glasslstm.ops.cell_for("fused", x).name == "triton"     # forced wins
+    assert glasslstm.ops.cell_for("fused", x).name == "triton"  # forced wins
     with pytest.raises(ValueError, match="cannot run here"):
         glasslstm.ops.cell_for("fused", x.to(torch.int32))
 
@@ -567,7 +589,7 @@ def test_gpu_graphed_matches_eager(backend, return_gates):
     step = graphs.graphed(model, (sample, hx), return_gates=return_gates)
     ours, theirs = list(step.parameters()), list(model.parameters())
     assert len(ours) == len(theirs) and all(p is q for p, q in zip(ours, theirs))
-    for _ in range(2):                                  # new values each call
+    for _ in range(2):  # new values each call
         x = torch.randn(T, B, 8, device="cuda")
         ref, ref_dx, ref_grads = _eager_step(model, x, hx, return_gates)
         xg = x.clone().requires_grad_(True)

@@ -11,13 +11,10 @@ import argparse
 import sys
 
 from glasslstm import __version__
-from glasslstm.checkpoint import RunDirError
 from glasslstm.commands import bench, cells, demo, evaluate, inspect, predict, sample, serve, train
-from glasslstm.data import DataError
-from glasslstm.model import ConfigError
+from glasslstm.errors import USER_ERRORS
 
 COMMANDS = (train, sample, predict, evaluate, bench, demo, inspect, cells, serve)
-USER_ERRORS = (DataError, RunDirError, ConfigError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,8 +40,8 @@ the same bits, training included. What decides that, found by measurement on a C
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -95,10 +95,14 @@ def deterministic(enabled: bool = True, *, threads: int | None = None) -> Iterat
     if not enabled:
         yield
         return
-    saved = (torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.get_num_threads(), os.environ.get(CUBLAS_ENV))
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.get_num_threads(),
+        os.environ.get(CUBLAS_ENV),
+    )
     try:
         set_deterministic(True, threads=threads)
         yield

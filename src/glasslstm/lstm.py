@@ -22,17 +22,23 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from glasslstm.ops import lstm_layer
-from glasslstm.ops.checkpoint import checkpointed
+from glasslstm.ops.recompute import checkpointed
 from glasslstm.recurrent import Lengths, Recurrent, _check_int
 from glasslstm.stream import drop_in_step
 
 
 def _hooked(module) -> bool:
     """Whether torch's module call would run hooks (the test of ``Module._call_impl``)."""
-    return bool(module._backward_hooks or module._backward_pre_hooks or module._forward_hooks
-                or module._forward_pre_hooks or _module._global_backward_pre_hooks
-                or _module._global_backward_hooks or _module._global_forward_hooks
-                or _module._global_forward_pre_hooks)
+    return bool(
+        module._backward_hooks
+        or module._backward_pre_hooks
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or _module._global_backward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+    )
 
 
 class LSTM(Recurrent):
@@ -68,7 +74,7 @@ class LSTM(Recurrent):
             to rounding; results, ``return_gates``, ``lengths`` and every backend are
             unchanged. It acts only when gradients are on and the sequence is longer than
             ``S``; ``S`` near ``sqrt(T)`` minimises memory. (Not to be confused with the run
-            directory "checkpoints" of :mod:`glasslstm.checkpoint`.)
+            directory "checkpoints" of :mod:`glasslstm.rundir`.)
     """
 
     mode = "LSTM"
@@ -76,25 +82,54 @@ class LSTM(Recurrent):
     state_names = ("h_0", "c_0")
     trace_fields = ("i", "f", "g", "o", "c", "h")
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None, *, forget_bias: float = 0.0,
-                 backend: str | None = None, checkpoint: int = 0, chrono_init: int = 0) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        forget_bias: float = 0.0,
+        backend: str | None = None,
+        checkpoint: int = 0,
+        chrono_init: int = 0,
+    ) -> None:
         _check_int("checkpoint", checkpoint, minimum=0)
         _check_int("chrono_init", chrono_init, minimum=0)
         if chrono_init == 1:
-            raise ValueError("chrono_init=1 gives no time scale to spread; use 0 (off) or the "
-                             "longest dependency length T_max >= 2")
+            raise ValueError(
+                "chrono_init=1 gives no time scale to spread; use 0 (off) or the "
+                "longest dependency length T_max >= 2"
+            )
         if chrono_init and forget_bias:
-            raise ValueError("give forget_bias or chrono_init, not both: chrono_init sets the "
-                             "forget biases itself")
+            raise ValueError(
+                "give forget_bias or chrono_init, not both: chrono_init sets the "
+                "forget biases itself"
+            )
         if chrono_init and not bias:
             raise ValueError("chrono_init sets biases; it needs bias=True")
         self.forget_bias = float(forget_bias)  # read by reset_parameters, called below
         self.chrono_init = chrono_init
         self.checkpoint = checkpoint
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, device, dtype, backend=backend)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            device,
+            dtype,
+            backend=backend,
+        )
 
     def reset_parameters(self) -> None:
         """torch.nn.LSTM's init (uniform ±1/sqrt(hidden_size)), plus ``forget_bias`` or
@@ -125,11 +160,16 @@ class LSTM(Recurrent):
         return ("proj_size",)
 
     def _repr_options(self) -> dict:
-        return {**super()._repr_options(), "forget_bias": 0.0, "checkpoint": 0,
-                "chrono_init": 0}
+        return {**super()._repr_options(), "forget_bias": 0.0, "checkpoint": 0, "chrono_init": 0}
 
-    def forward(self, input, hx: tuple[torch.Tensor, torch.Tensor] | None = None, *,
-                lengths: Lengths = None, return_gates: bool = False):
+    def forward(
+        self,
+        input,
+        hx: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        lengths: Lengths = None,
+        return_gates: bool = False,
+    ):
         """Run the LSTM over a sequence, like torch.nn.LSTM.
 
         Args:
@@ -165,8 +205,13 @@ class LSTM(Recurrent):
         """torch's module call; a one-token step of one sequence under ``torch.no_grad()``
         with no hooks or ``compile()`` in the way goes straight to the C step,
         skipping the module machinery (the batch-1 streaming target is 10 us)."""
-        if (0 < len(args) <= 2 and not kwargs and not torch.is_grad_enabled()
-                and self.__dict__.get("_compiled_call_impl") is None and not _hooked(self)):
+        if (
+            0 < len(args) <= 2
+            and not kwargs
+            and not torch.is_grad_enabled()
+            and self.__dict__.get("_compiled_call_impl") is None
+            and not _hooked(self)
+        ):
             fast = drop_in_step(self, args[0], args[1] if len(args) == 2 else None)
             if fast is not None:
                 return fast
@@ -180,16 +225,20 @@ class LSTM(Recurrent):
 
     def _layer(self, backend, x, state, weights, batch_sizes, reverse, record):
         def run(x, state, weights, batch_sizes, record):
-            return lstm_layer(backend, x, state[0], state[1], weights, batch_sizes, reverse,
-                              record)
+            return lstm_layer(backend, x, state[0], state[1], weights, batch_sizes, reverse, record)
 
         res = checkpointed(run, self.checkpoint, x, state, weights, batch_sizes, reverse, record)
         y, h_n, c_n = res[:3]
         recorded = None
         if record:
             H = self.hidden_size
-            gates = res[3]                                        # (T, B, 4H): i, f, g, o
-            recorded = {"i": gates[..., :H], "f": gates[..., H : 2 * H],
-                        "g": gates[..., 2 * H : 3 * H], "o": gates[..., 3 * H :],
-                        "c": res[4], "h": y.detach()}
+            gates = res[3]  # (T, B, 4H): i, f, g, o
+            recorded = {
+                "i": gates[..., :H],
+                "f": gates[..., H : 2 * H],
+                "g": gates[..., 2 * H : 3 * H],
+                "o": gates[..., 3 * H :],
+                "c": res[4],
+                "h": y.detach(),
+            }
         return y, (h_n, c_n), recorded

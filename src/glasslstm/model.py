@@ -9,24 +9,21 @@ from __future__ import annotations
 import codecs
 import json
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glasslstm import checkpoint
+from glasslstm import rundir
 from glasslstm.data import Tokenizer, tokenizer_from_dict
+from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
 
 State = tuple[torch.Tensor, torch.Tensor]
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key and the fix."""
 
 
 def config_from_dict(cls, d: dict, what: str):
@@ -41,21 +38,24 @@ def config_from_dict(cls, d: dict, what: str):
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
-    hidden_size: int = 256      # 2x256 trains in minutes on 2 CPU cores; 2x512 for shakespeare
-    num_layers: int = 2         # depth helps char models more than width (Karpathy 2015)
-    dropout: float = 0.1        # between layers and before the softmax; 0.2-0.35 for small corpora
-    embed_size: int = 0         # 0: the LSTM's output size, which allows tie_weights
-    tie_weights: bool = False   # share the embedding with the output layer (Press & Wolf 2017)
-    forget_bias: float = 1.0    # start out remembering (Jozefowicz et al. 2015)
-    proj_size: int = 0          # LSTMP: project H_t to this size (0: none)
-    checkpoint: int = 0         # recompute in backward, S steps per segment (0: off); memory only
+    hidden_size: int = 256  # 2x256 trains in minutes on 2 CPU cores; 2x512 for shakespeare
+    num_layers: int = 2  # depth helps char models more than width (Karpathy 2015)
+    dropout: float = 0.1  # between layers and before the softmax; 0.2-0.35 for small corpora
+    embed_size: int = 0  # 0: the LSTM's output size, which allows tie_weights
+    tie_weights: bool = False  # share the embedding with the output layer (Press & Wolf 2017)
+    forget_bias: float = 1.0  # start out remembering (Jozefowicz et al. 2015)
+    proj_size: int = 0  # LSTMP: project H_t to this size (0: none)
+    checkpoint: int = 0  # recompute in backward, S steps per segment (0: off); memory only
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "num_layers"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"model {key} must be a positive int; got {getattr(self, key)!r}")
-        if isinstance(self.checkpoint, bool) or not isinstance(self.checkpoint, int) \
-                or self.checkpoint < 0:
+        if (
+            isinstance(self.checkpoint, bool)
+            or not isinstance(self.checkpoint, int)
+            or self.checkpoint < 0
+        ):
             raise ConfigError(
                 f"model checkpoint must be an int >= 0 (0: off); got {self.checkpoint!r}"
             )
@@ -82,8 +82,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Prediction:
-    token: str          # printable form of the token
-    text: str           # the token's text
+    token: str  # printable form of the token
+    text: str  # the token's text
     prob: float
 
 
@@ -117,8 +117,14 @@ class LanguageModel(nn.Module):
             self.head.weight = self.embedding.weight
 
     # ------------------------------------------------------------------ the math
-    def forward(self, idx: torch.Tensor, state: State | None = None,
-                targets: torch.Tensor | None = None, *, return_gates: bool = False):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        state: State | None = None,
+        targets: torch.Tensor | None = None,
+        *,
+        return_gates: bool = False,
+    ):
         """``idx`` (B, T) int64 -> ``(logits (B, T, V), loss or None, state)``.
 
         ``loss`` is the mean cross-entropy (nats per token) against ``targets`` (B, T).
@@ -130,10 +136,10 @@ class LanguageModel(nn.Module):
                 f"idx must be (batch, time) token ids of dtype int64; got shape "
                 f"{tuple(idx.shape)} dtype {idx.dtype}"
             )
-        x = self.embedding(idx)                                    # (B, T, E)
+        x = self.embedding(idx)  # (B, T, E)
         out = self.lstm(x, state, return_gates=True) if return_gates else self.lstm(x, state)
         h, state = out[0], out[1]
-        logits = self.head(self.drop(h))                           # (B, T, V)
+        logits = self.head(self.drop(h))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -153,14 +159,16 @@ class LanguageModel(nn.Module):
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
-    def _require_tokenizer(self) -> Tokenizer:
+    def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise ConfigError("this model has no tokenizer; build it with LanguageModel(config, tokenizer)")
+            raise ConfigError(
+                "this model has no tokenizer; build it with LanguageModel(config, tokenizer)"
+            )
         return self.tokenizer
 
     def _prime(self, text: str) -> tuple[torch.Tensor, State | None]:
         """Run the prompt; return the last step's logits (V,) and the state after it."""
-        tok = self._require_tokenizer()
+        tok = self.require_tokenizer()
         ids = tok.encode(text) if text else []
         if not ids:
             ids = [self.default_start_id()]
@@ -169,7 +177,7 @@ class LanguageModel(nn.Module):
 
     def default_start_id(self) -> int:
         """The token a prompt-less sample starts from: a newline if known, else token 0."""
-        tok = self._require_tokenizer()
+        tok = self.require_tokenizer()
         try:
             ids = tok.encode("\n")
         except ValueError:
@@ -178,8 +186,16 @@ class LanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ using it
     @torch.no_grad()
-    def generate(self, prompt: str = "", length: int = 200, *, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+    def generate(
+        self,
+        prompt: str = "",
+        length: int = 200,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[str]:
         """Yield the continuation of ``prompt`` piece by piece (streaming), ``length`` tokens.
 
         ``temperature`` 0 is the article's argmax; ``top_k`` > 0 keeps the k most likely
@@ -192,12 +208,12 @@ class LanguageModel(nn.Module):
             gen.seed()  # fresh entropy, for this generator only (the global RNG is untouched)
         else:
             gen.manual_seed(seed)
-        tok = self._require_tokenizer()
+        tok = self.require_tokenizer()
         # Byte-level output may split a UTF-8 character across tokens: decode incrementally.
         decoder = codecs.getincrementaldecoder("utf-8")("replace") if tok.level == "byte" else None
         with self._evaluating():
             logits, state = self._prime(prompt)
-            stream = self.stream(state)       # one token per step, nothing allocated
+            stream = self.stream(state)  # one token per step, nothing allocated
             for _ in range(length):
                 nxt = _sample(logits, temperature, top_k, top_p, gen)
                 piece = decoder.decode(bytes([nxt])) if decoder else tok.decode([nxt])
@@ -228,15 +244,17 @@ class LanguageModel(nn.Module):
             logits, _ = self._prime(text)
         probs = torch.softmax(logits.float(), -1)
         p, ids = probs.topk(min(top, probs.numel()))
-        tok = self._require_tokenizer()
-        return [Prediction(tok.token_str(i), tok.decode([i]), float(q))
-                for i, q in zip(ids.tolist(), p.tolist())]
+        tok = self.require_tokenizer()
+        return [
+            Prediction(tok.token_str(i), tok.decode([i]), float(q))
+            for i, q in zip(ids.tolist(), p.tolist())
+        ]
 
     @torch.no_grad()
     def next_word(self, text: str, max_tokens: int = 30) -> tuple[str, float]:
         """The most likely next word after ``text``, found greedily token by token, and its
         probability (the product of the chosen tokens' probabilities, spaces included)."""
-        tok = self._require_tokenizer()
+        tok = self.require_tokenizer()
         word, prob, stream = "", 1.0, None
         with self._evaluating():
             logits, state = self._prime(text)
@@ -260,7 +278,7 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def continuation_prob(self, text: str, continuation: str) -> float:
         """P(continuation | text): the product of the model's probabilities of its tokens."""
-        tok = self._require_tokenizer()
+        tok = self.require_tokenizer()
         ids = tok.encode(text) or [self.default_start_id()]
         cont = tok.encode(continuation)
         if not cont:
@@ -268,15 +286,19 @@ class LanguageModel(nn.Module):
         with self._evaluating():
             logits, _, _ = self(torch.tensor([ids + cont[:-1]], device=self.device))
         logp = torch.log_softmax(logits[0, len(ids) - 1 :].float(), -1)
-        return math.exp(float(logp.gather(1, torch.tensor(cont, device=self.device)[:, None]).sum()))
+        return math.exp(
+            float(logp.gather(1, torch.tensor(cont, device=self.device)[:, None]).sum())
+        )
 
     # ------------------------------------------------------------------ files
     def save(self, path, *, metadata: dict[str, str] | None = None) -> None:
         """Write ``path`` (a .safetensors file) atomically; the tokenizer is not included."""
-        checkpoint.save_tensors(path, self.state_dict(), metadata)
+        rundir.save_tensors(path, self.state_dict(), metadata)
 
     @classmethod
-    def load(cls, run_dir, *, which: str = "best", device: str | torch.device = "cpu") -> LanguageModel:
+    def load(
+        cls, run_dir, *, which: str = "best", device: str | torch.device = "cpu"
+    ) -> LanguageModel:
         """Load a model from a run directory written by ``glasslstm train``.
 
         ``which``: ``"best"`` (lowest validation loss, if saved; else the last) or ``"last"``.
@@ -285,20 +307,20 @@ class LanguageModel(nn.Module):
         if which not in ("best", "last"):
             raise ConfigError(f"which must be 'best' or 'last'; got {which!r}")
         run_dir = Path(run_dir)
-        cfg = checkpoint.read_config(run_dir)
+        cfg = rundir.read_config(run_dir)
         tok = load_vocab(run_dir)
         model = cls(ModelConfig.from_dict(cfg["model"]), tok)
         weights = run_dir / "best" / "model.safetensors"
         if which == "last" or not weights.is_file():
             weights = run_dir / "model.safetensors"
         if not weights.is_file():
-            raise checkpoint.RunDirError(
+            raise rundir.RunDirError(
                 f"{weights} is missing: the run in {run_dir} has not saved a model yet"
             )
-        state = checkpoint.load_tensors(weights)
+        state = rundir.load_tensors(weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if m != "head.weight" or not model.config.tie_weights]:
-            raise checkpoint.RunDirError(
+            raise rundir.RunDirError(
                 f"{weights} does not match config.json's model (missing {missing}, "
                 f"unexpected {unexpected})"
             )
@@ -316,11 +338,11 @@ def load_vocab(run_dir) -> Tokenizer:
     """The tokenizer saved in ``run_dir/vocab.json`` (JSON; a clear RunDirError if unusable)."""
     vocab_path = Path(run_dir) / "vocab.json"
     if not vocab_path.is_file():
-        raise checkpoint.RunDirError(f"{vocab_path} is missing; the run directory is incomplete")
+        raise rundir.RunDirError(f"{vocab_path} is missing; the run directory is incomplete")
     try:
         return tokenizer_from_dict(json.loads(vocab_path.read_text("utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise checkpoint.RunDirError(f"{vocab_path} is not valid JSON ({e})") from None
+        raise rundir.RunDirError(f"{vocab_path} is not valid JSON ({e})") from None
 
 
 def _check_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -334,8 +356,9 @@ def _check_sampling(length: int, temperature: float, top_k: int, top_p: float) -
         raise ConfigError(f"top_p must be in (0, 1] (1: off); got {top_p}")
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-            gen: torch.Generator) -> int:
+def _sample(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator
+) -> int:
     """One token id from ``logits`` (V,)."""
     logits = logits.float().cpu()
     if temperature == 0:
@@ -347,7 +370,6 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     probs = torch.softmax(logits, -1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p      # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
-

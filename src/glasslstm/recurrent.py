@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,26 @@ _WEIGHT_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 class Recurrent(nn.Module):
     """Base of LSTM, GRU and RNN. Subclasses set the class attributes and ``_layer``."""
 
-    mode: ClassVar[str]              # "LSTM", "GRU", "RNN_TANH" (torch's names)
-    gates: ClassVar[int]             # gate blocks in weight_ih's rows: LSTM 4, GRU 3, RNN 1
-    state_names: ClassVar[tuple]     # ("h_0", "c_0") or ("h_0",)
-    trace_fields: ClassVar[tuple]    # what return_gates records, in GateTrace order
+    mode: str  # "LSTM", "GRU", "RNN_TANH" or "RNN_RELU" (torch's names)
+    gates: ClassVar[int]  # gate blocks in weight_ih's rows: LSTM 4, GRU 3, RNN 1
+    state_names: ClassVar[tuple]  # ("h_0", "c_0") or ("h_0",)
+    trace_fields: ClassVar[tuple]  # what return_gates records, in GateTrace order
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None, *, backend: str | None = None):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ):
         super().__init__()
         _check_int("input_size", input_size, minimum=1)
         _check_int("hidden_size", hidden_size, minimum=1)
@@ -47,13 +60,17 @@ class Recurrent(nn.Module):
                 f"proj_size={proj_size} must be smaller than hidden_size={hidden_size} "
                 "(proj_size=0 means no projection)"
             )
-        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
-                or not 0 <= dropout <= 1):
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
             raise ValueError(f"dropout={dropout!r} must be a number in [0, 1]")
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"dropout={dropout} acts between layers, so it has no effect with num_layers=1",
-                UserWarning, stacklevel=3,
+                UserWarning,
+                stacklevel=3,
             )
         if backend is not None:
             resolve_backend(backend)  # fail now on a wrong name, not at the first forward
@@ -75,7 +92,7 @@ class Recurrent(nn.Module):
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else out * D
             for direction in range(D):
-                shapes = {
+                shapes: dict[str, tuple[int, ...] | None] = {
                     "weight_ih": (G * hidden_size, layer_in),
                     "weight_hh": (G * hidden_size, out),
                     "bias_ih": (G * hidden_size,) if bias else None,
@@ -83,9 +100,10 @@ class Recurrent(nn.Module):
                     "weight_hr": (proj_size, hidden_size) if proj_size else None,
                 }
                 for kind in _WEIGHT_KINDS:
-                    if shapes[kind] is not None:
+                    shape = shapes[kind]
+                    if shape is not None:
                         name = kind + _suffix(layer, direction)
-                        setattr(self, name, nn.Parameter(torch.empty(shapes[kind], **factory)))
+                        setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                         self._flat_weights_names.append(name)
         self.reset_parameters()
 
@@ -113,29 +131,45 @@ class Recurrent(nn.Module):
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         """Per layer and direction, the parameters in torch's order (as torch has it)."""
-        return [[w for w in self._weights(layer, d) if w is not None]
-                for layer in range(self.num_layers) for d in range(self.num_directions)]
+        return [
+            [w for w in self._weights(layer, d) if w is not None]
+            for layer in range(self.num_layers)
+            for d in range(self.num_directions)
+        ]
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for torch's modules (no flat cuDNN buffer to compact)."""
 
     def _torch_kwargs(self) -> dict:
-        return {"bias": self.bias, "batch_first": self.batch_first, "dropout": self.dropout,
-                "bidirectional": self.bidirectional}
+        return {
+            "bias": self.bias,
+            "batch_first": self.batch_first,
+            "dropout": self.dropout,
+            "bidirectional": self.bidirectional,
+        }
 
     @classmethod
     def _torch_class(cls) -> type[nn.Module]:
         raise NotImplementedError
 
     @classmethod
-    def from_torch(cls, module: nn.Module, **kwargs):
+    def from_torch(cls, module: nn.RNNBase, **kwargs):
         """This class with ``module``'s configuration, weights, device, dtype and mode."""
         ref = next(module.parameters())
         extra = {k: getattr(module, k) for k in cls._torch_only_kwargs()}
-        ours = cls(module.input_size, module.hidden_size, module.num_layers, bias=module.bias,
-                   batch_first=module.batch_first, dropout=module.dropout,
-                   bidirectional=module.bidirectional, device=ref.device, dtype=ref.dtype,
-                   **extra, **kwargs)
+        ours = cls(
+            module.input_size,
+            module.hidden_size,
+            module.num_layers,
+            bias=module.bias,
+            batch_first=module.batch_first,
+            dropout=module.dropout,
+            bidirectional=module.bidirectional,
+            device=ref.device,
+            dtype=ref.dtype,
+            **extra,
+            **kwargs,
+        )
         ours.load_state_dict(module.state_dict())
         ours.train(module.training)
         return ours
@@ -151,17 +185,29 @@ class Recurrent(nn.Module):
         Built only as an export target or test oracle; it computes nothing of ours."""
         ref = next(self.parameters())
         extra = {k: getattr(self, k) for k in self._torch_only_kwargs()}
-        theirs = self._torch_class()(self.input_size, self.hidden_size, self.num_layers,
-                                     device=ref.device, dtype=ref.dtype,
-                                     **self._torch_kwargs(), **extra)
+        theirs = self._torch_class()(
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            device=ref.device,
+            dtype=ref.dtype,
+            **self._torch_kwargs(),
+            **extra,
+        )
         theirs.load_state_dict(self.state_dict())
         theirs.train(self.training)
         return theirs
 
     def _repr_options(self) -> dict:
         """Options shown by repr when they differ from their defaults: name -> default."""
-        return {"bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False,
-                "proj_size": 0, "backend": None}
+        return {
+            "bias": True,
+            "batch_first": False,
+            "dropout": 0.0,
+            "bidirectional": False,
+            "proj_size": 0,
+            "backend": None,
+        }
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -216,23 +262,33 @@ class Recurrent(nn.Module):
             outs = []
             for direction in range(D):
                 k = layer * D + direction
-                y, final, rec = self._layer(backend, layer_input, tuple(s[k] for s in states0),
-                                            self._weights(layer, direction), batch_sizes,
-                                            bool(direction), return_gates)
+                y, final, rec = self._layer(
+                    backend,
+                    layer_input,
+                    tuple(s[k] for s in states0),
+                    self._weights(layer, direction),
+                    batch_sizes,
+                    bool(direction),
+                    return_gates,
+                )
                 outs.append(y)
                 finals.append(final)
                 records.append(rec)
             layer_input = outs[0] if D == 1 else torch.cat(outs, dim=2)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        output = layer_input                                      # (T, B, D * out)
+        output = layer_input  # (T, B, D * out)
         states = tuple(torch.stack([f[j] for f in finals]) for j in range(len(states0)))
         if unsort is not None:
             states = tuple(s.index_select(1, unsort) for s in states)
 
         if packed:
-            output = PackedSequence(output.reshape(T * B, -1).index_select(0, flat_index),
-                                    input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+            output = PackedSequence(
+                output.reshape(T * B, -1).index_select(0, flat_index),
+                input.batch_sizes,
+                input.sorted_indices,
+                input.unsorted_indices,
+            )
         else:
             if unsort is not None:
                 output = output.index_select(1, unsort)
@@ -377,7 +433,7 @@ def _unpack(seq: PackedSequence):
     """Packed data -> (padded sorted (T, B, I), batch_sizes list, flat index of valid rows)."""
     batch_sizes = seq.batch_sizes.tolist()
     T, B = len(batch_sizes), batch_sizes[0]
-    valid = torch.arange(B)[None, :] < seq.batch_sizes[:, None]       # (T, B) in packed order
+    valid = torch.arange(B)[None, :] < seq.batch_sizes[:, None]  # (T, B) in packed order
     flat_index = valid.flatten().nonzero().squeeze(1).to(seq.data.device)
     data = seq.data
     x = data.new_zeros(T * B, data.shape[-1]).index_copy(0, flat_index, data)

@@ -29,8 +29,9 @@ article's ``b``. :func:`params_from_torch` and :func:`params_to_torch` do this m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -275,7 +276,8 @@ def layer_backward(
         di = dC * N
         dN = dC * i
         dC_next = dC * f  # into C_{t-1}
-        # through the nonlinearities: σ' = σ(1 - σ), tanh' = 1 - tanh²; da_* = dLoss/d(pre-activation)
+        # through the nonlinearities: σ' = σ(1 - σ), tanh' = 1 - tanh²;
+        # da_* = dLoss/d(pre-activation)
         da = {
             "f": df * f * (1.0 - f),
             "i": di * i * (1.0 - i),

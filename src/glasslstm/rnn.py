@@ -21,8 +21,14 @@ class _SingleState(Recurrent):
 
     state_names = ("h_0",)
 
-    def forward(self, input, hx: torch.Tensor | None = None, *, lengths: Lengths = None,
-                return_gates: bool = False):
+    def forward(
+        self,
+        input,
+        hx: torch.Tensor | None = None,
+        *,
+        lengths: Lengths = None,
+        return_gates: bool = False,
+    ):
         """Like torch's: ``(output, h_n)``; with ``return_gates``, ``(output, h_n, trace)``.
 
         ``hx`` is ``h_0`` (num_layers * num_directions, B, hidden_size); ``lengths`` and
@@ -40,11 +46,33 @@ class GRU(_SingleState):
     gates = 3
     trace_fields = ("r", "z", "n", "h")
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, backend: str | None = None) -> None:
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype, backend=backend)
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            device,
+            dtype,
+            backend=backend,
+        )
 
     @classmethod
     def _torch_class(cls) -> type[nn.Module]:
@@ -52,8 +80,9 @@ class GRU(_SingleState):
 
     def _layer(self, backend, x, state, weights, batch_sizes, reverse, record):
         w_ih, w_hh, b_ih, b_hh, _ = weights
-        y, h_n, rec = gru_layer_loop(x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                                     record)
+        y, h_n, rec = gru_layer_loop(
+            x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record
+        )
         if record:
             rec = {**rec, "h": y.detach()}
         return y, (h_n,), rec
@@ -67,16 +96,38 @@ class RNN(_SingleState):
     gates = 1
     trace_fields = ("h",)
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 backend: str | None = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity={nonlinearity!r}; use 'tanh' or 'relu'")
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype, backend=backend)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            device,
+            dtype,
+            backend=backend,
+        )
 
     @classmethod
     def _torch_class(cls) -> type[nn.Module]:
@@ -91,6 +142,7 @@ class RNN(_SingleState):
 
     def _layer(self, backend, x, state, weights, batch_sizes, reverse, record):
         w_ih, w_hh, b_ih, b_hh, _ = weights
-        y, h_n, _ = rnn_layer_loop(x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                                   record, self.nonlinearity)
+        y, h_n, _ = rnn_layer_loop(
+            x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record, self.nonlinearity
+        )
         return y, (h_n,), ({"h": y.detach()} if record else None)

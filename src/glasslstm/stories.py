@@ -47,32 +47,123 @@ DEFAULT_STORIES = 5000
 MIN_BLANK_DISTANCE = 100
 
 MALE_NAMES = (
-    "Bob", "Dan", "Tom", "Sam", "Jack", "Paul", "Mark", "Luke", "Adam", "Ben",
-    "Carl", "Eric", "Fred", "Greg", "Hugo", "Ivan", "Joe", "Karl", "Leo", "Max",
-    "Ned", "Oscar", "Pete", "Ray", "Steve", "Ted", "Victor", "Walter", "Henry", "George",
-    "Frank", "Arthur",
+    "Bob",
+    "Dan",
+    "Tom",
+    "Sam",
+    "Jack",
+    "Paul",
+    "Mark",
+    "Luke",
+    "Adam",
+    "Ben",
+    "Carl",
+    "Eric",
+    "Fred",
+    "Greg",
+    "Hugo",
+    "Ivan",
+    "Joe",
+    "Karl",
+    "Leo",
+    "Max",
+    "Ned",
+    "Oscar",
+    "Pete",
+    "Ray",
+    "Steve",
+    "Ted",
+    "Victor",
+    "Walter",
+    "Henry",
+    "George",
+    "Frank",
+    "Arthur",
 )
 FEMALE_NAMES = (
-    "Alice", "Anna", "Beth", "Clara", "Diana", "Emma", "Fiona", "Grace", "Helen", "Iris",
-    "Jane", "Kate", "Laura", "Mary", "Nora", "Olga", "Paula", "Rose", "Sara", "Tina",
-    "Ursula", "Vera", "Wendy", "Zoe", "Lucy", "Ruth", "Eva", "Maria", "Julia", "Sophie",
-    "Linda", "Ella",
+    "Alice",
+    "Anna",
+    "Beth",
+    "Clara",
+    "Diana",
+    "Emma",
+    "Fiona",
+    "Grace",
+    "Helen",
+    "Iris",
+    "Jane",
+    "Kate",
+    "Laura",
+    "Mary",
+    "Nora",
+    "Olga",
+    "Paula",
+    "Rose",
+    "Sara",
+    "Tina",
+    "Ursula",
+    "Vera",
+    "Wendy",
+    "Zoe",
+    "Lucy",
+    "Ruth",
+    "Eva",
+    "Maria",
+    "Julia",
+    "Sophie",
+    "Linda",
+    "Ella",
 )
 _PRONOUNS = {
     "m": {"he": "he", "He": "He", "his": "his", "His": "His", "him": "him", "person": "man"},
     "f": {"he": "she", "He": "She", "his": "her", "His": "Her", "him": "her", "person": "woman"},
 }
 # What a person can be *of* someone else ("Karl is the uncle of Nora"), agreeing with gender.
-_KIN = {"m": ("brother", "cousin", "uncle", "father", "neighbour"),
-        "f": ("sister", "cousin", "aunt", "mother", "neighbour")}
+_KIN = {
+    "m": ("brother", "cousin", "uncle", "father", "neighbour"),
+    "f": ("sister", "cousin", "aunt", "mother", "neighbour"),
+}
 _CITIES = (
-    "Rome", "Paris", "London", "Boston", "Dublin", "Madrid", "Oslo", "Vienna", "Lisbon",
-    "Naples", "Chicago", "Denver", "Berlin", "Prague", "Milan", "Seattle",
+    "Rome",
+    "Paris",
+    "London",
+    "Boston",
+    "Dublin",
+    "Madrid",
+    "Oslo",
+    "Vienna",
+    "Lisbon",
+    "Naples",
+    "Chicago",
+    "Denver",
+    "Berlin",
+    "Prague",
+    "Milan",
+    "Seattle",
 )
-_JOBS = ("teacher", "baker", "doctor", "farmer", "painter", "nurse", "pilot", "lawyer",
-         "carpenter", "cook")
-_SKILLS = ("swim", "cook", "sing", "fly a plane", "ride a horse", "speak French",
-           "play the piano", "fix a car", "climb a mountain")
+_JOBS = (
+    "teacher",
+    "baker",
+    "doctor",
+    "farmer",
+    "painter",
+    "nurse",
+    "pilot",
+    "lawyer",
+    "carpenter",
+    "cook",
+)
+_SKILLS = (
+    "swim",
+    "cook",
+    "sing",
+    "fly a plane",
+    "ride a horse",
+    "speak French",
+    "play the piano",
+    "fix a car",
+    "climb a mountain",
+)
 _RELATIVES = ("brother", "sister", "mother", "father", "uncle", "aunt", "cousin")
 _BRANCHES = ("Navy", "Navy", "Navy", "Army", "Air Force", "Coast Guard")
 _YEARS = ("two", "three", "four", "four", "four", "five", "six", "ten")
@@ -137,10 +228,17 @@ _SECOND_MORE = (
     "{He} does not like {his} neighbours.",
 )
 # (template, weight): the article's "For his contributions, brave" is the common case.
-_CLOSE_OPEN = (("For {his} contributions, brave", 6), ("For {his} courage, brave", 1),
-               ("For {his} service, brave", 1))
-_CLOSE_END = ("was given a medal.", "was thanked by the whole town.",
-              "is remembered by everyone.", "was made a hero.")
+_CLOSE_OPEN = (
+    ("For {his} contributions, brave", 6),
+    ("For {his} courage, brave", 1),
+    ("For {his} service, brave", 1),
+)
+_CLOSE_END = (
+    "was given a medal.",
+    "was thanked by the whole town.",
+    "is remembered by everyone.",
+    "was made a hero.",
+)
 
 
 def _person(rng: random.Random, exclude: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
@@ -155,9 +253,16 @@ def _person(rng: random.Random, exclude: tuple[str, ...] = ()) -> tuple[str, dic
 
 def _fill(rng: random.Random, template: str, name: str, pron: dict[str, str], **extra: str) -> str:
     return template.format(
-        N=name, city=rng.choice(_CITIES), job=rng.choice(_JOBS), skill=rng.choice(_SKILLS),
-        rel=rng.choice(_RELATIVES), branch=rng.choice(_BRANCHES), years=rng.choice(_YEARS),
-        place=rng.choice(_PLACES), **pron, **extra,
+        N=name,
+        city=rng.choice(_CITIES),
+        job=rng.choice(_JOBS),
+        skill=rng.choice(_SKILLS),
+        rel=rng.choice(_RELATIVES),
+        branch=rng.choice(_BRANCHES),
+        years=rng.choice(_YEARS),
+        place=rng.choice(_PLACES),
+        **pron,
+        **extra,
     )
 
 

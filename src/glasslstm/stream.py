@@ -29,9 +29,15 @@ from glasslstm.ops import cpu, ext, resolve_backend
 class _StepPlan(ctypes.Structure):
     """``glasslstm_step_plan`` of cpu_kernels.c: what a step keeps from call to call."""
 
-    _fields_ = [("L", ctypes.c_int64), ("H", ctypes.c_int64), ("P", ctypes.c_int64),
-                ("in_sizes", ctypes.c_void_p), ("layers", ctypes.c_void_p),
-                ("work", ctypes.c_void_p), ("phase", ctypes.c_int64)]
+    _fields_ = [
+        ("L", ctypes.c_int64),
+        ("H", ctypes.c_int64),
+        ("P", ctypes.c_int64),
+        ("in_sizes", ctypes.c_void_p),
+        ("layers", ctypes.c_void_p),
+        ("work", ctypes.c_void_p),
+        ("phase", ctypes.c_int64),
+    ]
 
 
 class StepKernel:
@@ -56,15 +62,23 @@ class StepKernel:
         self._panel = lib.glasslstm_step_panel()
         self._plan = _StepPlan(self.L, self.H, self.P, None, None, self.work.data_ptr(), 0)
         self._plan_ptr = ctypes.addressof(self._plan)
-        self._params = lstm._parameters   # the live dict: a replaced parameter is seen too
+        self._params = lstm._parameters  # the live dict: a replaced parameter is seen too
         self._key = None
         # the same facts for glasslstm.ops.ext's drop_in: a header of int64 {plan, step, key
         # addresses, L, H, P, I, dtype, n}; the key as 2 n int64 (version, data pointer), set
         # last by refresh, so that drop_in never steps a plan refresh is half-way through (it
         # sees the weights changed and hands the call back)
         self.header = (ctypes.c_int64 * 9)(
-            self._plan_ptr, ctypes.cast(self._step, ctypes.c_void_p).value, 0, self.L, self.H,
-            self.P, lstm.input_size, 0 if self.dtype == torch.float32 else 1, 0)
+            self._plan_ptr,
+            ctypes.cast(self._step, ctypes.c_void_p).value,
+            0,
+            self.L,
+            self.H,
+            self.P,
+            lstm.input_size,
+            0 if self.dtype == torch.float32 else 1,
+            0,
+        )
         self.header_addr = ctypes.addressof(self.header)
 
     def key(self) -> list:
@@ -82,17 +96,20 @@ class StepKernel:
             return False
         keep, ptrs, sizes = [], [], []
         for layer in range(self.L):
-            w_ih, w_hh, b_ih, b_hh, w_hr = (None if w is None else w.detach()
-                                            for w in self.lstm._weights(layer, 0))
-            bias = None if b_ih is None else (b_ih + b_hh).contiguous()
+            w_ih, w_hh, b_ih, b_hh, w_hr = self.lstm._weights(layer, 0)
+            w_ih, w_hh = w_ih.detach(), w_hh.detach()
+            bias = None if b_ih is None else (b_ih + b_hh).detach().contiguous()
             # [U W] cut into panels of rows, each its own contiguous (in + P, panel) block,
             # and W_hr transposed: the layouts the C step streams (see cpu_kernels.c)
-            mats = [_panels(torch.cat([w_ih, w_hh], 1), self._panel), bias,
-                    None if w_hr is None else w_hr.t().contiguous()]
+            mats = [
+                _panels(torch.cat([w_ih, w_hh], 1), self._panel),
+                bias,
+                None if w_hr is None else w_hr.detach().t().contiguous(),
+            ]
             keep += mats
             ptrs += [None if m is None else m.data_ptr() for m in mats]
             sizes.append(w_ih.shape[1])
-        self._keep = keep                     # the tensors the pointers point into
+        self._keep = keep  # the tensors the pointers point into
         self._layers = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self._sizes = (ctypes.c_int64 * self.L)(*sizes)
         self._plan.layers = ctypes.addressof(self._layers)
@@ -107,8 +124,9 @@ class StepKernel:
     def __call__(self, x_ptr, xproj_ptr, h, c, out, h_in=None, c_in=None) -> None:
         """One step in place: ``h`` (L, P) and ``c`` (L, H) contiguous (``h_in``/``c_in``, when
         given, copied into them first); writes ``out`` (P)."""
-        self._step(self._plan_ptr, x_ptr, xproj_ptr, h_in, c_in, h.data_ptr(), c.data_ptr(),
-                   out.data_ptr())
+        self._step(
+            self._plan_ptr, x_ptr, xproj_ptr, h_in, c_in, h.data_ptr(), c.data_ptr(), out.data_ptr()
+        )
 
 
 def _panels(w: torch.Tensor, panel: int) -> torch.Tensor:
@@ -123,8 +141,13 @@ def _panels(w: torch.Tensor, panel: int) -> torch.Tensor:
 
 def fused_step_possible(lstm, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :class:`StepKernel` can run this LSTM here."""
-    return (device.type == "cpu" and dtype in cpu.SUFFIX and not lstm.bidirectional
-            and resolve_backend(lstm.backend) in ("auto", "fused") and cpu.available())
+    return (
+        device.type == "cpu"
+        and dtype in cpu.SUFFIX
+        and not lstm.bidirectional
+        and resolve_backend(lstm.backend) in ("auto", "fused")
+        and cpu.available()
+    )
 
 
 class DropInStep:
@@ -144,14 +167,19 @@ class DropInStep:
     _FAST_BACKENDS = (None, "auto", "fused")
 
     def __init__(self, lstm):
-        self.owner = id(lstm)   # a copied module's __dict__ must not reuse this plan
+        self.owner = id(lstm)  # a copied module's __dict__ must not reuse this plan
         self.kernel = StepKernel(lstm)
         self.kernel.refresh()
         self.header_addr = self.kernel.header_addr
-        self.ext = None         # glasslstm.ops.ext's drop_in, once built
-        ext.build_async()       # the C++ entry point; this Python path serves until it is ready
-        dt, L, H, P, I = (self.kernel.dtype, lstm.num_layers, lstm.hidden_size,
-                          lstm.proj_size or lstm.hidden_size, lstm.input_size)
+        self.ext = None  # glasslstm.ops.ext's drop_in, once built
+        ext.build_async()  # the C++ entry point; this Python path serves until it is ready
+        dt, L, H, P, I = (
+            self.kernel.dtype,
+            lstm.num_layers,
+            lstm.hidden_size,
+            lstm.proj_size or lstm.hidden_size,
+            lstm.input_size,
+        )
         self.dtype, self.multi, self.single = dt, L > 1, L == 1
         self.x3, self.x2 = torch.Size((1, 1, I)), torch.Size((1, I))
         self.h3, self.c3 = torch.Size((L, 1, P)), torch.Size((L, 1, H))
@@ -183,19 +211,26 @@ class DropInStep:
             if type(hx) not in (tuple, list) or len(hx) != 2:
                 return None
             h0, c0 = hx
-            if (h0.shape != sh or c0.shape != sc or h0.dtype is not dt or c0.dtype is not dt
-                    or not h0.is_cpu or not c0.is_cpu
-                    or not h0.is_contiguous() or not c0.is_contiguous()):
+            if (
+                h0.shape != sh
+                or c0.shape != sc
+                or h0.dtype is not dt
+                or c0.dtype is not dt
+                or not h0.is_cpu
+                or not c0.is_cpu
+                or not h0.is_contiguous()
+                or not c0.is_contiguous()
+            ):
                 return None
-            h_in, c_in = h0.data_ptr(), c0.data_ptr()      # copied in by the kernel
-            h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)   # contiguous, as h0, c0
+            h_in, c_in = h0.data_ptr(), c0.data_ptr()  # copied in by the kernel
+            h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)  # contiguous, as h0, c0
         if not input.is_contiguous():
             input = input.contiguous()
         # one layer: the output has h_n's shape ((1, 1, P) or (1, P))
         out = torch.empty_like(h_n) if self.single else torch.empty(sy, dtype=dt)
-        if not self.kernel.refresh():            # the weights moved or changed dtype
+        if not self.kernel.refresh():  # the weights moved or changed dtype
             lstm._drop_in = None
-            return drop_in_step(lstm, input, hx)     # a new plan, or the general path
+            return drop_in_step(lstm, input, hx)  # a new plan, or the general path
         self.kernel(input.data_ptr(), None, h_n, c_n, out, h_in, c_in)
         return out, (h_n, c_n)
 
@@ -203,12 +238,12 @@ class DropInStep:
 def drop_in_step(lstm, input, hx):
     """:class:`DropInStep` for ``lstm``, built (or rebuilt) as needed; None where the C step
     cannot run or this call is not a one-token step."""
-    if torch._C._get_tracing_state():    # torch.jit.trace must see the torch ops
+    if torch._C._get_tracing_state():  # torch.jit.trace must see the torch ops
         return None
     plan = lstm._drop_in
     if plan is None or plan.owner != id(lstm):
         if type(input) is not torch.Tensor or input.dim() not in (2, 3) or input.shape[0] != 1:
-            return None    # not a step: no plan (and no weight copies) for this module yet
+            return None  # not a step: no plan (and no weight copies) for this module yet
         w = lstm.weight_hh_l0
         if not fused_step_possible(lstm, w.device, w.dtype):
             return None
@@ -216,7 +251,7 @@ def drop_in_step(lstm, input, hx):
     # what can change between calls and sends them down the module's forward
     if lstm.backend not in plan._FAST_BACKENDS or (lstm.training and lstm.dropout and plan.multi):
         return None
-    if plan.ext is not None:           # the C++ entry point: the common case, whole
+    if plan.ext is not None:  # the C++ entry point: the common case, whole
         res = plan.ext(plan.header_addr, lstm._parameters, input, hx)
         if res is not None:
             return res
@@ -227,8 +262,10 @@ def _check_lstm(lstm) -> None:
     from glasslstm.lstm import LSTM
 
     if not isinstance(lstm, LSTM):
-        raise TypeError(f"Stream needs a glasslstm.LSTM; got {type(lstm).__name__} "
-                        "(glasslstm.LSTM.from_torch(module) converts a torch.nn.LSTM)")
+        raise TypeError(
+            f"Stream needs a glasslstm.LSTM; got {type(lstm).__name__} "
+            "(glasslstm.LSTM.from_torch(module) converts a torch.nn.LSTM)"
+        )
     if lstm.bidirectional:
         raise ValueError("a bidirectional LSTM needs the whole sequence; it cannot stream")
 
@@ -252,7 +289,9 @@ class Stream:
         self.c = torch.zeros(L, H, device=self.device, dtype=self.dtype)
         self.out = torch.empty(P, device=self.device, dtype=self.dtype)
         self._x = torch.empty(lstm.input_size, device=self.device, dtype=self.dtype)
-        self._kernel = StepKernel(lstm) if fused_step_possible(lstm, self.device, self.dtype) else None
+        self._kernel = (
+            StepKernel(lstm) if fused_step_possible(lstm, self.device, self.dtype) else None
+        )
         if state is not None:
             self.reset(state)
 
@@ -278,8 +317,10 @@ class Stream:
             if src.dim() == 3 and src.shape[1] == 1:
                 src = src[:, 0]
             if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"state {name} must be {tuple(dst.shape)} (or with a batch "
-                                 f"dimension of 1); got {tuple(src.shape)}")
+                raise ValueError(
+                    f"state {name} must be {tuple(dst.shape)} (or with a batch "
+                    f"dimension of 1); got {tuple(src.shape)}"
+                )
             dst.copy_(src)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,16 +329,19 @@ class Stream:
         The result is a buffer that the next step overwrites: ``.clone()`` it to keep it.
         """
         if x.numel() != self._x.numel():
-            raise ValueError(f"x must have input_size={self._x.numel()} values; got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"x must have input_size={self._x.numel()} values; got shape {tuple(x.shape)}"
+            )
         if self._kernel is None:
             return self._torch_step(x.reshape(1, 1, -1))
         if x.dtype != self.dtype or x.device != self.device or not x.is_contiguous():
             self._x.copy_(x.reshape(-1))
             x = self._x
         if not self._kernel.refresh():
-            raise RuntimeError("the LSTM's weights changed device or dtype under this Stream; "
-                               "make a new Stream for the module as it is now")
+            raise RuntimeError(
+                "the LSTM's weights changed device or dtype under this Stream; "
+                "make a new Stream for the module as it is now"
+            )
         self._kernel(x.data_ptr(), None, self.h, self.c, self.out)
         return self.out
 
@@ -329,17 +373,27 @@ class LMStream:
         w = model.head.weight
         self.logits = torch.empty(V, device=w.device, dtype=w.dtype)
         # Any other LSTM inside (a torch.nn.LSTM swapped in, say): the model's own forward.
-        self.stream = Stream(lstm, state) if isinstance(lstm, LSTM) and not lstm.bidirectional else None
+        self.stream = (
+            Stream(lstm, state) if isinstance(lstm, LSTM) and not lstm.bidirectional else None
+        )
         self._state = state
-        self._fused = (self.stream is not None and self.stream.fused
-                       and w.dtype == self.stream.dtype)
+        self._fused = self.stream is not None and self.stream.fused and w.dtype == self.stream.dtype
         if self._fused:
-            suf = cpu.SUFFIX[self.stream.dtype]
+            suf = cpu.SUFFIX[self._s.dtype]
             self._linear = getattr(cpu.library(), f"glasslstm_linear_{suf}")
             self._use_table = V * 4 * lstm.hidden_size <= table_limit
-            self._key = None
-            self._extra = [t for t in (model.embedding.weight, model.head.weight, model.head.bias)
-                           if t is not None]
+            self._key: tuple | None = None
+            self._extra = [
+                t
+                for t in (model.embedding.weight, model.head.weight, model.head.bias)
+                if t is not None
+            ]
+
+    @property
+    def _s(self) -> Stream:
+        """The LSTM's fused Stream (only called where there is one)."""
+        assert self.stream is not None
+        return self.stream
 
     @property
     def state(self):
@@ -355,10 +409,12 @@ class LMStream:
         """Rebuild what is precomputed from the weights when any of them changed: the (V, 4H)
         table of every token's embedding through the first layer's U (bias included), and the
         output layer's transposed weight (the C matrix-vector product reads it by rows)."""
-        k = self.stream._kernel
+        k = self._s._kernel
         if not k.refresh():
-            raise RuntimeError("the model's weights changed device or dtype under this stream; "
-                               "make a new one (model.stream()) for the model as it is now")
+            raise RuntimeError(
+                "the model's weights changed device or dtype under this stream; "
+                "make a new one (model.stream()) for the model as it is now"
+            )
         key = (k._key, tuple(t._version for t in self._extra), self._extra[0].data_ptr())
         if key == self._key:
             return
@@ -380,7 +436,8 @@ class LMStream:
             raise ValueError(f"token id {token} is outside the vocabulary (0..{V - 1})")
         if not self._fused:
             return self._torch_step(token)
-        s, k = self.stream, self.stream._kernel
+        s = self._s
+        k = s._kernel
         self._refresh()
         if self._use_table:
             tab = self._table
@@ -388,10 +445,15 @@ class LMStream:
         else:
             emb = self.model.embedding.weight
             k(emb.data_ptr() + token * emb.stride(0) * emb.element_size(), None, s.h, s.c, s.out)
-        W = self._head_t                                          # (P, V)
-        self._linear(W.shape[1], W.shape[0], W.data_ptr(),
-                     None if self._head_b is None else self._head_b.data_ptr(),
-                     s.out.data_ptr(), self.logits.data_ptr())
+        W = self._head_t  # (P, V)
+        self._linear(
+            W.shape[1],
+            W.shape[0],
+            W.data_ptr(),
+            None if self._head_b is None else self._head_b.data_ptr(),
+            s.out.data_ptr(),
+            self.logits.data_ptr(),
+        )
         return self.logits
 
     @torch.no_grad()

@@ -36,8 +36,9 @@ LSTM_FIELDS = ("i", "f", "g", "o", "c", "h")
 class GateTrace:
     """The recorded fields, as attributes (``trace.f``) and by name (``trace["f"]``)."""
 
-    def __init__(self, values: dict[str, torch.Tensor], *, num_directions: int = 1,
-                 batch_first: bool = False):
+    def __init__(
+        self, values: dict[str, torch.Tensor], *, num_directions: int = 1, batch_first: bool = False
+    ):
         self._values = dict(values)
         self.num_directions = num_directions
         self.batch_first = batch_first
@@ -85,8 +86,11 @@ class GateTrace:
 
     def to(self, *args, **kwargs) -> GateTrace:
         """A copy with every tensor moved/cast like ``Tensor.to``."""
-        return GateTrace({k: v.to(*args, **kwargs) for k, v in self._values.items()},
-                         num_directions=self.num_directions, batch_first=self.batch_first)
+        return GateTrace(
+            {k: v.to(*args, **kwargs) for k, v in self._values.items()},
+            num_directions=self.num_directions,
+            batch_first=self.batch_first,
+        )
 
     # The article's names, for readers following along (LSTM traces).
     @property

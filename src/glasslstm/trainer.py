@@ -20,24 +20,26 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from glasslstm import __version__, checkpoint
+from glasslstm import __version__, rundir
 from glasslstm.data import (
     LEVELS,
     Corpus,
+    Tokenizer,
     TokenStream,
     build_tokenizer,
     encode_corpus,
     load_corpus,
 )
 from glasslstm.determinism import deterministic
-from glasslstm.model import ConfigError, LanguageModel, ModelConfig, config_from_dict, load_vocab
+from glasslstm.errors import ConfigError
+from glasslstm.model import LanguageModel, ModelConfig, config_from_dict, load_vocab
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -46,44 +48,55 @@ LN2 = math.log(2.0)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str | None = None        # None: the built-in `stories` corpus (no download)
-    data_dir: str | None = None    # where named corpora are looked up first
-    level: str = "char"            # char | word | byte tokens
-    min_freq: int = 2              # word level: rarer words become <unk>
-    hidden: int = 256              # 2x256 reaches a good stories model in minutes on 2 cores
-    layers: int = 2                # two layers: the usual char-LSTM depth
-    dropout: float = 0.1           # light: stories is large for this model; 0.2+ for shakespeare
-    embed: int = 0                 # 0: same as the LSTM output (lets --tie-weights work)
-    tie_weights: bool = False      # share embedding and output weights
-    forget_bias: float = 1.0       # Jozefowicz et al. 2015: start out remembering
-    seq_len: int = 128             # truncated-BPTT window; state still flows across windows
-    batching: str = "stream"       # stream (TBPTT, state carried) | random (independent windows)
-    batch_size: int = 32           # rows of the stream trained in parallel
-    optimizer: str = "adamw"       # adamw | sgd
-    lr: float = 2e-3               # AdamW's sweet spot for char LSTMs of this size
-    weight_decay: float = 0.01     # AdamW decoupled decay; small, LSTMs overfit slowly
-    momentum: float = 0.9          # sgd only
-    schedule: str = "cosine"       # cosine (to min_lr_ratio * lr at max_steps) | constant
-    warmup: int = 50               # linear warm-up steps: AdamW's early steps are noisy
-    min_lr_ratio: float = 0.1      # the cosine schedule's floor
-    clip: float = 1.0              # gradient-norm clipping (0: off); LSTMs need it
-    max_steps: int = 600           # the README's default run: a few minutes on 2 cores
-    time_budget: float = 0.0       # seconds of training (0: none); stops early, still saves
-    eval_every: int = 100          # steps between validations (and checkpoints)
-    eval_batches: int = 0          # validation batches per evaluation (0: the whole split)
-    patience: int = 0              # stop after this many evaluations without improvement (0: off)
-    log_every: int = 10            # steps between train-loss lines in metrics.jsonl
-    seed: int = 1337               # model init, dropout, sampling: all from this
-    device: str = "auto"           # auto (cuda if present) | cpu | cuda | cuda:N
-    threads: int = 0               # torch intra-op threads (0: torch's default)
-    checkpoint: int = 0            # recompute in backward, N steps a segment (0: off): less memory
-    deterministic: bool = False    # bitwise repeatable runs (same machine and --threads)
-    precision: str = "fp32"        # fp32 | bf16: autocast, bf16 matrix products, float32 state and loss
-    out: str | None = None         # run directory (default: runs/<corpus>-<time>)
+    data: str | None = None  # None: the built-in `stories` corpus (no download)
+    data_dir: str | None = None  # where named corpora are looked up first
+    level: str = "char"  # char | word | byte tokens
+    min_freq: int = 2  # word level: rarer words become <unk>
+    hidden: int = 256  # 2x256 reaches a good stories model in minutes on 2 cores
+    layers: int = 2  # two layers: the usual char-LSTM depth
+    dropout: float = 0.1  # light: stories is large for this model; 0.2+ for shakespeare
+    embed: int = 0  # 0: same as the LSTM output (lets --tie-weights work)
+    tie_weights: bool = False  # share embedding and output weights
+    forget_bias: float = 1.0  # Jozefowicz et al. 2015: start out remembering
+    seq_len: int = 128  # truncated-BPTT window; state still flows across windows
+    batching: str = "stream"  # stream (TBPTT, state carried) | random (independent windows)
+    batch_size: int = 32  # rows of the stream trained in parallel
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3  # AdamW's sweet spot for char LSTMs of this size
+    weight_decay: float = 0.01  # AdamW decoupled decay; small, LSTMs overfit slowly
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine (to min_lr_ratio * lr at max_steps) | constant
+    warmup: int = 50  # linear warm-up steps: AdamW's early steps are noisy
+    min_lr_ratio: float = 0.1  # the cosine schedule's floor
+    clip: float = 1.0  # gradient-norm clipping (0: off); LSTMs need it
+    max_steps: int = 600  # the README's default run: a few minutes on 2 cores
+    time_budget: float = 0.0  # seconds of training (0: none); stops early, still saves
+    eval_every: int = 100  # steps between validations (and checkpoints)
+    eval_batches: int = 0  # validation batches per evaluation (0: the whole split)
+    patience: int = 0  # stop after this many evaluations without improvement (0: off)
+    log_every: int = 10  # steps between train-loss lines in metrics.jsonl
+    seed: int = 1337  # model init, dropout, sampling: all from this
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    checkpoint: int = 0  # recompute in backward, N steps a segment (0: off): less memory
+    deterministic: bool = False  # bitwise repeatable runs (same machine and --threads)
+    precision: str = "fp32"  # fp32 | bf16: autocast, bf16 matrix products, float32 state and loss
+    out: str | None = None  # run directory (default: runs/<corpus>-<time>)
 
     # Keys that may change when a run is resumed; everything else defines the run.
-    RESUMABLE = ("max_steps", "time_budget", "eval_every", "eval_batches", "patience",
-                 "log_every", "device", "threads", "checkpoint", "deterministic", "precision")
+    RESUMABLE = (
+        "max_steps",
+        "time_budget",
+        "eval_every",
+        "eval_batches",
+        "patience",
+        "log_every",
+        "device",
+        "threads",
+        "checkpoint",
+        "deterministic",
+        "precision",
+    )
 
     def __post_init__(self):
         checks = {
@@ -109,19 +122,29 @@ class TrainConfig:
         }
         for key, ok in checks.items():
             if not ok:
-                hint = {"level": LEVELS, "optimizer": ("adamw", "sgd"),
-                        "schedule": ("cosine", "constant"),
-                        "batching": ("stream", "random"), "precision": PRECISIONS}.get(key)
+                hint = {
+                    "level": LEVELS,
+                    "optimizer": ("adamw", "sgd"),
+                    "schedule": ("cosine", "constant"),
+                    "batching": ("stream", "random"),
+                    "precision": PRECISIONS,
+                }.get(key)
                 raise ConfigError(
                     f"--{key.replace('_', '-')}={getattr(self, key)!r} is not valid"
                     + (f"; choose one of {', '.join(hint)}" if hint else "")
                 )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden, num_layers=self.layers,
-                           dropout=self.dropout, embed_size=self.embed,
-                           tie_weights=self.tie_weights, forget_bias=self.forget_bias,
-                           checkpoint=self.checkpoint)
+        return ModelConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden,
+            num_layers=self.layers,
+            dropout=self.dropout,
+            embed_size=self.embed,
+            tie_weights=self.tie_weights,
+            forget_bias=self.forget_bias,
+            checkpoint=self.checkpoint,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -131,9 +154,9 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     run_dir: Path
-    step: int                      # optimizer steps done
-    stopped: str                   # max_steps | time_budget | early_stopping | interrupted | diverged
-    best_val_loss: float           # nats per token
+    step: int  # optimizer steps done
+    stopped: str  # max_steps | time_budget | early_stopping | interrupted | diverged
+    best_val_loss: float  # nats per token
     best_val_bpc: float
     last_val_loss: float
     last_val_bpc: float
@@ -159,8 +182,15 @@ def chars_per_token(tokenizer, data: bytes, n_tokens: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: LanguageModel, ids, *, batch_size: int = 32, seq_len: int = 128,
-             max_batches: int = 0, chars_per_token: float = 1.0) -> dict:
+def evaluate(
+    model: LanguageModel,
+    ids,
+    *,
+    batch_size: int = 32,
+    seq_len: int = 128,
+    max_batches: int = 0,
+    chars_per_token: float = 1.0,
+) -> dict:
     """Mean next-token loss over the stream ``ids`` with the state carried along each row.
 
     Every token but the first of each row is predicted once. Short texts get fewer rows.
@@ -183,14 +213,21 @@ def evaluate(model: LanguageModel, ids, *, batch_size: int = 32, seq_len: int = 
             x = grid[:, start : min(start + seq_len, cols - 1)]
             y = grid[:, start + 1 : start + 1 + x.shape[1]]
             logits, _, state = model(x, state)
-            total += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"
+                )
+            )
             count += y.numel()
     finally:
         model.train(was_training)
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "bpc": loss / LN2 / chars_per_token, "tokens": count}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bpc": loss / LN2 / chars_per_token,
+        "tokens": count,
+    }
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -263,18 +300,22 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise checkpoint.RunDirError(
+        raise rundir.RunDirError(
             f"{run_dir} already exists and is not empty; continue it with "
             f"`glasslstm train --resume {run_dir}`, or choose another --out"
         )
 
 
-def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
-          overrides: dict | None = None, progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None,
-          corpus: Corpus | None = None,
-          build_model: Callable[[ModelConfig, object], LanguageModel] = LanguageModel,
-          ) -> TrainResult:
+def train(
+    config: TrainConfig | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+    corpus: Corpus | None = None,
+    build_model: Callable[[ModelConfig, Tokenizer], LanguageModel] = LanguageModel,
+) -> TrainResult:
     """Train a language model; returns where it went and how it ended.
 
     ``resume``: a run directory to continue (its config.json is the config; ``overrides``
@@ -284,7 +325,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     """
     if resume is not None:
         run_dir = Path(resume)
-        stored = checkpoint.read_config(run_dir)
+        stored = rundir.read_config(run_dir)
         cfg = TrainConfig.from_dict(stored["train"])
         for key, value in (overrides or {}).items():
             if key not in TrainConfig.RESUMABLE and value != getattr(cfg, key):
@@ -292,7 +333,9 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                     f"--{key.replace('_', '-')} cannot change when resuming (the run has "
                     f"{getattr(cfg, key)!r}); resumable: {', '.join(TrainConfig.RESUMABLE)}"
                 )
-        cfg = replace(cfg, **{k: v for k, v in (overrides or {}).items() if k in TrainConfig.RESUMABLE})
+        cfg = replace(
+            cfg, **{k: v for k, v in (overrides or {}).items() if k in TrainConfig.RESUMABLE}
+        )
     else:
         cfg = replace(config or TrainConfig(), **(overrides or {}))
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
@@ -305,133 +348,213 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         return _train(cfg, run_dir, resume, device, progress, on_step, corpus, build_model)
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume, device: torch.device, progress: bool,
-           on_step, corpus: Corpus | None, build_model) -> TrainResult:
-    """:func:`train` once its configuration, run directory and device are settled."""
-    corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
-    if resume is not None:
-        tok = load_vocab(run_dir)
-    else:
-        tok = build_tokenizer(cfg.level, corpus, min_freq=cfg.min_freq)
-    train_ids, val_ids = encode_corpus(tok, corpus)
-    stream = TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
-    val_cpt = chars_per_token(tok, corpus.val, len(val_ids))
-    train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
+@dataclass
+class _Progress:
+    """How far a run has come: stored in the resume point beside its tensors."""
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model_config(tok.vocab_size), tok).to(device)
-    opt = _make_optimizer(cfg, model)
-    # best_val_loss is None until the first evaluation (JSON has no infinity).
-    meta = {"step": 0, "best_val_loss": None, "evals_since_best": 0, "seconds": 0.0,
-            "tokens": 0}
-    state = None
-    if resume is not None:
-        state = _load_resume_point(run_dir, model, opt, meta, device)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_config(run_dir, {
-            "glasslstm_version": __version__,
-            "model": model.config_dict(),
-            "train": asdict(cfg),
-            "corpus": {"name": corpus.name, "source": corpus.source,
-                       "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids))},
-        })
-        checkpoint.atomic_write_json(run_dir / "vocab.json", tok.to_dict())
+    step: int = 0  # optimizer steps applied
+    best_val_loss: float | None = None  # None until the first evaluation (JSON has no infinity)
+    evals_since_best: int = 0
+    seconds: float = 0.0  # of training steps (evaluation and saving not counted)
+    tokens: int = 0
 
-    saved_step = None  # the step of the checkpoint on disk
 
-    def save() -> None:
-        """The resume point and the latest weights, for the current step (once per step)."""
-        nonlocal saved_step
-        if saved_step != meta["step"]:
-            _save_resume_point(run_dir, model, opt, meta, state)
-            model.save(run_dir / "model.safetensors", metadata={"step": str(meta["step"])})
-            saved_step = meta["step"]
+class _Run:
+    """One training run in progress: its data, model, optimizer, carried LSTM state and run
+    directory. :func:`_train` drives it: :meth:`batch`, :meth:`step`, :meth:`validate`,
+    :meth:`save`."""
 
-    if resume is not None:
-        saved_step = meta["step"]
-    else:
-        save()  # step 0: a run that fails at once still leaves a loadable directory
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        resume,
+        device: torch.device,
+        corpus: Corpus | None,
+        build_model,
+    ) -> None:
+        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
+        tok = (
+            load_vocab(run_dir)
+            if resume is not None
+            else build_tokenizer(cfg.level, corpus, min_freq=cfg.min_freq)
+        )
+        train_ids, self.val_ids = encode_corpus(tok, corpus)
+        self.stream = TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
+        self.val_cpt = chars_per_token(tok, corpus.val, len(self.val_ids))
+        self.train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
 
-    def log(record: dict) -> None:
-        checkpoint.append_jsonl(run_dir / "metrics.jsonl", record)
-
-    def validate() -> dict:
-        res = evaluate(model, val_ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                       max_batches=cfg.eval_batches, chars_per_token=val_cpt)
-        improved = meta["best_val_loss"] is None or res["loss"] < meta["best_val_loss"]
-        if improved:
-            meta["best_val_loss"], meta["evals_since_best"] = res["loss"], 0
-            model.save(run_dir / "best" / "model.safetensors", metadata={"step": str(step)})
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model_config(tok.vocab_size), tok).to(device)
+        self.opt = _make_optimizer(cfg, self.model)
+        self.progress = _Progress()
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # carried across batches
+        if resume is not None:
+            self.state = _load_resume_point(run_dir, self.model, self.opt, self.progress, device)
+            self.saved_step: int | None = self.progress.step  # the checkpoint on disk
         else:
-            meta["evals_since_best"] += 1
-        log({"split": "val", "step": step, "loss": res["loss"], "bpc": res["bpc"],
-             "perplexity": res["perplexity"], "seconds": round(meta["seconds"], 3)})
+            run_dir.mkdir(parents=True, exist_ok=True)
+            rundir.write_config(
+                run_dir,
+                {
+                    "glasslstm_version": __version__,
+                    "model": self.model.config_dict(),
+                    "train": asdict(cfg),
+                    "corpus": {
+                        "name": corpus.name,
+                        "source": corpus.source,
+                        "train_tokens": int(len(train_ids)),
+                        "val_tokens": int(len(self.val_ids)),
+                    },
+                },
+            )
+            rundir.atomic_write_json(run_dir / "vocab.json", tok.to_dict())
+            self.saved_step = None
+            self.save()  # step 0: a run that fails at once still leaves a loadable directory
+
+    def save(self) -> None:
+        """The resume point and the latest weights, for the current step (once per step)."""
+        step = self.progress.step
+        if self.saved_step != step:
+            _save_resume_point(self.run_dir, self.model, self.opt, self.progress, self.state)
+            self.model.save(self.run_dir / "model.safetensors", metadata={"step": str(step)})
+            self.saved_step = step
+
+    def log(self, record: dict) -> None:
+        rundir.append_jsonl(self.run_dir / "metrics.jsonl", record)
+
+    def validate(self) -> dict:
+        """Evaluate on the validation split; keep the model as best/ when it improved."""
+        cfg, p = self.cfg, self.progress
+        res = evaluate(
+            self.model,
+            self.val_ids,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            max_batches=cfg.eval_batches,
+            chars_per_token=self.val_cpt,
+        )
+        if p.best_val_loss is None or res["loss"] < p.best_val_loss:
+            p.best_val_loss, p.evals_since_best = res["loss"], 0
+            self.model.save(
+                self.run_dir / "best" / "model.safetensors", metadata={"step": str(p.step)}
+            )
+        else:
+            p.evals_since_best += 1
+        self.log(
+            {
+                "split": "val",
+                "step": p.step,
+                "loss": res["loss"],
+                "bpc": res["bpc"],
+                "perplexity": res["perplexity"],
+                "seconds": round(p.seconds, 3),
+            }
+        )
         return res
 
-    bar = _progress_bar(cfg, meta["step"]) if progress else None
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch ``(x, y)`` on the device; resets the carried state where
+        rows restart (a new pass over the stream, or independent random windows)."""
+        cfg, step = self.cfg, self.progress.step
+        if cfg.batching == "random":
+            self.state = None  # independent windows: nothing to carry
+            x, y = self.stream.random_batch(cfg.seed * 1_000_003 + step)
+        else:
+            k = step % self.stream.num_batches
+            if k == 0:
+                self.state = None  # a new pass over the stream: rows restart at their beginning
+            x, y = self.stream.batch(k)
+        return x.to(self.device), y.to(self.device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, bool]:
+        """One optimizer step at learning rate ``lr``: ``(loss, applied)``. A step whose loss
+        or gradient norm is not finite is not applied (the run has diverged)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        # bf16: the LSTM's matrix products in bf16 (its state and gate math float32), the
+        # output layer's too; the loss in float32 (autocast's rule for cross-entropy).
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
+        ):
+            _, loss, new_state = self.model(x, self.state, y)
+        loss_value = loss.detach().item()
+        self.opt.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_value):
+            return loss_value, False
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip or math.inf)
+        if not math.isfinite(float(norm)):
+            return loss_value, False
+        self.opt.step()
+        self.state = (new_state[0].detach(), new_state[1].detach())
+        return loss_value, True
+
+
+def _train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume,
+    device: torch.device,
+    progress: bool,
+    on_step,
+    corpus: Corpus | None,
+    build_model,
+) -> TrainResult:
+    """:func:`train` once its configuration, run directory and device are settled."""
+    run = _Run(cfg, run_dir, resume, device, corpus, build_model)
+    p = run.progress
+    bar = _progress_bar(cfg, p.step) if progress else None
     stopped, message, last_val = "max_steps", "", None
-    step = meta["step"]
-    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
-    model.train()
+    window = _Window()
+    run.model.train()
     with _Interrupt() as interrupt:
-        while step < cfg.max_steps:
+        while p.step < cfg.max_steps:
             t_step = time.perf_counter()
-            if cfg.batching == "random":
-                state = None  # independent windows: nothing to carry
-                x, y = stream.random_batch(cfg.seed * 1_000_003 + step)
-            else:
-                k = step % stream.num_batches
-                if k == 0:
-                    state = None  # a new pass over the stream: rows restart at their beginning
-                x, y = stream.batch(k)
-            x, y = x.to(device), y.to(device)
-            lr = lr_at(cfg, step, meta["seconds"])
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # bf16: the LSTM's matrix products in bf16 (its state and gate math float32), the
-            # output layer's too; the loss in float32 (autocast's rule for cross-entropy).
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=cfg.precision == "bf16"):
-                _, loss, new_state = model(x, state, y)
-            loss_value = loss.detach().item()
-            opt.zero_grad(set_to_none=True)
-            if math.isfinite(loss_value):
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or math.inf)
-            if not math.isfinite(loss_value) or not math.isfinite(float(norm)):
+            x, y = run.batch()
+            lr = lr_at(cfg, p.step, p.seconds)
+            loss, applied = run.step(x, y, lr)
+            if not applied:
                 stopped = "diverged"
-                message = (f"training diverged at step {step + 1} (loss {loss_value}, gradient "
-                           "norm not finite); the step was not applied and the last good "
-                           f"checkpoint (step {saved_step}) is kept in {run_dir}. "
-                           "Lower --lr or keep --clip on, then resume or train again.")
+                message = (
+                    f"training diverged at step {p.step + 1} (loss {loss}, gradient "
+                    "norm not finite); the step was not applied and the last good "
+                    f"checkpoint (step {run.saved_step}) is kept in {run_dir}. "
+                    "Lower --lr or keep --clip on, then resume or train again."
+                )
                 break
-            opt.step()
-            state = tuple(s.detach() for s in new_state)
-            step += 1
-            meta["step"] = step
-            meta["tokens"] += x.numel()
-            meta["seconds"] += time.perf_counter() - t_step
-            window_loss, window_n = window_loss + loss_value, window_n + 1
+            p.step += 1
+            p.tokens += x.numel()
+            p.seconds += time.perf_counter() - t_step
+            window.add(loss, x.numel())
             if on_step is not None:
-                on_step(step, loss_value)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                elapsed = time.perf_counter() - window_t0
-                tps = window_n * x.numel() / max(elapsed, 1e-9)
-                mean = window_loss / window_n
-                log({"split": "train", "step": step, "loss": mean, "bpc": mean / LN2 / train_cpt,
-                     "lr": lr, "tokens_per_s": tps, "seconds": round(meta["seconds"], 3)})
+                on_step(p.step, loss)
+            if p.step % cfg.log_every == 0 or p.step == cfg.max_steps:
+                mean, tps = window.take()
+                bpc = mean / LN2 / run.train_cpt
+                run.log(
+                    {
+                        "split": "train",
+                        "step": p.step,
+                        "loss": mean,
+                        "bpc": bpc,
+                        "lr": lr,
+                        "tokens_per_s": tps,
+                        "seconds": round(p.seconds, 3),
+                    }
+                )
                 if bar is not None:
-                    bar.set_postfix(loss=f"{mean:.3f}", bpc=f"{mean / LN2 / train_cpt:.3f}",
-                                    tok_s=f"{tps:,.0f}", refresh=False)
-                window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+                    bar.set_postfix(
+                        loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}", refresh=False
+                    )
             if bar is not None:
                 bar.update(1)
-            out_of_time = cfg.time_budget and meta["seconds"] >= cfg.time_budget
-            if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
-                last_val = validate()
-                save()
-                if cfg.patience and meta["evals_since_best"] >= cfg.patience:
+            out_of_time = cfg.time_budget and p.seconds >= cfg.time_budget
+            if p.step % cfg.eval_every == 0 or p.step == cfg.max_steps or out_of_time:
+                last_val = run.validate()
+                run.save()
+                if cfg.patience and p.evals_since_best >= cfg.patience:
                     stopped = "early_stopping"
                     break
             if out_of_time:
@@ -439,54 +562,84 @@ def _train(cfg: TrainConfig, run_dir: Path, resume, device: torch.device, progre
                 break
             if interrupt.requested:
                 stopped = "interrupted"
-                save()
-                message = (f"interrupted at step {step}; saved. Continue with "
-                           f"`glasslstm train --resume {run_dir}`")
+                run.save()
+                message = (
+                    f"interrupted at step {p.step}; saved. Continue with "
+                    f"`glasslstm train --resume {run_dir}`"
+                )
                 break
     if bar is not None:
         bar.close()
     if last_val is None and stopped not in ("interrupted", "diverged"):
-        last_val = validate()
+        last_val = run.validate()
     _write_curves(run_dir)
     if not message:
-        message = f"stopped: {stopped} at step {step}"
-    best = math.nan if meta["best_val_loss"] is None else meta["best_val_loss"]
+        message = f"stopped: {stopped} at step {p.step}"
+    best = math.nan if p.best_val_loss is None else p.best_val_loss
     return TrainResult(
-        run_dir=run_dir, step=step, stopped=stopped,
-        best_val_loss=best, best_val_bpc=best / LN2 / val_cpt,
+        run_dir=run_dir,
+        step=p.step,
+        stopped=stopped,
+        best_val_loss=best,
+        best_val_bpc=best / LN2 / run.val_cpt,
         last_val_loss=last_val["loss"] if last_val else math.nan,
         last_val_bpc=last_val["bpc"] if last_val else math.nan,
-        tokens_per_s=meta["tokens"] / max(meta["seconds"], 1e-9), seconds=meta["seconds"],
+        tokens_per_s=p.tokens / max(p.seconds, 1e-9),
+        seconds=p.seconds,
         message=message,
     )
+
+
+class _Window:
+    """Mean training loss and tokens/s since the last ``take()`` (the train-loss log lines)."""
+
+    def __init__(self) -> None:
+        self.loss, self.n, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.n, self.tokens = self.loss + loss, self.n + 1, self.tokens + tokens
+
+    def take(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        mean, tps = self.loss / max(self.n, 1), self.tokens / max(now - self.t0, 1e-9)
+        self.loss, self.n, self.tokens, self.t0 = 0.0, 0, 0, now
+        return mean, tps
 
 
 def _progress_bar(cfg: TrainConfig, start: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True,
-                desc="train", leave=True)
+    return tqdm(
+        total=cfg.max_steps,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+        leave=True,
+    )
 
 
-def _save_resume_point(run_dir: Path, model, opt, meta: dict, state) -> None:
+def _save_resume_point(run_dir: Path, model, opt, progress: _Progress, state) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = checkpoint.optimizer_state_to_tensors(opt.state_dict())
-    rng_tensors, rng_meta = checkpoint.rng_state()
+    opt_tensors, opt_meta = rundir.optimizer_state_to_tensors(opt.state_dict())
+    rng_tensors, rng_meta = rundir.rng_state()
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
     if state is not None:
         tensors["carry.h"], tensors["carry.c"] = state
-    checkpoint.save_train_state(run_dir, tensors, {**meta, "optimizer": opt_meta, "rng": rng_meta})
+    rundir.save_train_state(
+        run_dir, tensors, {**asdict(progress), "optimizer": opt_meta, "rng": rng_meta}
+    )
 
 
-def _load_resume_point(run_dir: Path, model, opt, meta: dict, device):
-    tensors, stored = checkpoint.load_train_state(run_dir)
-    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device):
+    tensors, stored = rundir.load_train_state(run_dir)
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(weights)
-    opt.load_state_dict(checkpoint.optimizer_state_from_tensors(tensors, stored["optimizer"]))
-    checkpoint.set_rng_state(tensors, stored["rng"])
-    for key in meta:
-        meta[key] = stored[key]
+    opt.load_state_dict(rundir.optimizer_state_from_tensors(tensors, stored["optimizer"]))
+    rundir.set_rng_state(tensors, stored["rng"])
+    for key in asdict(progress):
+        setattr(progress, key, stored[key])
     if "carry.h" in tensors:
         return tensors["carry.h"].to(device), tensors["carry.c"].to(device)
     return None

@@ -35,7 +35,7 @@ def save_figure(fig, path) -> Path:
 
 def read_metrics(path) -> list[dict]:
     """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
-    records = []
+    records: list[dict] = []
     path = Path(path)
     if not path.is_file():
         return records
@@ -51,8 +51,11 @@ def plot_curves(metrics_path, out_png) -> Path | None:
     """Train and validation bits per character against step, as a PNG. None if no data."""
     records = read_metrics(metrics_path)
     series = {
-        split: [(r["step"], r["bpc"]) for r in records
-                if r.get("split") == split and math.isfinite(r.get("bpc", math.nan))]
+        split: [
+            (r["step"], r["bpc"])
+            for r in records
+            if r.get("split") == split and math.isfinite(r.get("bpc", math.nan))
+        ]
         for split in ("train", "val")
     }
     if not any(series.values()):

@@ -9,31 +9,37 @@ from pathlib import Path
 
 import torch
 
-from glasslstm.model import ConfigError
-from glasslstm.tasks import TASKS
-from glasslstm.tasks.bench import (
+from glasslstm.bench.memory import (
     INITS,
     MODELS,
     gradient_bench,
     memory_bench,
-    plot_gradients,
     plot_curves,
+    plot_gradients,
     plot_memory,
     runs_table,
     runs_to_json,
 )
+from glasslstm.errors import ConfigError
+from glasslstm.tasks import TASKS
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: long-term memory (LSTM vs GRU vs RNN), gradients, speed",
-                       description="Benchmarks that print figures and write JSON + PNG.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: long-term memory (LSTM vs GRU vs RNN), gradients, speed",
+        description="Benchmarks that print figures and write JSON + PNG.",
+    )
     kinds = p.add_subparsers(dest="bench", metavar="BENCH")
     kinds.required = True
 
-    m = kinds.add_parser("memory", help="LSTM vs GRU vs vanilla RNN on long-dependency tasks",
-                         description="Train each model on the task at each T with the same budget "
-                         "of training sequences; print held-out metric, baseline, solved or not "
-                         "and after how many sequences.")
+    m = kinds.add_parser(
+        "memory",
+        help="LSTM vs GRU vs vanilla RNN on long-dependency tasks",
+        description="Train each model on the task at each T with the same budget "
+        "of training sequences; print held-out metric, baseline, solved or not "
+        "and after how many sequences.",
+    )
     m.add_argument("--task", choices=TASKS, default="adding")
     m.add_argument("--T", default="50,100,200", help="comma-separated dependency lengths")
     m.add_argument("--models", default=",".join(MODELS), help="comma-separated: lstm,gru,rnn")
@@ -41,19 +47,31 @@ def add_parser(sub) -> None:
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--hidden", type=int, default=128)
     m.add_argument("--lr", type=float, default=1e-3)
-    m.add_argument("--init", choices=INITS, default="forget1",
-                   help="the LSTM's gate biases: forget1 (forget bias 1, the default) or chrono "
-                   "(Tallec & Ollivier 2018: forget biases log U[1, L-1], L the sequence length)")
+    m.add_argument(
+        "--init",
+        choices=INITS,
+        default="forget1",
+        help="the LSTM's gate biases: forget1 (forget bias 1, the default) or chrono "
+        "(Tallec & Ollivier 2018: forget biases log U[1, L-1], L the sequence length)",
+    )
     m.add_argument("--seed", type=int, default=0)
     _outputs(m, "memory")
     m.set_defaults(run=run_memory)
 
-    g = kinds.add_parser("gradient", help="plot log ||dL/dh_t|| against T - t for RNN, GRU, LSTM",
-                         description="Gradient norms at every distance, at initialisation and "
-                         "after training, and the LSTM's gradient along the cell path.")
+    g = kinds.add_parser(
+        "gradient",
+        help="plot log ||dL/dh_t|| against T - t for RNN, GRU, LSTM",
+        description="Gradient norms at every distance, at initialisation and "
+        "after training, and the LSTM's gradient along the cell path.",
+    )
     g.add_argument("--task", choices=TASKS, default="adding")
     g.add_argument("--T", type=int, default=100)
-    g.add_argument("--budget", type=int, default=20_000, help="training sequences before the second measurement")
+    g.add_argument(
+        "--budget",
+        type=int,
+        default=20_000,
+        help="training sequences before the second measurement",
+    )
     g.add_argument("--hidden", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
     _outputs(g, "gradient")
@@ -63,14 +81,18 @@ def add_parser(sub) -> None:
 
 
 def _add_speed(kinds) -> None:
-    s = kinds.add_parser("speed", help="glasslstm vs torch.nn.LSTM: training, inference, batch-1 "
-                         "step, generation", description=speed_doc())
+    s = kinds.add_parser(
+        "speed",
+        help="glasslstm vs torch.nn.LSTM: training, inference, batch-1 step, generation",
+        description=speed_doc(),
+    )
     s.add_argument("--sizes", default="128,512,1024", help="comma-separated hidden sizes (I = H)")
     s.add_argument("--T", type=int, default=100, help="sequence length for train/infer")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--reps", type=int, default=5, help="timed repetitions per contender")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cpu", "cuda"])
+    s.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
     s.add_argument("--gen-tokens", type=int, default=300, help="tokens generated per model")
     s.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke test")
     _outputs(s, "speed")
@@ -78,24 +100,31 @@ def _add_speed(kinds) -> None:
 
 
 def speed_doc() -> str:
-    from glasslstm import speed
+    from glasslstm.bench import speed
 
     return speed.__doc__
 
 
 def run_speed(args) -> int:
-    from glasslstm.speed import speed_bench, speed_table
+    from glasslstm.bench.speed import speed_bench, speed_table
 
     sizes = _ints(args.sizes, "sizes")
     if args.T < 1 or args.batch_size < 1 or args.reps < 1 or args.gen_tokens < 1:
         raise ConfigError("--T, --batch-size, --reps and --gen-tokens must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
-    kw = dict(sizes=sizes, T=args.T, B=args.batch_size, reps=args.reps, device=args.device,
-              gen_tokens=args.gen_tokens)
+    kw = dict(
+        sizes=sizes,
+        T=args.T,
+        B=args.batch_size,
+        reps=args.reps,
+        device=args.device,
+        gen_tokens=args.gen_tokens,
+    )
     if args.quick:
-        kw.update(sizes=[16], T=8, B=4, reps=1, step_calls=20, gen_tokens=10, gen_layers=1,
-                  gen_hidden=16)
+        kw.update(
+            sizes=[16], T=8, B=4, reps=1, step_calls=20, gen_tokens=10, gen_layers=1, gen_hidden=16
+        )
     log = _log(args)
     res = speed_bench(progress=log or (lambda line: None), **kw)
     out = Path(args.out)
@@ -137,15 +166,29 @@ def run_memory(args) -> int:
     if args.budget < 1:
         raise ConfigError(f"--budget must be >= 1; got {args.budget}")
     try:
-        runs = memory_bench(args.task, Ts, models, budget=args.budget, seed=args.seed,
-                            batch_size=args.batch_size, hidden_size=args.hidden, lr=args.lr,
-                            init=args.init, log=_log(args))
+        runs = memory_bench(
+            args.task,
+            Ts,
+            models,
+            budget=args.budget,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            hidden_size=args.hidden,
+            lr=args.lr,
+            init=args.init,
+            log=_log(args),
+        )
     except ValueError as e:  # e.g. a T below the task's minimum
         raise ConfigError(str(e)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"task": args.task, "budget": args.budget, "seed": args.seed, "init": args.init,
-            "runs": runs_to_json(runs)}
+    data = {
+        "task": args.task,
+        "budget": args.budget,
+        "seed": args.seed,
+        "init": args.init,
+        "runs": runs_to_json(runs),
+    }
     (out / f"memory-{args.task}.json").write_text(json.dumps(data, indent=2))
     png = plot_memory(runs, out / f"memory-{args.task}.png")
     curves = plot_curves(runs, out / f"memory-{args.task}-curves.png")
@@ -159,8 +202,14 @@ def run_memory(args) -> int:
 
 def run_gradient(args) -> int:
     try:
-        result = gradient_bench(args.task, args.T, budget=args.budget, hidden_size=args.hidden,
-                                seed=args.seed, log=_log(args))
+        result = gradient_bench(
+            args.task,
+            args.T,
+            budget=args.budget,
+            hidden_size=args.hidden,
+            seed=args.seed,
+            log=_log(args),
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     out = Path(args.out)

@@ -11,42 +11,65 @@ import json
 import sys
 from pathlib import Path
 
-from glasslstm.data import DataError, load_corpus
-from glasslstm.inspect.analysis import QUANTITIES, analyze
-from glasslstm.inspect.cells import PROBES, display_token, find_cells, plot_cells, probe_function
-from glasslstm.model import ConfigError, LanguageModel
+from glasslstm.data import load_corpus
+from glasslstm.errors import ConfigError, DataError
+from glasslstm.inspection.analysis import QUANTITIES, analyze
+from glasslstm.inspection.cells import PROBES, display_token, find_cells, plot_cells, probe_function
+from glasslstm.model import LanguageModel
 
 BLOCKS = "▁▂▃▄▅▆▇█"
-SHOWN = 3          # excerpts printed (and cut) for the best cells
-WIDTH = 72         # characters per printed excerpt row
+SHOWN = 3  # excerpts printed (and cut) for the best cells
+WIDTH = 72  # characters per printed excerpt row
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "cells", help="find the cells that track quotes, line position, brackets, a regex",
+        "cells",
+        help="find the cells that track quotes, line position, brackets, a regex",
         description="Rank every cell by the Pearson correlation of its activation with a probe "
         "signal computed from the text, and show the best cells on an excerpt. Probes: quote "
         "(1 inside double quotes), line-position (characters since the last newline), "
         "sentence-boundary (1 on the character ending a sentence), bracket-depth (nesting of "
-        "( [ {), or any other string as a regular expression (1 on matched characters).")
+        "( [ {), or any other string as a regular expression (1 on matched characters).",
+    )
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help="a UTF-8 text file, or a named corpus (stories, shakespeare: its "
-                   "validation split)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="a UTF-8 text file, or a named corpus (stories, shakespeare: its validation split)",
+    )
     p.add_argument("--data-dir", default=None, help="where named corpora are looked up")
-    p.add_argument("--probe", default="quote", metavar="NAME|REGEX",
-                   help=f"{' | '.join(PROBES)} | a regex (default: quote)")
-    p.add_argument("--quantity", choices=QUANTITIES, default="c",
-                   help="which value of each cell: the cell state c (default), the hidden "
-                   "state h, or a gate i f g o")
+    p.add_argument(
+        "--probe",
+        default="quote",
+        metavar="NAME|REGEX",
+        help=f"{' | '.join(PROBES)} | a regex (default: quote)",
+    )
+    p.add_argument(
+        "--quantity",
+        choices=QUANTITIES,
+        default="c",
+        help="which value of each cell: the cell state c (default), the hidden "
+        "state h, or a gate i f g o",
+    )
     p.add_argument("--layer", type=int, default=None, help="search one layer (default: all)")
     p.add_argument("--top", type=int, default=5, help="cells to list (default: 5)")
-    p.add_argument("--max-chars", type=int, default=20_000, metavar="N",
-                   help="analyse the first N characters of the text (default: 20000)")
+    p.add_argument(
+        "--max-chars",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="analyse the first N characters of the text (default: 20000)",
+    )
     p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--png", default=None, metavar="OUT",
-                   help="also draw the best cell on its excerpt, with the probe, as a PNG")
+    p.add_argument(
+        "--png",
+        default=None,
+        metavar="OUT",
+        help="also draw the best cell on its excerpt, with the probe, as a PNG",
+    )
     p.set_defaults(run=run)
 
 
@@ -61,8 +84,9 @@ def read_text(data: str, data_dir=None) -> tuple[str, str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{what} is not valid UTF-8 (at byte {e.start}: {e.reason}); "
-                        "re-encode it as UTF-8") from None
+        raise DataError(
+            f"{what} is not valid UTF-8 (at byte {e.start}: {e.reason}); re-encode it as UTF-8"
+        ) from None
     if not text.strip():
         raise DataError(f"{what} is empty (or only whitespace); give it some text to look at")
     return text, what
@@ -73,7 +97,7 @@ def run(args) -> int:
         raise ConfigError(f"--top must be >= 1; got {args.top}")
     if args.max_chars < 1:
         raise ConfigError(f"--max-chars must be >= 1; got {args.max_chars}")
-    probe_function(args.probe)   # a bad regex fails before the model runs
+    probe_function(args.probe)  # a bad regex fails before the model runs
     if args.png and not Path(args.png).expanduser().resolve().parent.is_dir():
         raise DataError(f"cannot write --png {args.png}: its folder does not exist")
     model = LanguageModel.load(args.run_dir, which=args.which)
@@ -81,33 +105,44 @@ def run(args) -> int:
     if args.layer is not None:
         n = model.config.num_layers
         if not 0 <= args.layer < n:
-            raise ConfigError(f"--layer {args.layer} is out of range: the model has {n} "
-                              f"layer{'s' if n > 1 else ''} (0..{n - 1})")
+            raise ConfigError(
+                f"--layer {args.layer} is out of range: the model has {n} "
+                f"layer{'s' if n > 1 else ''} (0..{n - 1})"
+            )
         layers = [args.layer]
     text, what = read_text(args.data, args.data_dir)
     cut = len(text) > args.max_chars
-    text = text[:args.max_chars]
-    model.tokenizer.encode_bytes(text.encode("utf-8"), what=what)  # names the file on a bad char
+    text = text[: args.max_chars]
+    model.require_tokenizer().encode_bytes(
+        text.encode("utf-8"), what=what
+    )  # names the file on a bad char
     analysis = analyze(model, text, top_k=1)
-    report = find_cells(analysis, args.probe, quantity=args.quantity, layers=layers,
-                        excerpts=min(SHOWN, args.top))
+    report = find_cells(
+        analysis, args.probe, quantity=args.quantity, layers=layers, excerpts=min(SHOWN, args.top)
+    )
     if args.png:
         plot_cells(report, args.png)
     if args.json:
-        out = {"run": str(args.run_dir), "data": what, "chars": len(analysis.text),
-               "truncated": cut or analysis.truncated,
-               **report.to_json(top=args.top)}
+        out = {
+            "run": str(args.run_dir),
+            "data": what,
+            "chars": len(analysis.text),
+            "truncated": cut or analysis.truncated,
+            **report.to_json(top=args.top),
+        }
         if args.png:
             out["png"] = str(args.png)
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
     n_layers = len(layers) if layers else analysis.num_layers
     first = f"the first {len(analysis.text):,} characters of " if cut or analysis.truncated else ""
-    print(f"probe {args.probe!r} over {first}{what}: {len(analysis):,} tokens "
-          f"({len(analysis.text):,} characters); {len(report.scores)} cells of "
-          f"{args.quantity} in {n_layers} layer{'s' if n_layers > 1 else ''}, ranked by "
-          "Pearson r")
-    print(format_table(report.scores[:args.top]))
+    print(
+        f"probe {args.probe!r} over {first}{what}: {len(analysis):,} tokens "
+        f"({len(analysis.text):,} characters); {len(report.scores)} cells of "
+        f"{args.quantity} in {n_layers} layer{'s' if n_layers > 1 else ''}, ranked by "
+        "Pearson r"
+    )
+    print(format_table(report.scores[: args.top]))
     color = sys.stdout.isatty()
     for ex in report.excerpts:
         print()
@@ -139,15 +174,18 @@ def _rgb(x: float) -> tuple[int, int, int]:
     """Blue (low) - white - red (high), like matplotlib's RdBu_r, for x in [0, 1]."""
     lo, mid, hi = (33, 102, 172), (247, 247, 247), (178, 24, 43)
     a, b, t = (lo, mid, x * 2) if x < 0.5 else (mid, hi, x * 2 - 1)
-    return tuple(round(p + (q - p) * t) for p, q in zip(a, b))
+    r, g, b_ = (round(p + (q - p) * t) for p, q in zip(a, b))
+    return r, g, b_
 
 
 def format_excerpt(ex, probe: str, *, color: bool = False, width: int = WIDTH) -> str:
     """The excerpt shaded by the cell: ANSI background colours (``color``), or rows of text
     with a row of blocks (the cell) and a row of blocks (the probe) under each."""
     lo, hi = ex.color_range()
-    head = (f"layer {ex.layer} cell {ex.cell} (r = {ex.r:+.3f}), tokens {ex.start}-"
-            f"{ex.start + len(ex.tokens) - 1}, shaded by {ex.quantity} from {lo:+.2f} to {hi:+.2f}")
+    head = (
+        f"layer {ex.layer} cell {ex.cell} (r = {ex.r:+.3f}), tokens {ex.start}-"
+        f"{ex.start + len(ex.tokens) - 1}, shaded by {ex.quantity} from {lo:+.2f} to {hi:+.2f}"
+    )
     shade = ex.shade()
     if color:
         out = []
@@ -161,12 +199,12 @@ def format_excerpt(ex, probe: str, *, color: bool = False, width: int = WIDTH) -
     blocks = BLOCKS if _unicode_ok() else "0123456789"
     enc = getattr(sys.stdout, "encoding", None) or "utf-8"
     s_lo, s_hi = min(ex.signal), max(ex.signal)
-    rows = [["", "", ""]]                       # text, cell blocks, probe blocks
+    rows = [["", "", ""]]  # text, cell blocks, probe blocks
     for tok, x, s in zip(ex.tokens, shade, ex.signal):
         shown = display_token(tok) if blocks is BLOCKS else tok.encode(enc, "replace").decode(enc)
-        shown = shown.replace("\n", "|").replace("\t", " ")   # only where blocks can't print
+        shown = shown.replace("\n", "|").replace("\t", " ")  # only where blocks can't print
         ps = (s - s_lo) / (s_hi - s_lo) if s_hi > s_lo else 0.0
-        for ch in shown:                        # wrap at `width`, and after each newline
+        for ch in shown:  # wrap at `width`, and after each newline
             if len(rows[-1][0]) >= width:
                 rows.append(["", "", ""])
             row = rows[-1]

@@ -12,10 +12,13 @@ TOLERANCE = 1e-10  # float64: agreement to round-off
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="check glasslstm.LSTM against the reference and torch.nn.LSTM",
-                       description="Build a 2-layer LSTM, run it forward and backward, and "
-                       "compare outputs, gates and gradients with the NumPy reference "
-                       "(hand-written BPTT) and with torch.nn.LSTM given the same weights.")
+    p = sub.add_parser(
+        "demo",
+        help="check glasslstm.LSTM against the reference and torch.nn.LSTM",
+        description="Build a 2-layer LSTM, run it forward and backward, and "
+        "compare outputs, gates and gradients with the NumPy reference "
+        "(hand-written BPTT) and with torch.nn.LSTM given the same weights.",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
 
@@ -27,16 +30,18 @@ def run(args) -> int:
     theirs = ours.to_torch()
     x = torch.randn(T, B, I, dtype=torch.float64)
     dy = torch.randn(T, B, H, dtype=torch.float64)
-    print(f"glasslstm demo: LSTM(input_size={I}, hidden_size={H}, num_layers={L}), float64, "
-          f"T={T}, B={B}")
+    print(
+        f"glasslstm demo: LSTM(input_size={I}, hidden_size={H}, num_layers={L}), float64, "
+        f"T={T}, B={B}"
+    )
 
     results = {}
     for name, model in (("glasslstm", ours), ("torch.nn.LSTM", theirs)):
         xi = x.clone().requires_grad_(True)
         out = model(xi, return_gates=True) if model is ours else model(xi)
         (out[0] * dy).sum().backward()
-        grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
-        results[name] = (out, xi.grad.numpy(), grads)
+        grads = {n: _grad(p).numpy().copy() for n, p in model.named_parameters()}
+        results[name] = (out, _grad(xi).numpy(), grads)
     (y, _, trace), dx, grads = results["glasslstm"]
     (y_t, _), dx_t, grads_t = results["torch.nn.LSTM"]
 
@@ -50,10 +55,14 @@ def run(args) -> int:
         ("weight grads vs torch.nn.LSTM", max(_diff(grads[n], grads_t[n]) for n in grads)),
         ("output   vs NumPy reference", _diff(y.detach().numpy(), y_r)),
         ("grad x   vs NumPy reference", _diff(dx, g_r.dx)),
-        ("gates f,i,N,o,C vs reference", max(
-            _diff(getattr(trace, ours_name)[k].numpy(), getattr(cache.layers[k], ref_name))
-            for k in range(L)
-            for ours_name, ref_name in zip("figoc", ("f", "i", "N", "o", "C")))),
+        (
+            "gates f,i,N,o,C vs reference",
+            max(
+                _diff(getattr(trace, ours_name)[k].numpy(), getattr(cache.layers[k], ref_name))
+                for k in range(L)
+                for ours_name, ref_name in zip("figoc", ("f", "i", "N", "o", "C"))
+            ),
+        ),
     ]
     ok = True
     for label, err in rows:
@@ -61,11 +70,18 @@ def run(args) -> int:
         ok &= good
         print(f"  {label:<32} max |diff| = {err:.1e}  {'ok' if good else 'MISMATCH'}")
     f = trace.f[L - 1]
-    print(f"  top layer's forget gate over time: mean {float(f.mean()):.3f}, "
-          f"saturated (<0.1 or >0.9) {float(((f < 0.1) | (f > 0.9)).double().mean()):.1%}")
+    print(
+        f"  top layer's forget gate over time: mean {float(f.mean()):.3f}, "
+        f"saturated (<0.1 or >0.9) {float(((f < 0.1) | (f > 0.9)).double().mean()):.1%}"
+    )
     print("demo: all checks passed" if ok else "demo: MISMATCH (see above)")
     return 0 if ok else 1
 
 
 def _diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    assert t.grad is not None  # backward() just ran through t
+    return t.grad

@@ -5,42 +5,53 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glasslstm import checkpoint
-from glasslstm.data import DataError, load_corpus
+from glasslstm import rundir
+from glasslstm.data import load_corpus
+from glasslstm.errors import DataError
 from glasslstm.model import LanguageModel
 from glasslstm.trainer import chars_per_token, evaluate
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per character on a text",
-                       description="Evaluate a trained model. --data FILE evaluates the whole "
-                       "file; a corpus name (stories, shakespeare) or no --data evaluates that "
-                       "corpus's validation split (the run's own corpus by default).")
+    p = sub.add_parser(
+        "eval",
+        help="loss, perplexity and bits per character on a text",
+        description="Evaluate a trained model. --data FILE evaluates the whole "
+        "file; a corpus name (stories, shakespeare) or no --data evaluates that "
+        "corpus's validation split (the run's own corpus by default).",
+    )
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
     p.add_argument("--data", default=None, help="a text file, or a named corpus")
     p.add_argument("--data-dir", default=None, help="where named corpora are looked up")
     p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
     p.add_argument("--batch-size", type=int, default=32, help="rows evaluated in parallel")
-    p.add_argument("--seq-len", type=int, default=256, help="steps per chunk (the state carries over)")
+    p.add_argument(
+        "--seq-len", type=int, default=256, help="steps per chunk (the state carries over)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     model = LanguageModel.load(args.run_dir, which=args.which)
-    tok = model.tokenizer
+    tok = model.require_tokenizer()
     if args.data and Path(args.data).is_file():
         data = Path(args.data).read_bytes()
         if not data.strip():
             raise DataError(f"{args.data} is empty (or only whitespace); nothing to evaluate")
         what = args.data
     else:
-        spec = args.data or checkpoint.read_config(args.run_dir)["train"].get("data")
+        spec = args.data or rundir.read_config(args.run_dir)["train"].get("data")
         corpus = load_corpus(spec, data_dir=args.data_dir)
         data, what = corpus.val, f"the validation split of {corpus.name}"
     ids = tok.encode_bytes(data, what=what)
-    res = evaluate(model, ids, batch_size=args.batch_size, seq_len=args.seq_len,
-                   chars_per_token=chars_per_token(tok, data, len(ids)))
+    res = evaluate(
+        model,
+        ids,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        chars_per_token=chars_per_token(tok, data, len(ids)),
+    )
     res["data"] = what
     if args.json:
         print(json.dumps(res, indent=2))

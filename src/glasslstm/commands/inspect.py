@@ -7,29 +7,41 @@ import json
 import sys
 from pathlib import Path
 
-from glasslstm.data import DataError
-from glasslstm.inspect.common import QUANTITIES
-from glasslstm.model import ConfigError, LanguageModel
+from glasslstm.errors import ConfigError, DataError
+from glasslstm.inspection.common import QUANTITIES
+from glasslstm.model import LanguageModel
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "inspect", help="show the gates, states and guesses of a model at every token of a text",
+        "inspect",
+        help="show the gates, states and guesses of a model at every token of a text",
         description="Run a trained model over a text and show, per token, the forget gate f, input "
         "gate i, new information g (N_t), output gate o, cell state c and hidden state h of chosen "
         "cells, with the model's most likely next tokens. Prints a table (coloured on a terminal), "
-        "or JSON; --html writes a self-contained interactive report, --png a picture.")
+        "or JSON; --html writes a self-contained interactive report, --png a picture.",
+    )
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
     p.add_argument("--text", help="the text to look at")
-    p.add_argument("--file",
-                   help="read the text from this file (UTF-8; any bytes for a byte model)")
-    p.add_argument("--layer", type=int, default=None,
-                   help="which layer (0 = the first; default: the last)")
-    p.add_argument("--cells", default=None, metavar="K,K,...",
-                   help="cells to show, e.g. 3,17 (default: the 3 whose cell state varies most "
-                   "over the text; in --html/--png the first one colours the text)")
-    p.add_argument("--quantity", choices=QUANTITIES, default="c",
-                   help="what colours the text in --html/--png (default: c, the cell state)")
+    p.add_argument(
+        "--file", help="read the text from this file (UTF-8; any bytes for a byte model)"
+    )
+    p.add_argument(
+        "--layer", type=int, default=None, help="which layer (0 = the first; default: the last)"
+    )
+    p.add_argument(
+        "--cells",
+        default=None,
+        metavar="K,K,...",
+        help="cells to show, e.g. 3,17 (default: the 3 whose cell state varies most "
+        "over the text; in --html/--png the first one colours the text)",
+    )
+    p.add_argument(
+        "--quantity",
+        choices=QUANTITIES,
+        default="c",
+        help="what colours the text in --html/--png (default: c, the cell state)",
+    )
     p.add_argument("--top-k", type=int, default=3, help="next-token guesses per token (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the whole analysis)")
     p.add_argument("--html", metavar="OUT", help="write a self-contained HTML report to OUT")
@@ -44,8 +56,9 @@ def _parse_cells(spec: str | None) -> list[int] | None:
     try:
         cells = [int(part) for part in spec.replace(" ", "").split(",") if part]
     except ValueError:
-        raise ConfigError(f"--cells must be cell numbers separated by commas, e.g. 3,17; "
-                          f"got {spec!r}") from None
+        raise ConfigError(
+            f"--cells must be cell numbers separated by commas, e.g. 3,17; got {spec!r}"
+        ) from None
     if not cells:
         raise ConfigError(f"--cells names no cell; give e.g. 3,17 (got {spec!r})")
     return cells
@@ -68,14 +81,19 @@ def _read_text(args, level: str) -> tuple[str, str]:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             if level != "byte":
-                bad = data[e.start:e.start + 4].hex(" ")
-                raise DataError(f"{path} is not valid UTF-8: at byte offset {e.start} ({e.reason}; "
-                                f"bytes {bad}). Re-encode it as UTF-8 "
-                                "(e.g. iconv -f latin1 -t utf-8)") from None
+                bad = data[e.start : e.start + 4].hex(" ")
+                raise DataError(
+                    f"{path} is not valid UTF-8: at byte offset {e.start} ({e.reason}; "
+                    f"bytes {bad}). Re-encode it as UTF-8 "
+                    "(e.g. iconv -f latin1 -t utf-8)"
+                ) from None
             # A byte model reads any file; the bytes that are not UTF-8 reach it as U+FFFD.
             text = data.decode("utf-8", errors="replace")
-            print(f"glasslstm inspect: note: {path} is not all valid UTF-8 (first bad byte at "
-                  f"offset {e.start}); those bytes are read as U+FFFD", file=sys.stderr)
+            print(
+                f"glasslstm inspect: note: {path} is not all valid UTF-8 (first bad byte at "
+                f"offset {e.start}); those bytes are read as U+FFFD",
+                file=sys.stderr,
+            )
     if not text:
         raise DataError(f"{where} is empty; give at least one token to look at")
     return text, where
@@ -83,47 +101,62 @@ def _read_text(args, level: str) -> tuple[str, str]:
 
 def _check_range(layer: int | None, cells: list[int] | None, n_layers: int, size: int) -> None:
     if layer is not None and not 0 <= layer < n_layers:
-        raise ConfigError(f"--layer {layer} is out of range: the model has {n_layers} "
-                          f"layer{'s' if n_layers > 1 else ''} (0..{n_layers - 1})")
+        raise ConfigError(
+            f"--layer {layer} is out of range: the model has {n_layers} "
+            f"layer{'s' if n_layers > 1 else ''} (0..{n_layers - 1})"
+        )
     for k in cells or ():
         if not 0 <= k < size:
-            raise ConfigError(f"--cells: cell {k} is out of range: each layer has {size} cells "
-                              f"(0..{size - 1})")
+            raise ConfigError(
+                f"--cells: cell {k} is out of range: each layer has {size} cells (0..{size - 1})"
+            )
 
 
 def run(args) -> int:
-    from glasslstm.inspect import analyze
-    from glasslstm.inspect.terminal import render, resolve
+    from glasslstm.inspection import analyze
+    from glasslstm.inspection.terminal import render, resolve
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1; got {args.top_k}")
     cells = _parse_cells(args.cells)
     model = LanguageModel.load(args.run_dir, which=args.which)
     _check_range(args.layer, cells, model.config.num_layers, model.config.hidden_size)
-    text, where = _read_text(args, model.tokenizer.level)
+    text, where = _read_text(args, model.require_tokenizer().level)
     analysis = analyze(model, text, top_k=args.top_k)
     analysis.meta.update({"run_dir": str(args.run_dir), "which": args.which, "source": where})
     layer, cells, by_default = resolve(analysis, args.layer, cells)
 
     written = []
     if args.html:
-        from glasslstm.inspect.html import write_html
+        from glasslstm.inspection.html import write_html
 
-        path = write_html(analysis, args.html, layer=layer, cell=cells[0], quantity=args.quantity,
-                          title=f"glasslstm inspect: {Path(args.run_dir).name} on "
-                                f"{'the given text' if args.file is None else Path(where).name}")
-        size = path.stat().st_size
-        size = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
-        written.append(f"{path} ({size}, {len(analysis):,} tokens, "
-                       f"{analysis.num_layers} layers x {analysis.hidden_size} cells)")
+        path = write_html(
+            analysis,
+            args.html,
+            layer=layer,
+            cell=cells[0],
+            quantity=args.quantity,
+            title=f"glasslstm inspect: {Path(args.run_dir).name} on "
+            f"{'the given text' if args.file is None else Path(where).name}",
+        )
+        n = path.stat().st_size
+        size = f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+        written.append(
+            f"{path} ({size}, {len(analysis):,} tokens, "
+            f"{analysis.num_layers} layers x {analysis.hidden_size} cells)"
+        )
     if args.png:
-        from glasslstm.inspect.pictures import plot_png
+        from glasslstm.inspection.pictures import plot_png
 
         shown = plot_png(analysis, args.png, layer=layer, cell=cells[0], quantity=args.quantity)
-        cut = (f"first {shown['tokens']} of {shown['of_tokens']} tokens"
-               if shown["tokens"] < shown["of_tokens"] else f"{shown['tokens']} tokens")
-        written.append(f"{shown['path']} (layer {layer}, {args.quantity} of cell "
-                       f"{shown['cell']}, {cut})")
+        cut = (
+            f"first {shown['tokens']} of {shown['of_tokens']} tokens"
+            if shown["tokens"] < shown["of_tokens"]
+            else f"{shown['tokens']} tokens"
+        )
+        written.append(
+            f"{shown['path']} (layer {layer}, {args.quantity} of cell {shown['cell']}, {cut})"
+        )
 
     if args.json:
         out = analysis.to_json()

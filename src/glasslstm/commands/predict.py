@@ -8,9 +8,12 @@ from glasslstm.model import LanguageModel
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="show the most likely next tokens after a text",
-                       description="The softmax over the hidden state, read out: the most "
-                       "likely next tokens after TEXT (and, for a character model, the next word).")
+    p = sub.add_parser(
+        "predict",
+        help="show the most likely next tokens after a text",
+        description="The softmax over the hidden state, read out: the most "
+        "likely next tokens after TEXT (and, for a character model, the next word).",
+    )
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
     p.add_argument("text", metavar="TEXT", help='e.g. "For his contributions, brave"')
     p.add_argument("--top", type=int, default=5, help="how many tokens to list (default: 5)")
@@ -22,10 +25,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     model = LanguageModel.load(args.run_dir, which=args.which)
     preds = model.predict_next(args.text, top=args.top)
-    word = model.next_word(args.text) if model.tokenizer.level != "word" else None
+    word = model.next_word(args.text) if model.require_tokenizer().level != "word" else None
     if args.json:
-        out = {"text": args.text, "level": model.tokenizer.level,
-               "next": [{"token": p.text, "prob": p.prob} for p in preds]}
+        out = {
+            "text": args.text,
+            "level": model.require_tokenizer().level,
+            "next": [{"token": p.text, "prob": p.prob} for p in preds],
+        }
         if word is not None:
             out["next_word"] = {"word": word[0], "prob": word[1]}
         print(json.dumps(out, indent=2))

@@ -9,9 +9,10 @@ import math
 import re
 import sys
 from dataclasses import MISSING, fields
+from typing import Any
 
 from glasslstm import stories
-from glasslstm.data import DataError
+from glasslstm.errors import DataError
 from glasslstm.model import LanguageModel
 from glasslstm.trainer import TrainConfig, TrainResult, train
 
@@ -44,8 +45,12 @@ def add_parser(sub) -> None:
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             p.add_argument(flag, type=kind, metavar=f.name.upper(), help=text)
-    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN (exactly where it stopped)")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end, no progress bar")
+    p.add_argument(
+        "--resume", metavar="RUN", help="continue the run in RUN (exactly where it stopped)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object at the end, no progress bar"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -58,8 +63,9 @@ def run(args) -> int:
     if not as_json:
         where = f"resuming {resume}" if resume else "training"
         print(f"glasslstm: {where} ...", file=sys.stderr, flush=True)
-    result = train(None if resume else TrainConfig(), resume=resume, overrides=given,
-                   progress=progress)
+    result = train(
+        None if resume else TrainConfig(), resume=resume, overrides=given, progress=progress
+    )
     finished = result.stopped not in ("interrupted", "diverged")
     report = _report(result, LanguageModel.load(result.run_dir)) if finished else result.to_json()
     if as_json:
@@ -81,13 +87,14 @@ def _report(result: TrainResult, model: LanguageModel) -> dict:
     corpus = json.loads((result.run_dir / "config.json").read_text("utf-8"))["corpus"]["name"]
     prompt = ARTICLE_START if corpus == "stories" else ""
     report["sample_prompt"] = prompt
-    report["sample"] = prompt + "".join(model.generate(prompt, 300, temperature=0.8, top_k=40,
-                                                       seed=1))
+    report["sample"] = prompt + "".join(
+        model.generate(prompt, 300, temperature=0.8, top_k=40, seed=1)
+    )
     if corpus == "stories":
-        examples = stories.fill_in_examples(seed=0, n=20)
+        examples: list[tuple[str, str | None]] = list(stories.fill_in_examples(seed=0, n=20))
     else:
         examples = [(ARTICLE_PROMPT, None)]
-    fills = []
+    fills: list[dict[str, Any]] = []
     for prompt, answer in examples:
         try:
             word, prob = model.next_word(prompt)
@@ -100,7 +107,9 @@ def _report(result: TrainResult, model: LanguageModel) -> dict:
     report["fill_in"] = fills
     scored = [f for f in fills if f["answer"] is not None]
     if scored:
-        report["fill_in_accuracy"] = sum(f["predicted"] == f["answer"] for f in scored) / len(scored)
+        report["fill_in_accuracy"] = sum(f["predicted"] == f["answer"] for f in scored) / len(
+            scored
+        )
         report["fill_in_answer_prob"] = sum(f["answer_prob"] for f in scored) / len(scored)
     return report
 
@@ -110,9 +119,13 @@ def _print_report(result: TrainResult, report: dict) -> None:
     if result.stopped in ("interrupted", "diverged"):
         return
     print(f"run directory: {result.run_dir}")
-    print(f"validation: {result.last_val_loss:.4f} nats/token, {result.last_val_bpc:.3f} bits per "
-          f"character (best {result.best_val_bpc:.3f}), perplexity {math.exp(result.last_val_loss):.2f}"
-          if math.isfinite(result.last_val_loss) else "validation: not run")
+    print(
+        f"validation: {result.last_val_loss:.4f} nats/token, {result.last_val_bpc:.3f} bits per "
+        f"character (best {result.best_val_bpc:.3f}), "
+        f"perplexity {math.exp(result.last_val_loss):.2f}"
+        if math.isfinite(result.last_val_loss)
+        else "validation: not run"
+    )
     print(f"speed: {result.tokens_per_s:,.0f} tokens/s over {result.seconds:.0f} s of training")
     if "sample" in report:
         print("\nsample (temperature 0.8, top-k 40):")
@@ -123,15 +136,22 @@ def _print_report(result: TrainResult, report: dict) -> None:
         tail = f["prompt"][-160:]
         print("\nfill in the blank:")
         print(f"  ...{tail} ____")
-        verdict = "" if f["answer"] is None else (
-            "  (right)" if f["predicted"] == f["answer"] else f"  (expected {f['answer']})")
+        verdict = (
+            ""
+            if f["answer"] is None
+            else ("  (right)" if f["predicted"] == f["answer"] else f"  (expected {f['answer']})")
+        )
         print(f"  -> {f['predicted']!r} with probability {f['prob']:.2f}{verdict}")
         if "fill_in_accuracy" in report:
             n = len([x for x in fills if x["answer"] is not None])
             names = len(stories.MALE_NAMES)
-            print(f"  over {n} held-out stories (the name came 100+ characters before the blank): "
-                  f"{report['fill_in_accuracy'] * n:.0f}/{n} right; the right name got probability "
-                  f"{report['fill_in_answer_prob']:.3f} on average (1/{names} = {1 / names:.3f} "
-                  "for a guess among the names of the right gender)")
-    print(f"\nnext: glasslstm sample {result.run_dir} --prompt \"Bob\" | "
-          f"glasslstm predict {result.run_dir} \"{ARTICLE_PROMPT}\"")
+            print(
+                f"  over {n} held-out stories (the name came 100+ characters before the blank): "
+                f"{report['fill_in_accuracy'] * n:.0f}/{n} right; the right name got probability "
+                f"{report['fill_in_answer_prob']:.3f} on average (1/{names} = {1 / names:.3f} "
+                "for a guess among the names of the right gender)"
+            )
+    print(
+        f'\nnext: glasslstm sample {result.run_dir} --prompt "Bob" | '
+        f'glasslstm predict {result.run_dir} "{ARTICLE_PROMPT}"'
+    )

@@ -56,7 +56,9 @@ def _triton_cell(x: torch.Tensor, forced: bool):
         from glasslstm.ops import triton_cell
     except ImportError as e:  # no triton installed
         if forced:
-            raise ValueError(f"backend='fused' on CUDA needs triton ({e}); use backend='bptt'")
+            raise ValueError(
+                f"backend='fused' on CUDA needs triton ({e}); use backend='bptt'"
+            ) from None
         return None
     cell, why = triton_cell.cell(x.dtype)
     if cell is None and forced:
@@ -72,7 +74,9 @@ def cell_for(backend: str, x: torch.Tensor):
     if x.device.type == "cpu":
         fused = cpu.cell(x.dtype)
         if fused is None and forced:
-            why = cpu.status() if x.dtype in cpu.SUFFIX else f"dtype {x.dtype} (float32/float64 only)"
+            why = (
+                cpu.status() if x.dtype in cpu.SUFFIX else f"dtype {x.dtype} (float32/float64 only)"
+            )
             raise ValueError(f"backend='fused' cannot run here ({why}); use backend='bptt'")
         return fused or TORCH_CELL
     if x.device.type == "cuda" and (forced or os.environ.get("GLASSLSTM_TRITON", "1") != "0"):
@@ -108,16 +112,35 @@ def lstm_layer(backend: str, x, h0, c0, weights, batch_sizes, reverse: bool, rec
         x, h0, c0, weights = _up(x), _up(h0), _up(c0), tuple(_up(w) for w in weights)
         cell = _autocast_cell(backend, x)
         with torch.autocast(x.device.type, enabled=False):
-            return _layer(backend, _AutocastOffLayerFunction, x, h0, c0, weights, batch_sizes,
-                          reverse, record, cell)
+            return _layer(
+                backend,
+                _AutocastOffLayerFunction,
+                x,
+                h0,
+                c0,
+                weights,
+                batch_sizes,
+                reverse,
+                record,
+                cell,
+            )
     return _layer(backend, LSTMLayerFunction, x, h0, c0, weights, batch_sizes, reverse, record)
 
 
 def _layer(backend, function, x, h0, c0, weights, batch_sizes, reverse, record, cell=None):
     if backend == "loop":
         return lstm_layer_loop(x, h0, c0, *weights, batch_sizes, reverse, record)
-    return function.apply(x, h0, c0, *weights, batch_sizes, reverse, record,
-                          cell or cell_for(backend, x), torch.is_grad_enabled())
+    return function.apply(
+        x,
+        h0,
+        c0,
+        *weights,
+        batch_sizes,
+        reverse,
+        record,
+        cell or cell_for(backend, x),
+        torch.is_grad_enabled(),
+    )
 
 
 # ---- autocast support for lstm_layer (kept apart from the paths above) ----------------------
@@ -138,8 +161,12 @@ def _autocasting(device_type: str) -> bool:
 def _autocast_cell(backend: str, x: torch.Tensor):
     """The bf16-GEMM cell where ``backend`` would run the C kernels on float32 CPU tensors under
     bfloat16 autocast; else None (the layer's usual float32 cell)."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32
-            or _autocast_dtype("cpu") != torch.bfloat16 or backend == "loop"):
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or _autocast_dtype("cpu") != torch.bfloat16
+        or backend == "loop"
+    ):
         return None
     if not isinstance(cell_for(backend, x), cpu.CpuCell):
         return None
@@ -149,7 +176,7 @@ def _autocast_cell(backend: str, x: torch.Tensor):
 def _autocast_dtype(device_type: str):
     try:
         return torch.get_autocast_dtype(device_type)
-    except (AttributeError, RuntimeError):      # torch < 2.4
+    except (AttributeError, RuntimeError):  # torch < 2.4
         return torch.get_autocast_cpu_dtype() if device_type == "cpu" else None
 
 

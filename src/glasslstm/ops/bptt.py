@@ -51,13 +51,16 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     # Input projections of all steps at once: x_t U + b  -> (T, B, 4H). On many rows a
     # contiguous U^T pays for its copy (MKL's GEMM on a transposed view: ~20% slower).
     # (not for a cell with its own GEMM: the bf16 one converts U, whatever its layout)
-    u = (w_ih.t().contiguous() if T * B >= 64 and x.device.type == "cpu"
-         and not hasattr(cell, "mm") else w_ih.t())
+    u = (
+        w_ih.t().contiguous()
+        if T * B >= 64 and x.device.type == "cpu" and not hasattr(cell, "mm")
+        else w_ih.t()
+    )
     # A kernel that runs the whole time loop adds b itself, as it reads each step's gates:
     # addmm would first write the broadcast bias over all T*B rows (at H = 128 that copy cost
     # ~5% of a training step).
     whole = getattr(cell, "layer_forward", None)
-    mm = getattr(cell, "mm", torch.mm)        # a bf16 cell's: bf16 operands, float32 result
+    mm = getattr(cell, "mm", torch.mm)  # a bf16 cell's: bf16 operands, float32 result
     if bias is not None and whole is None:
         gates = torch.addmm(bias, x2, u).view(T, B, 4 * H)
     else:
@@ -73,7 +76,7 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     if whole is not None:
         if whole(gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse, bias):
             return gates, hs, cs, tanh_c, rs
-        if bias is not None:        # the loop could not run there: the Python loop below
+        if bias is not None:  # the loop could not run there: the Python loop below
             gates += bias
     # Contiguous transposed copies: the per-step GEMM on a transposed view is 20-30% slower
     # (measured at H=512 and 1024). The copy costs about one step, so only long sequences get
@@ -89,9 +92,9 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
             cs[cur, nb:] = cs[prev, nb:]
             if nb == 0:
                 continue
-        a = gates[t, :nb]                       # (nb, 4H): x_t U + b
-        a.addmm_(hs[prev, :nb], w_hh_t)         # + H_{t-1} W
-        if w_hr_t is None:                      # activations in place; C_t, tanh(C_t), H_t
+        a = gates[t, :nb]  # (nb, 4H): x_t U + b
+        a.addmm_(hs[prev, :nb], w_hh_t)  # + H_{t-1} W
+        if w_hr_t is None:  # activations in place; C_t, tanh(C_t), H_t
             cell.forward(a, cs[prev, :nb], cs[cur, :nb], tanh_c[t, :nb], hs[cur, :nb])
         else:
             r = rs[t, :nb]
@@ -100,8 +103,9 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     return gates, hs, cs, tanh_c, rs
 
 
-def _backward_steps(cell, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes,
-                    reverse) -> None:
+def _backward_steps(
+    cell, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes, reverse
+) -> None:
     """The backward time loop in Python, one ``cell.backward`` and one GEMM per step; fills
     ``da`` (and ``dhs``) and leaves the initial state's gradients in ``dh``/``dc``."""
     T, B, H4 = gates.shape
@@ -115,16 +119,16 @@ def _backward_steps(cell, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, ba
         dh_t = dh[:nb]
         dy_t = None if dy is None else dy[t, :nb]
         if w_hr is None:
-            dr = dh_t                       # dL/dH_t = dh_t + dy_t, added by the cell
+            dr = dh_t  # dL/dH_t = dh_t + dy_t, added by the cell
         else:
             if dy_t is not None:
-                dh_t += dy_t                # dL/dH_t: from the output and from step t+1
+                dh_t += dy_t  # dL/dH_t: from the output and from step t+1
             dhs[t, :nb] = dh_t
-            dr, dy_t = torch.mm(dh_t, w_hr), None   # through the projection
+            dr, dy_t = torch.mm(dh_t, w_hr), None  # through the projection
         p = None if prep is None else (prep[0][t, :nb], prep[1][t, :nb])
         d = da[t, :nb]
         cell.backward(gates[t, :nb], cs[prev, :nb], tanh_c[t, :nb], dr, dy_t, dc[:nb], d, p)
-        torch.mm(d, w_hh, out=dh_t)         # dL/dH_{t-1}
+        torch.mm(d, w_hh, out=dh_t)  # dL/dH_{t-1}
 
 
 class TorchCell:
@@ -142,14 +146,14 @@ class TorchCell:
         """``a``: pre-activations in, activated gates out; writes ``c = f c_prev + i g``,
         ``tc = tanh(c)``, ``out = o tc``."""
         H = c.shape[1]
-        a[:, : 2 * H].sigmoid_()                # i, f
-        a[:, 2 * H : 3 * H].tanh_()             # g = N_t, the new information
-        a[:, 3 * H :].sigmoid_()                # o
+        a[:, : 2 * H].sigmoid_()  # i, f
+        a[:, 2 * H : 3 * H].tanh_()  # g = N_t, the new information
+        a[:, 3 * H :].sigmoid_()  # o
         i, f, g, o = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
-        torch.mul(f, c_prev, out=c)             # C_t = f * C_{t-1}
-        c.addcmul_(i, g)                        #       + i * N_t
+        torch.mul(f, c_prev, out=c)  # C_t = f * C_{t-1}
+        c.addcmul_(i, g)  #       + i * N_t
         torch.tanh(c, out=tc)
-        torch.mul(o, tc, out=out)               # H_t = o * tanh(C_t)
+        torch.mul(o, tc, out=out)  # H_t = o * tanh(C_t)
 
     @staticmethod
     def backward_prepare(gates, tanh_c, H):
@@ -173,13 +177,13 @@ class TorchCell:
         if dy is not None:
             dh += dy
         i, f, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H]
-        dc.addcmul_(dh, o_dtanh)                # dL/dC_t
-        torch.mul(dc, g, out=d[:, :H])          # dL/di
-        torch.mul(dc, c_prev, out=d[:, H : 2 * H])      # dL/df
-        torch.mul(dc, i, out=d[:, 2 * H : 3 * H])       # dL/dN
-        torch.mul(dh, tc, out=d[:, 3 * H :])    # dL/do
-        d.mul_(deriv)                           # through sigma / tanh: pre-activation grads
-        dc.mul_(f)                              # dL/dC_{t-1}
+        dc.addcmul_(dh, o_dtanh)  # dL/dC_t
+        torch.mul(dc, g, out=d[:, :H])  # dL/di
+        torch.mul(dc, c_prev, out=d[:, H : 2 * H])  # dL/df
+        torch.mul(dc, i, out=d[:, 2 * H : 3 * H])  # dL/dN
+        torch.mul(dh, tc, out=d[:, 3 * H :])  # dL/do
+        d.mul_(deriv)  # through sigma / tanh: pre-activation grads
+        dc.mul_(f)  # dL/dC_{t-1}
 
 
 TORCH_CELL = TorchCell()
@@ -199,8 +203,22 @@ class LSTMLayerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, record,
-                cell=None, grad=True):
+    def forward(
+        ctx,
+        x,
+        h0,
+        c0,
+        w_ih,
+        w_hh,
+        b_ih,
+        b_hh,
+        w_hr,
+        batch_sizes,
+        reverse,
+        record,
+        cell=None,
+        grad=True,
+    ):
         T, B, _ = x.shape
         cell = cell or TORCH_CELL
         bias = None if b_ih is None else b_ih + b_hh
@@ -213,7 +231,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         # (contiguous) view of hs itself: the copy was ~7% of an H = 128 inference call. With
         # one, hs is saved for it and y must not share its memory (an in-place change of y
         # would corrupt the backward).
-        h_n, c_n = hs[end].clone(), cs[end].clone()   # before y's padding (it may be hs's)
+        h_n, c_n = hs[end].clone(), cs[end].clone()  # before y's padding (it may be hs's)
         backward_to_come = grad and any(ctx.needs_input_grad)
         y = hs[states].clone() if backward_to_come else hs[states]
         pad = None
@@ -221,7 +239,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             pad = _pad_mask(batch_sizes, B, x.device)
             y.masked_fill_(pad, 0.0)
         outputs = [y, h_n, c_n]
-        if record:      # likewise the recorded gates and cells (what an inspection reads)
+        if record:  # likewise the recorded gates and cells (what an inspection reads)
             g_rec = gates.clone() if backward_to_come else gates
             c_rec = cs[states].clone() if backward_to_come else cs[states]
             if pad is not None:
@@ -257,23 +275,29 @@ class LSTMLayerFunction(torch.autograd.Function):
         da = (x.new_zeros if ragged else x.new_empty)(T, B, 4 * H)  # pre-activation grads
         dhs = None if w_hr is None else (x.new_zeros if ragged else x.new_empty)(T, B, P)
         # (B, P) / (B, H): the gradient arriving at the state, from later steps and h_n / c_n
-        dh = x.new_zeros(B, P) if dh_n is None else dh_n.clone(memory_format=torch.contiguous_format)
-        dc = x.new_zeros(B, H) if dc_n is None else dc_n.clone(memory_format=torch.contiguous_format)
+        dh = (
+            x.new_zeros(B, P) if dh_n is None else dh_n.clone(memory_format=torch.contiguous_format)
+        )
+        dc = (
+            x.new_zeros(B, H) if dc_n is None else dc_n.clone(memory_format=torch.contiguous_format)
+        )
         need = ctx.needs_input_grad
         need_db = ctx.has_bias and (need[5] or need[6])
         whole = getattr(cell, "layer_backward", None)  # a kernel that runs the whole time loop
         # such a kernel sums the bias gradient while each step's da is in cache
         db = x.new_empty(4 * H) if need_db and whole is not None else None
-        if whole is None or not whole(gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr,
-                                      batch_sizes, reverse, db):
-            _backward_steps(cell, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr,
-                            batch_sizes, reverse)
+        if whole is None or not whole(
+            gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes, reverse, db
+        ):
+            _backward_steps(
+                cell, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes, reverse
+            )
             db = None
 
         # Gradients of the weights and input: one GEMM each over all T*B rows.
         da2 = da.view(T * B, 4 * H)
-        mm = getattr(cell, "mm", torch.mm)         # a bf16 cell's GEMMs: bf16 in, float32 out
-        da_op = da2                                # converted once for up to three GEMMs
+        mm = getattr(cell, "mm", torch.mm)  # a bf16 cell's GEMMs: bf16 in, float32 out
+        da_op = da2  # converted once for up to three GEMMs
         if hasattr(cell, "operand") and (need[0] or need[3] or need[4]):
             da_op = cell.operand(da2)
         dx = mm(da_op, w_ih).view(T, B, I) if need[0] else None

@@ -34,8 +34,17 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -fno-trapping-math lets the float->int step of exp vectorise; -ffp-contract=fast allows FMA
 # (ISO C mode forbids it by default); 512-bit vectors where the CPU has them (harmless elsewhere).
-FLAGS = ["-O3", "-march=native", "-std=c99", "-fno-trapping-math", "-fno-math-errno",
-         "-ffp-contract=fast", "-mprefer-vector-width=512", "-fPIC", "-shared"]
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-std=c99",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+    "-ffp-contract=fast",
+    "-mprefer-vector-width=512",
+    "-fPIC",
+    "-shared",
+]
 ABI_VERSION = 10
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -85,8 +94,9 @@ def compile_cached(stem: str, key_parts: list[str], commands: list[list[str]]) -
     os.close(fd)
     try:
         for command in commands:
-            run = subprocess.run([arg.replace("{out}", tmp) for arg in command],
-                                 capture_output=True, text=True)
+            run = subprocess.run(
+                [arg.replace("{out}", tmp) for arg in command], capture_output=True, text=True
+            )
             if run.returncode == 0:
                 break
         else:
@@ -116,14 +126,17 @@ def _build(cc: str) -> Path:
     kernels still build, serial."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     base = [cc, *FLAGS]
-    return compile_cached("glasslstm_cpu",
-                          [SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature(),
-                           platform.machine()],
-                          [[*base, "-fopenmp", "-o", "{out}", str(SOURCE), "-lm"],
-                           [*base, "-o", "{out}", str(SOURCE), "-lm"]])
+    return compile_cached(
+        "glasslstm_cpu",
+        [SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature(), platform.machine()],
+        [
+            [*base, "-fopenmp", "-o", "{out}", str(SOURCE), "-lm"],
+            [*base, "-o", "{out}", str(SOURCE), "-lm"],
+        ],
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (then :func:`status` says why). Built on first use."""
     global _failure
@@ -146,24 +159,70 @@ def library() -> ctypes.CDLL | None:
     lib.glasslstm_step_work.argtypes, lib.glasslstm_step_work.restype = [i64], i64
     lib.glasslstm_step_panel.argtypes, lib.glasslstm_step_panel.restype = [], i64
     for suf in SUFFIX.values():
-        getattr(lib, f"glasslstm_cell_forward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, ptr,
-                                                                  i64, ptr, ptr, i64, ptr, i64]
-        getattr(lib, f"glasslstm_cell_backward_{suf}").argtypes = [i64, i64, ptr, i64, ptr, i64,
-                                                                   ptr, i64, ptr, ptr, i64,
-                                                                   ptr, i64, ptr]
+        getattr(lib, f"glasslstm_cell_forward_{suf}").argtypes = [
+            i64,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            i64,
+        ]
+        getattr(lib, f"glasslstm_cell_backward_{suf}").argtypes = [
+            i64,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            ptr,
+        ]
         getattr(lib, f"glasslstm_step_{suf}").argtypes = [ptr] * 8
         sizes = ctypes.POINTER(i64)
         getattr(lib, f"glasslstm_layer_forward_{suf}").argtypes = (
-            [ptr, i64, i64, i64, i64] + [ptr] * 9 + [sizes, ctypes.c_int, ctypes.c_int])
+            [ptr, i64, i64, i64, i64] + [ptr] * 9 + [sizes, ctypes.c_int, ctypes.c_int]
+        )
         getattr(lib, f"glasslstm_layer_backward_{suf}").argtypes = (
-            [ptr, i64, i64, i64, i64] + [ptr] * 13 + [sizes, ctypes.c_int])
+            [ptr, i64, i64, i64, i64] + [ptr] * 13 + [sizes, ctypes.c_int]
+        )
         getattr(lib, f"glasslstm_linear_{suf}").argtypes = [i64, i64, ptr, ptr, ptr, ptr]
-        for name in ("cell_forward", "cell_backward", "step", "layer_forward", "layer_backward",
-                     "linear"):
+        for name in (
+            "cell_forward",
+            "cell_backward",
+            "step",
+            "layer_forward",
+            "layer_backward",
+            "linear",
+        ):
             getattr(lib, f"glasslstm_{name}_{suf}").restype = None
     lib.glasslstm_to_bf16.argtypes, lib.glasslstm_to_bf16.restype = [i64, ptr, ptr], None
-    lib.glasslstm_mm_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ctypes.c_int, ptr, i64,
-                                      ctypes.c_int, ctypes.c_float, ptr, i64]
+    lib.glasslstm_mm_bf16.argtypes = [
+        ptr,
+        i64,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ctypes.c_int,
+        ptr,
+        i64,
+        ctypes.c_int,
+        ctypes.c_float,
+        ptr,
+        i64,
+    ]
     lib.glasslstm_mm_bf16.restype = None
     return lib
 
@@ -171,16 +230,20 @@ def library() -> ctypes.CDLL | None:
 class Blas(ctypes.Structure):
     """``glasslstm_blas`` of cpu_kernels.c: the BLAS routines the C time loops call."""
 
-    _fields_ = [(name, ctypes.c_void_p)
-                for name in ("gemm", "pack_get_size", "pack", "compute", "gemm_bf16")]
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("gemm", "pack_get_size", "pack", "compute", "gemm_bf16")
+    ]
 
 
 # Per dtype: torch's Fortran ?gemm, and MKL's packed-GEMM trio where it has one (float32).
-_BLAS_SYMBOLS = {torch.float32: ("sgemm_", "sgemm_pack_get_size", "sgemm_pack", "sgemm_compute"),
-                 torch.float64: ("dgemm_", "dgemm_pack_get_size", "dgemm_pack", "dgemm_compute")}
+_BLAS_SYMBOLS = {
+    torch.float32: ("sgemm_", "sgemm_pack_get_size", "sgemm_pack", "sgemm_compute"),
+    torch.float64: ("dgemm_", "dgemm_pack_get_size", "dgemm_pack", "dgemm_compute"),
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def blas_routines() -> dict:
     """dtype -> :class:`Blas` with the addresses of the routines torch's CPU build uses (MKL's
     sgemm_/dgemm_ in libtorch_cpu, and sgemm_pack/sgemm_compute), so the C time loop runs the
@@ -200,9 +263,11 @@ def blas_routines() -> dict:
                 gemm, *pack = (_address(lib, sym) for sym in symbols)
                 if gemm is None:
                     continue
-                found[dtype] = Blas(gemm, *(pack if use_pack and None not in pack else [None] * 3),
-                                    _address(lib, "gemm_bf16bf16f32") if dtype == torch.float32
-                                    else None)
+                found[dtype] = Blas(
+                    gemm,
+                    *(pack if use_pack and None not in pack else [None] * 3),
+                    _address(lib, "gemm_bf16bf16f32") if dtype == torch.float32 else None,
+                )
     return found
 
 
@@ -224,8 +289,11 @@ def status() -> str:
         loop = "time loop in Python (no BLAS symbol found)"
     else:
         f32 = blas.get(torch.float32)
-        loop = ("time loop in C on torch's BLAS" + (", packed GEMM" if f32 and f32.pack else "")
-                + (", bf16 GEMM under autocast" if f32 and f32.gemm_bf16 else ""))
+        loop = (
+            "time loop in C on torch's BLAS"
+            + (", packed GEMM" if f32 and f32.pack else "")
+            + (", bf16 GEMM under autocast" if f32 and f32.gemm_bf16 else "")
+        )
     return f"on ({loop})"
 
 
@@ -248,16 +316,20 @@ class CpuCell:
     # cannot run (no BLAS symbol, non-contiguous weights); the caller then loops in Python.
 
     def _loops_in_c(self, w_hh, w_hr) -> bool:
-        return (self._blas is not None and w_hh.is_contiguous()
-                and (w_hr is None or w_hr.is_contiguous()))
+        return (
+            self._blas is not None
+            and w_hh.is_contiguous()
+            and (w_hr is None or w_hr.is_contiguous())
+        )
 
     def _w16(self, w_hh, transposed: bool = False):
         """The recurrent weight for the C loops' bf16 steps (None: float32 steps); the
         backward loop takes it transposed."""
         return None
 
-    def layer_forward(self, gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse,
-                      bias=None) -> bool:
+    def layer_forward(
+        self, gates, hs, cs, tanh_c, rs, w_hh, w_hr, batch_sizes, reverse, bias=None
+    ) -> bool:
         """The forward time loop; ``bias`` (4H), when given, is added to ``gates`` (x U) in
         the loop. False (nothing done) where the loop cannot run in C."""
         if not self._loops_in_c(w_hh, w_hr):
@@ -267,19 +339,41 @@ class CpuCell:
         # See the C source: the transposed copies pay for themselves from ~8 steps. Not needed
         # where every step multiplies by the packed weight (packing reads either layout) or
         # by the bf16 copy.
-        packed_only = (self._blas.pack is not None and batch_sizes is None and w_hr is None
-                       and T >= 4)
+        packed_only = (
+            self._blas is not None
+            and self._blas.pack is not None
+            and batch_sizes is None
+            and w_hr is None
+            and T >= 4
+        )
         transposed = T >= 8 and w16 is None and not packed_only
         if transposed:
             w_hh = w_hh.t().contiguous()
             w_hr = None if w_hr is None else w_hr.t().contiguous()
-        self._layer_fwd(self._blas_ptr, T, B, H4 // 4, hs.shape[2], gates.data_ptr(), hs.data_ptr(),
-                        cs.data_ptr(), tanh_c.data_ptr(), _ptr(rs), w_hh.data_ptr(), _ptr(w_hr),
-                        _ptr(bias), _ptr(w16), _sizes(batch_sizes), int(reverse), int(transposed))
+        self._layer_fwd(
+            self._blas_ptr,
+            T,
+            B,
+            H4 // 4,
+            hs.shape[2],
+            gates.data_ptr(),
+            hs.data_ptr(),
+            cs.data_ptr(),
+            tanh_c.data_ptr(),
+            _ptr(rs),
+            w_hh.data_ptr(),
+            _ptr(w_hr),
+            _ptr(bias),
+            _ptr(w16),
+            _sizes(batch_sizes),
+            int(reverse),
+            int(transposed),
+        )
         return True
 
-    def layer_backward(self, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes,
-                       reverse, db=None) -> bool:
+    def layer_backward(
+        self, gates, cs, tanh_c, dy, dh, dc, da, dhs, w_hh, w_hr, batch_sizes, reverse, db=None
+    ) -> bool:
         """The backward time loop; ``db`` (4H), when given, receives the bias gradient (the
         sum of ``da`` over all rows). False (nothing done) where the loop cannot run in C."""
         if not self._loops_in_c(w_hh, w_hr):
@@ -287,17 +381,47 @@ class CpuCell:
         T, B, H4 = gates.shape
         H = H4 // 4
         dr = None if w_hr is None else dc.new_empty(B, H)
-        w16 = self._w16(w_hh, transposed=True)    # kept alive across the call
-        self._layer_bwd(self._blas_ptr, T, B, H, dh.shape[1], gates.data_ptr(), cs.data_ptr(),
-                        tanh_c.data_ptr(), _ptr(dy), dh.data_ptr(), dc.data_ptr(), da.data_ptr(),
-                        _ptr(dhs), _ptr(dr), w_hh.data_ptr(), _ptr(w_hr), _ptr(db),
-                        _ptr(w16), _sizes(batch_sizes), int(reverse))
+        w16 = self._w16(w_hh, transposed=True)  # kept alive across the call
+        self._layer_bwd(
+            self._blas_ptr,
+            T,
+            B,
+            H,
+            dh.shape[1],
+            gates.data_ptr(),
+            cs.data_ptr(),
+            tanh_c.data_ptr(),
+            _ptr(dy),
+            dh.data_ptr(),
+            dc.data_ptr(),
+            da.data_ptr(),
+            _ptr(dhs),
+            _ptr(dr),
+            w_hh.data_ptr(),
+            _ptr(w_hr),
+            _ptr(db),
+            _ptr(w16),
+            _sizes(batch_sizes),
+            int(reverse),
+        )
         return True
 
     def forward(self, a, c_prev, c, tc, out) -> None:
         n, H = c.shape
-        self._fwd(n, H, a.data_ptr(), a.stride(0), None, c_prev.data_ptr(), c_prev.stride(0),
-                  c.data_ptr(), tc.data_ptr(), c.stride(0), out.data_ptr(), out.stride(0))
+        self._fwd(
+            n,
+            H,
+            a.data_ptr(),
+            a.stride(0),
+            None,
+            c_prev.data_ptr(),
+            c_prev.stride(0),
+            c.data_ptr(),
+            tc.data_ptr(),
+            c.stride(0),
+            out.data_ptr(),
+            out.stride(0),
+        )
 
     @staticmethod
     def backward_prepare(gates, tanh_c, H):
@@ -306,11 +430,24 @@ class CpuCell:
     def backward(self, a, c_prev, tc, dh, dy, dc, d, prep) -> None:
         n, H = dc.shape
         if dy is not None and dy.stride(0) != dh.stride(0):
-            dh += dy          # the kernel reads both with one stride; add here instead
+            dh += dy  # the kernel reads both with one stride; add here instead
             dy = None
-        self._bwd(n, H, a.data_ptr(), a.stride(0), c_prev.data_ptr(), c_prev.stride(0),
-                  tc.data_ptr(), tc.stride(0), dh.data_ptr(), None if dy is None else dy.data_ptr(),
-                  dh.stride(0), dc.data_ptr(), dc.stride(0), d.data_ptr())
+        self._bwd(
+            n,
+            H,
+            a.data_ptr(),
+            a.stride(0),
+            c_prev.data_ptr(),
+            c_prev.stride(0),
+            tc.data_ptr(),
+            tc.stride(0),
+            dh.data_ptr(),
+            None if dy is None else dy.data_ptr(),
+            dh.stride(0),
+            dc.data_ptr(),
+            dc.stride(0),
+            d.data_ptr(),
+        )
 
 
 class CpuBf16Cell(CpuCell):
@@ -343,15 +480,28 @@ class CpuBf16Cell(CpuCell):
         b16, tb, ldb = _bf16_operand(b)
         out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32)
         if out.numel():
-            self._mm(self._blas_ptr, a.shape[0], b.shape[1], a.shape[1], a16.data_ptr(), lda, ta,
-                     b16.data_ptr(), ldb, tb, 0.0, out.data_ptr(), out.stride(0))
+            self._mm(
+                self._blas_ptr,
+                a.shape[0],
+                b.shape[1],
+                a.shape[1],
+                a16.data_ptr(),
+                lda,
+                ta,
+                b16.data_ptr(),
+                ldb,
+                tb,
+                0.0,
+                out.data_ptr(),
+                out.stride(0),
+            )
         return out
 
 
 def _bf16_operand(t: torch.Tensor):
     """(bf16 copy, transposed?, leading dimension) of a 2-D float32 matrix for glasslstm_mm_bf16:
     row-major (unit column stride) or its transpose (unit row stride), else made contiguous."""
-    t16 = t.detach().to(torch.bfloat16)          # keeps a transposed view's strides; no-op on bf16
+    t16 = t.detach().to(torch.bfloat16)  # keeps a transposed view's strides; no-op on bf16
     rows, cols = t16.shape
     if t16.stride(1) == 1 and t16.stride(0) >= max(cols, 1):
         return t16, 0, max(t16.stride(0), 1)
@@ -361,7 +511,7 @@ def _bf16_operand(t: torch.Tensor):
     return t16, 0, max(cols, 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_cell() -> CpuBf16Cell | None:
     """The autocast-bf16 cell, or None where torch's BLAS has no bf16 GEMM (or no kernels)."""
     if not available():
@@ -382,10 +532,9 @@ def _sizes(batch_sizes):
     return (ctypes.c_int64 * len(batch_sizes))(*batch_sizes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cell(dtype: torch.dtype) -> CpuCell | None:
     """The fused cell for ``dtype`` (float32/float64), or None where it cannot run."""
     if dtype not in SUFFIX or not available():
         return None
     return CpuCell(dtype)
-

@@ -25,8 +25,8 @@ import torch
 from glasslstm.ops import cpu
 
 SOURCE = Path(__file__).with_name("step_ext.cpp")
-_lock = threading.Lock()            # held while building (seconds)
-_start_lock = threading.Lock()      # held while starting the background build (never long)
+_lock = threading.Lock()  # held while building (seconds)
+_start_lock = threading.Lock()  # held while starting the background build (never long)
 _state: dict = {"module": None, "failure": None, "thread": None}
 
 
@@ -38,12 +38,29 @@ def _commands(cxx: str) -> list[list[str]]:
     torch_dir = Path(torch.__file__).parent
     lib = torch_dir / "lib"
     abi = int(torch.compiled_with_cxx11_abi())
-    return [[cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-w",
-             f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-             f"-I{sysconfig.get_paths()['include']}", f"-I{torch_dir / 'include'}",
-             f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-             str(SOURCE), "-o", "{out}", f"-L{lib}", "-lc10", "-ltorch", "-ltorch_cpu",
-             "-ltorch_python", f"-Wl,-rpath,{lib}"]]
+    return [
+        [
+            cxx,
+            "-O2",
+            "-std=c++17",
+            "-fPIC",
+            "-shared",
+            "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-I{sysconfig.get_paths()['include']}",
+            f"-I{torch_dir / 'include'}",
+            f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+            str(SOURCE),
+            "-o",
+            "{out}",
+            f"-L{lib}",
+            "-lc10",
+            "-ltorch",
+            "-ltorch_cpu",
+            "-ltorch_python",
+            f"-Wl,-rpath,{lib}",
+        ]
+    ]
 
 
 def build():
@@ -59,12 +76,18 @@ def build():
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
         try:
             path = cpu.compile_cached(
-                "glasslstm_step_ext", [SOURCE.read_text(), version, torch.__version__,
-                                       sys.version, str(torch.compiled_with_cxx11_abi())],
-                _commands(cxx))
+                "glasslstm_step_ext",
+                [
+                    SOURCE.read_text(),
+                    version,
+                    torch.__version__,
+                    sys.version,
+                    str(torch.compiled_with_cxx11_abi()),
+                ],
+                _commands(cxx),
+            )
             loader = importlib.machinery.ExtensionFileLoader("glasslstm_step_ext", str(path))
-            spec = importlib.util.spec_from_file_location("glasslstm_step_ext", path,
-                                                          loader=loader)
+            spec = importlib.util.spec_from_file_location("glasslstm_step_ext", path, loader=loader)
             module = importlib.util.module_from_spec(spec)
             loader.exec_module(module)
         except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
@@ -91,9 +114,9 @@ def build_async() -> None:
     with _start_lock:
         if _state["thread"] is not None or _state["module"] is not None:
             return
-        _state["thread"] = threading.Thread(target=_build_quietly, name="glasslstm-ext-build",
-                                            daemon=True)
-        _state["thread"].start()
+        thread = threading.Thread(target=_build_quietly, name="glasslstm-ext-build", daemon=True)
+        _state["thread"] = thread
+        thread.start()
 
 
 def _build_quietly() -> None:

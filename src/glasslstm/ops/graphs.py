@@ -37,9 +37,11 @@ from torch.utils import _pytree
 
 from glasslstm.trace import GateTrace
 
-NOT_GRAPHABLE = ("ragged input (lengths= or a PackedSequence) is not graphable: the sort by "
-                 "length and the per-step batch sizes need the host; pad every sequence to the "
-                 "full length, or run the module without graphs")
+NOT_GRAPHABLE = (
+    "ragged input (lengths= or a PackedSequence) is not graphable: the sort by "
+    "length and the per-step batch sizes need the host; pad every sequence to the "
+    "full length, or run the module without graphs"
+)
 
 
 class _Flat(nn.Module):
@@ -56,8 +58,10 @@ class _Flat(nn.Module):
         res = self.inner(*args, **self.kwargs)
         if isinstance(res, tuple) and res and isinstance(res[-1], GateTrace):
             trace = res[-1]
-            self.trace_meta = {"num_directions": trace.num_directions,
-                               "batch_first": trace.batch_first}
+            self.trace_meta = {
+                "num_directions": trace.num_directions,
+                "batch_first": trace.batch_first,
+            }
             return res[:-1] + (dict(trace.values),)
         return res
 
@@ -70,22 +74,35 @@ class GraphedModule(nn.Module):
     ``self.module.state_dict()`` (this module's keys carry a ``module.`` prefix).
     """
 
-    def __init__(self, module: nn.Module, sample_args: tuple, return_gates: bool = False,
-                 num_warmup_iters: int = 3, allow_unused_input: bool = False, pool=None):
+    def __init__(
+        self,
+        module: nn.Module,
+        sample_args: tuple,
+        return_gates: bool = False,
+        num_warmup_iters: int = 3,
+        allow_unused_input: bool = False,
+        pool=None,
+    ):
         super().__init__()
         if not isinstance(sample_args, tuple):
-            raise TypeError(f"sample_args must be a tuple of the module's positional arguments; "
-                            f"got {type(sample_args).__name__}")
+            raise TypeError(
+                f"sample_args must be a tuple of the module's positional arguments; "
+                f"got {type(sample_args).__name__}"
+            )
         if any(isinstance(a, PackedSequence) for a in sample_args):
             raise ValueError(NOT_GRAPHABLE)
         leaves, spec = _pytree.tree_flatten(sample_args)
         if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
-            raise TypeError("sample_args must hold tensors only (tuples of tensors allowed, as "
-                            f"for hx); got {[type(t).__name__ for t in leaves]}")
+            raise TypeError(
+                "sample_args must hold tensors only (tuples of tensors allowed, as "
+                f"for hx); got {[type(t).__name__ for t in leaves]}"
+            )
         where = {t.device for t in leaves} | {p.device for p in module.parameters()}
         if any(d.type != "cuda" for d in where) or len(where) != 1:
-            raise ValueError("CUDA graphs need the module and sample_args on one CUDA device; "
-                             f"got {sorted(str(d) for d in where)}")
+            raise ValueError(
+                "CUDA graphs need the module and sample_args on one CUDA device; "
+                f"got {sorted(str(d) for d in where)}"
+            )
         self.module = module
         self.return_gates = return_gates
         self._spec = spec
@@ -99,9 +116,13 @@ class GraphedModule(nn.Module):
                 # error — but under warnings-as-errors it would abort the capture half-way and
                 # leave the CUDA RNG in capture mode (seen on an H100 under pytest).
                 warnings.filterwarnings("ignore", message=".*AccumulateGrad node's stream")
-                torch.cuda.make_graphed_callables(flat, sample_args,
-                                                  num_warmup_iters=num_warmup_iters,
-                                                  allow_unused_input=allow_unused_input, pool=pool)
+                torch.cuda.make_graphed_callables(
+                    flat,
+                    sample_args,
+                    num_warmup_iters=num_warmup_iters,
+                    allow_unused_input=allow_unused_input,
+                    pool=pool,
+                )
         except RuntimeError as e:
             if "captur" not in str(e).lower():
                 raise
@@ -115,20 +136,31 @@ class GraphedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         if kwargs:
-            raise TypeError(f"a graphed module takes the positional tensors of its sample_args "
-                            f"only; got keyword arguments {sorted(kwargs)}"
-                            + (f" ({NOT_GRAPHABLE})" if "lengths" in kwargs else ""))
+            raise TypeError(
+                f"a graphed module takes the positional tensors of its sample_args "
+                f"only; got keyword arguments {sorted(kwargs)}"
+                + (f" ({NOT_GRAPHABLE})" if "lengths" in kwargs else "")
+            )
         if any(isinstance(a, PackedSequence) for a in args):
             raise ValueError(NOT_GRAPHABLE)
         leaves, spec = _pytree.tree_flatten(args)
         if spec != self._spec:
-            raise ValueError(f"graphed for arguments laid out as {_compact(self._spec)}; got "
-                             f"{_compact(spec)} (same nesting as sample_args, e.g. (x, (h0, c0)))")
+            raise ValueError(
+                f"graphed for arguments laid out as {_compact(self._spec)}; got "
+                f"{_compact(spec)} (same nesting as sample_args, e.g. (x, (h0, c0)))"
+            )
         for k, (t, (shape, dtype, device, grad)) in enumerate(zip(leaves, self._layout)):
-            if not isinstance(t, torch.Tensor) or (tuple(t.shape), t.dtype, t.device,
-                                                   t.requires_grad) != (shape, dtype, device, grad):
-                got = (f"{tuple(t.shape)} {t.dtype} on {t.device}, requires_grad={t.requires_grad}"
-                       if isinstance(t, torch.Tensor) else type(t).__name__)
+            if not isinstance(t, torch.Tensor) or (
+                tuple(t.shape),
+                t.dtype,
+                t.device,
+                t.requires_grad,
+            ) != (shape, dtype, device, grad):
+                got = (
+                    f"{tuple(t.shape)} {t.dtype} on {t.device}, requires_grad={t.requires_grad}"
+                    if isinstance(t, torch.Tensor)
+                    else type(t).__name__
+                )
                 raise ValueError(
                     f"argument tensor {k}: graphed for {shape} {dtype} on {device}, "
                     f"requires_grad={grad}; got {got}. A CUDA graph replays fixed shapes: graph "
@@ -147,9 +179,15 @@ def _compact(spec) -> str:
     return " ".join(str(spec).split())
 
 
-def graphed(module: nn.Module, sample_args: tuple, *, return_gates: bool = False,
-            num_warmup_iters: int = 3, allow_unused_input: bool = False,
-            pool=None) -> GraphedModule:
+def graphed(
+    module: nn.Module,
+    sample_args: tuple,
+    *,
+    return_gates: bool = False,
+    num_warmup_iters: int = 3,
+    allow_unused_input: bool = False,
+    pool=None,
+) -> GraphedModule:
     """``module`` with its forward and backward captured as CUDA graphs, for fixed shapes.
 
     Args:
@@ -168,6 +206,11 @@ def graphed(module: nn.Module, sample_args: tuple, *, return_gates: bool = False
         A :class:`GraphedModule`: call it like the module. See this module's docstring for what
         capture requires (ragged input is rejected with a clear error).
     """
-    return GraphedModule(module, sample_args, return_gates=return_gates,
-                         num_warmup_iters=num_warmup_iters,
-                         allow_unused_input=allow_unused_input, pool=pool)
+    return GraphedModule(
+        module,
+        sample_args,
+        return_gates=return_gates,
+        num_warmup_iters=num_warmup_iters,
+        allow_unused_input=allow_unused_input,
+        pool=pool,
+    )

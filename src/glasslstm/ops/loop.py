@@ -8,7 +8,7 @@ Variable lengths use the same shrinking-batch layout as :mod:`glasslstm.ops.bptt
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,7 @@ import torch.nn.functional as F
 Step = Callable[[torch.Tensor, tuple], tuple]
 
 
-def run_loop(xw: torch.Tensor, state0: tuple, step: Step, batch_sizes, reverse: bool,
-             record: bool):
+def run_loop(xw: torch.Tensor, state0: tuple, step: Step, batch_sizes, reverse: bool, record: bool):
     """The time loop shared by every cell.
 
     ``xw`` (T, B, ·) holds the input projections of all steps; ``step(xw_t, state)`` maps one
@@ -27,7 +26,8 @@ def run_loop(xw: torch.Tensor, state0: tuple, step: Step, batch_sizes, reverse: 
     """
     T, B = xw.shape[0], xw.shape[1]
     state = state0
-    ys, recs = [None] * T, [None] * T
+    ys: list[torch.Tensor] = []
+    recs: list[dict[str, torch.Tensor]] = []
     # One unbind, not T indexings: autograd's backward of xw[t] writes a zero-filled gradient of
     # all of xw for every t (O(T^2): a T = 1000 RNN step took 10 ms); unbind's backward is one
     # stack of the T step gradients.
@@ -40,9 +40,12 @@ def run_loop(xw: torch.Tensor, state0: tuple, step: Step, batch_sizes, reverse: 
             state = tuple(torch.cat([n, s[nb:]]) for n, s in zip(new_state, state))
         else:
             state = new_state
-        ys[t] = F.pad(y, (0, 0, 0, B - nb))
+        ys.append(F.pad(y, (0, 0, 0, B - nb)))
         if record:
-            recs[t] = {k: F.pad(v.detach(), (0, 0, 0, B - nb)) for k, v in rec.items()}
+            recs.append({k: F.pad(v.detach(), (0, 0, 0, B - nb)) for k, v in rec.items()})
+    if reverse:  # the steps ran from T - 1 down to 0
+        ys.reverse()
+        recs.reverse()
     recorded = {k: torch.stack([r[k] for r in recs]) for k in recs[0]} if record else None
     return torch.stack(ys), state, recorded
 
@@ -53,12 +56,12 @@ def cell(a: torch.Tensor, c_prev: torch.Tensor):
     Returns ``(i, f, g, o, c, r)`` with ``r = o * tanh(c)`` (= H_t without a projection).
     """
     ai, af, ag, ao = a.chunk(4, dim=1)
-    f = torch.sigmoid(af)          # forget gate: what of C_{t-1} to keep
-    i = torch.sigmoid(ai)          # input gate: how much of the new information to add
-    g = torch.tanh(ag)             # N_t: the new information (candidate)
-    c = f * c_prev + i * g         # C_t: cell state, long-term memory
-    o = torch.sigmoid(ao)          # output gate
-    r = o * torch.tanh(c)          # H_t: hidden state, short-term memory
+    f = torch.sigmoid(af)  # forget gate: what of C_{t-1} to keep
+    i = torch.sigmoid(ai)  # input gate: how much of the new information to add
+    g = torch.tanh(ag)  # N_t: the new information (candidate)
+    c = f * c_prev + i * g  # C_t: cell state, long-term memory
+    o = torch.sigmoid(ao)  # output gate
+    r = o * torch.tanh(c)  # H_t: hidden state, short-term memory
     return i, f, g, o, c, r
 
 
@@ -72,8 +75,7 @@ def lstm_layer_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, revers
         h_new = r if w_hr is None else r @ w_hr.t()
         return (h_new, c_new), h_new, {"gates": torch.cat([i, f, g, o], 1), "c": c_new}
 
-    y, (h, c), rec = run_loop(F.linear(x, w_ih, bias), (h0, c0), step, batch_sizes, reverse,
-                              record)
+    y, (h, c), rec = run_loop(F.linear(x, w_ih, bias), (h0, c0), step, batch_sizes, reverse, record)
     return (y, h, c) + ((rec["gates"], rec["c"]) if record else ())
 
 
@@ -82,12 +84,12 @@ def gru_layer_loop(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record):
 
     def step(xg, state):
         (h,) = state
-        hg = F.linear(h, w_hh, b_hh)                      # (nb, 3H): kept apart for r * (.)
+        hg = F.linear(h, w_hh, b_hh)  # (nb, 3H): kept apart for r * (.)
         xr, xz, xn = xg.chunk(3, 1)
         hr, hz, hn = hg.chunk(3, 1)
-        r = torch.sigmoid(xr + hr)                        # reset gate
-        z = torch.sigmoid(xz + hz)                        # update gate: how much of h to keep
-        n = torch.tanh(xn + r * hn)                       # candidate
+        r = torch.sigmoid(xr + hr)  # reset gate
+        z = torch.sigmoid(xz + hz)  # update gate: how much of h to keep
+        n = torch.tanh(xn + r * hn)  # candidate
         h_new = (1 - z) * n + z * h
         return (h_new,), h_new, {"r": r, "z": z, "n": n}
 
@@ -95,8 +97,9 @@ def gru_layer_loop(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record):
     return y, h, rec
 
 
-def rnn_layer_loop(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record,
-                   nonlinearity: str = "tanh"):
+def rnn_layer_loop(
+    x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record, nonlinearity: str = "tanh"
+):
     """The vanilla RNN, ``h_t = tanh(x_t W_ih^T + h_{t-1} W_hh^T + b)``: ``(y, h_n, None)``."""
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
     bias = None if b_ih is None else b_ih + b_hh

@@ -50,8 +50,23 @@ def _tanh(x, F64: tl.constexpr):
     t = (1.0 - e) / (1.0 + e)
     x2 = x * x
     if F64:  # odd series to x^13: below 0.03 the next term is < 1e-21
-        s = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (
-            62.0 / 2835.0 + x2 * (-1382.0 / 155925.0 + x2 * (21844.0 / 6081075.0)))))))
+        s = ax * (
+            1.0
+            + x2
+            * (
+                -1.0 / 3.0
+                + x2
+                * (
+                    2.0 / 15.0
+                    + x2
+                    * (
+                        -17.0 / 315.0
+                        + x2
+                        * (62.0 / 2835.0 + x2 * (-1382.0 / 155925.0 + x2 * (21844.0 / 6081075.0)))
+                    )
+                )
+            )
+        )
         t = tl.where(ax < 0.03, s, t)
     else:  # odd series to x^7: below 0.0625 the next term is < 1e-12
         s = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
@@ -60,8 +75,21 @@ def _tanh(x, F64: tl.constexpr):
 
 
 @triton.jit
-def _cell_forward(a_ptr, lda, cp_ptr, ldp, c_ptr, ldc, tc_ptr, ldt, out_ptr, ldo, H,
-                  F64: tl.constexpr, BLOCK: tl.constexpr):
+def _cell_forward(
+    a_ptr,
+    lda,
+    cp_ptr,
+    ldp,
+    c_ptr,
+    ldc,
+    tc_ptr,
+    ldt,
+    out_ptr,
+    ldo,
+    H,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (row, column block): gates activated in place, C_t, tanh(C_t), o tanh(C_t)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -81,9 +109,9 @@ def _cell_forward(a_ptr, lda, cp_ptr, ldp, c_ptr, ldc, tc_ptr, ldt, out_ptr, ldo
         cp = cp.to(tl.float32)
     i = _sigmoid(ai)
     f = _sigmoid(af)
-    g = _tanh(ag, F64)                          # N_t, the new information
+    g = _tanh(ag, F64)  # N_t, the new information
     o = _sigmoid(ao)
-    c = f * cp + i * g                          # C_t = f C_{t-1} + i N_t
+    c = f * cp + i * g  # C_t = f C_{t-1} + i N_t
     t = _tanh(c, F64)
     tl.store(a, i.to(ty), mask=m)
     tl.store(a + H, f.to(ty), mask=m)
@@ -91,12 +119,30 @@ def _cell_forward(a_ptr, lda, cp_ptr, ldp, c_ptr, ldc, tc_ptr, ldt, out_ptr, ldo
     tl.store(a + 3 * H, o.to(ty), mask=m)
     tl.store(c_ptr + row * ldc + cols, c.to(ty), mask=m)
     tl.store(tc_ptr + row * ldt + cols, t.to(ty), mask=m)
-    tl.store(out_ptr + row * ldo + cols, (o * t).to(ty), mask=m)   # H_t = o tanh(C_t)
+    tl.store(out_ptr + row * ldo + cols, (o * t).to(ty), mask=m)  # H_t = o tanh(C_t)
 
 
 @triton.jit
-def _cell_backward(a_ptr, lda, cp_ptr, ldp, tc_ptr, ldt, dh_ptr, ldh, dy_ptr, ldy, dc_ptr, ldc,
-                   d_ptr, ldd, H, HAS_DY: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+def _cell_backward(
+    a_ptr,
+    lda,
+    cp_ptr,
+    ldp,
+    tc_ptr,
+    ldt,
+    dh_ptr,
+    ldh,
+    dy_ptr,
+    ldy,
+    dc_ptr,
+    ldc,
+    d_ptr,
+    ldd,
+    H,
+    HAS_DY: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (row, column block): one step back through the cell (see TorchCell.backward)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -126,13 +172,13 @@ def _cell_backward(a_ptr, lda, cp_ptr, ldp, tc_ptr, ldt, dh_ptr, ldh, dy_ptr, ld
             dy = dy.to(tl.float32)
         dh = dh + dy
         tl.store(dh_ptr + row * ldh + cols, dh.to(ty), mask=m)
-    dcn = dc + dh * o * (1.0 - t * t)           # dL/dC_t
+    dcn = dc + dh * o * (1.0 - t * t)  # dL/dC_t
     d = d_ptr + row * ldd + cols
-    tl.store(d, (dcn * g * i * (1.0 - i)).to(ty), mask=m)            # through σ: di
-    tl.store(d + H, (dcn * cp * f * (1.0 - f)).to(ty), mask=m)       # df
-    tl.store(d + 2 * H, (dcn * i * (1.0 - g * g)).to(ty), mask=m)    # through tanh: dN
-    tl.store(d + 3 * H, (dh * t * o * (1.0 - o)).to(ty), mask=m)     # do
-    tl.store(dc_ptr + row * ldc + cols, (dcn * f).to(ty), mask=m)    # dL/dC_{t-1}
+    tl.store(d, (dcn * g * i * (1.0 - i)).to(ty), mask=m)  # through σ: di
+    tl.store(d + H, (dcn * cp * f * (1.0 - f)).to(ty), mask=m)  # df
+    tl.store(d + 2 * H, (dcn * i * (1.0 - g * g)).to(ty), mask=m)  # through tanh: dN
+    tl.store(d + 3 * H, (dh * t * o * (1.0 - o)).to(ty), mask=m)  # do
+    tl.store(dc_ptr + row * ldc + cols, (dcn * f).to(ty), mask=m)  # dL/dC_{t-1}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -177,9 +223,22 @@ class TritonCell:
         block, warps = launch_shape(n, H)
         grid = (n, triton.cdiv(H, block))
         with _on(a):
-            _cell_forward[grid](a, a.stride(0), c_prev, c_prev.stride(0), c, c.stride(0),
-                                tc, tc.stride(0), out, out.stride(0), H,
-                                F64=self._f64, BLOCK=block, num_warps=warps)
+            _cell_forward[grid](
+                a,
+                a.stride(0),
+                c_prev,
+                c_prev.stride(0),
+                c,
+                c.stride(0),
+                tc,
+                tc.stride(0),
+                out,
+                out.stride(0),
+                H,
+                F64=self._f64,
+                BLOCK=block,
+                num_warps=warps,
+            )
 
     @staticmethod
     def backward_prepare(gates, tanh_c, H):
@@ -197,12 +256,29 @@ class TritonCell:
         block, warps = launch_shape(n, H)
         grid = (n, triton.cdiv(H, block))
         has_dy = dy is not None
-        dy_ = dy if has_dy else dh                  # not read without HAS_DY
+        dy_ = dy if has_dy else dh  # not read without HAS_DY
         with _on(a):
-            _cell_backward[grid](a, a.stride(0), c_prev, c_prev.stride(0), tc, tc.stride(0),
-                                 dh, dh.stride(0), dy_, dy_.stride(0), dc, dc.stride(0),
-                                 d, d.stride(0), H, HAS_DY=has_dy, F64=self._f64, BLOCK=block,
-                                 num_warps=warps)
+            _cell_backward[grid](
+                a,
+                a.stride(0),
+                c_prev,
+                c_prev.stride(0),
+                tc,
+                tc.stride(0),
+                dh,
+                dh.stride(0),
+                dy_,
+                dy_.stride(0),
+                dc,
+                dc.stride(0),
+                d,
+                d.stride(0),
+                H,
+                HAS_DY=has_dy,
+                F64=self._f64,
+                BLOCK=block,
+                num_warps=warps,
+            )
 
 
 class _on:
@@ -231,7 +307,7 @@ class _on:
 INTERPRETED = not isinstance(_cell_forward, triton.runtime.jit.JITFunction)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cell(dtype: torch.dtype) -> tuple[TritonCell | None, str]:
     """``(cell, "on")`` where the kernels can run for ``dtype``, else ``(None, why)``."""
     if dtype not in DTYPES:

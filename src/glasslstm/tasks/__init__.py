@@ -12,6 +12,9 @@ Each is a :class:`Task` (see :mod:`.base`): ``batch(batch_size, generator)`` ->
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from .adding import AddingTask
 from .base import Task
 from .copy_memory import CopyTask
@@ -20,7 +23,11 @@ from .subject import SubjectTask
 __all__ = ["TASKS", "AddingTask", "CopyTask", "SubjectTask", "Task", "make_task"]
 
 TASKS = ("adding", "copy", "subject")
-_CLASSES = {"adding": AddingTask, "copy": CopyTask, "subject": SubjectTask}
+_CLASSES: dict[str, Callable[..., Any]] = {
+    "adding": AddingTask,
+    "copy": CopyTask,
+    "subject": SubjectTask,
+}
 
 
 def make_task(name: str, T: int, **kw) -> Task:

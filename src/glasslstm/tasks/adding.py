@@ -72,8 +72,10 @@ class AddingTask:
     def metric(self, pred: Tensor, target: Tensor, mask=None) -> dict[str, float]:
         """``{"mse", "accuracy"}``: accuracy is the fraction with |error| < 0.04."""
         err = self._final(pred) - target.to(pred.dtype)
-        return {"mse": float(err.square().mean()),
-                "accuracy": float((err.abs() < self.tolerance).float().mean())}
+        return {
+            "mse": float(err.square().mean()),
+            "accuracy": float((err.abs() < self.tolerance).float().mean()),
+        }
 
     def solved(self, metric: dict[str, float]) -> bool:
         return metric["mse"] < self.solved_mse

@@ -41,6 +41,15 @@ class Task(Protocol):
         """Whether ``metric`` (from :meth:`metric`) meets the task's success criterion."""
 
 
+@runtime_checkable
+class TokenTask(Task, Protocol):
+    """A task whose inputs are token ids: a model embeds them instead of reading features."""
+
+    def token_batch(self, batch_size: int, generator) -> tuple[Tensor, Tensor]:
+        """``(ids (B, L) int64, target)``."""
+        ...
+
+
 def check_T(name: str, T, minimum: int) -> int:
     """``T`` as an int, or a ValueError naming the task and the smallest allowed T."""
     if isinstance(T, bool) or not isinstance(T, int) or T < minimum:

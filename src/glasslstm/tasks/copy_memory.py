@@ -69,8 +69,10 @@ class CopyTask:
 
     def _check(self, pred: Tensor) -> None:
         if pred.dim() != 3 or pred.shape[1:] != (self.seq_len, self.output_size):
-            raise ValueError(f"copy: pred must be (B, {self.seq_len}, {self.output_size}), "
-                             f"got {tuple(pred.shape)}")
+            raise ValueError(
+                f"copy: pred must be (B, {self.seq_len}, {self.output_size}), "
+                f"got {tuple(pred.shape)}"
+            )
 
     def loss(self, pred: Tensor, target: Tensor, mask=None) -> Tensor:
         """Cross-entropy per step, averaged over all T + 20 steps and the batch."""
@@ -81,8 +83,7 @@ class CopyTask:
     def metric(self, pred: Tensor, target: Tensor, mask=None) -> dict[str, float]:
         """``{"loss", "accuracy"}``: accuracy over the 10 recalled symbols."""
         recalled = pred[:, -N_COPY:].argmax(-1) == target[:, -N_COPY:]
-        return {"loss": float(self.loss(pred, target)),
-                "accuracy": float(recalled.float().mean())}
+        return {"loss": float(self.loss(pred, target)), "accuracy": float(recalled.float().mean())}
 
     def solved(self, metric: dict[str, float]) -> bool:
         return metric["loss"] < 0.1 * self.baseline

@@ -32,8 +32,9 @@ generator's state.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,25 @@ from torch import Tensor
 # The stories' grammar: the same names and sentences as the built-in corpus (private there,
 # shared within the package so the two never drift apart).
 from ..stories import (
-    _BRANCHES, _CITIES, _CLOSE_OPEN, _HERO_DEED, _HERO_INTRO, _HERO_MORE, _JOBS, _KIN, _OTHER_MORE,
-    _PLACES, _PRONOUNS, _RELATIVES, _SECOND_INTRO, _SECOND_MORE, _SKILLS, _SWITCH, _YEARS,
-    FEMALE_NAMES, MALE_NAMES,
+    _BRANCHES,
+    _CITIES,
+    _CLOSE_OPEN,
+    _HERO_DEED,
+    _HERO_INTRO,
+    _HERO_MORE,
+    _JOBS,
+    _KIN,
+    _OTHER_MORE,
+    _PLACES,
+    _PRONOUNS,
+    _RELATIVES,
+    _SECOND_INTRO,
+    _SECOND_MORE,
+    _SKILLS,
+    _SWITCH,
+    _YEARS,
+    FEMALE_NAMES,
+    MALE_NAMES,
 )
 from .base import check_batch_size, check_T
 
@@ -63,8 +80,15 @@ SECOND_PROB = 0.3  # chance an episode adds a second distractor, as in the stori
 MIN_FILL = min(FILLERS)
 
 _TOKEN = re.compile(r"\{\w+\}|\w+|[^\w\s]")  # placeholders, words, single punctuation marks
-_CHOICES = {"city": _CITIES, "job": _JOBS, "skill": _SKILLS, "rel": _RELATIVES,
-            "branch": _BRANCHES, "years": _YEARS, "place": _PLACES}
+_CHOICES = {
+    "city": _CITIES,
+    "job": _JOBS,
+    "skill": _SKILLS,
+    "rel": _RELATIVES,
+    "branch": _BRANCHES,
+    "years": _YEARS,
+    "place": _PLACES,
+}
 _NAME, _OTHER = -1, -2  # slots in a compiled template: the sentence's person, the other person
 
 
@@ -77,11 +101,16 @@ class _Grammar:
     id, or a name slot _NAME / _OTHER) or a tuple of options (each a tuple of word ids)."""
 
     def __init__(self):
-        groups = {"intro": _HERO_INTRO, "more": _HERO_MORE + _HERO_DEED, "switch": _SWITCH,
-                  "other_more": _OTHER_MORE, "second_intro": _SECOND_INTRO,
-                  "second_more": _SECOND_MORE,
-                  # the article's "For his contributions, brave" keeps its weight by repetition
-                  "close": tuple(t for t, w in _CLOSE_OPEN for _ in range(w))}
+        groups = {
+            "intro": _HERO_INTRO,
+            "more": _HERO_MORE + _HERO_DEED,
+            "switch": _SWITCH,
+            "other_more": _OTHER_MORE,
+            "second_intro": _SECOND_INTRO,
+            "second_more": _SECOND_MORE,
+            # the article's "For his contributions, brave" keeps its weight by repetition
+            "close": tuple(t for t, w in _CLOSE_OPEN for _ in range(w)),
+        }
         words = {w for texts in FILLERS.values() for t in texts for w in _words(t)}
         words |= {w for opts in _CHOICES.values() for o in opts for w in _words(o)}
         words |= {w for kin in _KIN.values() for k in kin for w in _words(k)}
@@ -92,16 +121,22 @@ class _Grammar:
             raise AssertionError(f"names used as ordinary words: {sorted(clash)}")
         self.vocab = list(NAMES) + sorted(words)
         self.ids = {w: i for i, w in enumerate(self.vocab)}
-        self.names = {g: tuple(self.ids[n] for n in (MALE_NAMES if g == "m" else FEMALE_NAMES))
-                      for g in GENDERS}
-        self.templates = {g: {k: [self._compile(t, g) for t in ts] for k, ts in groups.items()}
-                          for g in GENDERS}
-        self.fillers = {n: [tuple(self.ids[w] for w in _words(t)) for t in ts]
-                        for n, ts in FILLERS.items()}
-        self.max_len = {k: max(self._max_len(p) for g in GENDERS for p in self.templates[g][k])
-                        for k in groups}
-        self.min_T = (self.max_len["intro"] + self.max_len["switch"] + MIN_FILL
-                      + self.max_len["close"])
+        self.names = {
+            g: tuple(self.ids[n] for n in (MALE_NAMES if g == "m" else FEMALE_NAMES))
+            for g in GENDERS
+        }
+        self.templates = {
+            g: {k: [self._compile(t, g) for t in ts] for k, ts in groups.items()} for g in GENDERS
+        }
+        self.fillers = {
+            n: [tuple(self.ids[w] for w in _words(t)) for t in ts] for n, ts in FILLERS.items()
+        }
+        self.max_len = {
+            k: max(self._max_len(p) for g in GENDERS for p in self.templates[g][k]) for k in groups
+        }
+        self.min_T = (
+            self.max_len["intro"] + self.max_len["switch"] + MIN_FILL + self.max_len["close"]
+        )
 
     def _compile(self, template: str, g: str) -> list:
         parts = []
@@ -135,7 +170,8 @@ class _Draws:
     """Uniform integers from a torch.Generator: float64 uniforms drawn in blocks, one per call."""
 
     def __init__(self, generator: torch.Generator, block: int):
-        self.generator, self.block, self.buf, self.pos = generator, block, [], 0
+        self.generator, self.block, self.pos = generator, block, 0
+        self.buf: list[float] = []
 
     def uniform(self) -> float:
         """A uniform float in [0, 1)."""
@@ -271,8 +307,9 @@ class SubjectTask:
     # ---------------------------------------------------------------------- scoring
     def _final(self, pred: Tensor) -> Tensor:
         if pred.dim() != 3 or pred.shape[-1] != self.output_size:
-            raise ValueError(f"subject: pred must be (B, L, {self.output_size}), "
-                             f"got {tuple(pred.shape)}")
+            raise ValueError(
+                f"subject: pred must be (B, L, {self.output_size}), got {tuple(pred.shape)}"
+            )
         return pred[:, -1]  # only the last step (input "brave") is scored
 
     def loss(self, pred: Tensor, target: Tensor, mask=None) -> Tensor:
@@ -283,8 +320,10 @@ class SubjectTask:
     def metric(self, pred: Tensor, target: Tensor, mask=None) -> dict[str, float]:
         """``{"accuracy", "loss"}`` at the final step."""
         logits = self._final(pred)
-        return {"accuracy": float((logits.argmax(-1) == target).float().mean()),
-                "loss": float(F.cross_entropy(logits, target))}
+        return {
+            "accuracy": float((logits.argmax(-1) == target).float().mean()),
+            "loss": float(F.cross_entropy(logits, target)),
+        }
 
     def solved(self, metric: dict[str, float]) -> bool:
         return metric["accuracy"] > self.solved_accuracy

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import math
 
-from glasslstm.inspect.common import NAMES, QUANTITIES, is_dark, printable, rgb, top_variance_cells
+from glasslstm.inspection.common import (
+    NAMES,
+    QUANTITIES,
+    is_dark,
+    printable,
+    rgb,
+    top_variance_cells,
+)
 
 DEFAULT_CELLS = 3
 ORDER = ("f", "i", "g", "o", "c", "h")  # the article's reading order: keep, write, what, show
@@ -26,15 +33,18 @@ def resolve(analysis, layer: int | None = None, cells=None) -> tuple[int, list[i
     if layer is None:
         layer = n_layers - 1
     if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range: the model has {n_layers} "
-                         f"layer{'s' if n_layers > 1 else ''} (0..{n_layers - 1})")
+        raise ValueError(
+            f"layer {layer} is out of range: the model has {n_layers} "
+            f"layer{'s' if n_layers > 1 else ''} (0..{n_layers - 1})"
+        )
     if cells is None or len(cells) == 0:
         n = min(DEFAULT_CELLS, size)
         return layer, top_variance_cells(analysis.values("c", layer), n), True
     bad = [k for k in cells if not 0 <= k < size]
     if bad:
-        raise ValueError(f"cell {bad[0]} is out of range: each layer has {size} cells "
-                         f"(0..{size - 1})")
+        raise ValueError(
+            f"cell {bad[0]} is out of range: each layer has {size} cells (0..{size - 1})"
+        )
     return layer, list(dict.fromkeys(int(k) for k in cells)), False
 
 
@@ -59,7 +69,7 @@ def _paint(text: str, colour: tuple[int, int, int]) -> str:
 
 def _short(token: str, width: int = MAX_TOKEN_WIDTH) -> str:
     s = printable(token)
-    return s if len(s) <= width else s[:width - 1] + "…"
+    return s if len(s) <= width else s[: width - 1] + "…"
 
 
 def _num(v: float) -> str:
@@ -69,8 +79,9 @@ def _num(v: float) -> str:
     return f"{v:{VALUE_W}.2f}" if abs(v) < 999.5 else f"{v:{VALUE_W}.0f}"
 
 
-def render(analysis, *, layer: int | None = None, cells=None, color: bool = False,
-           top_k: int | None = None) -> str:
+def render(
+    analysis, *, layer: int | None = None, cells=None, color: bool = False, top_k: int | None = None
+) -> str:
     """The table as one string (lines joined by '\\n', no trailing newline).
 
     One row per token: the token (space as '␣', newline as '\\n'), f i g o c h of each chosen
@@ -81,24 +92,30 @@ def render(analysis, *, layer: int | None = None, cells=None, color: bool = Fals
     """
     layer, cells, by_default = resolve(analysis, layer, cells)
     n_layers = analysis.num_layers
-    why = (f"the {len(cells)} with the largest variance of c over this text (choose with --cells)"
-           if by_default else "as asked")
-    lines = [f"layer {layer} (layers 0..{n_layers - 1}), cells {', '.join(map(str, cells))}: {why}",
-             "  " + " · ".join(f"{q}: {NAMES[q]}" for q in ORDER)]
+    why = (
+        f"the {len(cells)} with the largest variance of c over this text (choose with --cells)"
+        if by_default
+        else "as asked"
+    )
+    lines = [
+        f"layer {layer} (layers 0..{n_layers - 1}), cells {', '.join(map(str, cells))}: {why}",
+        "  " + " · ".join(f"{q}: {NAMES[q]}" for q in ORDER),
+    ]
     if color:
-        lines.append("  colours: gates f, i, o white (0) -> green (1); "
-                     "g, h, tanh(c) blue (-1) -> white (0) -> red (+1)")
+        lines.append(
+            "  colours: gates f, i, o white (0) -> green (1); "
+            "g, h, tanh(c) blue (-1) -> white (0) -> red (+1)"
+        )
     if analysis.truncated:
         lines.append(f"  (the text was cut to its first {len(analysis)} tokens)")
 
     values = {q: analysis.values(q, layer) for q in QUANTITIES}
-    h_size = values["h"].shape[1]                  # smaller than c's with a projection
+    h_size = values["h"].shape[1]  # smaller than c's with a projection
     tok_w = max(5, min(MAX_TOKEN_WIDTH, max(len(printable(t)) for t in analysis.tokens)))
     t_w = len(str(len(analysis) - 1))
     block = " ".join(f"{q:>{VALUE_W}}" for q in ORDER)  # one cell: 6 values + gaps
     block_w = len(block)
-    head1 = " " * (t_w + 2 + tok_w) + "".join(
-        f" │ {('cell ' + str(k)):^{block_w}}" for k in cells)
+    head1 = " " * (t_w + 2 + tok_w) + "".join(f" │ {('cell ' + str(k)):^{block_w}}" for k in cells)
     head2 = f"{'t':>{t_w}}  {'token':<{tok_w}}" + "".join(f" │ {block}" for _ in cells)
     k = len(analysis.top[0]) if top_k is None else min(top_k, len(analysis.top[0]))
     guess_w = max((len(_short(s, 8)) for row in analysis.top for s, _ in row[:k]), default=1)

@@ -1,4 +1,4 @@
-"""Timing helpers shared by `glasslstm bench speed` and the scripts in ``benchmarks/``.
+"""Timing helpers shared by every benchmark in :mod:`glasslstm.bench`.
 
 How benchmarks are run here (docs/ARCHITECTURE.md section 4): the machines are shared and noisy,
 so every script times its contenders against the peer *in the same run*, alternating them inside
@@ -16,7 +16,7 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -11,13 +11,24 @@ import math
 
 import numpy as np
 
-from glasslstm.inspect.common import (GATES, MID, NAMES, NEG, POS, SEQ0, SEQ1,
-                                      is_dark, resolve_layer, rgb, top_variance_cells)
+from glasslstm.inspection.common import (
+    GATES,
+    MID,
+    NAMES,
+    NEG,
+    POS,
+    SEQ0,
+    SEQ1,
+    is_dark,
+    resolve_layer,
+    rgb,
+    top_variance_cells,
+)
 
-MAX_TOKENS = 200     # more than this and the boxes get too small to read
-MAX_CELLS = 64       # rows of each heatmap: the most variable cells (of c) of the layer
-LINE_CHARS = 100     # characters per line of the coloured text
-FIG_WIDTH = 12.0     # inches, at 100 dpi
+MAX_TOKENS = 200  # more than this and the boxes get too small to read
+MAX_CELLS = 64  # rows of each heatmap: the most variable cells (of c) of the layer
+LINE_CHARS = 100  # characters per line of the coloured text
+FIG_WIDTH = 12.0  # inches, at 100 dpi
 HEAT_GRID = (("i", "f"), ("g", "o"), ("c", "h"))
 
 
@@ -25,14 +36,17 @@ def _cmap(quantity: str):
     from matplotlib.colors import LinearSegmentedColormap
 
     stops = [SEQ0, SEQ1] if quantity in GATES else [NEG, MID, POS]
-    return LinearSegmentedColormap.from_list(f"glasslstm_{quantity}",
-                                             [tuple(x / 255 for x in c) for c in stops])
+    return LinearSegmentedColormap.from_list(
+        f"glasslstm_{quantity}", [tuple(x / 255 for x in c) for c in stops]
+    )
 
 
 def _box_text(token: str) -> str:
     """What is written in a token's box: spaces stay blank, a newline is a ↵."""
-    return "".join("↵" if ch == "\n" else "→" if ch == "\t"
-                   else ch if ch.isprintable() or ch == " " else "·" for ch in token)
+    return "".join(
+        "↵" if ch == "\n" else "→" if ch == "\t" else ch if ch.isprintable() or ch == " " else "·"
+        for ch in token
+    )
 
 
 def _layout(tokens: list[str]) -> tuple[list[tuple[int, int, int]], int]:
@@ -43,7 +57,7 @@ def _layout(tokens: list[str]) -> tuple[list[tuple[int, int, int]], int]:
     blank = [t.isspace() for t in tokens]
     out, line, col = [], 0, 0
     for t, width in enumerate(widths):
-        if not blank[t] and (t == 0 or blank[t - 1]):      # a word starts: does it fit?
+        if not blank[t] and (t == 0 or blank[t - 1]):  # a word starts: does it fit?
             run = 0
             for u in range(t, len(tokens)):
                 if blank[u]:
@@ -60,9 +74,17 @@ def _layout(tokens: list[str]) -> tuple[list[tuple[int, int, int]], int]:
     return out, (line + 1 if col else line) or 1
 
 
-def plot_png(analysis, path, *, layer: int | None = None, cell: int | None = None,
-             quantity: str = "c", max_tokens: int = MAX_TOKENS, max_cells: int = MAX_CELLS,
-             title: str | None = None) -> dict:
+def plot_png(
+    analysis,
+    path,
+    *,
+    layer: int | None = None,
+    cell: int | None = None,
+    quantity: str = "c",
+    max_tokens: int = MAX_TOKENS,
+    max_cells: int = MAX_CELLS,
+    title: str | None = None,
+) -> dict:
     """Write the figure to ``path`` (PNG, atomically) and return what it shows:
     ``{"path", "layer", "cell", "quantity", "tokens", "of_tokens", "cells", "of_cells"}``.
 
@@ -78,8 +100,9 @@ def plot_png(analysis, path, *, layer: int | None = None, cell: int | None = Non
     rows = top_variance_cells(analysis.values("c", layer)[:T], min(max_cells, size))
     cell = rows[0] if cell is None else cell
     if not 0 <= cell < size:
-        raise ValueError(f"cell {cell} is out of range: each layer has {size} cells "
-                         f"(0..{size - 1})")
+        raise ValueError(
+            f"cell {cell} is out of range: each layer has {size} cells (0..{size - 1})"
+        )
     if cell not in rows:
         rows[-1] = cell  # the cell the text is coloured by is always among the rows
     tokens = analysis.tokens[:T]
@@ -89,10 +112,17 @@ def plot_png(analysis, path, *, layer: int | None = None, cell: int | None = Non
     text_h = 0.32 * n_lines + 0.35
     heat_h = 2.3
     fig = plt.figure(figsize=(FIG_WIDTH, 1.0 + text_h + heat_h * len(HEAT_GRID)), dpi=100)
-    grid = fig.add_gridspec(1 + len(HEAT_GRID), 2,
-                            height_ratios=[text_h] + [heat_h] * len(HEAT_GRID),
-                            left=0.05, right=0.97, top=1 - 0.75 / fig.get_figheight(),
-                            bottom=0.45 / fig.get_figheight(), hspace=0.42, wspace=0.14)
+    grid = fig.add_gridspec(
+        1 + len(HEAT_GRID),
+        2,
+        height_ratios=[text_h] + [heat_h] * len(HEAT_GRID),
+        left=0.05,
+        right=0.97,
+        top=1 - 0.75 / fig.get_figheight(),
+        bottom=0.45 / fig.get_figheight(),
+        hspace=0.42,
+        wspace=0.14,
+    )
 
     # ---- the text, one box per token, coloured by the chosen quantity of the chosen cell
     ax = fig.add_subplot(grid[0, :])
@@ -102,19 +132,37 @@ def plot_png(analysis, path, *, layer: int | None = None, cell: int | None = Non
     for tok, (line, col, width) in zip(range(T), places):
         v = float(values[tok, cell]) if cell < values.shape[1] else math.nan
         colour = rgb(quantity, v) if math.isfinite(v) else (220, 220, 220)
-        ax.add_patch(plt.Rectangle((col, line + 0.08), width, 0.84, linewidth=0,
-                                   facecolor=[x / 255 for x in colour]))
-        ax.text(col + width / 2, line + 0.5, _box_text(tokens[tok])[:width], ha="center",
-                va="center", family="DejaVu Sans Mono", fontsize=fontsize,
-                color="white" if is_dark(colour) else "black")
+        ax.add_patch(
+            plt.Rectangle(
+                (col, line + 0.08), width, 0.84, linewidth=0, facecolor=[x / 255 for x in colour]
+            )
+        )
+        ax.text(
+            col + width / 2,
+            line + 0.5,
+            _box_text(tokens[tok])[:width],
+            ha="center",
+            va="center",
+            family="DejaVu Sans Mono",
+            fontsize=fontsize,
+            color="white" if is_dark(colour) else "black",
+        )
     ax.set_xlim(0, LINE_CHARS)
     ax.set_ylim(n_lines, 0)
     ax.axis("off")
-    scale = ("white 0 → green 1" if quantity in GATES else
-             "tanh(c): blue −1 → white 0 → red +1" if quantity == "c" else
-             "blue −1 → white 0 → red +1")
-    ax.set_title(f"the text coloured by {quantity} ({NAMES[quantity]}) of cell {cell}, "
-                 f"layer {layer} ({scale})", fontsize=11, loc="left")
+    scale = (
+        "white 0 → green 1"
+        if quantity in GATES
+        else "tanh(c): blue −1 → white 0 → red +1"
+        if quantity == "c"
+        else "blue −1 → white 0 → red +1"
+    )
+    ax.set_title(
+        f"the text coloured by {quantity} ({NAMES[quantity]}) of cell {cell}, "
+        f"layer {layer} ({scale})",
+        fontsize=11,
+        loc="left",
+    )
 
     # ---- heatmaps: rows = cells (most variable first), columns = tokens
     for r, pair in enumerate(HEAT_GRID):
@@ -126,17 +174,25 @@ def plot_png(analysis, path, *, layer: int | None = None, cell: int | None = Non
             if q == "c":
                 img = np.tanh(img)
             lo = 0.0 if q in GATES else -1.0
-            im = ax.imshow(img, aspect="auto", interpolation="nearest", cmap=_cmap(q),
-                           vmin=lo, vmax=1.0)
+            im = ax.imshow(
+                img, aspect="auto", interpolation="nearest", cmap=_cmap(q), vmin=lo, vmax=1.0
+            )
             if cell in cols:
                 k = cols.index(cell)
-                ax.add_patch(plt.Rectangle((-0.5, k - 0.5), T, 1, fill=False, linewidth=1.0,
-                                           edgecolor="black"))
-            ax.set_title(f"{q}: {NAMES[q]}{' (as tanh c)' if q == 'c' else ''}", fontsize=10,
-                         loc="left")
+                ax.add_patch(
+                    plt.Rectangle(
+                        (-0.5, k - 0.5), T, 1, fill=False, linewidth=1.0, edgecolor="black"
+                    )
+                )
+            ax.set_title(
+                f"{q}: {NAMES[q]}{' (as tanh c)' if q == 'c' else ''}", fontsize=10, loc="left"
+            )
             if T <= 60:
-                ax.set_xticks(range(T), [_box_text(t).replace(" ", "␣").replace("\n", "↵")[:3]
-                                         for t in tokens], fontsize=7)
+                ax.set_xticks(
+                    range(T),
+                    [_box_text(t).replace(" ", "␣").replace("\n", "↵")[:3] for t in tokens],
+                    fontsize=7,
+                )
             else:
                 ax.tick_params(axis="x", labelsize=8)
             step = max(1, math.ceil(len(cols) / 12))
@@ -148,11 +204,28 @@ def plot_png(analysis, path, *, layer: int | None = None, cell: int | None = Non
             fig.colorbar(im, ax=ax, fraction=0.035, pad=0.01).ax.tick_params(labelsize=7)
 
     cut = f"the first {T} of {len(analysis)} tokens" if T < len(analysis) else f"{T} tokens"
-    rows_note = (f"the {len(rows)} most variable cells of {size}" if len(rows) < size
-                 else f"all {size} cells, most variable first")
-    fig.suptitle(title or f"glasslstm inspect: layer {layer} of {n_layers}, {cut}; "
-                 f"heatmaps show {rows_note} (cell {cell} framed)", fontsize=12, x=0.05, ha="left")
+    rows_note = (
+        f"the {len(rows)} most variable cells of {size}"
+        if len(rows) < size
+        else f"all {size} cells, most variable first"
+    )
+    fig.suptitle(
+        title
+        or f"glasslstm inspect: layer {layer} of {n_layers}, {cut}; "
+        f"heatmaps show {rows_note} (cell {cell} framed)",
+        fontsize=12,
+        x=0.05,
+        ha="left",
+    )
 
     path = save_figure(fig, path)
-    return {"path": str(path), "layer": layer, "cell": cell, "quantity": quantity, "tokens": T,
-            "of_tokens": len(analysis), "cells": len(rows), "of_cells": size}
+    return {
+        "path": str(path),
+        "layer": layer,
+        "cell": cell,
+        "quantity": quantity,
+        "tokens": T,
+        "of_tokens": len(analysis),
+        "cells": len(rows),
+        "of_cells": size,
+    }

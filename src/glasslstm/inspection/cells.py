@@ -8,7 +8,7 @@ activation over time with that signal.
 
 Probes (:data:`PROBES`, name -> ``fn(text) -> (len(text),) float64``, one value per
 character). Every probe gives the state *after reading* the character, the convention of
-:class:`~glasslstm.inspect.Analysis` (position t holds the values after reading token t):
+:class:`~glasslstm.inspection.Analysis` (position t holds the values after reading token t):
 
 - ``quote``: 1 inside "double quotes", else 0; each ``"`` toggles. An opening quote is 1 (we
   are inside after reading it), a closing quote is 0.
@@ -31,20 +31,30 @@ the probe's value at its last character, i.e. again the state after reading it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from glasslstm.inspect.analysis import QUANTITIES, Analysis
-from glasslstm.model import ConfigError
+from glasslstm.errors import ConfigError
+from glasslstm.inspection.analysis import QUANTITIES, Analysis
 
-__all__ = ["PROBES", "CellScore", "CellReport", "Excerpt", "probe_function", "probe_signal",
-           "rank_cells", "excerpt", "find_cells", "plot_cells",
-           "display_token"]
+__all__ = [
+    "PROBES",
+    "CellScore",
+    "CellReport",
+    "Excerpt",
+    "probe_function",
+    "probe_signal",
+    "rank_cells",
+    "excerpt",
+    "find_cells",
+    "plot_cells",
+    "display_token",
+]
 
-EXCERPT_TOKENS = 200    # long enough to hold a quote or a line or two, short enough to read
+EXCERPT_TOKENS = 200  # long enough to hold a quote or a line or two, short enough to read
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]}]*(?=\s|$)")
 _OPEN, _CLOSE = "([{", ")]}"
 
@@ -102,13 +112,15 @@ def regex(pattern: str) -> Callable[[str], np.ndarray]:
     try:
         compiled = re.compile(pattern)
     except re.error as e:
-        raise ConfigError(f"probe {pattern!r} is neither a named probe ({', '.join(PROBES)}) "
-                          f"nor a valid regular expression: {e}") from None
+        raise ConfigError(
+            f"probe {pattern!r} is neither a named probe ({', '.join(PROBES)}) "
+            f"nor a valid regular expression: {e}"
+        ) from None
 
     def probe(text: str) -> np.ndarray:
         out = np.zeros(len(text))
         for m in compiled.finditer(text):
-            out[m.start():m.end()] = 1.0
+            out[m.start() : m.end()] = 1.0
         return out
 
     probe.__name__ = f"regex({pattern!r})"
@@ -124,11 +136,15 @@ PROBES: dict[str, Callable[[str], np.ndarray]] = {
 
 # What a text lacks when a probe is constant over it: (it never ..., choose a text that has ...)
 _NEVER = {
-    "quote": ('never enters a "double quote"', 'double-quoted passages'),
-    "line-position": ("never changes (the text is a single character or only newlines)",
-                      "lines of more than one character"),
-    "sentence-boundary": ("never sees a sentence end (. ! or ? followed by a space, a newline "
-                          "or the end)", "several sentences"),
+    "quote": ('never enters a "double quote"', "double-quoted passages"),
+    "line-position": (
+        "never changes (the text is a single character or only newlines)",
+        "lines of more than one character",
+    ),
+    "sentence-boundary": (
+        "never sees a sentence end (. ! or ? followed by a space, a newline or the end)",
+        "several sentences",
+    ),
     "bracket-depth": ("never opens a bracket ( [ {", "brackets"),
 }
 
@@ -147,14 +163,20 @@ def probe_signal(analysis: Analysis, probe: str) -> np.ndarray:
     """
     fn = probe_function(probe)
     per_char = fn("".join(analysis.tokens))
-    ends = np.cumsum([len(t) for t in analysis.tokens]) - 1           # last char of each token
+    ends = np.cumsum([len(t) for t in analysis.tokens]) - 1  # last char of each token
     signal = per_char[np.clip(ends, 0, None)] if len(per_char) else np.zeros(len(ends))
     if len(signal) and np.ptp(signal) == 0:
-        never, need = _NEVER.get(probe, (
-            "never changes: the regex matches none of the text (or all of it)",
-            f"matches of it and text between them (named probes: {', '.join(PROBES)})"))
-        raise ConfigError(f"probe {probe!r} is constant over this text ({len(signal):,} tokens): "
-                          f"it {never}; choose a text that has {need}")
+        never, need = _NEVER.get(
+            probe,
+            (
+                "never changes: the regex matches none of the text (or all of it)",
+                f"matches of it and text between them (named probes: {', '.join(PROBES)})",
+            ),
+        )
+        raise ConfigError(
+            f"probe {probe!r} is constant over this text ({len(signal):,} tokens): "
+            f"it {never}; choose a text that has {need}"
+        )
     return signal
 
 
@@ -167,7 +189,7 @@ class CellScore:
 
     layer: int
     cell: int
-    quantity: str   # i f g o c h
+    quantity: str  # i f g o c h
     r: float
 
 
@@ -187,8 +209,9 @@ def _pearson(x: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.clip(np.where(constant, 0.0, r), -1.0, 1.0)
 
 
-def rank_cells(analysis: Analysis, signal, quantity: str = "c",
-               layers: list[int] | None = None) -> list[CellScore]:
+def rank_cells(
+    analysis: Analysis, signal, quantity: str = "c", layers: list[int] | None = None
+) -> list[CellScore]:
     """Every cell of ``layers`` (default: all) ranked by ``|r|``, the Pearson correlation of
     its ``quantity`` over the tokens with ``signal`` ``(T,)``; ties keep (layer, cell) order.
 
@@ -197,13 +220,16 @@ def rank_cells(analysis: Analysis, signal, quantity: str = "c",
     """
     s = np.asarray(signal, dtype=np.float64)
     if s.shape != (len(analysis),):
-        raise ValueError(f"signal must have one value per token, shape ({len(analysis)},); "
-                         f"got {s.shape}")
+        raise ValueError(
+            f"signal must have one value per token, shape ({len(analysis)},); got {s.shape}"
+        )
     if quantity not in QUANTITIES:
         raise ValueError(f"unknown quantity {quantity!r}; choose from {', '.join(QUANTITIES)}")
     if len(s) == 0 or np.ptp(s) == 0:
-        raise ConfigError("the probe signal is constant over this text: no cell can correlate "
-                          "with it; choose a text where the property changes")
+        raise ConfigError(
+            "the probe signal is constant over this text: no cell can correlate "
+            "with it; choose a text where the property changes"
+        )
     layers = list(range(analysis.num_layers)) if layers is None else list(layers)
     scores = []
     for layer in layers:
@@ -225,9 +251,9 @@ class Excerpt:
     r: float
     start: int
     tokens: list[str]
-    values: list[float]     # the cell's quantity at each token
-    signal: list[float]     # the probe at each token
-    low: float              # the cell's range over the whole text (for shading consistently)
+    values: list[float]  # the cell's quantity at each token
+    signal: list[float]  # the probe at each token
+    low: float  # the cell's range over the whole text (for shading consistently)
     high: float
 
     def pairs(self) -> list[tuple[str, float]]:
@@ -259,12 +285,21 @@ def excerpt(analysis: Analysis, score: CellScore, signal, length: int = EXCERPT_
     zv = (v - v.mean()) / (v.std() or 1.0)
     zs = (s - s.mean()) / (s.std() or 1.0)
     contrib = np.sign(score.r) * zv * zs if score.r else np.abs(zv)
-    window = np.convolve(contrib, np.ones(n), mode="valid")            # (T - n + 1,)
+    window = np.convolve(contrib, np.ones(n), mode="valid")  # (T - n + 1,)
     start = int(np.argmax(window))
     sl = slice(start, start + n)
-    return Excerpt(score.layer, score.cell, score.quantity, score.r, start,
-                   list(analysis.tokens[sl]), [float(x) for x in v[sl]],
-                   [float(x) for x in s[sl]], float(v.min()), float(v.max()))
+    return Excerpt(
+        score.layer,
+        score.cell,
+        score.quantity,
+        score.r,
+        start,
+        list(analysis.tokens[sl]),
+        [float(x) for x in v[sl]],
+        [float(x) for x in s[sl]],
+        float(v.min()),
+        float(v.max()),
+    )
 
 
 @dataclass
@@ -273,29 +308,51 @@ class CellReport:
 
     probe: str
     quantity: str
-    signal: np.ndarray              # (T,) the probe per token
-    scores: list[CellScore]         # every cell searched, by |r| descending
-    excerpts: list[Excerpt]         # of the first few scores
+    signal: np.ndarray  # (T,) the probe per token
+    scores: list[CellScore]  # every cell searched, by |r| descending
+    excerpts: list[Excerpt]  # of the first few scores
 
     def to_json(self, top: int = 5) -> dict:
-        return {"probe": self.probe, "quantity": self.quantity, "tokens": len(self.signal),
-                "cells_searched": len(self.scores),
-                "cells": [{**asdict(c), "r": round(c.r, 4)} for c in self.scores[:top]],
-                "excerpts": [{"layer": e.layer, "cell": e.cell, "r": round(e.r, 4),
-                              "start": e.start, "tokens": e.tokens,
-                              "values": [round(x, 4) for x in e.values],
-                              "signal": [round(x, 4) for x in e.signal]}
-                             for e in self.excerpts]}
+        return {
+            "probe": self.probe,
+            "quantity": self.quantity,
+            "tokens": len(self.signal),
+            "cells_searched": len(self.scores),
+            "cells": [{**asdict(c), "r": round(c.r, 4)} for c in self.scores[:top]],
+            "excerpts": [
+                {
+                    "layer": e.layer,
+                    "cell": e.cell,
+                    "r": round(e.r, 4),
+                    "start": e.start,
+                    "tokens": e.tokens,
+                    "values": [round(x, 4) for x in e.values],
+                    "signal": [round(x, 4) for x in e.signal],
+                }
+                for e in self.excerpts
+            ],
+        }
 
 
-def find_cells(analysis: Analysis, probe: str, *, quantity: str = "c",
-               layers: list[int] | None = None, excerpts: int = 3,
-               excerpt_tokens: int = EXCERPT_TOKENS) -> CellReport:
+def find_cells(
+    analysis: Analysis,
+    probe: str,
+    *,
+    quantity: str = "c",
+    layers: list[int] | None = None,
+    excerpts: int = 3,
+    excerpt_tokens: int = EXCERPT_TOKENS,
+) -> CellReport:
     """Probe the text, rank the cells (:func:`rank_cells`), cut excerpts for the best ones."""
     signal = probe_signal(analysis, probe)
     scores = rank_cells(analysis, signal, quantity, layers)
-    return CellReport(probe, quantity, signal, scores,
-                      [excerpt(analysis, c, signal, excerpt_tokens) for c in scores[:excerpts]])
+    return CellReport(
+        probe,
+        quantity,
+        signal,
+        scores,
+        [excerpt(analysis, c, signal, excerpt_tokens) for c in scores[:excerpts]],
+    )
 
 
 # --------------------------------------------------------------------------- picture
@@ -303,8 +360,9 @@ def find_cells(analysis: Analysis, probe: str, *, quantity: str = "c",
 
 def display_token(token: str) -> str:
     """A token as it is drawn: newline '↵', tab '→', other control characters '·'."""
-    return "".join("↵" if c == "\n" else "→" if c == "\t" else c if c.isprintable() else "·"
-                   for c in token)
+    return "".join(
+        "↵" if c == "\n" else "→" if c == "\t" else c if c.isprintable() else "·" for c in token
+    )
 
 
 def plot_cells(report: CellReport, out_png, *, width: int = 80) -> Path:
@@ -319,7 +377,7 @@ def plot_cells(report: CellReport, out_png, *, width: int = 80) -> Path:
     plt = _figure()
     ex = report.excerpts[0]
     # Lay the characters out in rows of at most `width`, breaking after each newline.
-    chars, row, col = [], 0, 0              # (row, col, char, value, probe)
+    chars, row, col = [], 0, 0  # (row, col, char, value, probe)
     for tok, v, s in zip(ex.tokens, ex.values, ex.signal):
         for ch in tok:
             if col >= width:
@@ -344,26 +402,55 @@ def plot_cells(report: CellReport, out_png, *, width: int = 80) -> Path:
     fig = plt.figure(figsize=(W, H), dpi=110)
     ax = fig.add_axes([left / W, (bottom + curve_h + mid) / H, width * cw / W, text_h / H])
     ax.set_xlim(0, width)
-    ax.set_ylim(text_h / row_h * 1.0, 0)    # one unit = one row; y grows downwards
+    ax.set_ylim(text_h / row_h * 1.0, 0)  # one unit = one row; y grows downwards
     ax.axis("off")
     u_ch, u_strip = ch_ / row_h, strip / row_h
     for r, c, glyph, v, s in chars:
         ax.add_patch(Rectangle((c, r), 1, u_ch, facecolor=cmap(norm(v)), edgecolor="none"))
-        ax.add_patch(Rectangle((c, r + u_ch), 1, u_strip, edgecolor="none",
-                               facecolor=greys(0.08 + 0.87 * (s - s_lo) / s_span)))
-        ax.text(c + 0.5, r + u_ch / 2, glyph, ha="center", va="center_baseline", fontsize=10,
-                family="DejaVu Sans Mono", color="white" if abs(norm(v) - 0.5) > 0.3 else "black")
-    fig.text(left / W, 1 - 0.22 / H,
-             f"layer {ex.layer}, cell {ex.cell}: {ex.quantity} against the probe "
-             f"{report.probe!r}, r = {ex.r:+.3f}", fontsize=12, weight="bold", va="center")
-    fig.text(left / W, 1 - 0.43 / H,
-             f"tokens {ex.start}-{ex.start + len(ex.tokens) - 1}; background: the cell's "
-             f"{ex.quantity} (blue low, red high); grey strip under each row: the probe "
-             f"(dark = {s_hi:g}, light = {s_lo:g})", fontsize=9, color="dimgrey", va="center")
-    cax = fig.add_axes([(left + width * cw + 0.2) / W, (bottom + curve_h + mid) / H,
-                        0.12 / W, text_h / H])
+        ax.add_patch(
+            Rectangle(
+                (c, r + u_ch),
+                1,
+                u_strip,
+                edgecolor="none",
+                facecolor=greys(0.08 + 0.87 * (s - s_lo) / s_span),
+            )
+        )
+        ax.text(
+            c + 0.5,
+            r + u_ch / 2,
+            glyph,
+            ha="center",
+            va="center_baseline",
+            fontsize=10,
+            family="DejaVu Sans Mono",
+            color="white" if abs(norm(v) - 0.5) > 0.3 else "black",
+        )
+    fig.text(
+        left / W,
+        1 - 0.22 / H,
+        f"layer {ex.layer}, cell {ex.cell}: {ex.quantity} against the probe "
+        f"{report.probe!r}, r = {ex.r:+.3f}",
+        fontsize=12,
+        weight="bold",
+        va="center",
+    )
+    fig.text(
+        left / W,
+        1 - 0.43 / H,
+        f"tokens {ex.start}-{ex.start + len(ex.tokens) - 1}; background: the cell's "
+        f"{ex.quantity} (blue low, red high); grey strip under each row: the probe "
+        f"(dark = {s_hi:g}, light = {s_lo:g})",
+        fontsize=9,
+        color="dimgrey",
+        va="center",
+    )
+    cax = fig.add_axes(
+        [(left + width * cw + 0.2) / W, (bottom + curve_h + mid) / H, 0.12 / W, text_h / H]
+    )
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax).set_label(
-        f"{ex.quantity} (cell {ex.cell})")
+        f"{ex.quantity} (cell {ex.cell})"
+    )
 
     ax2 = fig.add_axes([left / W, bottom / H, width * cw / W, curve_h / H])
     t = np.arange(ex.start, ex.start + len(ex.tokens))
@@ -371,7 +458,7 @@ def plot_cells(report: CellReport, out_png, *, width: int = 80) -> Path:
     ax3.fill_between(t, ex.signal, s_lo, step="mid", color="grey", alpha=0.35, lw=0)
     ax3.set_ylabel(f"probe: {report.probe}", color="dimgrey")
     ax2.set_zorder(ax3.get_zorder() + 1)
-    ax2.patch.set_visible(False)             # the cell's curve above the probe's fill
+    ax2.patch.set_visible(False)  # the cell's curve above the probe's fill
     ax2.plot(t, ex.values, color="tab:red", lw=1.2)
     ax2.set_ylabel(f"{ex.quantity}, cell {ex.cell}", color="tab:red")
     ax2.set_xlim(t[0] - 0.5, t[-1] + 0.5)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from glasslstm.inspect.common import QUANTITIES
+from glasslstm.inspection.common import QUANTITIES
 from glasslstm.model import LanguageModel
 
 MAX_TOKENS = 20_000  # one forward pass; longer texts are cut (the views say so)
@@ -24,13 +24,13 @@ class Analysis:
     """
 
     text: str
-    tokens: list[str]                    # each token's text (joined: the text; byte level may
-                                         # show a split UTF-8 character as U+FFFD)
+    tokens: list[str]  # each token's text (joined: the text; byte level may
+    # show a split UTF-8 character as U+FFFD)
     token_ids: list[int]
-    level: str                           # char | word | byte
+    level: str  # char | word | byte
     gates: dict[str, np.ndarray]
     top: list[list[tuple[str, float]]]
-    target_prob: np.ndarray              # (T,)
+    target_prob: np.ndarray  # (T,)
     truncated: bool = False
     meta: dict = field(default_factory=dict)
 
@@ -50,8 +50,10 @@ class Analysis:
         if quantity not in self.gates:
             raise ValueError(f"unknown quantity {quantity!r}; choose from {', '.join(QUANTITIES)}")
         if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {self.num_layers} "
-                             f"layers (0..{self.num_layers - 1})")
+            raise ValueError(
+                f"layer {layer} out of range: the model has {self.num_layers} "
+                f"layers (0..{self.num_layers - 1})"
+            )
         return self.gates[quantity][layer]
 
     def saturation(self, low: float = 0.1, high: float = 0.9) -> dict[str, list[dict]]:
@@ -59,32 +61,40 @@ class Analysis:
         ``high`` — Karpathy, Johnson & Fei-Fei (2015)'s measure of gate saturation."""
         out = {}
         for q in ("i", "f", "o"):
-            out[q] = [{"layer": k, "left": float((a < low).mean()), "right": float((a > high).mean())}
-                      for k, a in enumerate(self.gates[q])]
+            out[q] = [
+                {"layer": k, "left": float((a < low).mean()), "right": float((a > high).mean())}
+                for k, a in enumerate(self.gates[q])
+            ]
         return out
 
     def to_json(self) -> dict:
         """JSON-able dict (arrays as nested lists, rounded to 4 decimals)."""
         return {
-            "text": self.text, "tokens": self.tokens, "token_ids": self.token_ids,
-            "level": self.level, "truncated": self.truncated,
-            "num_layers": self.num_layers, "hidden_size": self.hidden_size,
+            "text": self.text,
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "level": self.level,
+            "truncated": self.truncated,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
             "gates": {q: np.round(a.astype(np.float64), 4).tolist() for q, a in self.gates.items()},
             "top": [[[t, round(p, 4)] for t, p in row] for row in self.top],
             "target_prob": [None if np.isnan(p) else round(float(p), 4) for p in self.target_prob],
-            "saturation": self.saturation(), "meta": self.meta,
+            "saturation": self.saturation(),
+            "meta": self.meta,
         }
 
 
 @torch.no_grad()
-def analyze(model: LanguageModel, text: str, *, top_k: int = 3,
-            max_tokens: int = MAX_TOKENS) -> Analysis:
+def analyze(
+    model: LanguageModel, text: str, *, top_k: int = 3, max_tokens: int = MAX_TOKENS
+) -> Analysis:
     """Run ``model`` over ``text`` once and collect what every view needs.
 
     Raises :class:`~glasslstm.data.DataError` (from the tokenizer) for characters outside the
     model's vocabulary and ``ValueError`` for an empty text.
     """
-    tok = model._require_tokenizer()
+    tok = model.require_tokenizer()
     if not text:
         raise ValueError("the text is empty; give at least one token to look at")
     ids = tok.encode(text)
@@ -96,16 +106,26 @@ def analyze(model: LanguageModel, text: str, *, top_k: int = 3,
         logits, _, _, trace = model(torch.tensor([ids], device=model.device), return_gates=True)
     finally:
         model.train(was_training)
-    probs = torch.softmax(logits[0].float(), -1)                     # (T, V)
+    probs = torch.softmax(logits[0].float(), -1)  # (T, V)
     k = min(top_k, probs.shape[-1])
     p_top, i_top = probs.topk(k, dim=-1)
-    top = [[(tok.decode([i]), float(p)) for i, p in zip(ii, pp)]
-           for ii, pp in zip(i_top.tolist(), p_top.tolist())]
+    top = [
+        [(tok.decode([i]), float(p)) for i, p in zip(ii, pp)]
+        for ii, pp in zip(i_top.tolist(), p_top.tolist())
+    ]
     nxt = torch.tensor(ids[1:] + [0], device=probs.device)
     target = probs.gather(1, nxt[:, None])[:, 0].cpu().numpy().astype(np.float64)
     target[-1] = np.nan
     # LanguageModel's LSTM is batch_first: each field is (L, B=1, T, size) -> (L, T, size)
     gates = {q: trace[q][:, 0].float().cpu().numpy() for q in QUANTITIES}
     tokens = [tok.decode([i]) for i in ids]
-    return Analysis(text="".join(tokens), tokens=tokens, token_ids=list(ids), level=tok.level,
-                    gates=gates, top=top, target_prob=target, truncated=truncated)
+    return Analysis(
+        text="".join(tokens),
+        tokens=tokens,
+        token_ids=list(ids),
+        level=tok.level,
+        gates=gates,
+        top=top,
+        target_prob=target,
+        truncated=truncated,
+    )

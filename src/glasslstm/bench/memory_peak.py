@@ -29,14 +29,15 @@ How the peak is measured:
 * **CUDA**: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
   ``memory_allocated`` before the steps: the caching allocator's exact peak of live tensors.
 
-    python benchmarks/memory_peak.py                        # T 1000 2000 5000 10000, H=256, B=16
-    python benchmarks/memory_peak.py --quick                # seconds: T 300 600, H=64, B=8
-    python benchmarks/memory_peak.py --T 1000 4000 --hidden 128 --json out.json
+    python -m glasslstm.bench.memory_peak                # T 1000 2000 5000 10000, H=256, B=16
+    python -m glasslstm.bench.memory_peak --quick        # seconds: T 300 600, H=64, B=8
+    python -m glasslstm.bench.memory_peak --T 1000 4000 --hidden 128 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -44,7 +45,8 @@ import subprocess
 import sys
 
 import torch  # noqa: E402
-from glasslstm.timing import announce, command_line, median, sync, time_once  # noqa: E402
+
+from glasslstm.bench.timing import announce, command_line, median, sync, time_once  # noqa: E402
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
@@ -83,8 +85,9 @@ def worker(spec: dict) -> dict:
 
     device, (T, B, I, H, S) = _setup(spec)
     torch.manual_seed(0)
-    model = glasslstm.LSTM(I, H, spec["layers"], backend=spec["backend"], checkpoint=S,
-                           device=device)
+    model = glasslstm.LSTM(
+        I, H, spec["layers"], backend=spec["backend"], checkpoint=S, device=device
+    )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(T, B, I, device=device)
     R = torch.randn(T, B, H, device=device)
@@ -120,8 +123,12 @@ def worker(spec: dict) -> dict:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {**spec, "peak_bytes": peak, "method": method,
-            "inputs_bytes": (x.numel() + R.numel()) * x.element_size()}
+    return {
+        **spec,
+        "peak_bytes": peak,
+        "method": method,
+        "inputs_bytes": (x.numel() + R.numel()) * x.element_size(),
+    }
 
 
 def timing_worker(spec: dict) -> dict:
@@ -131,8 +138,9 @@ def timing_worker(spec: dict) -> dict:
     device, (T, B, I, H, S) = _setup(spec)
     torch.manual_seed(0)
     models = {0: glasslstm.LSTM(I, H, spec["layers"], backend=spec["backend"], device=device)}
-    models[S] = glasslstm.LSTM(I, H, spec["layers"], backend=spec["backend"], checkpoint=S,
-                               device=device)
+    models[S] = glasslstm.LSTM(
+        I, H, spec["layers"], backend=spec["backend"], checkpoint=S, device=device
+    )
     models[S].load_state_dict(models[0].state_dict())
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
     x = torch.randn(T, B, I, device=device)
@@ -147,10 +155,10 @@ def timing_worker(spec: dict) -> dict:
     warm = min(T, max(2 * S, 64))
     for k in models:
         step(k, x[:warm], R[:warm])
-    times = {0: [], S: []}
+    times: dict[int, list[float]] = {0: [], S: []}
     for r in range(spec["reps"]):
         for k in (0, S) if r % 2 == 0 else (S, 0):
-            times[k].append(time_once(lambda: step(k, x, R), device))
+            times[k].append(time_once(functools.partial(step, k, x, R), device))
     ratios = [on / off for on, off in zip(times[S], times[0])]
     return {"T": T, "checkpoint": S, "off_s": times[0], "on_s": times[S], "ratios": ratios}
 
@@ -172,41 +180,54 @@ def segment_for(T: int, requested: int) -> int:
     return requested or max(1, round(math.sqrt(T)))
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[list[dict]]) -> None:
     mib = 2.0**20
     print()
-    print("| T | S | peak MiB, off | peak MiB, checkpoint=S | memory ratio | step s, off | "
-          "step s, checkpoint=S | time ratio (range) |")
+    print(
+        "| T | S | peak MiB, off | peak MiB, checkpoint=S | memory ratio | step s, off | "
+        "step s, checkpoint=S | time ratio (range) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for off, on, timing in rows:
-        print(f"| {off['T']} | {on['checkpoint']} | {off['peak_bytes'] / mib:.1f} | "
-              f"{on['peak_bytes'] / mib:.1f} | {on['peak_bytes'] / off['peak_bytes']:.3f} | "
-              f"{median(timing['off_s']):.2f} | {median(timing['on_s']):.2f} | "
-              f"{median(timing['ratios']):.2f}x ({min(timing['ratios']):.2f}-"
-              f"{max(timing['ratios']):.2f}) |")
+        print(
+            f"| {off['T']} | {on['checkpoint']} | {off['peak_bytes'] / mib:.1f} | "
+            f"{on['peak_bytes'] / mib:.1f} | {on['peak_bytes'] / off['peak_bytes']:.3f} | "
+            f"{median(timing['off_s']):.2f} | {median(timing['on_s']):.2f} | "
+            f"{median(timing['ratios']):.2f}x ({min(timing['ratios']):.2f}-"
+            f"{max(timing['ratios']):.2f}) |"
+        )
     print()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--T", type=int, nargs="+", default=[1000, 2000, 5000, 10000],
-                   help="sequence lengths")
+    p.add_argument(
+        "--T", type=int, nargs="+", default=[1000, 2000, 5000, 10000], help="sequence lengths"
+    )
     p.add_argument("--hidden", type=int, default=256, help="hidden size H")
     p.add_argument("--input", type=int, default=0, help="input size I (0: = H)")
     p.add_argument("--batch", type=int, default=16, help="batch size B")
     p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--checkpoint", type=int, default=0,
-                   help="steps per segment S (0: round(sqrt(T)) for each T)")
-    p.add_argument("--steps", type=int, default=1,
-                   help="training steps in each memory measurement")
-    p.add_argument("--reps", type=int, default=3,
-                   help="timed steps per model, taking turns (0: no timing)")
+    p.add_argument(
+        "--checkpoint",
+        type=int,
+        default=0,
+        help="steps per segment S (0: round(sqrt(T)) for each T)",
+    )
+    p.add_argument("--steps", type=int, default=1, help="training steps in each memory measurement")
+    p.add_argument(
+        "--reps", type=int, default=3, help="timed steps per model, taking turns (0: no timing)"
+    )
     p.add_argument("--backend", default=None, help="glasslstm backend (default: auto)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cpu", "cuda"])
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
-    p.add_argument("--quick", action="store_true",
-                   help="seconds: T 300 600, H=64, B=8 (checks that the script works)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds: T 300 600, H=64, B=8 (checks that the script works)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write every figure here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--timing-worker", help=argparse.SUPPRESS)
@@ -225,27 +246,45 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     info = announce(device)
     I = args.input or args.hidden
-    print(f"H={args.hidden} I={I} B={args.batch} layers={args.layers} float32; one step = "
-          f"forward + backward(R) + SGD; memory over {args.steps} step(s), time median of "
-          f"{args.reps} alternating steps")
+    print(
+        f"H={args.hidden} I={I} B={args.batch} layers={args.layers} float32; one step = "
+        f"forward + backward(R) + SGD; memory over {args.steps} step(s), time median of "
+        f"{args.reps} alternating steps"
+    )
 
     rows = []
     for T in args.T:
         row = []
         for S in (0, segment_for(T, args.checkpoint)):
-            spec = {"T": T, "B": args.batch, "I": I, "H": args.hidden, "layers": args.layers,
-                    "checkpoint": S, "steps": args.steps, "backend": args.backend,
-                    "device": args.device, "threads": args.threads, "reps": args.reps}
+            spec = {
+                "T": T,
+                "B": args.batch,
+                "I": I,
+                "H": args.hidden,
+                "layers": args.layers,
+                "checkpoint": S,
+                "steps": args.steps,
+                "backend": args.backend,
+                "device": args.device,
+                "threads": args.threads,
+                "reps": args.reps,
+            }
             res = run_config(spec)
-            print(f"  T={T:<6d} checkpoint={S:<4d} peak {res['peak_bytes'] / 2**20:8.1f} MiB  "
-                  f"({res['method']})", flush=True)
+            print(
+                f"  T={T:<6d} checkpoint={S:<4d} peak {res['peak_bytes'] / 2**20:8.1f} MiB  "
+                f"({res['method']})",
+                flush=True,
+            )
             row.append(res)
         timing = {"off_s": [math.nan], "on_s": [math.nan], "ratios": [math.nan]}
         if args.reps:
             timing = run_config(spec, "--timing-worker")
-            print(f"  T={T:<6d} step {median(timing['off_s']):.2f} s off, "
-                  f"{median(timing['on_s']):.2f} s with checkpoint={S} "
-                  f"(median ratio {median(timing['ratios']):.2f})", flush=True)
+            print(
+                f"  T={T:<6d} step {median(timing['off_s']):.2f} s off, "
+                f"{median(timing['on_s']):.2f} s with checkpoint={S} "
+                f"(median ratio {median(timing['ratios']):.2f})",
+                flush=True,
+            )
         rows.append(row + [timing])
     print_table(rows)
     if args.json:

@@ -13,7 +13,7 @@ stays O(T) is what autograd needs regardless: the input, the output and their gr
 
 The cost is one more forward pass per training step, plus a few small operations per segment,
 which show only for small layers cut into many short segments. Measured (H=I=256, B=16,
-S=round(sqrt(T)), float32; benchmarks/memory_peak.py): +44% to +61% step time on one CPU
+S=round(sqrt(T)), float32; python -m glasslstm.bench.memory_peak): +44% to +61% step time on one CPU
 thread for T=1000-5000 (+18% at T=2000 when the input's gradient is computed too), +17% to
 +65% on an H100; at T=10000 the checkpointed CPU step was faster (0.89x), the smaller memory
 traffic outweighing the recomputation. The gradients are those of the
@@ -36,7 +36,8 @@ layer's input and output (T·B·(I + H)), which is where checkpointing is worth 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -46,8 +47,16 @@ from torch.autograd.function import once_differentiable
 Layer = Callable[[torch.Tensor, tuple, tuple, Sequence[int] | None, bool], tuple]
 
 
-def checkpointed(layer: Layer, steps: int, x: torch.Tensor, state: tuple, params: tuple,
-                 batch_sizes: Sequence[int] | None, reverse: bool, extras: bool) -> tuple:
+def checkpointed(
+    layer: Layer,
+    steps: int,
+    x: torch.Tensor,
+    state: tuple,
+    params: tuple,
+    batch_sizes: Sequence[int] | None,
+    reverse: bool,
+    extras: bool,
+) -> tuple:
     """``layer(x, state, params, batch_sizes, extras)`` run ``steps`` time steps at a time
     with checkpointing; returns what that call returns, for the whole sequence.
 
@@ -102,7 +111,9 @@ class _Segments(torch.autograd.Function):
         T, B = x.shape[0], x.shape[1]
         segments = plan.segments(T, B)
         starts: list[torch.Tensor] = []
-        timed = None  # y and the extras, (T, B, ·) each, filled segment by segment
+        timed: list[torch.Tensor] | None = (
+            None  # y and the extras, (T, B, ·) each, filled segment by segment
+        )
         for a, b, sizes in segments:  # grad mode is off in here: nothing is recorded
             starts.extend(state)
             res = plan.layer(x[a:b], state, params, sizes, plan.extras)
@@ -112,6 +123,7 @@ class _Segments(torch.autograd.Function):
                 timed = [p.new_empty((T,) + p.shape[1:]) for p in pieces]
             for whole, piece in zip(timed, pieces):
                 whole[a:b] = piece
+        assert timed is not None  # T >= 1: at least one segment ran
         ctx.save_for_backward(x, *params, *starts)
         ctx.plan, ctx.segments = plan, segments
         if len(timed) > 1:
@@ -126,20 +138,24 @@ class _Segments(torch.autograd.Function):
         n, m = plan.n_state, plan.n_params
         saved = ctx.saved_tensors
         x, params, starts = saved[0], saved[1 : 1 + m], saved[1 + m :]
-        need = ctx.needs_input_grad                          # (plan, x, *state, *params)
+        need = ctx.needs_input_grad  # (plan, x, *state, *params)
         need_x, need_state0, need_params = need[1], need[2 : 2 + n], need[2 + n :]
         dx = torch.empty_like(x) if need_x else None
         dparams: list[torch.Tensor | None] = [None] * m
-        dstate = list(grads[:n])                             # into the final state (or None)
-        for k in range(len(ctx.segments) - 1, -1, -1):       # the last segment run comes first
+        dstate = list(grads[:n])  # into the final state (or None)
+        for k in range(len(ctx.segments) - 1, -1, -1):  # the last segment run comes first
             a, b, sizes = ctx.segments[k]
             # The first segment's initial state is the caller's; later ones carry the gradient on.
             with torch.enable_grad():
                 xs = x[a:b].detach().requires_grad_(need_x)
-                sts = tuple(s.detach().requires_grad_(k > 0 or need_state0[i])
-                            for i, s in enumerate(starts[k * n : (k + 1) * n]))
-                ps = tuple(None if p is None else p.detach().requires_grad_(need_params[i])
-                           for i, p in enumerate(params))
+                sts = tuple(
+                    s.detach().requires_grad_(k > 0 or need_state0[i])
+                    for i, s in enumerate(starts[k * n : (k + 1) * n])
+                )
+                ps = tuple(
+                    None if p is None else p.detach().requires_grad_(need_params[i])
+                    for i, p in enumerate(params)
+                )
                 res = plan.layer(xs, sts, ps, sizes, False)  # this segment's activations again
             outs, douts = [], []
             for out, d in zip(res[: 1 + n], (None if dy is None else dy[a:b], *dstate)):
@@ -147,8 +163,11 @@ class _Segments(torch.autograd.Function):
                     outs.append(out)
                     douts.append(d)
             wrt = [t for t in (xs, *sts, *ps) if t is not None and t.requires_grad]
-            got = iter(torch.autograd.grad(outs, wrt, douts, allow_unused=True)
-                       if outs and wrt else [None] * len(wrt))
+            got = iter(
+                torch.autograd.grad(outs, wrt, douts, allow_unused=True)
+                if outs and wrt
+                else [None] * len(wrt)
+            )
             del res, outs  # free the segment's activations before the next one
             if need_x:
                 gx = next(got)

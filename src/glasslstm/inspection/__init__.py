@@ -5,6 +5,6 @@
 every view (terminal, HTML, PNG, web) renders without touching torch.
 """
 
-from glasslstm.inspect.analysis import Analysis, analyze
+from glasslstm.inspection.analysis import Analysis, analyze
 
 __all__ = ["Analysis", "analyze"]

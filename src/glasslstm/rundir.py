@@ -37,8 +37,9 @@ import json
 import os
 import random
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as _st_load_bytes
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save_bytes
+
+from glasslstm.errors import RunDirError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -83,10 +86,6 @@ _MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
 _TRAIN_HINT = "`glasslstm train --out DIR`"
 
 
-class RunDirError(ValueError):
-    """Missing, foreign, or incompatible run directory; the message names the problem and the fix."""
-
-
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -114,7 +113,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
         try:
             # O_EXCL: never clobber another writer's temp file; mode 0o666 lets the umask decide
             # the final permissions, as for a file made by open().
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+            )
             break
         except FileExistsError:
             continue
@@ -200,7 +201,9 @@ def _tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return _st_save_bytes(_prepare_tensors(tensors), metadata=metadata)
 
 
-def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Write `tensors` to a safetensors file atomically.
 
     Tensors are detached, moved to CPU and made contiguous; tensors sharing storage (views,
@@ -217,11 +220,13 @@ def _damaged(path, err: Exception) -> RunDirError:
 
 
 def load_tensors(path, device="cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file into {name: tensor} on `device`. Missing or corrupt -> RunDirError."""
+    """A safetensors file as {name: tensor} on `device`; missing or corrupt: RunDirError."""
     try:
         return _st_load_file(os.fspath(path), device=str(device))
     except FileNotFoundError:
-        raise RunDirError(f"{path} is missing; train a run with {_TRAIN_HINT} to create it") from None
+        raise RunDirError(
+            f"{path} is missing; train a run with {_TRAIN_HINT} to create it"
+        ) from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise _damaged(path, e) from None
 
@@ -273,7 +278,8 @@ def _tensor(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     except KeyError:
         raise RunDirError(
             f"train state lacks the tensor {name!r}; the train state is damaged or from another "
-            f"program: delete train_state.* to start a fresh optimizer, or train again with {_TRAIN_HINT}"
+            f"program: delete train_state.* to start a fresh optimizer, or train again with "
+            f"{_TRAIN_HINT}"
         ) from None
 
 
@@ -301,7 +307,8 @@ def optimizer_state_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor
             else:
                 scalars.setdefault(str(idx), {})[key] = _encode(value, name, tensors)
     param_groups = [
-        _encode(group, f"param_groups.{g}", tensors) for g, group in enumerate(state_dict.get("param_groups", []))
+        _encode(group, f"param_groups.{g}", tensors)
+        for g, group in enumerate(state_dict.get("param_groups", []))
     ]
     return tensors, {"param_groups": param_groups, "scalars": scalars, "tensor_keys": tensor_keys}
 
@@ -379,7 +386,11 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
         py = _tensor(tensors, "rng.python")
         np_keys = _tensor(tensors, "rng.numpy_keys")
         py_meta, np_meta = meta["python"], meta["numpy"]
-        py_state = (int(py_meta["version"]), tuple(int(v) for v in py.tolist()), py_meta["gauss_next"])
+        py_state = (
+            int(py_meta["version"]),
+            tuple(int(v) for v in py.tolist()),
+            py_meta["gauss_next"],
+        )
         np_state = (
             np_meta.get("bit_generator", "MT19937"),
             np_keys.numpy().astype(np.uint32),
@@ -408,7 +419,9 @@ def write_config(run_dir, config: dict) -> None:
     """Write RUN/config.json atomically, adding "format_version" and "kind"; creates RUN."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    atomic_write_json(Path(run_dir) / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION, "kind": RUN_KIND})
+    atomic_write_json(
+        Path(run_dir) / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION, "kind": RUN_KIND}
+    )
 
 
 def _read_json(path: Path, run_dir) -> Any:
@@ -431,12 +444,16 @@ def read_config(run_dir) -> dict:
     run_dir = Path(run_dir)
     foreign_fix = f"pass a directory created by {_TRAIN_HINT}"
     if not run_dir.exists():
-        raise RunDirError(f"no run directory at {run_dir}; train one with `glasslstm train --out {run_dir}`")
+        raise RunDirError(
+            f"no run directory at {run_dir}; train one with `glasslstm train --out {run_dir}`"
+        )
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is a file, not a glasslstm run directory; {foreign_fix}")
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise RunDirError(f"{run_dir} is not a glasslstm run directory (it has no {CONFIG_FILE}); {foreign_fix}")
+        raise RunDirError(
+            f"{run_dir} is not a glasslstm run directory (it has no {CONFIG_FILE}); {foreign_fix}"
+        )
     config = _read_json(path, run_dir)
     if not isinstance(config, dict) or config.get("kind") != RUN_KIND:
         found = config.get("kind") if isinstance(config, dict) else type(config).__name__

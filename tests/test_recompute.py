@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import glasslstm
 from glasslstm.cli import main
 from glasslstm.model import ConfigError, LanguageModel, ModelConfig
-from glasslstm.ops.checkpoint import checkpointed
+from glasslstm.ops.recompute import checkpointed
 from glasslstm.trainer import TrainConfig
 
 BACKENDS = ["fused", "bptt", "loop"]
@@ -35,16 +35,22 @@ def run(model, x, hx=None, **kw):
         hx = tuple(t.detach().clone().requires_grad_(True) for t in hx)
     out, (h_n, c_n), trace = model(x, hx, return_gates=True, **kw)
     gen = torch.Generator().manual_seed(1)
-    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
-               for t in (out, h_n, c_n))
+    loss = sum(
+        (t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
+        for t in (out, h_n, c_n)
+    )
     model.zero_grad()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     grads["input"] = x.grad
     if hx is not None:
         grads["h_0"], grads["c_0"] = hx[0].grad, hx[1].grad
-    values = {"output": out, "h_n": h_n, "c_n": c_n,
-              **{f"trace.{k}": v for k, v in trace.values.items()}}
+    values = {
+        "output": out,
+        "h_n": h_n,
+        "c_n": c_n,
+        **{f"trace.{k}": v for k, v in trace.values.items()},
+    }
     return values, grads
 
 
@@ -58,23 +64,38 @@ def assert_same(a, b, tol=1e-10):
 
 
 CASES = [  # (T, segment, lengths, LSTM kwargs)
-    (12, 4, None, dict(num_layers=2)),                                  # S divides T
-    (11, 4, None, dict(num_layers=2)),                                  # ... and does not
-    (11, 1, None, dict(num_layers=1)),                                  # one step per segment
-    (9, 9, None, dict(num_layers=2)),                                   # S == T: plain path
-    (9, 50, None, dict(num_layers=2)),                                  # S > T
+    (12, 4, None, dict(num_layers=2)),  # S divides T
+    (11, 4, None, dict(num_layers=2)),  # ... and does not
+    (11, 1, None, dict(num_layers=1)),  # one step per segment
+    (9, 9, None, dict(num_layers=2)),  # S == T: plain path
+    (9, 50, None, dict(num_layers=2)),  # S > T
     (11, 3, [11, 4, 7, 1, 9], dict(num_layers=2, bidirectional=True)),  # ragged, unsorted
     (10, 3, [10, 2, 6], dict(num_layers=2, proj_size=2)),
-    (10, 4, [7, 3, 5], dict(num_layers=2, bidirectional=True, proj_size=3,
-                            batch_first=True)),                         # longest < T
+    (
+        10,
+        4,
+        [7, 3, 5],
+        dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True),
+    ),  # longest < T
 ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
-@pytest.mark.parametrize("T,segment,lengths,kw", CASES,
-                         ids=["divides", "remainder", "S1", "S=T", "S>T", "ragged-bi",
-                              "ragged-proj", "bi-proj-bf-short"])
+@pytest.mark.parametrize(
+    "T,segment,lengths,kw",
+    CASES,
+    ids=[
+        "divides",
+        "remainder",
+        "S1",
+        "S=T",
+        "S>T",
+        "ragged-bi",
+        "ragged-proj",
+        "bi-proj-bf-short",
+    ],
+)
 def test_gradients_equal_without_checkpointing(T, segment, lengths, kw, with_hx, backend):
     plain, ckpt = twins(segment, backend, input_size=3, hidden_size=5, **kw)
     B = len(lengths) if lengths else 4
@@ -88,8 +109,7 @@ def test_gradients_equal_without_checkpointing(T, segment, lengths, kw, with_hx,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_sequence_with_checkpointing(backend):
-    plain, ckpt = twins(2, backend, input_size=3, hidden_size=4, num_layers=2,
-                        bidirectional=True)
+    plain, ckpt = twins(2, backend, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
     x = torch.randn(7, 4, 3, dtype=F64)
     lengths = torch.tensor([3, 7, 1, 5])
 
@@ -99,7 +119,7 @@ def test_packed_sequence_with_checkpointing(backend):
         padded, _ = pad_packed_sequence(out)
         loss = (padded * torch.linspace(-1, 1, padded.numel(), dtype=F64).view_as(padded)).sum()
         model.zero_grad()
-        (loss + h_n.sum() + (c_n ** 2).sum()).backward()
+        (loss + h_n.sum() + (c_n**2).sum()).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         return {"output": padded, "h_n": h_n, "c_n": c_n}, {**grads, "input": xg.grad}
 
@@ -122,7 +142,7 @@ def test_checkpointing_is_skipped_without_gradients():
     y, _ = checkpointed(layer, 3, x.requires_grad_(), s, w, None, False, True)
     assert calls == [(3, True), (3, True), (3, True), (1, True)] and torch.equal(y, x * 2)
     calls.clear()
-    y.sum().backward()                          # recomputed, last segment first, no extras
+    y.sum().backward()  # recomputed, last segment first, no extras
     assert calls == [(1, False), (3, False), (3, False), (3, False)]
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
 
@@ -138,11 +158,11 @@ def test_reverse_segments_run_last_first_and_hand_the_state_back():
     x = torch.arange(7.0).view(7, 1, 1).requires_grad_()
     w = torch.tensor(1.0, requires_grad=True)
     y, n = checkpointed(layer, 3, x, (torch.zeros(1, 1),), (w,), None, True, False)
-    assert order == [6.0, 3.0, 0.0]                  # segments [6], [3..5], [0..2]
+    assert order == [6.0, 3.0, 0.0]  # segments [6], [3..5], [0..2]
     assert n.item() == 7.0
     assert y.view(-1).tolist() == [4, 5, 6, 4, 5, 6, 6]  # each segment: x + steps seen before
     y.sum().backward()
-    assert order[3:] == [0.0, 3.0, 6.0]              # backward: the reverse of forward's order
+    assert order[3:] == [0.0, 3.0, 6.0]  # backward: the reverse of forward's order
     assert w.grad.item() == 21.0 and torch.equal(x.grad, torch.ones_like(x))
 
 
@@ -163,8 +183,10 @@ def _allocator_peak(fn) -> tuple[int, int]:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
     live = peak = 0
     for e in events:
         live += e.nbytes()
@@ -172,6 +194,7 @@ def _allocator_peak(fn) -> tuple[int, int]:
     return peak, live
 
 
+@pytest.mark.slow
 def test_checkpointing_keeps_far_less_memory_for_backward():
     """T = 2000: what forward leaves alive for backward, and the peak over forward + backward,
     both measured at torch's allocator."""
@@ -182,10 +205,10 @@ def test_checkpointing_keeps_far_less_memory_for_backward():
         lstm = glasslstm.LSTM(4, H, dtype=F64, backend="bptt", checkpoint=segment)
         box = {}
 
-        def forward():
+        def forward(lstm=lstm, box=box):
             box["out"] = lstm(x)[0]
 
-        def backward():
+        def backward(box=box):
             box.pop("out").sum().backward()
 
         kept, after_forward = _allocator_peak(forward)
@@ -214,8 +237,16 @@ def test_language_model_and_train_config_pass_it_on():
     assert model.lstm.checkpoint == 16
     assert TrainConfig(checkpoint=256).model_config(7).checkpoint == 256
     # config.json of runs from before the option: no key, checkpointing off
-    old = {"vocab_size": 7, "hidden_size": 8, "num_layers": 1, "dropout": 0.1, "embed_size": 0,
-           "tie_weights": False, "forget_bias": 1.0, "proj_size": 0}
+    old = {
+        "vocab_size": 7,
+        "hidden_size": 8,
+        "num_layers": 1,
+        "dropout": 0.1,
+        "embed_size": 0,
+        "tie_weights": False,
+        "forget_bias": 1.0,
+        "proj_size": 0,
+    }
     assert ModelConfig.from_dict(old).checkpoint == 0
     assert TrainConfig.from_dict({"hidden": 8}).checkpoint == 0
     with pytest.raises(ConfigError, match="checkpoint"):
@@ -224,13 +255,32 @@ def test_language_model_and_train_config_pass_it_on():
         TrainConfig(checkpoint=-1)
 
 
+@pytest.mark.slow
 def test_train_cli_with_checkpoint(tmp_path, capsys):
     """`glasslstm train --checkpoint 5`: recorded in the run, and learns like without."""
     text = tmp_path / "text.txt"
     text.write_text("Bob is a nice person. Dan, on the other hand, is evil. " * 40)
-    common = ["--data", str(text), "--hidden", "16", "--layers", "1", "--seq-len", "16",
-              "--batch-size", "4", "--max-steps", "4", "--eval-every", "4", "--warmup", "1",
-              "--dropout", "0", "--json"]
+    common = [
+        "--data",
+        str(text),
+        "--hidden",
+        "16",
+        "--layers",
+        "1",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "4",
+        "--warmup",
+        "1",
+        "--dropout",
+        "0",
+        "--json",
+    ]
     assert main(["train", *common, "--checkpoint", "5", "--out", str(tmp_path / "a")]) == 0
     assert main(["train", *common, "--out", str(tmp_path / "b")]) == 0
     capsys.readouterr()
@@ -247,8 +297,9 @@ def test_train_cli_with_checkpoint(tmp_path, capsys):
 def test_cuda_gradients_equal_without_checkpointing(backend):
     if backend == "fused":
         pytest.importorskip("triton")  # the fused path on CUDA is the Triton cell
-    plain, ckpt = twins(3, backend, input_size=3, hidden_size=5, num_layers=2,
-                        bidirectional=True, proj_size=2)
+    plain, ckpt = twins(
+        3, backend, input_size=3, hidden_size=5, num_layers=2, bidirectional=True, proj_size=2
+    )
     plain, ckpt = plain.cuda(), ckpt.cuda()
     x = torch.randn(11, 4, 3, dtype=F64, device="cuda")
     lengths = [11, 3, 8, 6]

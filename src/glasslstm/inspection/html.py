@@ -24,16 +24,24 @@ from pathlib import Path
 
 import numpy as np
 
-from glasslstm.inspect.common import (EXPLAIN, GATES, NAMES, QUANTITIES, resolve_layer,
-                                      top_variance_cells)
+from glasslstm.inspection.common import (
+    EXPLAIN,
+    GATES,
+    NAMES,
+    QUANTITIES,
+    resolve_layer,
+    top_variance_cells,
+)
 
-HEAT_CELLS = 64      # rows of each heatmap: the most variable cells (of c) of the layer
-HEAT_TOKENS = 2000   # columns: the first tokens (one pixel or more each)
+HEAT_CELLS = 64  # rows of each heatmap: the most variable cells (of c) of the layer
+HEAT_TOKENS = 2000  # columns: the first tokens (one pixel or more each)
 GLOSSARY_ORDER = ("f", "i", "g", "c", "o", "h")  # the order the article introduces them
 
 
 def _template() -> str:
-    return (resources.files("glasslstm.inspect") / "templates" / "report.html").read_text("utf-8")
+    return (resources.files("glasslstm.inspection") / "templates" / "report.html").read_text(
+        "utf-8"
+    )
 
 
 def _pack(a: np.ndarray, bounded: bool) -> dict:
@@ -45,8 +53,13 @@ def _pack(a: np.ndarray, bounded: bool) -> dict:
     bits = 8 if bounded and lo >= -1.0 and hi <= 1.0 else 16
     top = (1 << bits) - 1
     q = np.rint((a - lo) / (hi - lo) * top).astype("<u2" if bits == 16 else "u1")
-    return {"bits": bits, "lo": lo, "hi": hi, "n": int(a.shape[1]),
-            "data": base64.b64encode(q.tobytes()).decode("ascii")}
+    return {
+        "bits": bits,
+        "lo": lo,
+        "hi": hi,
+        "n": int(a.shape[1]),
+        "data": base64.b64encode(q.tobytes()).decode("ascii"),
+    }
 
 
 def _script_json(obj) -> str:
@@ -71,27 +84,43 @@ def _shown(token: str) -> str:
 
 
 def _options(values, labels, selected) -> str:
-    return "".join(f'<option value="{v}"{" selected" if v == selected else ""}>'
-                   f"{html.escape(str(label))}</option>" for v, label in zip(values, labels))
+    return "".join(
+        f'<option value="{v}"{" selected" if v == selected else ""}>'
+        f"{html.escape(str(label))}</option>"
+        for v, label in zip(values, labels)
+    )
 
 
 def _saturation_table(analysis) -> str:
     sat = analysis.saturation()
     n = analysis.num_layers
-    head = ('<tr><th class="name" rowspan="2">gate</th>'
-            + "".join(f'<th colspan="2">layer {k}</th>' for k in range(n)) + "</tr><tr>"
-            + "<th>left (&lt; 0.1)</th><th>right (&gt; 0.9)</th>" * n + "</tr>")
+    head = (
+        '<tr><th class="name" rowspan="2">gate</th>'
+        + "".join(f'<th colspan="2">layer {k}</th>' for k in range(n))
+        + "</tr><tr>"
+        + "<th>left (&lt; 0.1)</th><th>right (&gt; 0.9)</th>" * n
+        + "</tr>"
+    )
     rows = []
     for q in ("f", "i", "o"):
-        cells = "".join(f'<td data-gate="{q}" data-layer="{r["layer"]}" data-side="left">'
-                        f'{r["left"]:.1%}</td><td data-gate="{q}" data-layer="{r["layer"]}" '
-                        f'data-side="right">{r["right"]:.1%}</td>' for r in sat[q])
+        cells = "".join(
+            f'<td data-gate="{q}" data-layer="{r["layer"]}" data-side="left">'
+            f'{r["left"]:.1%}</td><td data-gate="{q}" data-layer="{r["layer"]}" '
+            f'data-side="right">{r["right"]:.1%}</td>'
+            for r in sat[q]
+        )
         rows.append(f'<tr><td class="name">{html.escape(NAMES[q])}</td>{cells}</tr>')
     return f'<table class="sat" id="saturation">{head}{"".join(rows)}</table>'
 
 
-def render_html(analysis, *, layer: int | None = None, cell: int | None = None,
-                quantity: str = "c", title: str | None = None) -> str:
+def render_html(
+    analysis,
+    *,
+    layer: int | None = None,
+    cell: int | None = None,
+    quantity: str = "c",
+    title: str | None = None,
+) -> str:
     """The report as one HTML string. ``layer`` defaults to the last, ``cell`` to the cell of
     ``layer`` with the largest variance of c over the text; ``quantity`` (i f g o c h) is the
     one the text is coloured by at first. All three can be changed on the page."""
@@ -100,50 +129,78 @@ def render_html(analysis, *, layer: int | None = None, cell: int | None = None,
     order = [top_variance_cells(analysis.values("c", k), size) for k in range(n_layers)]
     cell = order[layer][0] if cell is None else cell
     if not 0 <= cell < size:
-        raise ValueError(f"cell {cell} is out of range: each layer has {size} cells "
-                         f"(0..{size - 1})")
+        raise ValueError(
+            f"cell {cell} is out of range: each layer has {size} cells (0..{size - 1})"
+        )
     T = len(analysis)
     title = title or "glasslstm inspect"
 
     data = {
-        "T": T, "num_layers": n_layers, "hidden_size": size, "level": analysis.level,
+        "T": T,
+        "num_layers": n_layers,
+        "hidden_size": size,
+        "level": analysis.level,
         "tokens": analysis.tokens,
         "top": [[[s, round(float(p), 4)] for s, p in row] for row in analysis.top],
-        "target": [None if not np.isfinite(p) else round(float(p), 4)
-                   for p in analysis.target_prob],
+        "target": [
+            None if not np.isfinite(p) else round(float(p), 4) for p in analysis.target_prob
+        ],
         "arrays": {q: [_pack(a, bounded=q != "c") for a in analysis.gates[q]] for q in QUANTITIES},
         "order": order,
         "default": {"layer": layer, "quantity": quantity, "cell": cell},
         "heat": {"cells": min(HEAT_CELLS, size), "tokens": HEAT_TOKENS},
-        "names": NAMES, "explain": EXPLAIN,
+        "names": NAMES,
+        "explain": EXPLAIN,
     }
-    tokens = "".join(f'<span class="tok" data-t="{t}">{_shown(tok)}</span>'
-                     for t, tok in enumerate(analysis.tokens))
-    glossary = '<dl class="glossary" id="glossary">' + "".join(
-        f'<dt data-q="{q}">{q}: {html.escape(NAMES[q])}</dt><dd>{html.escape(EXPLAIN[q])}'
-        f'{" (a gate: 0 shut, 1 open)" if q in GATES else ""}</dd>'
-        for q in GLOSSARY_ORDER) + "</dl>"
+    tokens = "".join(
+        f'<span class="tok" data-t="{t}">{_shown(tok)}</span>'
+        for t, tok in enumerate(analysis.tokens)
+    )
+    glossary = (
+        '<dl class="glossary" id="glossary">'
+        + "".join(
+            f'<dt data-q="{q}">{q}: {html.escape(NAMES[q])}</dt><dd>{html.escape(EXPLAIN[q])}'
+            f"{' (a gate: 0 shut, 1 open)' if q in GATES else ''}</dd>"
+            for q in GLOSSARY_ORDER
+        )
+        + "</dl>"
+    )
     heatmaps = "".join(
         f'<div class="heat" data-q="{q}"><figure><figcaption><b>{q}: {html.escape(NAMES[q])}</b>'
         f' — {html.escape(EXPLAIN[q])}</figcaption><div class="scroll">'
         f'<canvas id="heat-{q}" width="1" height="1"></canvas></div></figure></div>'
-        for q in ("i", "f", "g", "o", "c", "h"))
-    meta = (f"{T:,} {analysis.level}-level tokens · {n_layers} layer{'s' if n_layers > 1 else ''}"
-            f" of {size} cells")
+        for q in ("i", "f", "g", "o", "c", "h")
+    )
+    meta = (
+        f"{T:,} {analysis.level}-level tokens · {n_layers} layer{'s' if n_layers > 1 else ''}"
+        f" of {size} cells"
+    )
     if analysis.truncated:
         meta += f" · the text was cut to its first {T:,} tokens"
     parts = {
         "title": html.escape(title),
         "meta": html.escape(meta),
-        "layer_select": '<select id="layer">' + _options(
-            range(n_layers), [f"{k}{' (first)' if k == 0 else ''}"
-                              f"{' (last)' if k == n_layers - 1 and n_layers > 1 else ''}"
-                              for k in range(n_layers)], layer) + "</select>",
-        "quantity_select": '<select id="quantity">' + _options(
-            QUANTITIES, [f"{q} — {NAMES[q]}" for q in QUANTITIES], quantity) + "</select>",
-        "cell_select": '<select id="cell">' + _options(
-            order[layer], [f"{k}  (#{r + 1} by variance of c)" for r, k in enumerate(order[layer])],
-            cell) + "</select>",
+        "layer_select": '<select id="layer">'
+        + _options(
+            range(n_layers),
+            [
+                f"{k}{' (first)' if k == 0 else ''}"
+                f"{' (last)' if k == n_layers - 1 and n_layers > 1 else ''}"
+                for k in range(n_layers)
+            ],
+            layer,
+        )
+        + "</select>",
+        "quantity_select": '<select id="quantity">'
+        + _options(QUANTITIES, [f"{q} — {NAMES[q]}" for q in QUANTITIES], quantity)
+        + "</select>",
+        "cell_select": '<select id="cell">'
+        + _options(
+            order[layer],
+            [f"{k}  (#{r + 1} by variance of c)" for r, k in enumerate(order[layer])],
+            cell,
+        )
+        + "</select>",
         "tokens": tokens,
         "glossary": glossary,
         "heatmaps": heatmaps,

@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from torch import nn
 from glasslstm.lstm import LSTM
 from glasslstm.rnn import GRU, RNN
 from glasslstm.tasks import Task, make_task
+from glasslstm.tasks.base import TokenTask
 
 MODELS = ("lstm", "gru", "rnn")
 # How the LSTM's gate biases start: forget bias 1 (Jozefowicz et al. 2015), or the chrono
@@ -31,24 +33,31 @@ PRIMARY = {"adding": "mse", "copy": "loss", "subject": "accuracy"}
 class SequenceModel(nn.Module):
     """A recurrent layer and a per-step linear readout; token tasks get an embedding first."""
 
-    def __init__(self, kind: str, task: Task, hidden_size: int = 128, num_layers: int = 1,
-                 init: str = "forget1"):
+    def __init__(
+        self,
+        kind: str,
+        task: Task,
+        hidden_size: int = 128,
+        num_layers: int = 1,
+        init: str = "forget1",
+    ):
         super().__init__()
         if kind not in MODELS:
             raise ValueError(f"unknown model {kind!r}; choose from {', '.join(MODELS)}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
         self.kind = kind
-        self.tokens = hasattr(task, "token_batch")
+        self.tokens = isinstance(task, TokenTask)
         in_size = task.input_size
         self.embed = nn.Embedding(task.input_size, hidden_size) if self.tokens else None
         if self.tokens:
             in_size = hidden_size
         cls = {"lstm": LSTM, "gru": GRU, "rnn": RNN}[kind]
-        extra = {}
+        extra: dict[str, Any] = {}
         if kind == "lstm":  # the GRU and the RNN keep torch's init
-            extra = ({"chrono_init": max(2, task.seq_len)} if init == "chrono"
-                     else {"forget_bias": 1.0})
+            extra = (
+                {"chrono_init": max(2, task.seq_len)} if init == "chrono" else {"forget_bias": 1.0}
+            )
         self.rnn = cls(in_size, hidden_size, num_layers, batch_first=True, **extra)
         self.head = nn.Linear(hidden_size, task.output_size)
 
@@ -62,7 +71,7 @@ class SequenceModel(nn.Module):
 
 def task_batch(task: Task, model: SequenceModel, batch_size: int, gen: torch.Generator):
     """A batch in the form the model takes: token ids for token tasks, features otherwise."""
-    if model.tokens:
+    if isinstance(task, TokenTask):
         ids, target = task.token_batch(batch_size, gen)
         return ids, target, None
     return task.batch(batch_size, gen)
@@ -73,23 +82,35 @@ class MemoryRun:
     task: str
     T: int
     model: str
-    budget: int                     # training sequences allowed
-    init: str                       # the LSTM's bias init (see INITS); others ignore it
-    sequences: int                  # training sequences seen
-    metric: dict                    # held-out metrics at the end
-    primary: str                    # the metric that decides "solved"
+    budget: int  # training sequences allowed
+    init: str  # the LSTM's bias init (see INITS); others ignore it
+    sequences: int  # training sequences seen
+    metric: dict  # held-out metrics at the end
+    primary: str  # the metric that decides "solved"
     baseline: float
     solved: bool
-    solved_at: int | None           # training sequences seen when first solved
+    solved_at: int | None  # training sequences seen when first solved
     seconds: float
     curve: list = field(default_factory=list)  # [(sequences, primary metric)]
 
 
-def train_memory(task: Task, kind: str, *, budget: int, batch_size: int = 32,
-                 hidden_size: int = 128, lr: float = 1e-3, clip: float = 1.0, seed: int = 0,
-                 evals: int = 40, eval_size: int = 512, stop_when_solved: bool = True,
-                 log=None, model: SequenceModel | None = None,
-                 init: str = "forget1") -> MemoryRun:
+def train_memory(
+    task: Task,
+    kind: str,
+    *,
+    budget: int,
+    batch_size: int = 32,
+    hidden_size: int = 128,
+    lr: float = 1e-3,
+    clip: float = 1.0,
+    seed: int = 0,
+    evals: int = 40,
+    eval_size: int = 512,
+    stop_when_solved: bool = True,
+    log=None,
+    model: SequenceModel | None = None,
+    init: str = "forget1",
+) -> MemoryRun:
     """Train ``kind`` on ``task`` for up to ``budget`` sequences (Adam, gradient clipping).
 
     ``model``: train this one (in place) instead of a fresh one built from ``seed`` and
@@ -121,16 +142,29 @@ def train_memory(task: Task, kind: str, *, budget: int, batch_size: int = 32,
                 metric = _evaluate(task, model, held_out)
                 curve.append((seen, metric[primary]))
                 if log is not None:
-                    log(f"{task.name} T={task.T} {kind}: {seen:,} sequences, "
-                        f"{primary} {metric[primary]:.4f} (baseline {task.baseline:.4f})")
+                    log(
+                        f"{task.name} T={task.T} {kind}: {seen:,} sequences, "
+                        f"{primary} {metric[primary]:.4f} (baseline {task.baseline:.4f})"
+                    )
                 if solved_at is None and task.solved(metric):
                     solved_at = seen
                     if stop_when_solved:
                         break
-    return MemoryRun(task=task.name, T=task.T, model=kind, budget=budget, init=init,
-                     sequences=seen, metric=metric, primary=primary, baseline=task.baseline,
-                     solved=solved_at is not None, solved_at=solved_at,
-                     seconds=time.perf_counter() - t0, curve=curve)
+    return MemoryRun(
+        task=task.name,
+        T=task.T,
+        model=kind,
+        budget=budget,
+        init=init,
+        sequences=seen,
+        metric=metric,
+        primary=primary,
+        baseline=task.baseline,
+        solved=solved_at is not None,
+        solved_at=solved_at,
+        seconds=time.perf_counter() - t0,
+        curve=curve,
+    )
 
 
 @contextmanager
@@ -159,8 +193,9 @@ def _evaluate(task: Task, model: SequenceModel, batch) -> dict:
     return task.metric(pred, target, mask)
 
 
-def memory_bench(task_name: str, Ts: list[int], models: list[str], *, budget: int,
-                 seed: int = 0, log=None, **kw) -> list[MemoryRun]:
+def memory_bench(
+    task_name: str, Ts: list[int], models: list[str], *, budget: int, seed: int = 0, log=None, **kw
+) -> list[MemoryRun]:
     """Every model at every T, same budget and seed."""
     runs = []
     for T in Ts:
@@ -169,19 +204,26 @@ def memory_bench(task_name: str, Ts: list[int], models: list[str], *, budget: in
             runs.append(train_memory(task, kind, budget=budget, seed=seed, log=log, **kw))
             if log is not None:
                 r = runs[-1]
-                log(f"  -> {'solved' if r.solved else 'not solved'}"
+                log(
+                    f"  -> {'solved' if r.solved else 'not solved'}"
                     + (f" after {r.solved_at:,} sequences" if r.solved else "")
-                    + f" in {r.seconds:.0f} s")
+                    + f" in {r.seconds:.0f} s"
+                )
     return runs
 
 
 def runs_table(runs: list[MemoryRun]) -> str:
-    lines = [f"{'task':8} {'T':>5} {'model':5} {'metric':>16} {'baseline':>9} {'solved':>6} "
-             f"{'after (sequences)':>17} {'seconds':>8}"]
+    lines = [
+        f"{'task':8} {'T':>5} {'model':5} {'metric':>16} {'baseline':>9} {'solved':>6} "
+        f"{'after (sequences)':>17} {'seconds':>8}"
+    ]
     for r in runs:
-        lines.append(f"{r.task:8} {r.T:5d} {r.model:5} {r.primary + ' ' + format(r.metric[r.primary], '.4f'):>16} "
-                     f"{r.baseline:9.4f} {'yes' if r.solved else 'no':>6} "
-                     f"{format(r.solved_at, ',') if r.solved else '-':>17} {r.seconds:8.0f}")
+        lines.append(
+            f"{r.task:8} {r.T:5d} {r.model:5} "
+            f"{r.primary + ' ' + format(r.metric[r.primary], '.4f'):>16} "
+            f"{r.baseline:9.4f} {'yes' if r.solved else 'no':>6} "
+            f"{format(r.solved_at, ',') if r.solved else '-':>17} {r.seconds:8.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -225,11 +267,16 @@ def plot_curves(runs: list[MemoryRun], path: Path) -> Path:
             line = ax.plot(seen, values, label=r.model)[0]
             if r.solved:
                 ax.plot([r.solved_at], [dict(r.curve)[r.solved_at]], "o", color=line.get_color())
-        ax.axhline(next(r.baseline for r in runs if r.T == T), color="k", ls="--", alpha=0.6,
-                   label="baseline")
+        ax.axhline(
+            next(r.baseline for r in runs if r.T == T),
+            color="k",
+            ls="--",
+            alpha=0.6,
+            label="baseline",
+        )
         ax.set_title(f"{runs[0].task}, T = {T}")
         ax.set_xlabel("training sequences")
-        if runs[0].primary != "accuracy":   # losses: the fall below the baseline, on a log scale
+        if runs[0].primary != "accuracy":  # losses: the fall below the baseline, on a log scale
             ax.set_yscale("log")
         ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1000:g}k")
         ax.grid(alpha=0.3)
@@ -242,8 +289,9 @@ def plot_curves(runs: list[MemoryRun], path: Path) -> Path:
 # --------------------------------------------------------------------------- the gradient
 
 
-def gradient_norms(model: SequenceModel, task: Task, *, batch_size: int = 32,
-                   seed: int = 0) -> dict[str, list[float]]:
+def gradient_norms(
+    model: SequenceModel, task: Task, *, batch_size: int = 32, seed: int = 0
+) -> dict[str, list[float]]:
     """||dL/dh_t|| (and ||dL/dc_t|| for the LSTM) for t = 1..T, L the task loss.
 
     The model runs step by step with the state passed along, so each h_t is a node of the
@@ -281,24 +329,46 @@ def gradient_norms(model: SequenceModel, task: Task, *, batch_size: int = 32,
     return result
 
 
-def gradient_bench(task_name: str = "adding", T: int = 100, *, budget: int = 20_000,
-                   hidden_size: int = 64, seed: int = 0, log=None) -> dict:
+def gradient_bench(
+    task_name: str = "adding",
+    T: int = 100,
+    *,
+    budget: int = 20_000,
+    hidden_size: int = 64,
+    seed: int = 0,
+    log=None,
+) -> dict:
     """Gradient norms against distance for each model, at initialisation and after training
     on the task for ``budget`` sequences."""
     task = make_task(task_name, T)
-    out = {"task": task_name, "T": T, "budget": budget, "hidden_size": hidden_size, "models": {}}
+    out: dict[str, Any] = {
+        "task": task_name,
+        "T": T,
+        "budget": budget,
+        "hidden_size": hidden_size,
+        "models": {},
+    }
     for kind in MODELS:
         torch.manual_seed(seed)
         model = SequenceModel(kind, task, hidden_size)
         init = gradient_norms(model, task, seed=seed)
-        run = train_memory(task, kind, budget=budget, hidden_size=hidden_size, seed=seed,
-                           stop_when_solved=False, model=model)
+        run = train_memory(
+            task,
+            kind,
+            budget=budget,
+            hidden_size=hidden_size,
+            seed=seed,
+            stop_when_solved=False,
+            model=model,
+        )
         trained = gradient_norms(model, task, seed=seed)
         out["models"][kind] = {"init": init, "trained": trained, "metric": run.metric}
         if log is not None:
-            log(f"{kind}: ||dL/dh_t|| at distance {T - 1}: {init['h'][-1]:.2e} at init, "
+            log(
+                f"{kind}: ||dL/dh_t|| at distance {T - 1}: {init['h'][-1]:.2e} at init, "
                 f"{trained['h'][-1]:.2e} after {budget:,} sequences "
-                f"({run.primary} {run.metric[run.primary]:.4f})")
+                f"({run.primary} {run.metric[run.primary]:.4f})"
+            )
     return out
 
 

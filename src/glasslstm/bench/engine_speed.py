@@ -16,8 +16,8 @@ contender's speed as a fraction of torch's; > 1 is faster), GFLOP/s from the med
 that as a fraction of the float32 GEMM peak measured in this run (torch.mm, 2048 x 2048).
 FLOPs of forward + backward are counted as 3 x the forward GEMMs, 2*T*B*4H*(I+H).
 
-    python benchmarks/engine_speed.py                       # T=100 B=32 H=I in 128 512 1024
-    python benchmarks/engine_speed.py --sizes 512 --reps 11 --json out.json
+    python -m glasslstm.bench.engine_speed                       # T=100 B=32 H=I in 128 512 1024
+    python -m glasslstm.bench.engine_speed --sizes 512 --reps 11 --json out.json
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import os
 
 import torch
 
-from glasslstm.timing import announce, command_line, median, sgemm_peak, sync, time_once  # noqa: E402
-
 import glasslstm  # noqa: E402
+from glasslstm.bench.timing import announce, command_line, median, sgemm_peak, sync, time_once  # noqa: E402
 
 CONTENDERS = ("torch", "glass", "glass+gates", "bptt", "loop")
 DESCRIPTION = {
@@ -78,6 +77,7 @@ def check_same(steps, x: torch.Tensor, device) -> dict:
         reset()
         out = model(x, return_gates=True)[0] if gates else model(x)[0]
         out.backward(torch.ones_like(out))
+        assert x.grad is not None
         got = (out.detach().clone(), x.grad.detach().clone())
         if ref is None:
             ref = got
@@ -108,10 +108,10 @@ def bench_size(args, H: int, device, peak_gflops: float) -> dict:
             steps[name][3]()
     sync(device)
 
-    times = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         k = r % len(names)
-        for name in names[k:] + names[:k]:          # rotate the order every repetition
+        for name in names[k:] + names[:k]:  # rotate the order every repetition
             _, _, reset, step = steps[name]
             reset()
             times[name].append(time_once(step, device))
@@ -136,17 +136,24 @@ def bench_size(args, H: int, device, peak_gflops: float) -> dict:
         }
     gates_overhead = None
     if "glass" in names and "glass+gates" in names:
-        gates_overhead = median(
-            [g / p - 1.0 for g, p in zip(times["glass+gates"], times["glass"])]
-        )
-    return {"T": T, "B": B, "I": I, "H": H, "reps": reps, "flops": flops,
-            "contenders": rows, "gates_overhead": gates_overhead}
+        gates_overhead = median([g / p - 1.0 for g, p in zip(times["glass+gates"], times["glass"])])
+    return {
+        "T": T,
+        "B": B,
+        "I": I,
+        "H": H,
+        "reps": reps,
+        "flops": flops,
+        "contenders": rows,
+        "gates_overhead": gates_overhead,
+    }
 
 
 def print_table(results: list[dict]) -> None:
     print()
-    print("| H | contender | median ms | min ms | speed vs torch (range) | GFLOP/s | "
-          "of sgemm peak |")
+    print(
+        "| H | contender | median ms | min ms | speed vs torch (range) | GFLOP/s | of sgemm peak |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|")
     for res in results:
         for name, row in res["contenders"].items():
@@ -170,17 +177,36 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--T", type=int, default=100, help="sequence length")
     p.add_argument("--B", type=int, default=32, help="batch size")
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024],
-                   help="hidden sizes H (input size I = H)")
-    p.add_argument("--reps", type=int, default=None,
-                   help="timed repetitions per size (default 7 for H<=512, 5 above)")
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[128, 512, 1024],
+        help="hidden sizes H (input size I = H)",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed repetitions per size (default 7 for H<=512, 5 above)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's own choice)")
-    p.add_argument("--skip", nargs="*", default=[], choices=CONTENDERS[1:],
-                   help="contenders to leave out, e.g. --skip loop")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's own choice)",
+    )
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=CONTENDERS[1:],
+        help="contenders to leave out, e.g. --skip loop",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write all figures and samples here")
     args = p.parse_args(argv)
@@ -192,8 +218,11 @@ def main(argv=None) -> int:
     print(f"T={args.T} B={args.B} I=H in {args.sizes}, float32, 1 layer, fwd+bwd (dx included)")
 
     peak_before = sgemm_peak(device)
-    print(f"sgemm peak (torch.mm {peak_before['n']}^2, median of "
-          f"{len(peak_before['samples_s'])}): {peak_before['gflops']:.1f} GFLOP/s", flush=True)
+    print(
+        f"sgemm peak (torch.mm {peak_before['n']}^2, median of "
+        f"{len(peak_before['samples_s'])}): {peak_before['gflops']:.1f} GFLOP/s",
+        flush=True,
+    )
 
     results = [bench_size(args, H, device, peak_before["gflops"]) for H in args.sizes]
 
@@ -218,9 +247,16 @@ def main(argv=None) -> int:
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"command": command_line(), "machine": info,
-                       "sgemm_peak": {"before": peak_before, "after": peak_after, "used": peak},
-                       "results": results}, f, indent=2)
+            json.dump(
+                {
+                    "command": command_line(),
+                    "machine": info,
+                    "sgemm_peak": {"before": peak_before, "after": peak_after, "used": peak},
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
         print(f"wrote {args.json}")
     return 0
 

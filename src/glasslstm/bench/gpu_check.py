@@ -25,12 +25,12 @@ Exit status 1 when a part failed or a check is outside its tolerance (the summar
 
 On the GPU machine, from the repository root (torch and triton installed, package not)::
 
-    PYTHONPATH=src python benchmarks/gpu_check.py --json $OUT/gpu.json
+    python -m glasslstm.bench.gpu_check --json $OUT/gpu.json
 
 Smoke test of this script on a CPU (tiny sizes, Triton's interpreter; the fused contender is
 handed the interpreted Triton cell in place of the C one, and graphs are skipped)::
 
-    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/gpu_check.py \\
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python -m glasslstm.bench.gpu_check \\
         --device cpu --quick --json /tmp/gpu_check.json
 """
 
@@ -47,10 +47,9 @@ import traceback
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from glasslstm.timing import command_line, machine_info, median, sync, time_once  # noqa: E402
-
 import glasslstm  # noqa: E402
 import glasslstm.ops  # noqa: E402
+from glasslstm.bench.timing import command_line, machine_info, median, sync, time_once  # noqa: E402
 from glasslstm.ops import graphs  # noqa: E402
 from glasslstm.ops.bptt import TORCH_CELL  # noqa: E402
 
@@ -123,8 +122,10 @@ def hand_fused_the_triton_cell() -> None:
     """--device cpu only: make backend="fused" use the (interpreted) Triton cell, not the C one."""
     tc = triton_cell_module()
     if not tc.INTERPRETED:
-        raise SystemExit("--device cpu runs the Triton kernels in the interpreter: set "
-                         "TRITON_INTERPRET=1 in the environment")
+        raise SystemExit(
+            "--device cpu runs the Triton kernels in the interpreter: set "
+            "TRITON_INTERPRET=1 in the environment"
+        )
     original = glasslstm.ops.cell_for
 
     def cell_for(backend, x):
@@ -183,16 +184,30 @@ def check_cell(device, quick):
                 a, c_prev, dh, dy, dc = cell_problem(n, H, dtype, device, gen)
                 dy = dy if with_dy else None
                 ours = cell_run(cell, a, c_prev, dh, dy, dc)
-                exact = dtype == torch.bfloat16   # bf16: against float64 math on its inputs
-                args = [t if t is None or not exact else t.double()
-                        for t in (a, c_prev, dh, dy, dc)]
+                exact = dtype == torch.bfloat16  # bf16: against float64 math on its inputs
+                args = [
+                    t if t is None or not exact else t.double() for t in (a, c_prev, dh, dy, dc)
+                ]
                 ref = cell_run(TORCH_CELL, *args)
                 errs = {k: rel_err(ours[k], ref[k]) for k in ours}
                 worst = max(errs.values())
-                rows.append({"dtype": str(dtype), "n": n, "H": H, "dy": with_dy,
-                             "max_rel_err": worst, "tol": tol, "ok": worst <= tol, "errs": errs})
-                print(f"  {str(dtype):15s} n={n:<4d} H={H:<5d} dy={with_dy!s:5s} "
-                      f"max rel err {worst:.2e}  {'ok' if worst <= tol else 'FAIL'}", flush=True)
+                rows.append(
+                    {
+                        "dtype": str(dtype),
+                        "n": n,
+                        "H": H,
+                        "dy": with_dy,
+                        "max_rel_err": worst,
+                        "tol": tol,
+                        "ok": worst <= tol,
+                        "errs": errs,
+                    }
+                )
+                print(
+                    f"  {str(dtype):15s} n={n:<4d} H={H:<5d} dy={with_dy!s:5s} "
+                    f"max rel err {worst:.2e}  {'ok' if worst <= tol else 'FAIL'}",
+                    flush=True,
+                )
     return rows
 
 
@@ -205,18 +220,22 @@ def fwd_bwd(model, x, hx=None, lengths=None, packed=False):
     h = None if hx is None else tuple(t.detach().clone().requires_grad_(True) for t in hx)
     model.zero_grad()
     if packed:
-        seq = pack_padded_sequence(xg, lengths, batch_first=model.batch_first,
-                                   enforce_sorted=False)
+        seq = pack_padded_sequence(xg, lengths, batch_first=model.batch_first, enforce_sorted=False)
         out, (h_n, c_n) = model(seq, h)
-        out, _ = pad_packed_sequence(out, batch_first=model.batch_first, total_length=(
-            x.shape[1] if model.batch_first else x.shape[0]))
+        out, _ = pad_packed_sequence(
+            out,
+            batch_first=model.batch_first,
+            total_length=(x.shape[1] if model.batch_first else x.shape[0]),
+        )
     elif lengths is not None:
         out, (h_n, c_n) = model(xg, h, lengths=lengths)[:2]
     else:
         out, (h_n, c_n) = model(xg, h)[:2]
     gen = torch.Generator().manual_seed(1)
-    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
-               for t in (out, h_n, c_n))
+    loss = sum(
+        (t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
+        for t in (out, h_n, c_n)
+    )
     loss.backward()
     res = {"output": out, "h_n": h_n, "c_n": c_n, "d_input": xg.grad}
     if h is not None:
@@ -239,8 +258,9 @@ def check_lstm(device, quick):
         "1 layer": dict(num_layers=1),
         "2 layers bi": dict(num_layers=2, bidirectional=True),
         "2 layers proj": dict(num_layers=2, proj_size=7),
-        "2 layers bi proj batch_first": dict(num_layers=2, bidirectional=True, proj_size=7,
-                                             batch_first=True),
+        "2 layers bi proj batch_first": dict(
+            num_layers=2, bidirectional=True, proj_size=7, batch_first=True
+        ),
     }
     sizes = [(6, 3, 4, 9)] if quick else [(9, 4, 8, 16), (50, 32, 256, 256)]
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -255,16 +275,30 @@ def check_lstm(device, quick):
                 shape = (B, T, I) if cfg.get("batch_first") else (T, B, I)
                 x = torch.randn(shape, dtype=dtype, device=device)
                 L = peer.num_layers * (2 if peer.bidirectional else 1)
-                hx = (torch.randn(L, B, peer.proj_size or H, dtype=dtype, device=device),
-                      torch.randn(L, B, H, dtype=dtype, device=device))
+                hx = (
+                    torch.randn(L, B, peer.proj_size or H, dtype=dtype, device=device),
+                    torch.randn(L, B, H, dtype=dtype, device=device),
+                )
                 r_fused = fwd_bwd(fused, x, hx)
                 r_bptt = fwd_bwd(bptt, x, hx)
                 with tf32(False):
                     r_cudnn = fwd_bwd(peer, x, hx)
-                rows += _rows(dtype, (T, B, I, H), cname, "fused vs bptt",
-                              compare(r_fused, r_bptt), tol[dtype])
-                rows += _rows(dtype, (T, B, I, H), cname, "fused vs torch.nn.LSTM",
-                              compare(r_fused, r_cudnn), tol[dtype])
+                rows += _rows(
+                    dtype,
+                    (T, B, I, H),
+                    cname,
+                    "fused vs bptt",
+                    compare(r_fused, r_bptt),
+                    tol[dtype],
+                )
+                rows += _rows(
+                    dtype,
+                    (T, B, I, H),
+                    cname,
+                    "fused vs torch.nn.LSTM",
+                    compare(r_fused, r_cudnn),
+                    tol[dtype],
+                )
         # ragged: lengths= against a packed batch
         T, B, I, H = sizes[-1]
         torch.manual_seed(0)
@@ -277,18 +311,37 @@ def check_lstm(device, quick):
         r_fused = fwd_bwd(fused, x, lengths=lengths)
         with tf32(False):
             r_cudnn = fwd_bwd(peer, x, lengths=lengths, packed=True)
-        rows += _rows(dtype, (T, B, I, H), "2 layers bi, lengths=", "fused vs torch.nn.LSTM",
-                      compare(r_fused, r_cudnn), tol[dtype])
+        rows += _rows(
+            dtype,
+            (T, B, I, H),
+            "2 layers bi, lengths=",
+            "fused vs torch.nn.LSTM",
+            compare(r_fused, r_cudnn),
+            tol[dtype],
+        )
     return rows
 
 
 def _rows(dtype, size, cname, what, errs, tol):
     worst = max(errs.values())
     ok = worst <= tol
-    print(f"  {str(dtype):14s} T,B,I,H={size!s:18s} {cname:30s} {what:24s} "
-          f"max rel err {worst:.2e}  {'ok' if ok else 'FAIL'}", flush=True)
-    return [{"dtype": str(dtype), "T_B_I_H": size, "config": cname, "comparison": what,
-             "max_rel_err": worst, "tol": tol, "ok": ok, "errs": errs}]
+    print(
+        f"  {str(dtype):14s} T,B,I,H={size!s:18s} {cname:30s} {what:24s} "
+        f"max rel err {worst:.2e}  {'ok' if ok else 'FAIL'}",
+        flush=True,
+    )
+    return [
+        {
+            "dtype": str(dtype),
+            "T_B_I_H": size,
+            "config": cname,
+            "comparison": what,
+            "max_rel_err": worst,
+            "tol": tol,
+            "ok": ok,
+            "errs": errs,
+        }
+    ]
 
 
 # ---------------------------------------------------------------- 3. graphs, 4. autocast
@@ -319,8 +372,10 @@ def check_graphs(device, quick):
         worst = max(rel_err(a, b) for a, b in zip(graph, eager))
         worst_trace = max(rel_err(trace[n], eager_trace[n]) for n in eager_trace)
         ok = worst <= 1e-6 and worst_trace <= 1e-6
-        print(f"  call {k}: graphed vs eager max rel err {worst:.2e}, trace {worst_trace:.2e}  "
-              f"{'ok' if ok else 'FAIL'}")
+        print(
+            f"  call {k}: graphed vs eager max rel err {worst:.2e}, trace {worst_trace:.2e}  "
+            f"{'ok' if ok else 'FAIL'}"
+        )
         rows.append({"call": k, "max_rel_err": worst, "trace_max_rel_err": worst_trace, "ok": ok})
     try:
         step(x, lengths=[T] * B)
@@ -347,8 +402,10 @@ def check_autocast(device, quick):
         dtypes = sorted({str(t.dtype) for t in cast.values()})
         worst = max(errs.values())
         ok = worst <= 1e-6 and dtypes == ["torch.float32"]
-        print(f"  {backend}: bf16 autocast vs float32 max rel err {worst:.2e}, result dtypes "
-              f"{dtypes}  {'ok' if ok else 'FAIL'}")
+        print(
+            f"  {backend}: bf16 autocast vs float32 max rel err {worst:.2e}, result dtypes "
+            f"{dtypes}  {'ok' if ok else 'FAIL'}"
+        )
         rows.append({"backend": backend, "max_rel_err": worst, "dtypes": dtypes, "ok": ok})
     return rows
 
@@ -374,8 +431,10 @@ def launch_cost(device, quick):
         sync(device)
         total = (time.perf_counter() - t0) / calls
         res[name] = {"host_us_per_call": host * 1e6, "us_per_call_synced": total * 1e6}
-        print(f"  {name:6s} cell.forward n={n} H={H}: {host * 1e6:7.1f} us host per call, "
-              f"{total * 1e6:7.1f} us per call incl. GPU")
+        print(
+            f"  {name:6s} cell.forward n={n} H={H}: {host * 1e6:7.1f} us host per call, "
+            f"{total * 1e6:7.1f} us per call incl. GPU"
+        )
     return res
 
 
@@ -413,7 +472,9 @@ def bench_shape(device, T, B, H, mode, reps, warmup, names):
                 row["contenders"][name] = {"error": f"{type(e).__name__}: {e}"}
                 continue
 
-            def step(model=model, gates=gates and not name.startswith("graphed")):
+            graphed = name.startswith("graphed")
+
+            def step(model=model, gates=gates and not graphed):
                 # a graphed module was captured with or without gates: called with x only
                 res = model(x, return_gates=True) if gates else model(x)
                 res[0].backward(dys[res[0].dtype])
@@ -434,18 +495,23 @@ def bench_shape(device, T, B, H, mode, reps, warmup, names):
         order = list(steps)
         for r in range(reps):
             k = r % len(order)
-            for name in order[k:] + order[:k]:       # rotate the order every repetition
+            for name in order[k:] + order[:k]:  # rotate the order every repetition
                 reset()
                 times[name].append(time_once(steps[name], device))
     base = times.get("cudnn")
     for name, ts in times.items():
-        entry = {"median_ms": median(ts) * 1e3, "min_ms": min(ts) * 1e3,
-                 "times_ms": [t * 1e3 for t in ts]}
+        entry = {
+            "median_ms": median(ts) * 1e3,
+            "min_ms": min(ts) * 1e3,
+            "times_ms": [t * 1e3 for t in ts],
+        }
         if base:
             entry["ratio_vs_cudnn"] = median([t / b for t, b in zip(ts, base)])
         row["contenders"][name] = entry
-    line = "  ".join(f"{n} {e['median_ms']:.2f}" if "median_ms" in e else f"{n} n/a"
-                     for n, e in row["contenders"].items())
+    line = "  ".join(
+        f"{n} {e['median_ms']:.2f}" if "median_ms" in e else f"{n} n/a"
+        for n, e in row["contenders"].items()
+    )
     print(f"  {mode:13s} T={T} B={B:<4d} H={H:<5d} {line} ms", flush=True)
     del steps, fused, bptt, peer
     gc.collect()
@@ -455,8 +521,11 @@ def bench_shape(device, T, B, H, mode, reps, warmup, names):
 
 
 def speed(device, quick, budget_s, path):
-    shapes = [(5, 2, 16), (5, 4, 32)] if quick else [(100, 64, 512), (100, 256, 512),
-                                                     (100, 64, 1024), (100, 256, 1024)]
+    shapes = (
+        [(5, 2, 16), (5, 4, 32)]
+        if quick
+        else [(100, 64, 512), (100, 256, 512), (100, 64, 1024), (100, 256, 1024)]
+    )
     reps, warmup = (2, 1) if quick else (7, 2)
     names = list(CONTENDERS)
     rows = []
@@ -483,17 +552,20 @@ def print_tables() -> None:
         rows = RESULTS["parts"].get(name) or []
         bad = [r for r in rows if not r["ok"]]
         worst = max((r["max_rel_err"] for r in rows), default=float("nan"))
-        print(f"- {name}: {len(rows) - len(bad)}/{len(rows)} checks ok "
-              f"(worst rel err {worst:.2e})" + (f"; FAILED: {bad}" if bad else ""))
+        print(
+            f"- {name}: {len(rows) - len(bad)}/{len(rows)} checks ok "
+            f"(worst rel err {worst:.2e})" + (f"; FAILED: {bad}" if bad else "")
+        )
     for name in ("graphs", "autocast"):
         val = RESULTS["parts"].get(name)
         rows = val.get("rows", []) if isinstance(val, dict) else (val or [])
-        print(f"- {name}: " + (", ".join("ok" if r["ok"] else "FAIL" for r in rows)
-                               or str(val)))
+        print(f"- {name}: " + (", ".join("ok" if r["ok"] else "FAIL" for r in rows) or str(val)))
     rows = [r for r in RESULTS["parts"].get("speed") or [] if "contenders" in r]
     if rows:
-        print("\nforward + backward, 1 layer, I = H; ms (median) and time / cuDNN's time "
-              "(median of per-repetition ratios; < 1 is faster than cuDNN)\n")
+        print(
+            "\nforward + backward, 1 layer, I = H; ms (median) and time / cuDNN's time "
+            "(median of per-repetition ratios; < 1 is faster than cuDNN)\n"
+        )
         print("| mode | T | B | H | " + " | ".join(CONTENDERS) + " |")
         print("|---|---:|---:|---:|" + "---:|" * len(CONTENDERS))
         for r in rows:
@@ -509,8 +581,10 @@ def print_tables() -> None:
                     cells.append(f"{e['median_ms']:.2f} ({ratio:.2f}x)")
             print(f"| {r['mode']} | {r['T']} | {r['B']} | {r['H']} | " + " | ".join(cells) + " |")
     if RESULTS["failures"]:
-        print(f"\n{len(RESULTS['failures'])} part(s) failed: "
-              + ", ".join(f["part"] for f in RESULTS["failures"]))
+        print(
+            f"\n{len(RESULTS['failures'])} part(s) failed: "
+            + ", ".join(f["part"] for f in RESULTS["failures"])
+        )
 
 
 def main(argv=None) -> int:
@@ -518,10 +592,18 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test of the script)")
     p.add_argument("--json", metavar="PATH", help="write every result here (after each part)")
-    p.add_argument("--budget-s", type=float, default=120.0,
-                   help="start no new timing after this many seconds of the run (default 120)")
-    p.add_argument("--skip", nargs="*", default=[],
-                   choices=["cell", "lstm", "graphs", "autocast", "launch", "speed"])
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=120.0,
+        help="start no new timing after this many seconds of the run (default 120)",
+    )
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["cell", "lstm", "graphs", "autocast", "launch", "speed"],
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -544,8 +626,13 @@ def main(argv=None) -> int:
         print(f"{k}: {v}")
     save(args.json)
 
-    for name, fn in [("cell", check_cell), ("lstm", check_lstm), ("graphs", check_graphs),
-                     ("autocast", check_autocast), ("launch", launch_cost)]:
+    for name, fn in [
+        ("cell", check_cell),
+        ("lstm", check_lstm),
+        ("graphs", check_graphs),
+        ("autocast", check_autocast),
+        ("launch", launch_cost),
+    ]:
         if name not in args.skip:
             with tf32(False):  # the checks compare full float32 (and float64) results
                 part(name, fn, args.json, device, args.quick)

@@ -1,4 +1,4 @@
-"""Run directory storage: atomic writes, safetensors round trips, optimizer/RNG state, config checks."""
+"""Run directories: atomic writes, safetensors round trips, optimizer/RNG state, config checks."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from glasslstm import checkpoint as ckpt
-from glasslstm.checkpoint import (
+from glasslstm import rundir
+from glasslstm.rundir import (
     FORMAT_VERSION,
     RUN_KIND,
     RunDirError,
@@ -39,7 +39,6 @@ from glasslstm.checkpoint import (
     write_config,
 )
 
-
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -52,7 +51,7 @@ def test_atomic_write_crash_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypa
     def boom(*args, **kwargs):
         raise exc
 
-    monkeypatch.setattr(ckpt.os, fail_at, boom)
+    monkeypatch.setattr(rundir.os, fail_at, boom)
     with pytest.raises(type(exc)):
         atomic_write_bytes(target, b"new content that must not appear")
     monkeypatch.undo()
@@ -68,7 +67,7 @@ def test_save_tensors_crash_keeps_loadable_old_version(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr(ckpt.os, "replace", boom)
+    monkeypatch.setattr(rundir.os, "replace", boom)
     with pytest.raises(OSError):
         save_tensors(target, {"w": torch.zeros(3)})
     monkeypatch.undo()
@@ -95,7 +94,7 @@ def test_atomic_write_json_format_and_parents(tmp_path):
 
 _KILL_CHILD = r"""
 import sys, torch
-from glasslstm.checkpoint import save_tensors
+from glasslstm.rundir import save_tensors
 path, n = sys.argv[1], int(sys.argv[2])
 i = 1
 while True:
@@ -106,12 +105,13 @@ while True:
 
 
 @pytest.mark.skipif(os.name == "nt", reason="SIGKILL is POSIX")
+@pytest.mark.slow
 def test_sigkill_during_repeated_saves_leaves_old_or_new_file(tmp_path):
     target = tmp_path / "model.safetensors"
     n = 4_000_000  # 16 MB per save: each write takes a while
     save_tensors(target, {"x": torch.zeros(n), "i": torch.tensor(0)})
 
-    src = str(Path(ckpt.__file__).resolve().parents[1])
+    src = str(Path(rundir.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILL_CHILD, str(target), str(n)],
@@ -131,7 +131,9 @@ def test_sigkill_during_repeated_saves_leaves_old_or_new_file(tmp_path):
         # Kill the moment a temp file exists: the child is between opening it and renaming it.
         deadline = time.monotonic() + 30
         while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
-            assert time.monotonic() < deadline and proc.poll() is None, "child never started a write"
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                "child never started a write"
+            )
         os.kill(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
     finally:
@@ -248,7 +250,9 @@ def _train(model, opt, batches):
 OPTIMIZERS = {
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1),
     "adamw-amsgrad": lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True),
-    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "sgd-momentum": lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3
+    ),
 }
 
 
@@ -296,8 +300,23 @@ def test_optimizer_round_trip_continues_bitwise(tmp_path, kind):
 def test_optimizer_encoding_handles_odd_values():
     p = torch.nn.Parameter(torch.zeros(2))
     sd = {
-        "state": {0: {"step": torch.tensor(3.0), "count": 7, "history": [torch.ones(2), torch.zeros(1)], "flag": None}},
-        "param_groups": [{"lr": torch.tensor(0.1), "betas": (0.9, 0.99), "foreach": None, "inf": float("inf"), "params": [0]}],
+        "state": {
+            0: {
+                "step": torch.tensor(3.0),
+                "count": 7,
+                "history": [torch.ones(2), torch.zeros(1)],
+                "flag": None,
+            }
+        },
+        "param_groups": [
+            {
+                "lr": torch.tensor(0.1),
+                "betas": (0.9, 0.99),
+                "foreach": None,
+                "inf": float("inf"),
+                "params": [0],
+            }
+        ],
     }
     tensors, meta = optimizer_state_to_tensors(sd)
     meta = json.loads(json.dumps(meta))  # JSON-able
@@ -349,7 +368,9 @@ def test_rng_round_trip_through_disk(tmp_path):
     random.seed(98)
     np.random.seed(97)
     assert _draw() != expected
-    set_rng_state(load_tensors(tmp_path / "rng.safetensors"), json.loads((tmp_path / "rng.json").read_text()))
+    set_rng_state(
+        load_tensors(tmp_path / "rng.safetensors"), json.loads((tmp_path / "rng.json").read_text())
+    )
     assert _draw() == expected
 
 
@@ -398,7 +419,9 @@ def test_read_config_foreign_dir_without_config(tmp_path):
     assert "config.json" in msg and "glasslstm train --out" in msg
 
 
-@pytest.mark.parametrize("content", [{"model_type": "gpt2"}, {"kind": "other-run", "format_version": 1}, [1, 2]])
+@pytest.mark.parametrize(
+    "content", [{"model_type": "gpt2"}, {"kind": "other-run", "format_version": 1}, [1, 2]]
+)
 def test_read_config_foreign_config_json(tmp_path, content):
     (tmp_path / "config.json").write_text(json.dumps(content))
     with pytest.raises(RunDirError) as e:
@@ -409,7 +432,9 @@ def test_read_config_foreign_config_json(tmp_path, content):
 
 
 def test_read_config_newer_version(tmp_path):
-    atomic_write_json(tmp_path / "config.json", {"kind": RUN_KIND, "format_version": FORMAT_VERSION + 1})
+    atomic_write_json(
+        tmp_path / "config.json", {"kind": RUN_KIND, "format_version": FORMAT_VERSION + 1}
+    )
     with pytest.raises(RunDirError) as e:
         read_config(tmp_path)
     msg = str(e.value)
@@ -428,7 +453,9 @@ def test_read_config_older_version(tmp_path, version):
 
 
 def test_read_config_older_version_with_migration(tmp_path, monkeypatch):
-    monkeypatch.setitem(ckpt._MIGRATIONS, 0, lambda c: {**c, "format_version": 1, "migrated": True})
+    monkeypatch.setitem(
+        rundir._MIGRATIONS, 0, lambda c: {**c, "format_version": 1, "migrated": True}
+    )
     atomic_write_json(tmp_path / "config.json", {"kind": RUN_KIND, "format_version": 0})
     assert read_config(tmp_path)["migrated"] is True
 
@@ -475,7 +502,9 @@ def test_train_state_round_trip(tmp_path):
     state = optimizer_state_from_tensors(loaded, meta_back["optimizer"])
     fresh = torch.optim.AdamW(_model().parameters(), lr=1e-2)
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
     set_rng_state(loaded, meta_back["rng"])
 
 
@@ -487,7 +516,7 @@ def test_train_state_crash_mid_save_keeps_the_previous_one(tmp_path, monkeypatch
     def crash(*args, **kwargs):
         raise OSError("killed before the rename")
 
-    monkeypatch.setattr(ckpt.os, "replace", crash)
+    monkeypatch.setattr(rundir.os, "replace", crash)
     with pytest.raises(OSError):
         save_train_state(tmp_path, {**tensors, "extra": torch.ones(1)}, {**meta, "step": 2})
     monkeypatch.undo()
@@ -509,11 +538,11 @@ def test_train_state_missing_or_foreign(tmp_path):
         load_train_state(tmp_path)
 
 
-# ----------------------------------------------------------------------------- nothing executes code on load
+# ------------------------------------------------------------ nothing executes code on load
 
 
 def test_module_source_never_unpickles():
-    source = Path(ckpt.__file__).read_text()
+    source = Path(rundir.__file__).read_text()
     assert "pickle" not in source
     assert "torch.load" not in source
 

@@ -1,7 +1,7 @@
 """What the views of an Analysis share: cell choice, printable tokens, one colour scale.
 
 No torch here (views work on the plain NumPy arrays of an
-:class:`~glasslstm.inspect.analysis.Analysis`).
+:class:`~glasslstm.inspection.analysis.Analysis`).
 """
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ import math
 import numpy as np
 
 QUANTITIES = ("i", "f", "g", "o", "c", "h")  # torch's gate order, then the two states
-GATES = ("i", "f", "o")                       # the sigmoid gates, values in [0, 1]
+GATES = ("i", "f", "o")  # the sigmoid gates, values in [0, 1]
+
 
 def resolve_layer(analysis, layer: int | None, quantity: str) -> int:
     """``layer`` (default: the last) after checking it and ``quantity`` against ``analysis``."""
     n_layers = analysis.num_layers
     layer = n_layers - 1 if layer is None else layer
     if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers "
-                         f"(0..{n_layers - 1})")
+        raise ValueError(
+            f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})"
+        )
     if quantity not in QUANTITIES:
         raise ValueError(f"unknown quantity {quantity!r}; choose from {', '.join(QUANTITIES)}")
     return layer
@@ -46,8 +48,14 @@ EXPLAIN = {
 
 def printable(token: str) -> str:
     """One token as a short printable string: space as '␣', newline as '\\n', tab as '\\t'."""
-    return "".join("␣" if ch == " " else ch if ch.isprintable()
-                   else ch.encode("unicode_escape").decode("ascii") for ch in token)
+    return "".join(
+        "␣"
+        if ch == " "
+        else ch
+        if ch.isprintable()
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in token
+    )
 
 
 def top_variance_cells(values: np.ndarray, n: int) -> list[int]:
