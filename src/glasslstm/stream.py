@@ -113,17 +113,7 @@ class Stream:
                 "make a new Stream for the module as it is now"
             )
         torch.ops.glasslstm.stream_step_(
-            x,
-            x_is_proj,
-            self.h,
-            self.c,
-            self.out,
-            k.panels,
-            k.biases,
-            k.whr_t,
-            k.in_sizes,
-            k.work,
-            k.flip(),
+            x, x_is_proj, self.h, self.c, self.out, k.weights, k.layout, k.work, k.flip()
         )
 
     @torch.no_grad()

@@ -62,7 +62,7 @@ class StepWeights:
     def key(self) -> list:
         """What identifies the weights as they are: each parameter's version counter (bumped
         by every in-place change) and storage (a replaced parameter, a swapped ``.data``)."""
-        return [(p._version, p.data_ptr()) for p in self.lstm.parameters()]
+        return [(p._version, p.data_ptr()) for p in self.lstm._flat_weights]
 
     def refresh(self) -> bool:
         """Re-read the weights when they changed (cheap when they did not). False when they can
@@ -73,15 +73,25 @@ class StepWeights:
         w = self.lstm.weight_hh_l0
         if w.dtype != self.dtype or w.device.type != "cpu":
             return False
-        panels, biases, whr_t, sizes = [], [], [], []
+        # one flat tensor (every layer's panels, bias sum, W_hr^T) and a table of where each
+        # part starts: what the step operator takes
+        parts, layout, offset = [], [], 0
         with torch.no_grad():
             for layer in range(self.L):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self.lstm._weights(layer, 0)
-                panels.append(_panels(torch.cat([w_ih, w_hh], 1), self.panel))
-                biases.append(None if b_ih is None else (b_ih + b_hh).contiguous())
-                whr_t.append(None if w_hr is None else w_hr.t().contiguous())
-                sizes.append(w_ih.shape[1])
-        self.panels, self.biases, self.whr_t, self.in_sizes = panels, biases, whr_t, sizes
+                pieces = [
+                    _panels(torch.cat([w_ih, w_hh], 1), self.panel),
+                    None if b_ih is None else b_ih + b_hh,
+                    None if w_hr is None else w_hr.t(),
+                ]
+                for piece in pieces:
+                    layout.append(-1 if piece is None else offset)
+                    if piece is not None:
+                        parts.append(piece.reshape(-1))
+                        offset += piece.numel()
+                layout.append(w_ih.shape[1])
+        self.weights = torch.cat(parts)
+        self.layout = torch.tensor(layout, dtype=torch.int64)
         self._key = key
         return True
 
@@ -153,15 +163,6 @@ def drop_in_step(lstm, input, hx):
         lstm._drop_in = None
         return None
     out, h_n, c_n = torch.ops.glasslstm.lstm_step(
-        input,
-        h0,
-        c0,
-        weights.panels,
-        weights.biases,
-        weights.whr_t,
-        weights.in_sizes,
-        weights.flip(),
-        weights.H,
-        weights.P,
+        input, h0, c0, weights.weights, weights.layout, weights.flip(), weights.H, weights.P
     )
     return out, (h_n, c_n)
