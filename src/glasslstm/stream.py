@@ -113,7 +113,16 @@ class Stream:
                 "make a new Stream for the module as it is now"
             )
         torch.ops.glasslstm.stream_step_(
-            x, x_is_proj, self.h, self.c, self.out, k.weights, k.layout, k.work, k.flip()
+            x,
+            x_is_proj,
+            self.h,
+            self.c,
+            self.out,
+            k.weights,
+            k.layout,
+            k.work,
+            k.flip(),
+            k.weights8,
         )
 
     @torch.no_grad()
@@ -193,7 +202,14 @@ class LMStream:
             if b_ih is not None:
                 table += (b_ih + b_hh).detach()
             self._table = table.contiguous()
-        self._head_t = model.head.weight.detach().t().contiguous()
+        head = model.head.weight.detach()  # (V, P)
+        self._head_scale = None
+        if getattr(model, "quantized", None) == "int8" and head.dtype == torch.float32:
+            from glasslstm.quantize import int8_rows
+
+            q, self._head_scale = int8_rows(head)  # one scale per output (token)
+            head = q
+        self._head_t = head.t().contiguous()
         self._head_b = None if model.head.bias is None else model.head.bias.detach()
         self._key = key
 
@@ -210,7 +226,9 @@ class LMStream:
             s._run(self._table[token], True)
         else:
             s._run(self.model.embedding.weight.detach()[token], False)
-        torch.ops.glasslstm.linear_(self._head_t, self._head_b, s.out, self.logits)
+        torch.ops.glasslstm.linear_(
+            self._head_t, self._head_b, s.out, self.logits, self._head_scale
+        )
         return self.logits
 
     @torch.no_grad()
