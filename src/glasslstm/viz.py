@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
 from pathlib import Path
+
+from glasslstm.rundir import atomic_write_bytes
 
 
 def _figure():
@@ -21,15 +24,14 @@ def save_figure(fig, path) -> Path:
     """Write ``fig`` to ``path`` (PNG) atomically — a temp file, then a rename — and close it."""
     plt = _figure()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    png = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # rare scripts
-            fig.savefig(tmp)
-        tmp.replace(path)
+            fig.savefig(png, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, png.getvalue())  # a failure: one WriteError line, the old file kept
     return path
 
 
