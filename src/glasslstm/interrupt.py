@@ -6,6 +6,8 @@ The first one only sets a flag, which the training loop reads between steps; a s
 stops at once (KeyboardInterrupt). On SIGHUP a terminal that is gone cannot take output any
 more (writing to it fails with EIO), so the standard streams that were that terminal are
 pointed at /dev/null first: the save that follows must not fail on a progress bar update.
+(A terminal that hung up no longer answers as one; a SIGHUP sent by hand to a run whose
+terminal is still there leaves its output alone.)
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ class GracefulStop:
         self.requested = False
         self.signum = 0
         self._previous: dict[int, object] = {}
+        self._terminals: tuple[int, ...] = ()  # stdout/stderr when they were a terminal
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
     def __enter__(self) -> GracefulStop:
+        self._terminals = tuple(fd for fd in (1, 2) if _isatty(fd))
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -47,7 +51,7 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
         if signum == getattr(signal, "SIGHUP", None):
-            _detach_from_terminal()
+            _detach_from_terminal([fd for fd in self._terminals if not _isatty(fd)])
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
@@ -55,17 +59,25 @@ class GracefulStop:
         self._previous.clear()
 
 
-def _detach_from_terminal() -> None:
-    """Point stdout and stderr at /dev/null where they are a terminal (one that hung up)."""
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _detach_from_terminal(fds: list[int]) -> None:
+    """Point ``fds`` (standard streams whose terminal hung up) at /dev/null."""
+    if not fds:
+        return
     try:
         null = os.open(os.devnull, os.O_WRONLY)
     except OSError:
         return
     try:
-        for fd in (1, 2):
+        for fd in fds:
             try:
-                if os.isatty(fd):
-                    os.dup2(null, fd)
+                os.dup2(null, fd)
             except OSError:
                 continue
     finally:
