@@ -75,7 +75,7 @@ class Rule:
             return _outfile_problem(value, self)
         ok = {
             "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-            "number": _is_finite_number,
+            "number": is_finite_number,
             "bool": lambda v: isinstance(v, bool),
             "text": lambda v: isinstance(v, str),
             "choice": lambda v: isinstance(v, str) and v in self.choices,
@@ -99,7 +99,7 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
 
 
-def _is_finite_number(v) -> bool:
+def is_finite_number(v) -> bool:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         return False
     try:

@@ -28,6 +28,11 @@ cut short by a crash is kept apart from the next one by a newline.
 
 Everything a resume needs is in train_state.safetensors, so one rename replaces all of it at
 once: a crash cannot pair new optimizer state with old weights.
+
+A write that fails (a full disk, no permission, an I/O error) raises
+:class:`~glasslstm.errors.WriteError` naming the path and the free space there; the file that
+was under the real name is left as it was. What is read back is checked before use by
+:mod:`glasslstm.runfiles`.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ __all__ = [
     "save_train_state",
     "load_train_state",
     "read_train_state_header",
+    "read_tensor_header",
 ]
 
 FORMAT_VERSION = 1
@@ -605,6 +611,28 @@ def save_train_state(run_dir, tensors: dict[str, torch.Tensor], meta: dict) -> N
     atomic_write_text(run_dir / TRAIN_STATE_JSON, payload)
 
 
+def read_tensor_header(path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A safetensors file's tensors as ``{name: (shape, dtype)}``, read from its header: no
+    tensor is loaded (dtype as safetensors names it: F32, I64, U8, ...). RunDirError when the
+    file is missing or damaged."""
+    return _read_header(Path(path))[0]
+
+
+def _read_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing; train a run with {_TRAIN_HINT} to create it")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {}
+            for name in f.keys():
+                part = f.get_slice(name)
+                shapes[name] = (tuple(part.get_shape()), str(part.get_dtype()))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _damaged(path, e) from None
+    return shapes, metadata
+
+
 def read_train_state_header(run_dir) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict]:
     """RUN/train_state.safetensors' header, no tensor loaded: ``({name: (shape, dtype)}, meta)``
     (dtype as safetensors names it: F32, I64, U8, ...). RunDirError when the file is missing,
@@ -616,15 +644,7 @@ def read_train_state_header(run_dir) -> tuple[dict[str, tuple[tuple[int, ...], s
             f"{path} is missing, so the run in {run_dir} cannot be resumed; "
             f"train again with `glasslstm train --out {run_dir}`"
         )
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            header = f.metadata() or {}
-            shapes = {}
-            for name in f.keys():
-                part = f.get_slice(name)
-                shapes[name] = (tuple(part.get_shape()), str(part.get_dtype()))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _damaged(path, e) from None
+    shapes, header = _read_header(path)
     return shapes, _train_state_meta(path, run_dir, header)
 
 

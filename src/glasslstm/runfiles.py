@@ -40,8 +40,8 @@ CONFIG, VOCAB = "config.json", "vocab.json"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a weight may be stored as; loaded as float32
 
 
-def _again(run_dir) -> str:
-    return "restore it from a copy, or train a new run (`glasslstm train --out NEW_DIR`)"
+# What to do about a file that cannot be used (the run directory itself is left as it is).
+RESTORE = "restore it from a copy, or train a new run (`glasslstm train --out NEW_DIR`)"
 
 
 def _shown(value: Any) -> str:
@@ -126,7 +126,7 @@ def read_run_config(run_dir) -> RunConfig:
     that the model is the one the training options describe)."""
     run_dir = Path(run_dir)
     raw = rundir.read_config(run_dir)
-    path, fix = run_dir / CONFIG, _again(run_dir)
+    path, fix = run_dir / CONFIG, RESTORE
     from glasslstm.trainer import TrainConfig
 
     model = _dataclass_from(ModelConfig, _section(path, raw, "model", fix), "model", path, fix)
@@ -154,7 +154,7 @@ def read_run_config(run_dir) -> RunConfig:
 def read_vocab(run_dir, vocab_size: int | None = None) -> Tokenizer:
     """RUN/vocab.json as a tokenizer; with ``vocab_size`` (config.json's), it must match."""
     run_dir = Path(run_dir)
-    path, fix = run_dir / VOCAB, _again(run_dir)
+    path, fix = run_dir / VOCAB, RESTORE
     if not path.is_file():
         raise RunDirError(f"{path} is missing; the run directory is incomplete: {fix}")
     try:
@@ -189,7 +189,8 @@ def check_header(
             if name in optional:
                 continue
             raise RunDirError(
-                f"{path}: tensor {name!r} is missing; {of} has one of shape {shape}. {fix}"
+                f"{path}: tensor {name!r} is missing; expected one of shape {shape} for {of}. "
+                f"The file does not belong to this run or was edited: {fix}"
             )
         got, dtype = found[name]
         if tuple(got) != tuple(shape):
@@ -224,21 +225,6 @@ def check_finite(path, tensors: Mapping[str, torch.Tensor], fix: str) -> None:
                 )
 
 
-def _header(path, fix: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {
-                k: (tuple(f.get_slice(k).get_shape()), str(f.get_slice(k).get_dtype()))
-                for k in f.keys()
-            }
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise RunDirError(
-            f"{path} is not a readable safetensors file ({e}); it is damaged or incomplete: {fix}"
-        ) from None
-
-
 @dataclass(frozen=True)
 class ModelFiles:
     """What :meth:`LanguageModel.load` needs, all checked against config.json."""
@@ -264,7 +250,7 @@ def read_model(run_dir, which: str = "best", device: torch.device | None = None)
     fix = (
         "load the latest weights instead (--which last), restore the file, or train again"
         if path.parent.name == "best"
-        else _again(run_dir)
+        else RESTORE
     )
     m = cfg.model
     shapes = options.parameter_shapes(
@@ -275,7 +261,7 @@ def read_model(run_dir, which: str = "best", device: torch.device | None = None)
         f"num_layers {m.num_layers})"
     )
     optional = ("head.weight",) if m.tie_weights else ()
-    check_header(path, _header(path, fix), shapes, of=of, fix=fix, optional=optional)
+    check_header(path, rundir.read_tensor_header(path), shapes, of=of, fix=fix, optional=optional)
     options.check_memory(
         options.model_memory(shapes, tie_weights=m.tie_weights),
         device or torch.device("cpu"),
@@ -307,7 +293,7 @@ def read_train_state(
     ``batch_size`` rows. The header first, then the values. Returns ``(tensors, meta)``."""
     run_dir = Path(run_dir)
     path = run_dir / rundir.TRAIN_STATE_TENSORS
-    fix = _again(run_dir)
+    fix = RESTORE
     found, meta = rundir.read_train_state_header(run_dir)
     rules = {f.name: PROGRESS.get(f.name) or options.integer(0) for f in fields(progress)}
     for key, rule in rules.items():
@@ -374,7 +360,7 @@ def _same_kind(live: Any, saved: Any) -> bool:
     if isinstance(live, bool) or live is None:
         return saved is None or isinstance(saved, bool)
     if isinstance(live, (int, float)):
-        return options._is_finite_number(saved) or isinstance(saved, torch.Tensor)
+        return options.is_finite_number(saved) or isinstance(saved, torch.Tensor)
     if isinstance(live, tuple):
         return (
             isinstance(saved, tuple)
