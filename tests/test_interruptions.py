@@ -282,6 +282,17 @@ def test_trim_metrics_keeps_rows_up_to_the_step(tmp_path):
     assert rundir.trim_metrics(tmp_path / "missing.jsonl", 5) == 0
 
 
+def test_metrics_lines_that_are_not_rows_are_skipped(tmp_path):
+    from glasslstm.viz import plot_curves
+
+    path = tmp_path / "metrics.jsonl"
+    good = [{"split": "train", "step": s, "bpc": 3.0 - s / 10} for s in (10, 20)]
+    junk = ["[1, 2]", "[" * 5000 + "]" * 5000, '{"split": "val", "step": 5, "bpc": "x"}', "{"]
+    path.write_text("\n".join([json.dumps(good[0]), *junk, json.dumps(good[1])]) + "\n")
+    assert read_metrics(path)[0] == good[0] and read_metrics(path)[-1] == good[1]
+    assert plot_curves(path, tmp_path / "curves.png") == tmp_path / "curves.png"
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_leaves_each_row_once(tmp_path, text_file):
     out = tmp_path / "run"

@@ -177,6 +177,22 @@ def test_command_options_are_refused_with_one_line(tiny_run, tmp_path, capsys, a
     assert message in one_error_line(capsys, argv[0])
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["demo", "--seed", "99999999999999999999999"], "--seed=99999999999999999999999 is not"),
+        (["bench", "memory", "--budget", "0"], "--budget=0 is not valid; expected an int >= 1"),
+        (["bench", "memory", "--lr", "nan"], "--lr=nan is not valid"),
+        (["bench", "gradient", "--hidden", "0"], "--hidden=0 is not valid"),
+        (["bench", "speed", "--reps", "0"], "--reps=0 is not valid"),
+    ],
+)
+def test_demo_and_bench_options(tmp_path, capsys, argv, message):
+    assert main([*argv, *(["--out", str(tmp_path / "b")] if argv[0] == "bench" else [])]) == 2
+    assert message in one_error_line(capsys, argv[0])
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_tiny_temperature_samples_the_argmax(tiny_run, capsys):
     """1e-45 once overflowed to inf/nan probabilities; it is the argmax in the limit."""
     args = ["sample", str(tiny_run), "--prompt", "Bob", "--length", "30", "--seed", "1"]

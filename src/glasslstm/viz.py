@@ -36,17 +36,30 @@ def save_figure(fig, path) -> Path:
 
 
 def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
+    """The records of a metrics.jsonl; a line cut short by a crash (or any line that is not
+    a JSON object) is skipped."""
     records: list[dict] = []
     path = Path(path)
     if not path.is_file():
         return records
-    for line in path.read_text("utf-8").splitlines():
+    for line in path.read_text("utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue
+        if isinstance(record, dict):  # anything else is not a row glasslstm wrote
+            records.append(record)
     return records
+
+
+def _plottable(step, bpc) -> bool:
+    numbers = (int, float)
+    return (
+        isinstance(step, numbers)
+        and isinstance(bpc, numbers)
+        and not isinstance(bpc, bool)
+        and math.isfinite(bpc)
+    )
 
 
 def plot_curves(metrics_path, out_png) -> Path | None:
@@ -56,7 +69,7 @@ def plot_curves(metrics_path, out_png) -> Path | None:
         split: [
             (r["step"], r["bpc"])
             for r in records
-            if r.get("split") == split and math.isfinite(r.get("bpc", math.nan))
+            if r.get("split") == split and _plottable(r.get("step"), r.get("bpc"))
         ]
         for split in ("train", "val")
     }
