@@ -100,6 +100,7 @@ def _num(x: float) -> str:
 
 
 def is_finite_number(v) -> bool:
+    """A real number (an int or float, not a bool) that is neither NaN nor infinite."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         return False
     try:
