@@ -1,6 +1,7 @@
 // The matrix products of gemm.h.
 #include "gemm.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -11,7 +12,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
-#include <chrono>
+#include <ctime>
 #include <stdexcept>
 #include <vector>
 
@@ -162,49 +163,34 @@ double gemm_probe(const std::string &provider, int64_t m, int64_t n, int64_t k, 
     Provider p = bf16 ? Provider::Torch : provider_of(provider);
     at::Tensor a = at::randn({m, k}), b = at::randn({k, n}).mul_(0.01), c = at::zeros({m, n});
     at::Tensor a16 = a.to(at::kBFloat16), b16 = b.to(at::kBFloat16);
+    // threads == 1: the one-thread product of a row-split loop, on this thread alone (the
+    // pool set to one thread meanwhile), timed in this thread's CPU time: what the kernel
+    // costs, whatever else the machine runs. threads == 0: the pool, timed on the wall clock.
+    const bool one = threads == 1;
+    const int saved = at::get_num_threads();
+    if (one) at::set_num_threads(1);
     auto run = [&] {
         if (bf16)
             bf16_gemm(m, n, k, reinterpret_cast<const uint16_t *>(a16.const_data_ptr<at::BFloat16>()),
                       k, reinterpret_cast<const uint16_t *>(b16.const_data_ptr<at::BFloat16>()), n,
-                      1.0f, c.mutable_data_ptr<float>(), n, (int)threads);
+                      1.0f, c.mutable_data_ptr<float>(), n, one ? 1 : 0);
         else
             gemms(p, false).f32(m, n, k, a.const_data_ptr<float>(), k, b.const_data_ptr<float>(),
-                                n, 1.0f, c.mutable_data_ptr<float>(), n, (int)threads);
+                                n, 1.0f, c.mutable_data_ptr<float>(), n, one ? 1 : 0);
     };
-    auto timed = [&] {
-        auto t0 = std::chrono::steady_clock::now();
-        run();
-        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    auto now = [&] {
+        timespec ts;
+        clock_gettime(one ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
+        return ts.tv_sec + ts.tv_nsec * 1e-9;
     };
-    // threads == 1: as inside a row-split loop, every thread of the pool runs its own product
-    // on its own rows at the same time (one-thread products); the wall time of the region
-    std::vector<at::Tensor> cs;
-    auto once = [&] {
-#ifdef _OPENMP
-        if (threads == 1 && omp_get_max_threads() > 1) {
-            const int nt = omp_get_max_threads();
-            while ((int)cs.size() < nt) cs.push_back(at::zeros({m, n}));
-            auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(nt)
-            {
-                float *cp = cs[omp_get_thread_num()].mutable_data_ptr<float>();
-                if (bf16)
-                    bf16_gemm(m, n, k,
-                              reinterpret_cast<const uint16_t *>(a16.const_data_ptr<at::BFloat16>()),
-                              k, reinterpret_cast<const uint16_t *>(b16.const_data_ptr<at::BFloat16>()),
-                              n, 1.0f, cp, n, 1);
-                else
-                    gemms(p, false).f32(m, n, k, a.const_data_ptr<float>(), k,
-                                        b.const_data_ptr<float>(), n, 1.0f, cp, n, 1);
-            }
-            return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        }
-#endif
-        return timed();
-    };
+    run();  // warm-up: kernels generated, operands in cache
     double best = 1e30;
-    once();  // warm-up: kernels generated, operands in cache
-    for (int64_t r = 0; r < std::max<int64_t>(reps, 1); r++) best = std::min(best, once());
+    for (int64_t r = 0; r < std::max<int64_t>(reps, 1); r++) {
+        const double t0 = now();
+        run();
+        best = std::min(best, now() - t0);
+    }
+    if (one) at::set_num_threads(saved);
     return best;
 }
 

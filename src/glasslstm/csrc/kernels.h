@@ -83,6 +83,10 @@ struct StepArgs {
     const T *const *panels;   // (L) [U W] as panels (see kernels_impl.h)
     const T *const *bias;     // (L) b_ih + b_hh, or null entries
     const T *const *whr_t;    // (L) W_hr^T (H, P), or null entries
+    // weight-only int8 (float32 only): [U W] as int8 panels and one scale per row (4H rounded
+    // up to kPanel values: row r of W is scale[r] * panels8's row r); null: `panels`
+    const int8_t *const *panels8;
+    const float *const *scales;
     T *work;                  // step_work(H) values
     bool zigzag_back;         // this step visits the panels back to front
     const T *x;               // layer 0's input (I), or null when xproj is given
@@ -108,6 +112,9 @@ struct Kernels {
                        const float *v, float *out);
     void (*linear_f64)(int64_t rows, int64_t k, const double *Wt, const double *bias,
                        const double *v, double *out);
+    // the same with W stored int8 (transposed, (k, rows)) and one scale per output row
+    void (*linear_i8)(int64_t rows, int64_t k, const int8_t *Wt, const float *scale,
+                      const float *bias, const float *v, float *out);
     // one step's pointwise math on n rows (the per-step cell of the Python loops)
     void (*cell_forward_f32)(int64_t n, int64_t H, float *a, int64_t lda, const float *c_prev,
                              int64_t ldp, float *c, float *tc, int64_t ldc, float *out,

@@ -7,10 +7,13 @@
 // vectorise without -ffast-math; NaN and Inf propagate (a diverging run must see its NaN).
 
 #define GL_RESTRICT __restrict__
+// The math functions must be inlined into the loops for those to vectorise (left to its
+// heuristics, gcc kept exp out of line under the target pragmas: a scalar call per value).
+#define GL_INLINE inline __attribute__((always_inline))
 
 // ---- exp, sigmoid, tanh that the compiler vectorises ---------------------------------------
 
-static inline float exp_(float x) {
+static GL_INLINE float exp_(float x) {
     // exp(x) = 2^n exp(r), r = x - n ln2 in [-ln2/2, ln2/2]
     float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
     xc = xc < -87.3365447504f ? -87.3365447504f : xc;  // NaN fails both tests: kept
@@ -34,7 +37,7 @@ static inline float exp_(float x) {
     return y;
 }
 
-static inline double exp_(double x) {
+static GL_INLINE double exp_(double x) {
     double xc = x > 709.0 ? 709.0 : x;
     xc = xc < -708.0 ? -708.0 : xc;
     double n = __builtin_floor(xc * 1.4426950408889634 + 0.5);
@@ -64,13 +67,13 @@ static inline double exp_(double x) {
 }
 
 template <typename T>
-static inline T sigmoid_(T x) {
+static GL_INLINE T sigmoid_(T x) {
     return T(1) / (T(1) + exp_(-x));
 }
 // tanh(x) = 2 sigmoid(2x) - 1: one exp and one division, exact at +-inf, NaN in NaN out; near 0
 // the absolute error is one rounding of a value of size 1 (what the tests bound).
 template <typename T>
-static inline T tanh_(T x) {
+static GL_INLINE T tanh_(T x) {
     return T(2) / (T(1) + exp_(T(-2) * x)) - T(1);
 }
 
@@ -538,6 +541,38 @@ static void gemv_t(int64_t rows, int64_t k, const T *Wt, const T *v, T *acc) {
                   [&](int64_t r0, int64_t r1) { gemv_t_block(rows, r0, r1, k, Wt, v, acc); });
 }
 
+// Weight-only int8: Wt8 (k x rows) int8, out[r] = scale[r] * sum_j Wt8[j][r] v[j] (+ bias[r]).
+// The int8 values are widened to float in registers: a quarter of the bytes to stream, which
+// is what a batch-1 product is bound by.
+static void gemv_t_i8_block(int64_t rows, int64_t r0, int64_t r1, int64_t k,
+                            const int8_t *GL_RESTRICT Wt, const float *GL_RESTRICT v,
+                            float *GL_RESTRICT acc) {
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4) {
+        const int8_t *GL_RESTRICT w0 = Wt + j * rows;
+        const int8_t *GL_RESTRICT w1 = w0 + rows;
+        const int8_t *GL_RESTRICT w2 = w1 + rows;
+        const int8_t *GL_RESTRICT w3 = w2 + rows;
+        float x0 = v[j], x1 = v[j + 1], x2 = v[j + 2], x3 = v[j + 3];
+        for (int64_t r = r0; r < r1; r++)
+            acc[r] += ((float)w0[r] * x0 + (float)w1[r] * x1) + ((float)w2[r] * x2 + (float)w3[r] * x3);
+    }
+    for (; j < k; j++) {
+        const int8_t *GL_RESTRICT w0 = Wt + j * rows;
+        float x0 = v[j];
+        for (int64_t r = r0; r < r1; r++) acc[r] += (float)w0[r] * x0;
+    }
+}
+
+static void linear_i8(int64_t rows, int64_t k, const int8_t *Wt, const float *scale,
+                      const float *bias, const float *v, float *out) {
+    __builtin_memset(out, 0, (size_t)rows * sizeof(float));
+    parallel_rows(rows, k, int64_t(1) << 20, [&](int64_t r0, int64_t r1) {
+        gemv_t_i8_block(rows, r0, r1, k, Wt, v, out);
+        for (int64_t r = r0; r < r1; r++) out[r] = out[r] * scale[r] + (bias ? bias[r] : 0.0f);
+    });
+}
+
 template <typename T>
 static void linear(int64_t rows, int64_t k, const T *Wt, const T *bias, const T *v, T *out) {
     if (bias)
@@ -589,6 +624,44 @@ static void panels_block(int64_t q0, int64_t q1, int64_t k_in, const T *x, int64
     }
 }
 
+// the same from int8 panels: each panel's sums start at zero, and are scaled per row and added
+// to a at the end
+static inline void panel_axpy_i8(int64_t n, const int8_t *GL_RESTRICT w, const float *GL_RESTRICT v,
+                                 float *GL_RESTRICT s) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const int8_t *GL_RESTRICT w0 = w + j * kPanel;
+        float x0 = v[j], x1 = v[j + 1], x2 = v[j + 2], x3 = v[j + 3];
+        for (int r = 0; r < kPanel; r++)
+            s[r] += ((float)w0[r] * x0 + (float)w0[r + kPanel] * x1) +
+                    ((float)w0[r + 2 * kPanel] * x2 + (float)w0[r + 3 * kPanel] * x3);
+    }
+    for (; j < n; j++) {
+        const int8_t *GL_RESTRICT w0 = w + j * kPanel;
+        float x0 = v[j];
+        for (int r = 0; r < kPanel; r++) s[r] += (float)w0[r] * x0;
+    }
+}
+
+static void panels_i8(int64_t H, int64_t k_in, const float *x, int64_t P, const float *h,
+                      const int8_t *W, const float *scale, float *a, bool back) {
+    int64_t rows = (4 * H + kPanel - 1) / kPanel * kPanel;
+    // a quarter of float32's bytes a panel: the threads take a share from 4x the work
+    parallel_rows(rows, (x ? k_in : 0) + P, int64_t(1) << 18, [&](int64_t r0, int64_t r1) {
+        const int64_t q0 = r0 / kPanel, q1 = (r1 + kPanel - 1) / kPanel;
+        for (int64_t n = q0; n < q1; n++) {
+            int64_t q = back ? q0 + q1 - 1 - n : n;
+            const int8_t *pw = W + q * (k_in + P) * kPanel;
+            float s[kPanel] = {};
+            if (x) panel_axpy_i8(k_in, pw, x, s);
+            panel_axpy_i8(P, pw + k_in * kPanel, h, s);
+            float *aq = a + q * kPanel;
+            const float *sc = scale + q * kPanel;
+            for (int r = 0; r < kPanel; r++) aq[r] += s[r] * sc[r];
+        }
+    });
+}
+
 template <typename T>
 static void panels(int64_t H, int64_t k_in, const T *x, int64_t P, const T *h, const T *W, T *a,
                    bool back) {
@@ -604,7 +677,7 @@ static void step(const StepArgs<T> &S) {
     T *a = S.work;
     T *r = a + (4 * H + kPanel - 1) / kPanel * kPanel, *tcw = r + H;
     for (int64_t l = 0; l < L; l++) {
-        const T *W = S.panels[l], *bias = S.bias[l], *whr_t = S.whr_t[l];
+        const T *W = S.panels ? S.panels[l] : nullptr, *bias = S.bias[l], *whr_t = S.whr_t[l];
         T *hl = S.h + l * P, *cl = S.c + l * H;
         const T *v = l == 0 ? S.x : S.h + (l - 1) * P;
         const bool proj_in = l == 0 && S.xproj;
@@ -614,7 +687,18 @@ static void step(const StepArgs<T> &S) {
             __builtin_memcpy(a, bias, (size_t)(4 * H) * sizeof(T));
         else
             __builtin_memset(a, 0, (size_t)(4 * H) * sizeof(T));
-        panels(H, S.in_sizes[l], proj_in ? (const T *)nullptr : v, P, hl, W, a, S.zigzag_back);
+        if constexpr (std::is_same<T, float>::value) {
+            if (S.panels8) {
+                panels_i8(H, S.in_sizes[l], proj_in ? nullptr : v, P, hl, S.panels8[l],
+                          S.scales[l], a, S.zigzag_back);
+            } else {
+                panels(H, S.in_sizes[l], proj_in ? (const T *)nullptr : v, P, hl, W, a,
+                       S.zigzag_back);
+            }
+        } else {
+            panels(H, S.in_sizes[l], proj_in ? (const T *)nullptr : v, P, hl, W, a,
+                   S.zigzag_back);
+        }
         T *dst = whr_t ? r : hl;
         cell_forward(int64_t(1), H, a, 4 * H, (const T *)nullptr, cl, H, cl, H, tcw, H, dst, H);
         if (whr_t) {
@@ -640,6 +724,8 @@ static const Kernels table = {
     [](int64_t rows, int64_t k, const double *Wt, const double *b, const double *v, double *out) {
         linear(rows, k, Wt, b, v, out);
     },
+    [](int64_t rows, int64_t k, const int8_t *Wt, const float *scale, const float *b,
+       const float *v, float *out) { linear_i8(rows, k, Wt, scale, b, v, out); },
     [](int64_t n, int64_t H, float *a, int64_t lda, const float *cp, int64_t ldp, float *c,
        float *tc, int64_t ldc, float *out, int64_t ldo) {
         cell_forward(n, H, a, lda, (const float *)nullptr, cp, ldp, c, ldc, tc, ldc, out, ldo);
@@ -660,3 +746,4 @@ static const Kernels table = {
 };
 
 #undef GL_RESTRICT
+#undef GL_INLINE
