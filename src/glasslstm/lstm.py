@@ -17,6 +17,9 @@ so a ``state_dict`` moves between the two unchanged, and the same seed gives the
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
@@ -87,6 +90,11 @@ class LSTM(Recurrent):
     ) -> None:
         _check_int("checkpoint", checkpoint, minimum=0)
         _check_int("chrono_init", chrono_init, minimum=0)
+        given: object = forget_bias  # checked as anything a caller may pass
+        if isinstance(given, bool) or not isinstance(given, numbers.Real):
+            raise TypeError(f"forget_bias must be a number; got {type(given).__name__}")
+        if not math.isfinite(given):
+            raise ValueError(f"forget_bias must be finite (else every output is NaN); got {given}")
         if chrono_init == 1:
             raise ValueError(
                 "chrono_init=1 gives no time scale to spread; use 0 (off) or the "

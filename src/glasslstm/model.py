@@ -7,19 +7,17 @@ Embedding -> glasslstm.LSTM (layers, dropout) -> dropout -> Linear -> softmax. T
 from __future__ import annotations
 
 import codecs
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glasslstm import rundir
-from glasslstm.data import Tokenizer, tokenizer_from_dict
+from glasslstm import options, rundir
+from glasslstm.data import Tokenizer
 from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
 
@@ -48,19 +46,7 @@ class ModelConfig:
     checkpoint: int = 0  # recompute in backward, S steps per segment (0: off); memory only
 
     def __post_init__(self):
-        for key in ("vocab_size", "hidden_size", "num_layers"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"model {key} must be a positive int; got {getattr(self, key)!r}")
-        if (
-            isinstance(self.checkpoint, bool)
-            or not isinstance(self.checkpoint, int)
-            or self.checkpoint < 0
-        ):
-            raise ConfigError(
-                f"model checkpoint must be an int >= 0 (0: off); got {self.checkpoint!r}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1); got {self.dropout}")
+        options.check_fields(self, options.MODEL, name=lambda key: f"ModelConfig.{key}")
         if self.proj_size and self.proj_size >= self.hidden_size:
             raise ConfigError(
                 f"proj_size={self.proj_size} must be smaller than hidden_size={self.hidden_size}"
@@ -306,24 +292,12 @@ class LanguageModel(nn.Module):
         """
         if which not in ("best", "last"):
             raise ConfigError(f"which must be 'best' or 'last'; got {which!r}")
-        run_dir = Path(run_dir)
-        cfg = rundir.read_config(run_dir)
-        tok = load_vocab(run_dir)
-        model = cls(ModelConfig.from_dict(cfg["model"]), tok)
-        weights = run_dir / "best" / "model.safetensors"
-        if which == "last" or not weights.is_file():
-            weights = run_dir / "model.safetensors"
-        if not weights.is_file():
-            raise rundir.RunDirError(
-                f"{weights} is missing: the run in {run_dir} has not saved a model yet"
-            )
-        state = rundir.load_tensors(weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [m for m in missing if m != "head.weight" or not model.config.tie_weights]:
-            raise rundir.RunDirError(
-                f"{weights} does not match config.json's model (missing {missing}, "
-                f"unexpected {unexpected})"
-            )
+        from glasslstm import runfiles
+
+        device = options.resolve_device(device)
+        files = runfiles.read_model(run_dir, which, device)  # each file checked before use
+        model = cls(files.config, files.tokenizer)
+        model.load_state_dict(files.weights, strict=not files.config.tie_weights)
         model.eval()
         return model.to(device)
 
@@ -336,24 +310,14 @@ class LanguageModel(nn.Module):
 
 def load_vocab(run_dir) -> Tokenizer:
     """The tokenizer saved in ``run_dir/vocab.json`` (JSON; a clear RunDirError if unusable)."""
-    vocab_path = Path(run_dir) / "vocab.json"
-    if not vocab_path.is_file():
-        raise rundir.RunDirError(f"{vocab_path} is missing; the run directory is incomplete")
-    try:
-        return tokenizer_from_dict(json.loads(vocab_path.read_text("utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise rundir.RunDirError(f"{vocab_path} is not valid JSON ({e})") from None
+    from glasslstm import runfiles
+
+    return runfiles.read_vocab(run_dir)
 
 
 def _check_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
-    if length < 0:
-        raise ConfigError(f"length must be >= 0; got {length}")
-    if not temperature >= 0 or math.isinf(temperature):
-        raise ConfigError(f"temperature must be a finite number >= 0; got {temperature}")
-    if top_k < 0:
-        raise ConfigError(f"top_k must be >= 0 (0: off); got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1] (1: off); got {top_p}")
+    values = {"length": length, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    options.check(values, options.SAMPLING, name=str)
 
 
 def _sample(
@@ -363,7 +327,7 @@ def _sample(
     logits = logits.float().cpu()
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    logits = (logits - logits.max()) / temperature  # the max at 0: no overflow at any T > 0
     if top_k and top_k < logits.numel():
         kth = logits.topk(top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

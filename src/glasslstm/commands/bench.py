@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from glasslstm import options
 from glasslstm.bench.memory import (
     INITS,
     MODELS,
@@ -22,6 +23,22 @@ from glasslstm.bench.memory import (
 )
 from glasslstm.errors import ConfigError
 from glasslstm.tasks import TASKS
+
+POSITIVE = options.integer(1)
+MEMORY_OPTIONS = {
+    "budget": POSITIVE,
+    "batch_size": POSITIVE,
+    "hidden": POSITIVE,
+    "lr": options.number(0, low_open=True),
+    "seed": options.SEED,
+}
+GRADIENT_OPTIONS = {"T": POSITIVE, "budget": POSITIVE, "hidden": POSITIVE, "seed": options.SEED}
+SPEED_OPTIONS = {
+    "T": POSITIVE,
+    "batch_size": POSITIVE,
+    "reps": POSITIVE,
+    "gen_tokens": POSITIVE,
+}
 
 
 def add_parser(sub) -> None:
@@ -108,11 +125,9 @@ def speed_doc() -> str:
 def run_speed(args) -> int:
     from glasslstm.bench.speed import speed_bench, speed_table
 
+    options.check_args(args, SPEED_OPTIONS)
     sizes = _ints(args.sizes, "sizes")
-    if args.T < 1 or args.batch_size < 1 or args.reps < 1 or args.gen_tokens < 1:
-        raise ConfigError("--T, --batch-size, --reps and --gen-tokens must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
+    options.resolve_device(args.device)
     kw = dict(
         sizes=sizes,
         T=args.T,
@@ -158,13 +173,12 @@ def _log(args):
 
 
 def run_memory(args) -> int:
+    options.check_args(args, MEMORY_OPTIONS)
     Ts = _ints(args.T, "T")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(models) - set(MODELS)
     if unknown or not models:
         raise ConfigError(f"--models must name some of {', '.join(MODELS)}; got {args.models!r}")
-    if args.budget < 1:
-        raise ConfigError(f"--budget must be >= 1; got {args.budget}")
     try:
         runs = memory_bench(
             args.task,
@@ -201,6 +215,7 @@ def run_memory(args) -> int:
 
 
 def run_gradient(args) -> int:
+    options.check_args(args, GRADIENT_OPTIONS)
     try:
         result = gradient_bench(
             args.task,

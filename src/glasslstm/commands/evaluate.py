@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glasslstm import rundir
-from glasslstm.data import load_corpus
+from glasslstm import options, runfiles
 from glasslstm.errors import DataError
 from glasslstm.model import LanguageModel
 from glasslstm.trainer import chars_per_token, evaluate
+
+OPTIONS = {"batch_size": options.EVALUATION["batch_size"], "seq_len": options.EVALUATION["seq_len"]}
 
 
 def add_parser(sub) -> None:
@@ -33,6 +34,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    options.check_args(args, OPTIONS)
     model = LanguageModel.load(args.run_dir, which=args.which)
     tok = model.require_tokenizer()
     if args.data and Path(args.data).is_file():
@@ -41,8 +43,14 @@ def run(args) -> int:
             raise DataError(f"{args.data} is empty (or only whitespace); nothing to evaluate")
         what = args.data
     else:
-        spec = args.data or rundir.read_config(args.run_dir)["train"].get("data")
-        corpus = load_corpus(spec, data_dir=args.data_dir)
+        own = runfiles.read_run_config(args.run_dir).train
+        moved = f"give it with `glasslstm eval {args.run_dir} --data PATH`"
+        corpus = runfiles.load_run_corpus(
+            args.run_dir,
+            args.data or own.data,
+            args.data_dir or own.data_dir,
+            moved_fix=moved,
+        )
         data, what = corpus.val, f"the validation split of {corpus.name}"
     ids = tok.encode_bytes(data, what=what)
     res = evaluate(

@@ -7,9 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from glasslstm import options
 from glasslstm.errors import ConfigError, DataError
 from glasslstm.inspection.common import QUANTITIES
 from glasslstm.model import LanguageModel
+
+OPTIONS = {  # --layer and --cells: against the model, once it is loaded
+    "top_k": options.integer(1),
+    "html": options.OUTFILE,
+    "png": options.OUTFILE,
+}
 
 
 def add_parser(sub) -> None:
@@ -116,8 +123,7 @@ def run(args) -> int:
     from glasslstm.inspection import analyze
     from glasslstm.inspection.terminal import render, resolve
 
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1; got {args.top_k}")
+    options.check_args(args, OPTIONS)
     cells = _parse_cells(args.cells)
     model = LanguageModel.load(args.run_dir, which=args.which)
     _check_range(args.layer, cells, model.config.num_layers, model.config.hidden_size)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+from glasslstm import options
 from glasslstm.model import LanguageModel
+
+OPTIONS = {"top": options.integer(1)}
 
 
 def add_parser(sub) -> None:
@@ -23,6 +26,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    options.check_args(args, OPTIONS)
     model = LanguageModel.load(args.run_dir, which=args.which)
     preds = model.predict_next(args.text, top=args.top)
     word = model.next_word(args.text) if model.require_tokenizer().level != "word" else None
