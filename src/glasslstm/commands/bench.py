@@ -96,6 +96,37 @@ def add_parser(sub) -> None:
 
     _add_speed(kinds)
 
+    k = kinds.add_parser(
+        "gemm",
+        help="which matrix-product implementation this machine uses, measured afresh",
+        description="Time each candidate (torch's BLAS, oneDNN's micro-kernel) for the "
+        "products of an LSTM of each hidden size, store the faster for later runs, and print "
+        "the times. Run it on a quiet machine: the choice stays until it is run again.",
+    )
+    k.add_argument("--sizes", default="128,512,1024", help="comma-separated hidden sizes (I = H)")
+    k.add_argument("--batch-size", type=int, default=32, help="rows of the batch (default: 32)")
+    k.set_defaults(run=run_gemm)
+
+
+def run_gemm(args) -> int:
+    from glasslstm.ops import gemm, native
+
+    sizes = _ints(args.sizes, "sizes")
+    options.check({"batch_size": args.batch_size}, {"batch_size": POSITIVE})
+    if not native.available():
+        raise ConfigError(f"the CPU operators are not available: {native.status()}")
+    gemm.remeasure()
+    print(f"CPU: {gemm.cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for H in sizes:
+        gemm.providers(torch.float32, args.batch_size, H, H, H)
+        gemm.bf16_pays(args.batch_size, H, H)
+    for key, d in sorted(gemm.decisions().items()):
+        times = ", ".join(f"{c} {s * 1e6:.1f} us" for c, s in d["seconds"].items())
+        print(f"{key}: {d['choice']} ({times})")
+    if gemm.busy():
+        print("note: other work held the cores; threaded products were measured but not stored")
+    return 0
+
 
 def _add_speed(kinds) -> None:
     s = kinds.add_parser(

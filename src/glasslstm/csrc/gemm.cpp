@@ -5,7 +5,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/randn.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
@@ -224,7 +224,11 @@ double gemm_probe(const std::string &provider, int64_t m, int64_t n, int64_t k, 
                   int64_t threads) {
     const bool bf16 = provider == "bf16";
     Provider p = bf16 ? Provider::Torch : provider_of(provider);
-    at::Tensor a = at::randn({m, k}), b = at::randn({k, n}).mul_(0.01), c = at::zeros({m, n});
+    // Operands filled without a random generator: probing must not move the user's seed
+    // (a probe on first use would otherwise change which numbers a seeded run draws next).
+    at::Tensor a = at::arange(m * k, at::kFloat).remainder_(7.0).sub_(3.0).view({m, k});
+    at::Tensor b = at::arange(k * n, at::kFloat).remainder_(5.0).sub_(2.0).mul_(0.01).view({k, n});
+    at::Tensor c = at::zeros({m, n});
     at::Tensor a16 = a.to(at::kBFloat16), b16 = b.to(at::kBFloat16);
     // threads == 1: the one-thread product of a row-split loop, on this thread alone (the
     // pool set to one thread meanwhile), timed in this thread's CPU time: what the kernel
