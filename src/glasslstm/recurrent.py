@@ -149,7 +149,7 @@ class Recurrent(nn.Module):
         return [names[i : i + n] for i in range(0, len(names), n)]
 
     @property
-    def _flat_weights(self) -> list[torch.Tensor]:
+    def _flat_weights(self) -> list[torch.Tensor | None]:
         """torch's flat list of the weights as forward reads them: the Parameters, or the
         tensors a reparametrization (weight_norm, pruning, parametrize) puts in their place
         (None for a weight deleted and not yet replaced, as torch has it)."""
