@@ -123,6 +123,10 @@ class LSTM(Recurrent):
             dtype,
             backend=backend,
         )
+        # The drop-in step keeps its own copies of the weights, refreshed when a Parameter
+        # changes; it runs only while every weight is still a registered Parameter (not a tensor
+        # that weight_norm, pruning or parametrize recompute at every call).
+        self._weight_names = frozenset(self._flat_weights_names)
 
     def reset_parameters(self) -> None:
         """torch.nn.LSTM's init (uniform ±1/sqrt(hidden_size)), plus ``forget_bias`` or
@@ -183,7 +187,12 @@ class LSTM(Recurrent):
             ``PackedSequence`` for packed input), out = proj_size or hidden_size, D = 2 if
             bidirectional else 1.
         """
-        if not return_gates and lengths is None and not torch.is_grad_enabled():
+        if (
+            not return_gates
+            and lengths is None
+            and not torch.is_grad_enabled()
+            and self._weight_names.issubset(self._parameters)
+        ):
             fast = drop_in_step(self, input, hx)  # one token of one sequence: the C++ step
             if fast is not None:
                 return fast
