@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glasslstm import rundir
 from glasslstm.data import load_corpus
 from glasslstm.errors import DataError
-from glasslstm.model import LanguageModel
+from glasslstm.model import LanguageModel, training_data
 from glasslstm.trainer import chars_per_token, evaluate
 
 
@@ -20,7 +19,11 @@ def add_parser(sub) -> None:
         "file; a corpus name (stories, shakespeare) or no --data evaluates that "
         "corpus's validation split (the run's own corpus by default).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument("--data", default=None, help="a text file, or a named corpus")
     p.add_argument("--data-dir", default=None, help="where named corpora are looked up")
     p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
@@ -41,7 +44,7 @@ def run(args) -> int:
             raise DataError(f"{args.data} is empty (or only whitespace); nothing to evaluate")
         what = args.data
     else:
-        spec = args.data or rundir.read_config(args.run_dir)["train"].get("data")
+        spec = args.data or training_data(args.run_dir)[0]
         corpus = load_corpus(spec, data_dir=args.data_dir)
         data, what = corpus.val, f"the validation split of {corpus.name}"
     ids = tok.encode_bytes(data, what=what)
