@@ -45,12 +45,16 @@ def random_char_model(layers: int, hidden: int):
 
 def onnx_bench(model, tokens: int = 300, reps: int = 5, threads: int = 1, progress=print) -> dict:
     """Time ``model`` (a LanguageModel on the CPU) and its ONNX export; a JSON-ready dict."""
-    from glasslstm.export import to_onnx
+    from glasslstm.export import require, to_onnx
     from glasslstm.onnx_generate import OnnxLanguageModel
+
+    require("onnx", "onnxscript", "onnxruntime")
+    import onnxruntime
 
     torch.set_num_threads(threads)
     model = model.cpu().eval()
     out: dict[str, Any] = {"machine": machine_info(torch.device("cpu"))}
+    out["machine"]["onnxruntime"] = onnxruntime.__version__
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         progress("exporting ...")
@@ -131,7 +135,8 @@ def onnx_table(res: dict) -> str:
     m = res["machine"]
     load = f"load average {m.get('loadavg_1m_at_start')} -> {m.get('loadavg_1m_at_end')}"
     lines = [
-        f"CPU: {m.get('cpu')}, {res['threads']} thread(s) each, {load}; {res['model']}, "
+        f"CPU: {m.get('cpu')}, {res['threads']} thread(s) each, {load}; torch {m.get('torch')}, "
+        f"onnxruntime {m.get('onnxruntime')}; {res['model']}, "
         f"{res['tokens']} tokens, median of {res['reps']}",
         "",
         "| | glasslstm (LMStream) | onnxruntime | onnxruntime's speed / glasslstm's (range) |",
