@@ -12,10 +12,21 @@ import argparse
 import sys
 
 from glasslstm import __version__
-from glasslstm.commands import bench, cells, demo, evaluate, inspect, predict, sample, serve, train
+from glasslstm.commands import (
+    bench,
+    cells,
+    demo,
+    evaluate,
+    export,
+    inspect,
+    predict,
+    sample,
+    serve,
+    train,
+)
 from glasslstm.errors import USER_ERRORS
 
-COMMANDS = (train, sample, predict, evaluate, bench, demo, inspect, cells, serve)
+COMMANDS = (train, sample, predict, evaluate, export, bench, demo, inspect, cells, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,6 +65,8 @@ class LSTM(Recurrent):
             directory "checkpoints" of :mod:`glasslstm.rundir`.)
     """
 
+    quantized: str | None = None  # "int8" once glasslstm.quantize.int8 rounded the weights
+
     mode = "LSTM"
     gates = 4
     state_names = ("h_0", "c_0")

@@ -11,12 +11,13 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glasslstm import options, rundir
+from glasslstm import __version__, options, rundir
 from glasslstm.data import Tokenizer
 from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
@@ -75,6 +76,8 @@ class Prediction:
 
 class LanguageModel(nn.Module):
     """Next-token model. ``tokenizer`` travels with it (saved as vocab.json)."""
+
+    quantized: str | None = None  # "int8" once glasslstm.quantize.int8 rounded the weights
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None):
         super().__init__()
@@ -148,7 +151,8 @@ class LanguageModel(nn.Module):
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ConfigError(
-                "this model has no tokenizer; build it with LanguageModel(config, tokenizer)"
+                "this model has no tokenizer (a run directory without vocab.json): build it "
+                "with LanguageModel(config, tokenizer), or save it again with one"
             )
         return self.tokenizer
 
@@ -277,18 +281,53 @@ class LanguageModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ files
-    def save(self, path, *, metadata: dict[str, str] | None = None) -> None:
-        """Write ``path`` (a .safetensors file) atomically; the tokenizer is not included."""
+    def save(self, run_dir, *, metadata: dict[str, str] | None = None) -> Path:
+        """Write the model as a run directory that :meth:`load` and every command taking a
+        RUN (``glasslstm sample RUN``, ``predict``, ``inspect``, ``export``, ...) read back;
+        returns its path. Format: docs/run-directory.md.
+
+        Writes ``config.json`` (the model config), ``vocab.json`` (the tokenizer, when the
+        model has one) and ``model.safetensors`` (the weights; ``metadata``: strings stored in
+        its header), each atomically. ``run_dir`` may be new, empty, or one an earlier
+        ``save`` wrote (it is replaced). A training run's directory is refused: its train state
+        and checkpoints belong to it. For the weights alone: :meth:`save_weights`.
+        """
+        run_dir = Path(run_dir)
+        if run_dir.suffix == ".safetensors":
+            raise ConfigError(
+                f"save() writes a run directory, and {run_dir} names a .safetensors file: pass "
+                "a directory, or use save_weights(path) for the weights alone"
+            )
+        _check_save_target(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.save_weights(run_dir / "model.safetensors", metadata=metadata)
+        vocab = run_dir / "vocab.json"
+        if self.tokenizer is not None:
+            rundir.atomic_write_json(vocab, self.tokenizer.to_dict())
+        else:
+            vocab.unlink(missing_ok=True)  # an earlier save's tokenizer is not this model's
+        # last: a directory without config.json is not loadable, so a crash before this line
+        # never leaves a fresh directory that loads with half of its files
+        rundir.write_config(
+            run_dir, {"glasslstm_version": __version__, "model": self.config_dict()}
+        )
+        return run_dir
+
+    def save_weights(self, path, *, metadata: dict[str, str] | None = None) -> None:
+        """Write the weights alone (the state_dict) to the safetensors file ``path``,
+        atomically; ``metadata``: strings stored in the file's header."""
         rundir.save_tensors(path, self.state_dict(), metadata)
 
     @classmethod
     def load(
         cls, run_dir, *, which: str = "best", device: str | torch.device = "cpu"
     ) -> LanguageModel:
-        """Load a model from a run directory written by ``glasslstm train``.
+        """Load a model from a run directory: one written by ``glasslstm train`` or by
+        :meth:`save`.
 
         ``which``: ``"best"`` (lowest validation loss, if saved; else the last) or ``"last"``.
         Config and vocabulary are JSON, weights safetensors: nothing in the files is executed.
+        Without a ``vocab.json`` the model has no tokenizer (it was saved without one).
         """
         if which not in ("best", "last"):
             raise ConfigError(f"which must be 'best' or 'last'; got {which!r}")
@@ -306,6 +345,41 @@ class LanguageModel(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+
+def _check_save_target(run_dir: Path) -> None:
+    """Refuse a place where :meth:`LanguageModel.save` would overwrite what is not its own."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file; save() writes a run directory: pass a directory")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not (run_dir / rundir.CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{run_dir} is not empty and is not a glasslstm run directory; save to a new or "
+            "empty directory"
+        )
+    cfg = rundir.read_config(run_dir)
+    if "train" in cfg or (run_dir / rundir.TRAIN_STATE_TENSORS).exists():
+        raise ConfigError(
+            f"{run_dir} holds a training run (its train state and checkpoints belong to it); "
+            "save to another directory"
+        )
+
+
+def training_data(run_dir, *, required: bool = True) -> tuple[str | None, str | None]:
+    """``(data, data_dir)`` a run was trained on (as given to ``glasslstm train``), for the
+    commands that default to its validation split. A directory written by
+    :meth:`LanguageModel.save` records none: ``(None, None)``, or a RunDirError when
+    ``required``."""
+    train = rundir.read_config(run_dir).get("train")
+    if not isinstance(train, dict):
+        if not required:
+            return None, None
+        raise rundir.RunDirError(
+            f"{run_dir} records no training data (a model saved with LanguageModel.save): "
+            "pass --data FILE to say what text to use"
+        )
+    return train.get("data"), train.get("data_dir")
 
 
 def load_vocab(run_dir) -> Tokenizer:

@@ -113,7 +113,6 @@ class Recurrent(nn.Module):
                         name = kind + _suffix(layer, direction)
                         setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                         self._flat_weights_names.append(name)
-        self._init_flat_weights()
         self.reset_parameters()
 
     # ---------------------------------------------------------------- parameters
@@ -131,21 +130,6 @@ class Recurrent(nn.Module):
     def out_size(self) -> int:
         """Size of h: proj_size if projecting, else hidden_size."""
         return self.proj_size or self.hidden_size
-
-    def _init_flat_weights(self) -> None:
-        """``_flat_weights``: the parameters in torch's order, as torch.nn.LSTM keeps them (and
-        code written for it reads them); refreshed when a weight is replaced or converted."""
-        self._flat_weights = [getattr(self, name) for name in self._flat_weights_names]
-
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
-        if name in self.__dict__.get("_flat_weights_names", ()):
-            self._init_flat_weights()
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self._init_flat_weights()
-        return result
 
     def _weights(self, layer: int, direction: int):
         """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of one layer and direction (None where absent)."""

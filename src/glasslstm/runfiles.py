@@ -230,9 +230,22 @@ class ModelFiles:
     """What :meth:`LanguageModel.load` needs, all checked against config.json."""
 
     config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: saved without one
     weights: dict[str, torch.Tensor]
     path: Path  # the weights file
+
+
+def read_model_config(run_dir) -> tuple[ModelConfig, bool]:
+    """config.json's model section, checked, and whether the directory is a training run's
+    (with its train and corpus sections, checked too) rather than one
+    ``LanguageModel.save`` wrote (a model section alone)."""
+    run_dir = Path(run_dir)
+    raw = rundir.read_config(run_dir)
+    if "train" in raw or "corpus" in raw:
+        return read_run_config(run_dir).model, True
+    path = run_dir / CONFIG
+    section = _section(path, raw, "model", RESTORE)
+    return _dataclass_from(ModelConfig, section, "model", path, RESTORE), False
 
 
 def read_model(run_dir, which: str = "best", device: torch.device | None = None) -> ModelFiles:
@@ -240,8 +253,13 @@ def read_model(run_dir, which: str = "best", device: torch.device | None = None)
     "best" and it exists, else ``model.safetensors``), each checked before the next is read;
     the weights' header before any tensor, and whether the model fits in ``device``'s memory."""
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    tok = read_vocab(run_dir, cfg.model.vocab_size)
+    model_config, trained = read_model_config(run_dir)
+    # a training run always has its vocabulary; a model saved without a tokenizer has none
+    tok = (
+        read_vocab(run_dir, model_config.vocab_size)
+        if trained or (run_dir / VOCAB).exists()
+        else None
+    )
     path = run_dir / "best" / "model.safetensors"
     if which == "last" or not path.is_file():
         path = run_dir / "model.safetensors"
@@ -252,7 +270,7 @@ def read_model(run_dir, which: str = "best", device: torch.device | None = None)
         if path.parent.name == "best"
         else RESTORE
     )
-    m = cfg.model
+    m = model_config
     shapes = options.parameter_shapes(
         m.vocab_size, m.hidden_size, m.num_layers, embed_size=m.embed_size, proj_size=m.proj_size
     )

@@ -379,7 +379,9 @@ class _Run:
         step = self.progress.step
         if self.saved_step != step:
             _save_resume_point(self.run_dir, self.model, self.opt, self.progress, self.state)
-            self.model.save(self.run_dir / "model.safetensors", metadata={"step": str(step)})
+            self.model.save_weights(
+                self.run_dir / "model.safetensors", metadata={"step": str(step)}
+            )
             self.saved_step = step
 
     def log(self, record: dict) -> None:
@@ -398,7 +400,7 @@ class _Run:
         )
         if p.best_val_loss is None or res["loss"] < p.best_val_loss:
             p.best_val_loss, p.evals_since_best = res["loss"], 0
-            self.model.save(
+            self.model.save_weights(
                 self.run_dir / "best" / "model.safetensors", metadata={"step": str(p.step)}
             )
         else:

@@ -95,7 +95,11 @@ def add_parser(sub) -> None:
     g.set_defaults(run=run_gradient)
 
     _add_speed(kinds)
+    _add_onnx(kinds)
+    _add_gemm(kinds)
 
+
+def _add_gemm(kinds) -> None:
     k = kinds.add_parser(
         "gemm",
         help="which matrix-product implementation this machine uses, measured afresh",
@@ -106,6 +110,58 @@ def add_parser(sub) -> None:
     k.add_argument("--sizes", default="128,512,1024", help="comma-separated hidden sizes (I = H)")
     k.add_argument("--batch-size", type=int, default=32, help="rows of the batch (default: 32)")
     k.set_defaults(run=run_gemm)
+
+
+def _add_onnx(kinds) -> None:
+    o = kinds.add_parser(
+        "onnx",
+        help="text generation with onnxruntime (exported model) beside glasslstm's Stream",
+        description=onnx_doc(),
+    )
+    o.add_argument(
+        "run_dir",
+        nargs="?",
+        metavar="RUN",
+        help="a run directory (default: a random char model of --layers x --hidden)",
+    )
+    o.add_argument("--layers", type=int, default=2, help="random model's layers (default: 2)")
+    o.add_argument("--hidden", type=int, default=256, help="random model's hidden size (256)")
+    o.add_argument("--tokens", type=int, default=300, help="tokens per timed run (default: 300)")
+    o.add_argument("--reps", type=int, default=5, help="timed repetitions (default: 5)")
+    o.add_argument("--threads", type=int, default=1, help="threads for each runtime (default: 1)")
+    _outputs(o, "onnx")
+    o.set_defaults(run=run_onnx)
+
+
+def onnx_doc() -> str:
+    from glasslstm.bench import onnx
+
+    return onnx.__doc__
+
+
+def run_onnx(args) -> int:
+    from glasslstm.bench.onnx import onnx_bench, onnx_table, random_char_model
+    from glasslstm.model import LanguageModel
+
+    if min(args.layers, args.hidden, args.tokens, args.reps, args.threads) < 1:
+        raise ConfigError("--layers, --hidden, --tokens, --reps and --threads must be >= 1")
+    if args.run_dir:
+        model = LanguageModel.load(args.run_dir)
+    else:
+        model = random_char_model(args.layers, args.hidden)
+    log = _log(args)
+    res = onnx_bench(
+        model, args.tokens, args.reps, args.threads, progress=log or (lambda line: None)
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "onnx.json").write_text(json.dumps(res, indent=2, default=str))
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(onnx_table(res))
+        print(f"\nwrote {out / 'onnx.json'}")
+    return 0
 
 
 def run_gemm(args) -> int:

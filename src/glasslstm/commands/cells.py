@@ -39,7 +39,11 @@ def add_parser(sub) -> None:
         "sentence-boundary (1 on the character ending a sentence), bracket-depth (nesting of "
         "( [ {), or any other string as a regular expression (1 on matched characters).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument(
         "--data",
         required=True,

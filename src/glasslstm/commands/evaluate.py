@@ -7,7 +7,7 @@ from pathlib import Path
 
 from glasslstm import options, runfiles
 from glasslstm.errors import DataError
-from glasslstm.model import LanguageModel
+from glasslstm.model import LanguageModel, training_data
 from glasslstm.trainer import chars_per_token, evaluate
 
 OPTIONS = {"batch_size": options.EVALUATION["batch_size"], "seq_len": options.EVALUATION["seq_len"]}
@@ -21,7 +21,11 @@ def add_parser(sub) -> None:
         "file; a corpus name (stories, shakespeare) or no --data evaluates that "
         "corpus's validation split (the run's own corpus by default).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument("--data", default=None, help="a text file, or a named corpus")
     p.add_argument("--data-dir", default=None, help="where named corpora are looked up")
     p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
@@ -43,12 +47,13 @@ def run(args) -> int:
             raise DataError(f"{args.data} is empty (or only whitespace); nothing to evaluate")
         what = args.data
     else:
-        own = runfiles.read_run_config(args.run_dir).train
+        # a model saved from Python records no training text: then --data must name one
+        trained_on, trained_dir = training_data(args.run_dir, required=not args.data)
         moved = f"give it with `glasslstm eval {args.run_dir} --data PATH`"
         corpus = runfiles.load_run_corpus(
             args.run_dir,
-            args.data or own.data,
-            args.data_dir or own.data_dir,
+            args.data or trained_on,
+            args.data_dir or trained_dir,
             moved_fix=moved,
         )
         data, what = corpus.val, f"the validation split of {corpus.name}"

@@ -28,7 +28,11 @@ def add_parser(sub) -> None:
         "cells, with the model's most likely next tokens. Prints a table (coloured on a terminal), "
         "or JSON; --html writes a self-contained interactive report, --png a picture.",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument("--text", help="the text to look at")
     p.add_argument(
         "--file", help="read the text from this file (UTF-8; any bytes for a byte model)"

@@ -17,7 +17,11 @@ def add_parser(sub) -> None:
         description="The softmax over the hidden state, read out: the most "
         "likely next tokens after TEXT (and, for a character model, the next word).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument("text", metavar="TEXT", help='e.g. "For his contributions, brave"')
     p.add_argument("--top", type=int, default=5, help="how many tokens to list (default: 5)")
     p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")

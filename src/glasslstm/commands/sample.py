@@ -16,7 +16,11 @@ def add_parser(sub) -> None:
         help="generate text from a trained model",
         description="Generate text, printing it as it is produced.",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument("--prompt", default="", help="text to start from (default: a newline)")
     p.add_argument("--length", type=int, default=500, help="tokens to generate (default: 500)")
     p.add_argument(
