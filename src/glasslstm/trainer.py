@@ -17,6 +17,7 @@ uninterrupted (same machine, same thread count).
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -36,6 +37,7 @@ from glasslstm.data import (
     load_corpus,
 )
 from glasslstm.determinism import deterministic
+from glasslstm.distributed import Ranks, check_resume, session
 from glasslstm.errors import ConfigError, DataError, WriteError
 from glasslstm.interrupt import GracefulStop
 from glasslstm.model import LanguageModel, ModelConfig, config_from_dict, load_vocab
@@ -157,10 +159,13 @@ def evaluate(
     seq_len: int = 128,
     max_batches: int = 0,
     chars_per_token: float = 1.0,
+    ranks: Ranks | None = None,
 ) -> dict:
     """Mean next-token loss over the stream ``ids`` with the state carried along each row.
 
     Every token but the first of each row is predicted once. Short texts get fewer rows.
+    ``ranks``: in distributed training, each process evaluates its share of the rows and the
+    sums are added (every process gets the same result).
     Returns ``{"loss" (nats/token), "perplexity", "bpc", "tokens"}``.
     """
     options.check(
@@ -174,13 +179,14 @@ def evaluate(
         raise ConfigError(f"need at least 2 tokens to evaluate; got {n}")
     rows = max(1, min(batch_size, n // (seq_len + 1)))
     cols = n // rows
-    grid = ids[: rows * cols].view(rows, cols).to(model.device)
+    ranks = ranks or Ranks()
+    grid = ranks.eval_rows(ids[: rows * cols].view(rows, cols)).to(model.device)
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
     try:
         for k, start in enumerate(range(0, cols - 1, seq_len)):
-            if max_batches and k >= max_batches:
+            if (max_batches and k >= max_batches) or not len(grid):
                 break
             x = grid[:, start : min(start + seq_len, cols - 1)]
             y = grid[:, start + 1 : start + 1 + x.shape[1]]
@@ -193,6 +199,7 @@ def evaluate(
             count += y.numel()
     finally:
         model.train(was_training)
+    total, count = ranks.sum(total, count)
     loss = total / count
     return {
         "loss": loss,
@@ -222,10 +229,6 @@ def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
         progress = max(progress, min(1.0, seconds / cfg.time_budget))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _device(name: str) -> torch.device:
-    return options.resolve_device(name)
 
 
 def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optimizer:
@@ -283,15 +286,22 @@ def train(
         _check_new_run_dir(run_dir)
         cfg = replace(cfg, **options.resolve_paths({**asdict(cfg), "out": str(run_dir)}))
 
-    device = _device(cfg.device)
-    options.check_training_memory(cfg, None, device)  # before anything is loaded or built
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    with deterministic(cfg.deterministic):
-        try:
-            return _train(cfg, run_dir, resume, device, progress, on_step, corpus, build_model)
-        except WriteError as e:  # name what was kept and how to go on
-            raise e.with_hint(runfiles.after_write_error(run_dir, e)) from None
+    # One process, or this one's place among those torchrun started (glasslstm.distributed).
+    with session(cfg.device, cfg.batch_size) as ranks:
+        device = ranks.device
+        options.check_training_memory(cfg, None, device)  # before anything is loaded or built
+        if resume is not None:
+            check_resume(run_dir, ranks.world)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        with deterministic(cfg.deterministic):
+            try:
+                return _train(
+                    cfg, run_dir, resume, device, progress and ranks.is_main, on_step, corpus,
+                    build_model, ranks,
+                )  # fmt: skip
+            except WriteError as e:  # name what was kept and how to go on
+                raise e.with_hint(runfiles.after_write_error(run_dir, e)) from None
 
 
 @dataclass
@@ -318,8 +328,9 @@ class _Run:
         device: torch.device,
         corpus: Corpus | None,
         build_model,
+        ranks: Ranks,
     ) -> None:
-        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.cfg, self.run_dir, self.device, self.ranks = cfg, run_dir, device, ranks
         if corpus is None and resume is not None:
             moved = f"resume with `glasslstm train --resume {run_dir} --data NEW_PATH`"
             corpus = runfiles.load_run_corpus(run_dir, cfg.data, cfg.data_dir, moved_fix=moved)
@@ -338,21 +349,28 @@ class _Run:
         if resume is not None:  # the same text, wherever it is now
             runfiles.check_resumed_corpus(run_dir, cfg, corpus, len(train_ids), len(self.val_ids))
         options.check_training_memory(cfg, tok.vocab_size, device)
-        self.stream = TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
+        self.stream = ranks.stream(  # this process's rows of each (global) batch
+            TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
+        )
         self.val_cpt = chars_per_token(tok, corpus.val, len(self.val_ids))
         self.train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model_config(tok.vocab_size), tok).to(device)
+        ranks.seed(cfg.seed)
         self.opt = _make_optimizer(cfg, self.model)
         self.progress = _Progress()
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # carried across batches
         if resume is not None:
             self.state = _load_resume_point(
-                run_dir, self.model, self.opt, self.progress, device, cfg.batch_size
+                run_dir, self.model, self.opt, self.progress, device, cfg.batch_size, ranks
             )
             self.saved_step: int | None = self.progress.step  # the checkpoint on disk
-            rundir.trim_metrics(run_dir / "metrics.jsonl", self.progress.step)  # no duplicates
+            if ranks.is_main:
+                rundir.trim_metrics(run_dir / "metrics.jsonl", self.progress.step)  # no dups
+        elif not ranks.is_main:  # rank 0 alone writes the run directory (below)
+            self.saved_step = None
+            self.save()  # its share of rank 0's step-0 save (a collective step)
         else:
             rundir.make_dirs(run_dir)
             rundir.write_config(
@@ -373,19 +391,25 @@ class _Run:
             rundir.atomic_write_json(run_dir / "vocab.json", tok.to_dict())
             self.saved_step = None
             self.save()  # step 0: a run that fails at once still leaves a loadable directory
+        self.forward = ranks.wrap(self.model)  # DDP around the model when there are ranks
 
     def save(self) -> None:
         """The resume point and the latest weights, for the current step (once per step)."""
         step = self.progress.step
         if self.saved_step != step:
-            _save_resume_point(self.run_dir, self.model, self.opt, self.progress, self.state)
-            self.model.save_weights(
-                self.run_dir / "model.safetensors", metadata={"step": str(step)}
-            )
+            state, extra, meta = self.ranks.for_save(self.state)  # all ranks' share, on rank 0
+            if self.ranks.is_main:
+                _save_resume_point(
+                    self.run_dir, self.model, self.opt, self.progress, state, extra, meta
+                )
+                self.model.save_weights(
+                    self.run_dir / "model.safetensors", metadata={"step": str(step)}
+                )
             self.saved_step = step
 
     def log(self, record: dict) -> None:
-        rundir.append_jsonl(self.run_dir / "metrics.jsonl", record)
+        if self.ranks.is_main:
+            rundir.append_jsonl(self.run_dir / "metrics.jsonl", record)
 
     def validate(self) -> dict:
         """Evaluate on the validation split; keep the model as best/ when it improved."""
@@ -397,12 +421,14 @@ class _Run:
             seq_len=cfg.seq_len,
             max_batches=cfg.eval_batches,
             chars_per_token=self.val_cpt,
+            ranks=self.ranks,
         )
         if p.best_val_loss is None or res["loss"] < p.best_val_loss:
             p.best_val_loss, p.evals_since_best = res["loss"], 0
-            self.model.save_weights(
-                self.run_dir / "best" / "model.safetensors", metadata={"step": str(p.step)}
-            )
+            if self.ranks.is_main:
+                self.model.save_weights(
+                    self.run_dir / "best" / "model.safetensors", metadata={"step": str(p.step)}
+                )
         else:
             p.evals_since_best += 1
         self.log(
@@ -441,8 +467,8 @@ class _Run:
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
         ):
-            _, loss, new_state = self.model(x, self.state, y)
-        loss_value = loss.detach().item()
+            _, loss, new_state = self.forward(x, self.state, y)
+        loss_value = self.ranks.mean(loss.detach())  # the global batch's mean loss
         self.opt.zero_grad(set_to_none=True)
         if not math.isfinite(loss_value):
             return loss_value, False
@@ -464,12 +490,13 @@ def _train(
     on_step,
     corpus: Corpus | None,
     build_model,
+    ranks: Ranks,
 ) -> TrainResult:
     """:func:`train` once its configuration, run directory and device are settled."""
-    run = _Run(cfg, run_dir, resume, device, corpus, build_model)
+    run = _Run(cfg, run_dir, resume, device, corpus, build_model, ranks)
     p = run.progress
     bar = _progress_bar(cfg, p.step) if progress else None
-    stopped, message, last_val = "max_steps", "", None
+    stopped, message, last_val, stop_name = "max_steps", "", None, ""
     window = _Window()
     run.model.train()
     with GracefulStop() as interrupt, bar or nullcontext():
@@ -487,10 +514,12 @@ def _train(
                     "Lower --lr or keep --clip on, then resume or train again."
                 )
                 break
+            # every rank takes the same time (the slowest's) and stop signal for the step
+            seconds, stop = ranks.agree(time.perf_counter() - t_step, interrupt.signum)
             p.step += 1
-            p.tokens += x.numel()
-            p.seconds += time.perf_counter() - t_step
-            window.add(loss, x.numel())
+            p.tokens += x.numel() * ranks.world
+            p.seconds += seconds
+            window.add(loss, x.numel() * ranks.world)
             if on_step is not None:
                 on_step(p.step, loss)
             if p.step % cfg.log_every == 0 or p.step == cfg.max_steps:
@@ -523,11 +552,11 @@ def _train(
             if out_of_time:
                 stopped = "time_budget"
                 break
-            if interrupt.requested:
-                stopped = "interrupted"
+            if stop:
+                stopped, stop_name = "interrupted", signal.Signals(stop).name
                 run.save()
                 message = (
-                    f"interrupted at step {p.step} ({interrupt.name}); saved. Continue with "
+                    f"interrupted at step {p.step} ({stop_name}); saved. Continue with "
                     f"`glasslstm train --resume {run_dir}`"
                 )
                 break
@@ -535,7 +564,8 @@ def _train(
         bar.close()
     if last_val is None and stopped not in ("interrupted", "diverged"):
         last_val = run.validate()
-    _write_curves(run_dir)
+    if ranks.is_main:
+        _write_curves(run_dir)
     if not message:
         message = f"stopped: {stopped} at step {p.step}"
     best = math.nan if p.best_val_loss is None else p.best_val_loss
@@ -550,7 +580,7 @@ def _train(
         tokens_per_s=p.tokens / max(p.seconds, 1e-9),
         seconds=p.seconds,
         message=message,
-        interrupted_by=interrupt.name,
+        interrupted_by=stop_name,
     )
 
 
@@ -583,20 +613,24 @@ def _progress_bar(cfg: TrainConfig, start: int):
     )
 
 
-def _save_resume_point(run_dir: Path, model, opt, progress: _Progress, state) -> None:
+def _save_resume_point(
+    run_dir: Path, model, opt, progress: _Progress, state, extra: dict, extra_meta: dict
+) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(extra)  # distributed runs: each rank's random generators
     opt_tensors, opt_meta = rundir.optimizer_state_to_tensors(opt.state_dict())
     rng_tensors, rng_meta = rundir.rng_state()
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
     if state is not None:
         tensors["carry.h"], tensors["carry.c"] = state
-    rundir.save_train_state(
-        run_dir, tensors, {**asdict(progress), "optimizer": opt_meta, "rng": rng_meta}
-    )
+    meta = {**asdict(progress), "optimizer": opt_meta, "rng": rng_meta, **extra_meta}
+    rundir.save_train_state(run_dir, tensors, meta)
 
 
-def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device, batch_size: int):
+def _load_resume_point(
+    run_dir: Path, model, opt, progress: _Progress, device, batch_size: int, ranks: Ranks
+):
     tensors, stored = runfiles.read_train_state(run_dir, model, opt, progress, batch_size)
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(weights)
@@ -604,9 +638,9 @@ def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device, b
     rundir.set_rng_state(tensors, stored["rng"])
     for key in asdict(progress):
         setattr(progress, key, stored[key])
-    if "carry.h" in tensors:
-        return tensors["carry.h"].to(device), tensors["carry.c"].to(device)
-    return None
+    state = (tensors["carry.h"], tensors["carry.c"]) if "carry.h" in tensors else None
+    state = ranks.restore(tensors, state)  # this rank's generators and rows
+    return None if state is None else (state[0].to(device), state[1].to(device))
 
 
 def _write_curves(run_dir: Path) -> None:

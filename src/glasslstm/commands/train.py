@@ -12,8 +12,8 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any
 
-from glasslstm import stories
-from glasslstm.errors import DataError
+from glasslstm import distributed, runfiles, stories
+from glasslstm.errors import ConfigError, DataError
 from glasslstm.model import LanguageModel
 from glasslstm.trainer import TrainConfig, TrainResult, train
 
@@ -56,6 +56,14 @@ def add_parser(sub) -> None:
         "--json", action="store_true", help="print one JSON object at the end, no progress bar"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine (data parallel: torchrun's agent, gloo "
+        "on the CPU, one GPU each with CUDA); --batch-size stays the global batch, split "
+        "among them. Several machines: torchrun, see docs/distributed.md (default: 1)",
+    )
     p.set_defaults(run=run)
 
 
@@ -64,21 +72,56 @@ def run(args) -> int:
     as_json = getattr(args, "json", False)
     progress = not (as_json or getattr(args, "quiet", False))
     resume = getattr(args, "resume", None)
-    if not as_json:
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc != 1:
+        return _launch(args, given, nproc)
+    main = distributed.rank() == 0  # under torchrun, rank 0 alone prints
+    if not as_json and main:
         where = f"resuming {resume}" if resume else "training"
         print(f"glasslstm: {where} ...", file=sys.stderr, flush=True)
     result = train(
         None if resume else TrainConfig(), resume=resume, overrides=given, progress=progress
     )
     finished = result.stopped not in ("interrupted", "diverged")
+    if not main:
+        return _status(result)
     report = _report(result, LanguageModel.load(result.run_dir)) if finished else result.to_json()
     if as_json:
         print(json.dumps(report, indent=2, default=_json_default))
     else:
         _print_report(result, report)
+    return _status(result)
+
+
+def _status(result: TrainResult) -> int:
+    """The exit status: 0, 1 when diverged, 128 + the signal when interrupted."""
     if result.stopped == "interrupted":  # 128 + the signal, as a shell reports it
         return 128 + int(getattr(signal, result.interrupted_by or "SIGINT"))
     return 1 if result.stopped == "diverged" else 0
+
+
+def _launch(args, given: dict, nproc: int) -> int:
+    """``--nproc N``: the same command as N processes under torchrun's agent. What can be
+    checked before they start is (one line, nothing started)."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be a positive number of processes; got {nproc}")
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        distributed.check_resume(resume, nproc)
+        distributed.check_batch(runfiles.read_run_config(resume).train.batch_size, nproc)
+    else:
+        distributed.check_batch(given.get("batch_size", TrainConfig.batch_size), nproc)
+    argv = []
+    for name, value in given.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    if resume is not None:
+        argv += ["--resume", str(resume)]
+    argv += [flag for flag in ("--json", "--quiet") if getattr(args, flag[2:], False)]
+    return distributed.launch(nproc, argv)
 
 
 def _json_default(x):
