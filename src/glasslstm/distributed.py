@@ -28,6 +28,7 @@ What the N processes share and what each has:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -312,6 +313,9 @@ def launch(nproc: int, train_args: list[str], *, shutdown_timeout: int = 120) ->
             "--nproc starts the training processes itself; under torchrun leave it out"
         )
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
+    # The processes print their own errors (one line each); the agent's log lines about them
+    # would only repeat that they failed.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = parse_args(
         [
             "--standalone",
