@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None, help="a text file, or a named corpus")
     p.add_argument("--data-dir", default=None, help="where named corpora are looked up")
     common.add_which(p)
+    common.add_quantize(p)
     p.add_argument("--batch-size", type=int, default=32, help="rows evaluated in parallel")
     p.add_argument(
         "--seq-len", type=int, default=256, help="steps per chunk (the state carries over)"
@@ -34,11 +35,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from glasslstm import runfiles
-    from glasslstm.model import LanguageModel, training_data
+    from glasslstm.model import training_data
     from glasslstm.trainer import chars_per_token, evaluate
 
     options.check_args(args, OPTIONS)
-    model = LanguageModel.load(args.run_dir, which=args.which)
+    model = common.load_model(args)
     tok = model.require_tokenizer()
     if args.data and Path(args.data).is_file():
         data = Path(args.data).read_bytes()
