@@ -135,6 +135,31 @@ def test_predict_json_and_table(trained, capsys):
     assert "after 'Bob is'" in text and "most likely next word" in text
 
 
+def test_predict_sample_and_eval_with_int8_weights(trained, capsys):
+    """--quantize int8 runs the model with int8-rounded weights: close to float32's answer,
+    not the same numbers."""
+    out, _ = trained
+    prompt = "For his contributions, brave"
+    results = {}
+    for extra in ([], ["--quantize", "int8"]):
+        assert main(["predict", str(out), prompt, "--top", "3", "--json", *extra]) == 0
+        results[bool(extra)] = json.loads(capsys.readouterr().out)["next"]
+    f32, i8 = results[False], results[True]
+    assert [t["prob"] for t in f32] != [t["prob"] for t in i8]
+    assert abs(f32[0]["prob"] - i8[0]["prob"]) < 0.05
+    bpc = {}
+    for extra in ([], ["--quantize", "int8"]):
+        assert main(["eval", str(out), "--json", *extra]) == 0
+        bpc[bool(extra)] = json.loads(capsys.readouterr().out)["bpc"]
+    assert bpc[True] != bpc[False] and abs(bpc[True] - bpc[False]) < 0.1
+    args = ["sample", str(out), "--length", "40", "--temperature", "0", "--quantize", "int8"]
+    assert main(args) == 0
+    assert len(capsys.readouterr().out) >= 40
+    with pytest.raises(SystemExit):
+        main(["predict", str(out), prompt, "--quantize", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
 def test_eval_file_and_own_corpus(trained, corpus_file, capsys):
     out, report = trained
     assert main(["eval", str(out), "--data", str(corpus_file), "--json"]) == 0

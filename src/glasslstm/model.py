@@ -10,7 +10,7 @@ import codecs
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,53 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from glasslstm import __version__, options, rundir
+from glasslstm.config import ModelConfig, config_from_dict  # noqa: F401  (public here too)
 from glasslstm.data import Tokenizer
 from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
 
 State = tuple[torch.Tensor, torch.Tensor]
-
-
-def config_from_dict(cls, d: dict, what: str):
-    """``cls(**d)`` for a config dataclass, where an unknown key is an error naming it."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ConfigError(f"unknown {what} config keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**d)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    hidden_size: int = 256  # 2x256 trains in minutes on 2 CPU cores; 2x512 for shakespeare
-    num_layers: int = 2  # depth helps char models more than width (Karpathy 2015)
-    dropout: float = 0.1  # between layers and before the softmax; 0.2-0.35 for small corpora
-    embed_size: int = 0  # 0: the LSTM's output size, which allows tie_weights
-    tie_weights: bool = False  # share the embedding with the output layer (Press & Wolf 2017)
-    forget_bias: float = 1.0  # start out remembering (Jozefowicz et al. 2015)
-    proj_size: int = 0  # LSTMP: project H_t to this size (0: none)
-    checkpoint: int = 0  # recompute in backward, S steps per segment (0: off); memory only
-
-    def __post_init__(self):
-        options.check_fields(self, options.MODEL, name=lambda key: f"ModelConfig.{key}")
-        if self.proj_size and self.proj_size >= self.hidden_size:
-            raise ConfigError(
-                f"proj_size={self.proj_size} must be smaller than hidden_size={self.hidden_size}"
-            )
-        if self.tie_weights and self.embed_size not in (0, self.out_size):
-            raise ConfigError(
-                f"tie_weights needs embed_size == the LSTM's output size ({self.out_size}); "
-                f"got embed_size={self.embed_size} (use 0 to match automatically)"
-            )
-
-    @property
-    def out_size(self) -> int:
-        return self.proj_size or self.hidden_size
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        return config_from_dict(cls, d, "model")
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,15 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from glasslstm.data import LEVELS, NAMED_CORPORA
 from glasslstm.errors import ConfigError, InvalidValue, format_bytes
+
+if TYPE_CHECKING:  # torch is imported where a device or memory is checked, not at import
+    import torch
+
+LEVELS = ("char", "word", "byte")  # what a token is: a character, a word, a byte of UTF-8
+NAMED_CORPORA = ("stories", "shakespeare")  # --data names that need no file
 
 PRECISIONS = ("fp32", "bf16")
 SEED_MAX = 2**32 - 1  # numpy's seeds end here; the trainer derives batch seeds from it
@@ -114,6 +118,8 @@ def _parses_as_device(v) -> bool:
         return False
     if v == "auto":
         return True
+    import torch
+
     try:
         return torch.device(v).type in ("cpu", "cuda", "mps")
     except (RuntimeError, ValueError):
@@ -288,6 +294,8 @@ def check_args(args, rules: Mapping[str, Rule]) -> None:
 def resolve_device(name, *, flag: str = "--device") -> torch.device:
     """``auto`` (CUDA if present, else the CPU), or the named device once it is known to be
     there; a ConfigError naming the fix otherwise."""
+    import torch
+
     if isinstance(name, torch.device):
         dev = name
     elif name == "auto":
@@ -452,6 +460,8 @@ def available_memory(device: torch.device) -> int | None:
     MemAvailable, or the container's (cgroup) limit less its use where that is lower.
     None where it cannot be told."""
     if device.type == "cuda":
+        import torch
+
         try:
             return torch.cuda.mem_get_info(device)[0]
         except RuntimeError:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from glasslstm import __version__, options, rundir, runfiles
+from glasslstm.config import ModelConfig, TrainConfig  # noqa: F401  (public here too)
 from glasslstm.data import (
     Corpus,
     Tokenizer,
@@ -40,83 +41,9 @@ from glasslstm.determinism import deterministic
 from glasslstm.distributed import Ranks, check_resume, session
 from glasslstm.errors import ConfigError, DataError, WriteError
 from glasslstm.interrupt import GracefulStop
-from glasslstm.model import LanguageModel, ModelConfig, config_from_dict, load_vocab
+from glasslstm.model import LanguageModel, load_vocab
 
 LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str | None = None  # None: the built-in `stories` corpus (no download)
-    data_dir: str | None = None  # where named corpora are looked up first
-    level: str = "char"  # char | word | byte tokens
-    min_freq: int = 2  # word level: rarer words become <unk>
-    hidden: int = 256  # 2x256 reaches a good stories model in minutes on 2 cores
-    layers: int = 2  # two layers: the usual char-LSTM depth
-    dropout: float = 0.1  # light: stories is large for this model; 0.2+ for shakespeare
-    embed: int = 0  # 0: same as the LSTM output (lets --tie-weights work)
-    tie_weights: bool = False  # share embedding and output weights
-    forget_bias: float = 1.0  # Jozefowicz et al. 2015: start out remembering
-    seq_len: int = 128  # truncated-BPTT window; state still flows across windows
-    batching: str = "stream"  # stream (TBPTT, state carried) | random (independent windows)
-    batch_size: int = 32  # rows of the stream trained in parallel
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 2e-3  # AdamW's sweet spot for char LSTMs of this size
-    weight_decay: float = 0.01  # AdamW decoupled decay; small, LSTMs overfit slowly
-    momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine (to min_lr_ratio * lr at max_steps) | constant
-    warmup: int = 50  # linear warm-up steps: AdamW's early steps are noisy
-    min_lr_ratio: float = 0.1  # the cosine schedule's floor
-    clip: float = 1.0  # gradient-norm clipping (0: off); LSTMs need it
-    max_steps: int = 600  # the README's default run: a few minutes on 2 cores
-    time_budget: float = 0.0  # seconds of training (0: none); stops early, still saves
-    eval_every: int = 100  # steps between validations (and checkpoints)
-    eval_batches: int = 0  # validation batches per evaluation (0: the whole split)
-    patience: int = 0  # stop after this many evaluations without improvement (0: off)
-    log_every: int = 10  # steps between train-loss lines in metrics.jsonl
-    seed: int = 1337  # model init, dropout, sampling: all from this
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads (0: torch's default)
-    checkpoint: int = 0  # recompute in backward, N steps a segment (0: off): less memory
-    deterministic: bool = False  # bitwise repeatable runs (same machine and --threads)
-    precision: str = "fp32"  # fp32 | bf16: autocast, bf16 matrix products, float32 state and loss
-    out: str | None = None  # run directory (default: runs/<corpus>-<time>)
-
-    # Keys that may change when a run is resumed; everything else defines the run.
-    RESUMABLE = (
-        "max_steps",
-        "time_budget",
-        "eval_every",
-        "eval_batches",
-        "patience",
-        "log_every",
-        "device",
-        "threads",
-        "checkpoint",
-        "deterministic",
-        "precision",
-        "data",  # the same text at a new place: checked against the run's SHA-256
-        "data_dir",
-    )
-
-    def __post_init__(self):
-        options.check_train(self)  # types and ranges: glasslstm.options.TRAIN
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            hidden_size=self.hidden,
-            num_layers=self.layers,
-            dropout=self.dropout,
-            embed_size=self.embed,
-            tie_weights=self.tie_weights,
-            forget_bias=self.forget_bias,
-            checkpoint=self.checkpoint,
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        return config_from_dict(cls, d, "train")
 
 
 @dataclass

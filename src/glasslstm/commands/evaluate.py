@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glasslstm import options, runfiles
+from glasslstm import options
+from glasslstm.commands import common
 from glasslstm.errors import DataError
-from glasslstm.model import LanguageModel, training_data
-from glasslstm.trainer import chars_per_token, evaluate
 
 OPTIONS = {"batch_size": options.EVALUATION["batch_size"], "seq_len": options.EVALUATION["seq_len"]}
 
@@ -21,14 +20,11 @@ def add_parser(sub) -> None:
         "file; a corpus name (stories, shakespeare) or no --data evaluates that "
         "corpus's validation split (the run's own corpus by default).",
     )
-    p.add_argument(
-        "run_dir",
-        metavar="RUN",
-        help="a run directory (from `glasslstm train` or LanguageModel.save)",
-    )
+    common.add_run_dir(p)
     p.add_argument("--data", default=None, help="a text file, or a named corpus")
     p.add_argument("--data-dir", default=None, help="where named corpora are looked up")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
+    common.add_which(p)
+    common.add_quantize(p)
     p.add_argument("--batch-size", type=int, default=32, help="rows evaluated in parallel")
     p.add_argument(
         "--seq-len", type=int, default=256, help="steps per chunk (the state carries over)"
@@ -38,8 +34,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from glasslstm import runfiles
+    from glasslstm.model import training_data
+    from glasslstm.trainer import chars_per_token, evaluate
+
     options.check_args(args, OPTIONS)
-    model = LanguageModel.load(args.run_dir, which=args.which)
+    model = common.load_model(args)
     tok = model.require_tokenizer()
     if args.data and Path(args.data).is_file():
         data = Path(args.data).read_bytes()

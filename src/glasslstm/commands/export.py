@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glasslstm.model import LanguageModel
+from glasslstm.commands import common
 
 
 def add_parser(sub) -> None:
@@ -20,14 +20,10 @@ def add_parser(sub) -> None:
         "travels in the file's metadata. The file is then checked against the model with "
         "onnxruntime. Needs: pip install glasslstm[export].",
     )
-    p.add_argument(
-        "run_dir",
-        metavar="RUN",
-        help="a run directory (from `glasslstm train` or LanguageModel.save)",
-    )
+    common.add_run_dir(p)
     p.add_argument("--format", choices=("onnx",), default="onnx", help="file format (onnx)")
     p.add_argument("--out", default="model.onnx", help="the file to write (default: model.onnx)")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
+    common.add_which(p)
     p.add_argument(
         "--no-check",
         dest="check",
@@ -40,6 +36,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from glasslstm import export
+    from glasslstm.model import LanguageModel
 
     model = LanguageModel.load(args.run_dir, which=args.which)
     path = export.to_onnx(model, args.out)

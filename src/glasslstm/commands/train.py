@@ -3,49 +3,51 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
-import re
 import signal
 import sys
-from dataclasses import MISSING, fields
-from typing import Any
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
-from glasslstm import distributed, runfiles, stories
+from glasslstm import options, stories
+from glasslstm.config import TRAIN_HELP, TrainConfig
 from glasslstm.errors import ConfigError, DataError
-from glasslstm.model import LanguageModel
-from glasslstm.trainer import TrainConfig, TrainResult, train
+
+if TYPE_CHECKING:
+    from glasslstm.model import LanguageModel
+    from glasslstm.trainer import TrainResult
 
 # The article's sentences: the fill-in on corpora other than `stories`, and the sample's start.
 ARTICLE_PROMPT = "For his contributions, brave"
 ARTICLE_START = "Bob is a nice person. Dan, on the other hand,"
 
 
-def _field_help(cls) -> dict[str, str]:
-    """The comment beside each default in the dataclass source: one text for code and --help."""
-    found = re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", inspect.getsource(cls), re.M)
-    return dict(found)
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a language model on a corpus (default: the built-in stories)",
-        description="Train an LSTM language model. Without --data it uses the built-in "
-        "`stories` corpus. Every option has a default; see docs for tuned configurations.",
+        description="Train an LSTM language model and write it, with its checkpoints, "
+        "metrics and a plot of the losses, to a run directory. Without --data it trains on "
+        "the built-in stories corpus. Every option has a default; Ctrl-C (or SIGTERM) saves "
+        "and stops, and --resume RUN continues exactly where the run stopped.",
         argument_default=argparse.SUPPRESS,  # so that we know what was given explicitly
     )
-    helps = _field_help(TrainConfig)
+    metavars = {"data": "FILE|NAME", "data_dir": "DIR", "out": "DIR"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        text = f"{helps.get(f.name, '')} (default: {default})"
+        text = TRAIN_HELP[f.name]
+        if f.default is not None:  # None: the help says what happens without the option
+            text += f" (default: {f.default})"
+        rule = options.TRAIN[f.name]
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, metavar=f.name.upper(), help=text)
+            metavar = metavars.get(f.name, f.name.upper())
+            if rule.choices:
+                metavar = "{" + ",".join(rule.choices) + "}"
+            p.add_argument(flag, type=kind, metavar=metavar, help=text)
     p.add_argument(
         "--resume",
         metavar="RUN",
@@ -68,6 +70,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from glasslstm import distributed
+    from glasslstm.model import LanguageModel
+    from glasslstm.trainer import train
+
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     as_json = getattr(args, "json", False)
     progress = not (as_json or getattr(args, "quiet", False))
@@ -103,6 +109,8 @@ def _status(result: TrainResult) -> int:
 def _launch(args, given: dict, nproc: int) -> int:
     """``--nproc N``: the same command as N processes under torchrun's agent. What can be
     checked before they start is (one line, nothing started)."""
+    from glasslstm import distributed, runfiles
+
     if nproc < 1:
         raise ConfigError(f"--nproc must be a positive number of processes; got {nproc}")
     resume = getattr(args, "resume", None)
