@@ -4,6 +4,7 @@ resumes only with the world size it was trained with; a stop signal saves once."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -194,3 +195,45 @@ def test_a_stop_signal_stops_every_rank_after_the_same_step_and_saves_once(tmp_p
 def _rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return read_metrics(path) if path.exists() else []
+
+
+def _save_and_restore(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: gather the resume point's share, draw, restore, draw again."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ranks = Ranks(rank, 2)
+        torch.manual_seed(100 + rank)  # each rank its own stream, as after Ranks.seed
+        state = (torch.full((2, 3, 4), float(rank)), torch.full((2, 3, 5), 10.0 + rank))
+        torch.rand(7)  # the stream moves on before the save
+        full, tensors, meta = ranks.for_save(state)
+        after_save = torch.rand(5)  # what the run draws next
+        torch.rand(11)  # ...and more, before it is stopped
+        torch.manual_seed(0)  # a resumed process starts from rank 0's generators (rng.*)
+        mine = ranks.restore(tensors, full)
+        result = {
+            "same": torch.equal(torch.rand(5), after_save),
+            "meta": meta,
+            "full": [list(t.shape) for t in full],
+            "rows_after_mine": full[0][:, 3:].tolist(),
+            "mine": [t.tolist() for t in mine],
+        }
+        Path(out, f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_each_rank_gets_back_its_own_generator_and_rows(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_save_and_restore, args=(free_port(), str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    for rank, g in enumerate(got):
+        assert g["same"]  # the draws after the restore are the ones after the save
+        assert g["meta"] == {"world_size": 2}
+        assert g["full"] == [[2, 6, 4], [2, 6, 5]]  # both ranks' rows: the global batch
+        assert g["mine"][0] == torch.full((2, 3, 4), float(rank)).tolist()
+        assert g["mine"][1] == torch.full((2, 3, 5), 10.0 + rank).tolist()
+        assert g["rows_after_mine"] == torch.ones(2, 3, 4).tolist()  # rank 1's rows follow 0's
