@@ -53,3 +53,27 @@ def tiny_run(tmp_path_factory):
     )
     train(cfg, progress=False, corpus=Corpus("tiny", text[:cut], text[cut:], "test"))
     return out
+
+
+@pytest.fixture(scope="session")
+def stories_run(tmp_path_factory):
+    """A small model trained for a few seconds on the built-in stories corpus (the article's
+    world): a real run directory whose validation split is the stories' (the match text)."""
+    from glasslstm.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "stories"
+    cfg = TrainConfig(
+        hidden=32,
+        layers=2,
+        dropout=0.0,
+        seq_len=64,
+        batch_size=16,
+        max_steps=40,
+        eval_every=40,
+        eval_batches=4,
+        warmup=5,
+        lr=1e-2,
+        out=str(out),
+    )
+    train(cfg, progress=False)
+    return out
