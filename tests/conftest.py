@@ -63,16 +63,16 @@ def stories_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "stories"
     cfg = TrainConfig(
-        hidden=32,
+        hidden=48,
         layers=2,
         dropout=0.0,
-        seq_len=64,
-        batch_size=16,
-        max_steps=40,
-        eval_every=40,
-        eval_batches=4,
-        warmup=5,
-        lr=1e-2,
+        seq_len=32,
+        batch_size=32,
+        max_steps=80,  # enough for cells that single out full stops, commas, "his"
+        eval_every=80,
+        eval_batches=2,
+        warmup=10,
+        lr=2e-2,
         out=str(out),
     )
     train(cfg, progress=False)

@@ -36,6 +36,8 @@ HEAT_CELLS = 32  # heatmap rows the page opens with: the most informative cells 
 MAX_CELLS = 64  # cells one analysis sends: 2,000 tokens x 64 cells stay under 1 MB
 PATTERN_CELLS = 5  # span matching: the selected span's most distinctive "on" cells ...
 TOLERANCE = 1  # ... of which this many may be off at a step of a match
+DISTINCTIVE = 0.5  # a pattern cell is on at fewer than half the tokens of the match text
+SPAN_CHARS = 300  # a match's text shown: a longer one is cut in the middle
 ON_QUANTITIES = ("h", "c")  # "on" means the state is high: LSTMVis thresholds h (c also works)
 CONTEXT_CHARS = 40  # excerpt around a match, each side
 EXAMPLE_CHARS = 600  # the opening excerpt of the match text, when that is the example
@@ -326,8 +328,9 @@ class Inspector:
 
     def match(self, body: dict) -> dict:
         """Spans of the match text where the selected span's pattern of cells is on: by default
-        its :data:`PATTERN_CELLS` most distinctive "on" cells, :data:`TOLERANCE` of which may be
-        off at a step; or the given ``cells``."""
+        its :data:`PATTERN_CELLS` most distinctive "on" cells (those on least often in the match
+        text, and at fewer than half of its tokens), :data:`TOLERANCE` of which may be off at a
+        step; or the given ``cells``."""
         threshold = self._threshold(body)
         q, layer = self._quantity(body, ON_QUANTITIES), self._layer(body)
         cells = self._cells(body, self.hidden_size)
@@ -344,7 +347,18 @@ class Inspector:
                     f"no cell stays above {threshold:g} across the span; lower "
                     "the threshold or select a shorter span",
                 )
-            pattern = pattern_cells(values, on, threshold, n_pattern)
+            pattern = [
+                p
+                for p in pattern_cells(values, on, threshold, n_pattern)
+                if p["on_fraction"] < DISTINCTIVE
+            ]
+            if not pattern:
+                raise RequestError(
+                    400,
+                    f"each of the {len(on)} cells above {threshold:g} across the span is above "
+                    f"it at most tokens of {m.source} too, so they single out nothing; raise "
+                    "the threshold",
+                )
             length, n_on = found["end"] - found["start"], len(on)
         else:
             pattern = pattern_cells(values, cells, threshold, len(cells))
@@ -357,9 +371,13 @@ class Inspector:
         text = m.text
         for f in matches:
             a, b = int(m.offsets[f["start"]]), int(m.offsets[f["end"]])
+            cut = b - a > SPAN_CHARS  # a long run: its beginning and end
             f.update(
                 before=text[max(0, a - CONTEXT_CHARS) : a],
-                span=text[a:b],
+                span=text[a : a + SPAN_CHARS // 2] + " \u2026 " + text[b - SPAN_CHARS // 2 : b]
+                if cut
+                else text[a:b],
+                span_cut=cut,
                 after=text[b : b + CONTEXT_CHARS],
             )
         return {
