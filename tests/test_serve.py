@@ -31,6 +31,14 @@ BASE = "http://127.0.0.1"  # the app answers to loopback names only
 F16 = 2e-3  # the prefix cache keeps values as float16: 3 significant digits
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """`glasslstm serve` sets torch's thread count (--threads) for its process: put it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_run):
     return LanguageModel.load(tiny_run)
@@ -132,7 +140,8 @@ def test_analyze_sends_what_the_page_shows(client, model):
     d = r.json()
     a = analyze(model, TEXT, top_k=3)
     T = len(TEXT)
-    assert d["tokens"] == a.tokens and d["text"] == TEXT and d["cells"] == cells
+    assert unpack(d["token_ids"]).tolist() == a.token_ids
+    assert d["text"] == TEXT and d["cells"] == cells
     assert (d["layer"], d["quantity"]) == (1, "c")
     values = unpack(d["values"])
     assert values.shape == (T, len(cells))
@@ -556,7 +565,7 @@ def test_colour_scale_is_centred_and_clipped_at_robust_percentiles():
 def test_serve_parser_defaults_to_this_machine_only():
     args = build_parser().parse_args(["serve", "RUN"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.max_chars == 2000
-    assert args.cache_mb == 512 and args.allow_host == []
+    assert args.cache_mb == 512 and args.allow_host == [] and args.threads == 1
     args = build_parser().parse_args(["serve", "RUN", "--host", "0.0.0.0", "--port", "9"])
     assert args.host == "0.0.0.0" and args.port == 9
 
@@ -585,6 +594,7 @@ def test_serve_binds_loopback_and_prints_the_url(stories_run, no_server, capsys)
     assert f"http://127.0.0.1:{port}/" in out.out and "warning" not in out.err
     insp = no_server["app"].state.inspector
     assert insp.max_chars == 2000 and insp.cache.max_bytes == 512 * 2**20
+    assert torch.get_num_threads() == 1
     assert insp._match is not None and insp._example is not None  # warmed before the URL
 
 
@@ -626,6 +636,7 @@ def test_allowed_hosts_follow_the_host_option(tiny_run):
     [
         (["--max-chars", "0"], "--max-chars must be >= 1"),
         (["--cache-mb", "-1"], "--cache-mb must be >= 0"),
+        (["--threads", "0"], "--threads must be in 1..1024"),
         (["--port", "70000"], "--port must be in 0..65535"),
         (["--host", "no such host.invalid"], "cannot listen on"),
     ],

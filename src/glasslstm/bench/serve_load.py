@@ -31,6 +31,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from glasslstm.bench.timing import command_line, cpu_model
+from glasslstm.bench.timing import cpu_model
 
 MODES = ("typing", "cold")
 
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
     extra = args.chars * 2  # room for the cold mode's moving start
     pieces = passages(args.run_dir, args.clients, args.chars, extra)
     info = {
-        "command": command_line(),
+        "command": "python -m glasslstm.bench.serve_load "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),

@@ -295,10 +295,9 @@ class Inspector:
         g_ids, g_p = run.guesses()
         nxt = run.next_probs()
         order = np.argsort(-nxt, kind="stable")[:top_k]
-        tokens = [self.vocab[i] for i in run.ids]
         return {
-            "text": "".join(tokens),
-            "tokens": tokens,
+            "text": "".join(self.vocab[i] for i in run.ids),
+            "token_ids": packed(np.asarray(run.ids), "int32"),  # /api/info's vocab: the texts
             "level": self.tokenizer.level,
             "layer": layer,
             "quantity": q,

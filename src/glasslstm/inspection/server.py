@@ -8,10 +8,11 @@ traceback):
 - ``GET  /api/info``      the model (level, layers, cells, quantities, the input cap), the
   example text the page opens with, and each layer's most informative cells
 - ``POST /api/analyze``   ``{text, layer=0, quantity="h", cells=[informative], top_k=10}`` ->
-  tokens; ``values``: the quantity of the layer for those cells, ``(T, len(cells))`` float32
-  as base64; ``scale``: their colour scale; ``guesses``: the 3 likeliest next tokens after each
-  token; ``target_prob``; ``next``: the ``top_k`` likeliest tokens after the last one. Only
-  what the page shows: other cells, layers and quantities are fetched when chosen.
+  ``token_ids`` (their texts: /api/info's ``vocab``); ``values``: the quantity of the layer
+  for those cells, ``(T, len(cells))`` float32 as base64; ``scale``: their colour scale;
+  ``guess_ids``/``guess_probs``: the 3 likeliest next tokens after each token;
+  ``target_prob``; ``next``: the ``top_k`` likeliest tokens after the last one. Only what the
+  page shows: other cells, layers and quantities are fetched when chosen.
 - ``POST /api/cells_on``  ``{text, layer, start, end, threshold=0.5, quantity="h"}`` -> the cells
   whose value stays above ``threshold`` at every token of the span ``[start, end)``
 - ``POST /api/match``     the same (or ``cells=[...]``, ``length``) plus ``pattern_cells=5``,

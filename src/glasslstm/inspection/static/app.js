@@ -101,6 +101,7 @@ async function analyzeNow() {
     const r = await api("/api/analyze", {
       text, layer: +$("layer").value, quantity: $("quantity").value, cells: wantedCells(), top_k: 10 });
     if (seq !== state.seq) return;         // a newer request is on its way
+    r.tokens = Array.from(unpack(r.token_ids), (i) => state.info.vocab[i]);
     r.values = unpack(r.values);
     r.guess_ids = unpack(r.guess_ids);
     r.guess_probs = unpack(r.guess_probs);
