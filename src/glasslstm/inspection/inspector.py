@@ -226,17 +226,20 @@ class Inspector:
         return sample[: self.max_chars] or self.tokenizer.decode([0])
 
     def informative(self) -> dict:
-        """Per layer, every cell ranked by :func:`informative_cells` (bits about the next
-        token), measured on the match text (else on the example): ``{"source", "layers"}``."""
+        """Per layer, every cell ranked by :func:`informative_cells` (bits about the next token
+        beyond what the current token says), measured on the match text (else on the example):
+        ``{"source", "layers"}``. Computed once (the first caller computes, others wait)."""
         with self._lock:
-            if self._informative is not None:
-                return self._informative
+            if self._informative is None:
+                self._informative = self._rank_cells()
+            return self._informative
+
+    def _rank_cells(self) -> dict:
         match = self._try_match_text()
         if match is not None and len(match.tokens) >= 2:
             h, ids, source = match.gates["h"], match.token_ids, match.source
         else:
-            text = self.example()
-            ids = self.tokenizer.encode(text)
+            ids = self.tokenizer.encode(self.example())
             run = self.cache.run(ids)
             h = np.stack([run.values("h", k) for k in range(self.num_layers)])
             source = "the example text"
@@ -244,9 +247,7 @@ class Inspector:
             layers = [[{"cell": k, "bits": 0.0} for k in range(self.hidden_size)]] * len(h)
         else:
             layers = [informative_cells(h[k], ids) for k in range(len(h))]
-        with self._lock:
-            self._informative = {"source": source, "layers": layers}
-            return self._informative
+        return {"source": source, "layers": layers}
 
     def warm(self) -> None:
         """Compute now what the first page load needs (match text, informative cells, the

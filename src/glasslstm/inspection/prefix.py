@@ -148,12 +148,12 @@ class PrefixCache:
         state = chunks[-1].state if chunks else None
         with self.model_lock:
             fresh = self._forward(arr[start:], state)
-        self.misses += len(fresh)
         self._store(keys[len(chunks) :], fresh)
         return Run(list(ids), chunks + fresh)
 
     def _store(self, keys: list[bytes], fresh: list[Chunk]) -> None:
         with self._lock:
+            self.misses += len(fresh)
             for key, c in zip(keys, fresh):  # the text's last chunk has no key: never stored
                 if key in self._chunks or c.nbytes > self.max_bytes:
                     continue
@@ -168,6 +168,8 @@ class PrefixCache:
         """The model over ``ids`` from ``state``, cut into chunks of ``self.chunk`` tokens."""
         model = self.model
         x = torch.as_tensor(ids, device=model.device)[None]  # (1, n)
+        if state is not None:
+            state = tuple(s.to(model.device) for s in state)
         logits, _, _, trace = model(x, state, return_gates=True)
         probs = torch.softmax(logits[0].float(), -1)  # (n, V)
         g_p, g_ids = probs.topk(min(GUESSES, probs.shape[-1]), dim=-1)
