@@ -56,7 +56,7 @@ def client(app):
 
 
 def unpack(p) -> np.ndarray:
-    kind = {"float32": "<f4", "int32": "<i4"}[p["dtype"]]
+    kind = {"float16": "<f2", "float32": "<f4", "int32": "<i4"}[p["dtype"]]
     return np.frombuffer(base64.b64decode(p["data"]), dtype=kind).reshape(p["shape"])
 
 
@@ -179,8 +179,9 @@ def test_analyze_of_a_long_text_stays_small(tiny_run):
         r = c.post("/api/analyze", json={"text": text, "cells": list(range(32))})
         assert r.status_code == 200
         assert unpack(r.json()["values"]).shape == (2000, 32)
-        # per value: 4 bytes of base64'd float32 (5.3 characters), no JSON number
-        assert len(r.content) < 2000 * 32 * 6 + 2000 * 60
+        # per value: 2 bytes of base64'd float16 (2.7 characters), no JSON number
+        assert r.json()["values"]["dtype"] == "float16"
+        assert len(r.content) < 2000 * 32 * 3 + 2000 * 60
         too_many = c.post("/api/analyze", json={"text": text, "cells": list(range(MAX_CELLS + 1))})
     assert_clean_error(too_many, 400, "'cells'", f"1 to {MAX_CELLS}")
 

@@ -76,10 +76,10 @@ class MatchText:
 
 
 def packed(a: np.ndarray, dtype: str = "float32") -> dict:
-    """An array as ``{"shape", "dtype", "data"}``: little-endian ``float32`` or ``int32``,
-    base64 (a fraction of the size and encoding time of JSON numbers; the page decodes it with
-    one typed array). NaN stays NaN."""
-    kind = {"float32": "<f4", "int32": "<i4"}[dtype]
+    """An array as ``{"shape", "dtype", "data"}``: little-endian ``float16``, ``float32`` or
+    ``int32``, base64 (a fraction of the size and encoding time of JSON numbers; the page
+    decodes it into a typed array). NaN stays NaN."""
+    kind = {"float16": "<f2", "float32": "<f4", "int32": "<i4"}[dtype]
     raw = np.ascontiguousarray(a, dtype=kind).tobytes()
     return {"shape": list(a.shape), "dtype": dtype, "data": base64.b64encode(raw).decode("ascii")}
 
@@ -303,7 +303,7 @@ class Inspector:
             "layer": layer,
             "quantity": q,
             "cells": cells,
-            "values": packed(values),
+            "values": packed(values, "float16"),  # as the prefix cache keeps them
             "scale": colour_scale(values, q),
             "guess_ids": packed(g_ids, "int32"),  # token ids: /api/info's vocab
             "guess_probs": packed(g_p),

@@ -65,11 +65,11 @@ class Run:
         return len(self.ids)
 
     def values(self, quantity: str, layer: int, cells=None) -> np.ndarray:
-        """``(T, len(cells))`` float32: one quantity of one layer (all cells if ``cells`` is
-        None)."""
+        """``(T, len(cells))`` float16 (as kept): one quantity of one layer (all cells if
+        ``cells`` is None)."""
         q = QUANTITIES.index(quantity)
         sel = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
-        return np.concatenate([c.gates[q, layer][:, sel] for c in self.chunks]).astype(np.float32)
+        return np.concatenate([c.gates[q, layer][:, sel] for c in self.chunks])
 
     def guesses(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids (T, GUESSES), probabilities (T, GUESSES))``: the likeliest next tokens."""

@@ -9,7 +9,7 @@ traceback):
   example text the page opens with, and each layer's most informative cells
 - ``POST /api/analyze``   ``{text, layer=0, quantity="h", cells=[informative], top_k=10}`` ->
   ``token_ids`` (their texts: /api/info's ``vocab``); ``values``: the quantity of the layer
-  for those cells, ``(T, len(cells))`` float32 as base64; ``scale``: their colour scale;
+  for those cells, ``(T, len(cells))`` float16 as base64; ``scale``: their colour scale;
   ``guess_ids``/``guess_probs``: the 3 likeliest next tokens after each token;
   ``target_prob``; ``next``: the ``top_k`` likeliest tokens after the last one. Only what the
   page shows: other cells, layers and quantities are fetched when chosen.

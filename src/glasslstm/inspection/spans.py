@@ -88,7 +88,7 @@ def colour_scale(values: np.ndarray, quantity: str) -> dict:
     centre, never past what the quantity can reach), ``min``/``max`` = centre -/+ half, and
     ``clipped``: the fraction of values beyond that range (drawn in the end colours)."""
     centre = CENTRE[quantity]
-    v = np.asarray(values, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float32).ravel()
     v = v[np.isfinite(v)]
     if v.size:
         lo, hi = np.percentile(v, PERCENTILES)
@@ -97,7 +97,7 @@ def colour_scale(values: np.ndarray, quantity: str) -> dict:
         half = 0.0
     half = min(half, BOUNDED.get(quantity, np.inf))
     half = half if half > 1e-6 else (BOUNDED.get(quantity, 1.0))  # all at the centre: full range
-    clipped = float((np.abs(v - centre) > half).mean()) if v.size else 0.0
+    clipped = float((np.abs(v.astype(np.float64) - centre) > half).mean()) if v.size else 0.0
     return {
         "centre": centre,
         "half": round(half, 6),

@@ -44,12 +44,24 @@ async function api(path, body) {
   return data;
 }
 
+function half(b) {                         // IEEE float16 bits -> number
+  const sign = b & 0x8000 ? -1 : 1, e = (b >> 10) & 0x1f, f = b & 0x3ff;
+  if (e === 0) return sign * f * 2 ** -24;
+  if (e === 31) return f ? NaN : sign * Infinity;
+  return sign * (1 + f / 1024) * 2 ** (e - 15);
+}
+
 function unpack(p) {                       // {shape, dtype, data: base64 little-endian}
   const bin = atob(p.data), bytes = new Uint8Array(bin.length);
   for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-  const view = new DataView(bytes.buffer), n = bytes.length / 4;
-  const out = p.dtype === "int32" ? new Int32Array(n) : new Float32Array(n);
-  for (let i = 0; i < n; i++) out[i] = p.dtype === "int32" ? view.getInt32(4 * i, true) : view.getFloat32(4 * i, true);
+  const view = new DataView(bytes.buffer);
+  if (p.dtype === "float16") {
+    const out = new Float32Array(bytes.length / 2);
+    for (let i = 0; i < out.length; i++) out[i] = half(view.getUint16(2 * i, true));
+    return out;
+  }
+  const out = p.dtype === "int32" ? new Int32Array(bytes.length / 4) : new Float32Array(bytes.length / 4);
+  for (let i = 0; i < out.length; i++) out[i] = p.dtype === "int32" ? view.getInt32(4 * i, true) : view.getFloat32(4 * i, true);
   return out;
 }
 
