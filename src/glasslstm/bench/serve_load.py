@@ -16,8 +16,11 @@ split, so the clients share no work. Two ways of changing it from one request to
 
 Reported per mode: requests, errors (anything but a 200 with a complete analysis), the median,
 90th percentile and largest time from sending a request to having read its whole answer, the
-requests answered per second, and the size of the answers. Bounded: ``--requests`` per client
-and ``--time-limit`` seconds per mode (no new request starts after it).
+requests answered per second, the size of the answers, and the CPU time per request of the
+server process and of the clients (this process: sending, reading, parsing the JSON). On a
+shared machine the times depend on what else runs; the CPU times much less: 2 cores over their
+sum is about what a quiet 2-core machine answers per second. Bounded: ``--requests`` per
+client and ``--time-limit`` seconds per mode (no new request starts after it).
 
     python -m glasslstm.bench.serve_load RUN                        # 20 clients x 20, both modes
     python -m glasslstm.bench.serve_load RUN --modes typing --clients 5 --requests 5
@@ -150,7 +153,17 @@ def client(port: int, texts: list[str], deadline: float, out: list, body_extra: 
         conn.close()
 
 
-def run_mode(mode, port, pieces, args) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def run_mode(mode, proc, port, pieces, args) -> dict:
     chars, n = args.chars, args.requests
     if mode == "typing":  # one character more each time, ending at `chars`
         texts = [[p[: chars - n + 1 + k] for k in range(n)] for p in pieces]
@@ -163,12 +176,13 @@ def run_mode(mode, port, pieces, args) -> dict:
     threads = [
         threading.Thread(target=client, args=(port, t, deadline, results, body)) for t in texts
     ]
-    t0 = time.perf_counter()
+    t0, server0, client0 = time.perf_counter(), cpu_seconds(proc.pid), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    server_cpu, client_cpu = cpu_seconds(proc.pid) - server0, time.process_time() - client0
     secs = [r["seconds"] for r in results]
     sizes = [r["bytes"] for r in results if r["ok"]]
     errors = [r["status"] for r in results if not r["ok"]]
@@ -183,6 +197,8 @@ def run_mode(mode, port, pieces, args) -> dict:
         "max_s": round(max(secs), 4) if secs else None,
         "requests_per_s": round(len(results) / wall, 2),
         "wall_s": round(wall, 2),
+        "server_cpu_ms_per_request": round(1000 * server_cpu / max(1, len(results)), 1),
+        "client_cpu_ms_per_request": round(1000 * client_cpu / max(1, len(results)), 1),
         "response_bytes_median": int(statistics.median(sizes)) if sizes else None,
         "response_bytes_max": max(sizes) if sizes else None,
     }
@@ -217,19 +233,21 @@ def main(argv=None) -> int:
         print(f"{k}: {v}")
     proc, port = start_server(args.run_dir, ["--max-chars", str(args.chars)])
     try:
-        results = [run_mode(m, port, pieces, args) for m in modes]
+        results = [run_mode(m, proc, port, pieces, args) for m in modes]
     finally:
         stop_server(proc)
     print(
         f"\n{'mode':<7} {'clients':>7} {'requests':>8} {'errors':>6} {'median s':>9} "
-        f"{'p90 s':>7} {'max s':>7} {'req/s':>6} {'answer KB':>9}"
+        f"{'p90 s':>7} {'max s':>7} {'req/s':>6} {'answer KB':>9} {'server CPU ms':>13} "
+        f"{'client CPU ms':>13}"
     )
     for r in results:
         kb = (r["response_bytes_max"] or 0) / 1024
         print(
             f"{r['mode']:<7} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} "
             f"{r['median_s']:>9} {r['p90_s']:>7} {r['max_s']:>7} {r['requests_per_s']:>6} "
-            f"{kb:>9.0f}"
+            f"{kb:>9.0f} {r['server_cpu_ms_per_request']:>13} "
+            f"{r['client_cpu_ms_per_request']:>13}"
         )
     print(f"loadavg_1m_at_end: {os.getloadavg()[0]:.2f}")
     if args.json:
