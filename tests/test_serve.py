@@ -121,12 +121,20 @@ def test_info_describes_the_model_the_example_and_the_informative_cells(client, 
         assert bits == sorted(bits, reverse=True) and bits[0] > 0
 
 
-def test_the_example_is_the_opening_of_the_match_text_for_other_corpora(tiny_run):
-    app = create_app(tiny_run, val_text=STORY * 3)
-    insp = app.state.inspector
-    insp._article_first = False  # a run of another corpus: its own text comes first
+def test_the_example_is_the_opening_of_the_match_text_for_other_corpora(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "other-corpus"
+    shutil.copytree(tiny_run, run)
+    text_file = tmp_path / "other.txt"
+    text_file.write_text(STORY * 3, encoding="utf-8")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["data"] = str(text_file)  # trained on a text file: not the article's world
+    (run / "config.json").write_text(json.dumps(cfg))
+    insp = create_app(run).state.inspector
     ex = insp.example()
-    assert ex and (STORY * 3).startswith(ex) and ex.endswith((".", "\n"))
+    assert ex != ARTICLE_EXAMPLE and ex.endswith(".")
+    assert insp.match_text().text.startswith(ex)
 
 
 # ------------------------------------------------------------------ /api/analyze
@@ -225,7 +233,7 @@ def test_prefix_cache_matches_a_full_pass_and_stays_within_its_budget(model):
             atol=1e-5,
         )
     assert cache.hits == (len(ids) - 1) // 16 and len(cache) == (len(ids) - 1) // 16
-    one = next(iter(cache._chunks.values())).nbytes
+    one = cache.nbytes // len(cache)  # every stored chunk is a whole one: all the same size
     small = PrefixCache(model, max_bytes=3 * one, chunk=16)
     small.run(ids)
     assert len(small) == 3 and small.nbytes <= 3 * one  # the oldest went first
@@ -596,7 +604,7 @@ def test_serve_binds_loopback_and_prints_the_url(stories_run, no_server, capsys)
     insp = no_server["app"].state.inspector
     assert insp.max_chars == 2000 and insp.cache.max_bytes == 512 * 2**20
     assert torch.get_num_threads() == 1
-    assert insp._match is not None and insp._example is not None  # warmed before the URL
+    assert insp.match_error is None and len(insp.cache) > 0  # warmed before the URL
 
 
 @pytest.mark.slow
@@ -734,3 +742,26 @@ def test_serve_with_unreadable_match_data(tiny_run, tmp_path, no_server, capsys)
     info = TestClient(no_server["app"], base_url=BASE).get("/api/info").json()
     assert info["match"] is False and "match view is off" in info["match_error"]
     assert info["example"] and info["informative"]["source"] == "the example text"
+
+
+@pytest.mark.slow
+def test_the_load_benchmark_runs_pages_against_a_served_model(stories_run, tmp_path, capsys):
+    """python -m glasslstm.bench.serve_load: a real `glasslstm serve` in a child process, pages
+    in threads; the figures it prints are also in its JSON."""
+    from glasslstm.bench import serve_load
+
+    out = tmp_path / "load.json"
+    args = [str(stories_run), "--clients", "2", "--requests", "3", "--chars", "300"]
+    assert serve_load.main([*args, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    d = json.loads(out.read_text())
+    assert d["command"] == "python -m glasslstm.bench.serve_load " + " ".join(
+        [*args, "--json", str(out)]
+    )
+    assert [r["mode"] for r in d["results"]] == ["typing", "cold"]
+    for r in d["results"]:
+        assert r["clients"] == 2 and r["requests"] == 6 and r["errors"] == 0
+        assert 0 < r["median_s"] <= r["p90_s"] <= r["max_s"]
+        assert 0 < r["response_bytes_max"] < 2**20
+        assert r["server_cpu_ms_per_request"] > 0
+        assert f"{r['mode']:<7} {r['clients']:>7} {r['requests']:>8} {0:>6}" in printed

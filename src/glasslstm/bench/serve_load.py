@@ -38,6 +38,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,40 +53,46 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-def start_server(run_dir: str, extra: list[str], timeout: float = 300.0):
-    """``glasslstm serve RUN --port 0`` in a child process; returns ``(process, port)`` once it
-    prints its address."""
-    cmd = [sys.executable, "-m", "glasslstm", "serve", run_dir, "--port", "0", *extra]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy()
-    )
-    found: dict = {}
+class Server:
+    """``glasslstm serve RUN --port 0`` in a child process, started by the constructor (which
+    returns once it prints its address). Its output is read to the end in a thread (a full pipe
+    would stop it); its error output goes to a temporary file, shown if it does not start."""
 
-    def read():
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-            if m:
-                found["port"] = int(m.group(1))
-                return
+    def __init__(self, run_dir: str, extra: list[str], timeout: float = 300.0):
+        cmd = [sys.executable, "-m", "glasslstm", "serve", run_dir, "--port", "0", *extra]
+        self._err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, text=True)
+        ready, found = threading.Event(), {}
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if "port" not in found:
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        raise SystemExit(f"the server did not start within {timeout:.0f} s: {err.strip()}")
-    return proc, found["port"]
+        def read():
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+                if m and not ready.is_set():
+                    found["port"] = int(m.group(1))
+                    ready.set()
+            ready.set()  # the output ended without an address
 
+        threading.Thread(target=read, daemon=True).start()
+        ready.wait(timeout)
+        if "port" not in found:
+            raise SystemExit(f"the server did not start within {timeout:.0f} s: {self.stop()}")
+        self.port: int = found["port"]
 
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    def stop(self) -> str:
+        """Stop the server; return what it wrote to its error output."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._err.seek(0)
+        text = self._err.read().strip()
+        self._err.close()
+        return text
 
 
 def passages(run_dir: str, n: int, chars: int, extra: int) -> list[str]:
@@ -163,7 +170,7 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
-def run_mode(mode, proc, port, pieces, args) -> dict:
+def run_mode(mode, server: Server, pieces, args) -> dict:
     chars, n = args.chars, args.requests
     if mode == "typing":  # one character more each time, ending at `chars`
         texts = [[p[: chars - n + 1 + k] for k in range(n)] for p in pieces]
@@ -173,16 +180,17 @@ def run_mode(mode, proc, port, pieces, args) -> dict:
     results: list[dict] = []
     deadline = time.perf_counter() + args.time_limit
     body = {"quantity": "h", "top_k": 10}
+    pid, port = server.proc.pid, server.port
     threads = [
         threading.Thread(target=client, args=(port, t, deadline, results, body)) for t in texts
     ]
-    t0, server0, client0 = time.perf_counter(), cpu_seconds(proc.pid), time.process_time()
+    t0, server0, client0 = time.perf_counter(), cpu_seconds(pid), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    server_cpu, client_cpu = cpu_seconds(proc.pid) - server0, time.process_time() - client0
+    server_cpu, client_cpu = cpu_seconds(pid) - server0, time.process_time() - client0
     secs = [r["seconds"] for r in results]
     sizes = [r["bytes"] for r in results if r["ok"]]
     errors = [r["status"] for r in results if not r["ok"]]
@@ -231,11 +239,11 @@ def main(argv=None) -> int:
     }
     for k, v in info.items():
         print(f"{k}: {v}")
-    proc, port = start_server(args.run_dir, ["--max-chars", str(args.chars)])
+    server = Server(args.run_dir, ["--max-chars", str(args.chars)])
     try:
-        results = [run_mode(m, proc, port, pieces, args) for m in modes]
+        results = [run_mode(m, server, pieces, args) for m in modes]
     finally:
-        stop_server(proc)
+        server.stop()
     print(
         f"\n{'mode':<7} {'clients':>7} {'requests':>8} {'errors':>6} {'median s':>9} "
         f"{'p90 s':>7} {'max s':>7} {'req/s':>6} {'answer KB':>9} {'server CPU ms':>13} "
