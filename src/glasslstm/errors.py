@@ -17,6 +17,15 @@ class ConfigError(GlassLSTMError):
     """A configuration value or option that cannot work; the message names the key and the fix."""
 
 
+class InputError(GlassLSTMError, RuntimeError):
+    """A tensor given to a module has the wrong shape or device. Also a RuntimeError, as
+    torch.nn.LSTM's are: code that catches torch's errors catches these."""
+
+
+class InputTypeError(GlassLSTMError, TypeError):
+    """A tensor given to a module has the wrong dtype (also a TypeError)."""
+
+
 class DataError(GlassLSTMError):
     """A problem with the user's data; the message names the problem and the fix."""
 

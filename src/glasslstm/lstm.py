@@ -19,26 +19,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module
 
 from glasslstm.ops import lstm_layer
 from glasslstm.ops.recompute import checkpointed
+from glasslstm.ops.step import drop_in_step
 from glasslstm.recurrent import Lengths, Recurrent, _check_int
-from glasslstm.stream import drop_in_step
-
-
-def _hooked(module) -> bool:
-    """Whether torch's module call would run hooks (the test of ``Module._call_impl``)."""
-    return bool(
-        module._backward_hooks
-        or module._backward_pre_hooks
-        or module._forward_hooks
-        or module._forward_pre_hooks
-        or _module._global_backward_pre_hooks
-        or _module._global_backward_hooks
-        or _module._global_forward_hooks
-        or _module._global_forward_pre_hooks
-    )
 
 
 class LSTM(Recurrent):
@@ -191,7 +176,7 @@ class LSTM(Recurrent):
             bidirectional else 1.
         """
         if not return_gates and lengths is None and not torch.is_grad_enabled():
-            fast = drop_in_step(self, input, hx)  # one token of one sequence: the C step
+            fast = drop_in_step(self, input, hx)  # one token of one sequence: the C++ step
             if fast is not None:
                 return fast
         output, states, trace = self._run(input, hx, lengths, return_gates)
@@ -199,27 +184,9 @@ class LSTM(Recurrent):
             return output, states, trace
         return output, states
 
-    _drop_in = None  # the cached DropInStep (glasslstm.stream), built on the first such call
-
-    def __call__(self, *args, **kwargs):
-        """torch's module call; a one-token step of one sequence under ``torch.no_grad()``
-        with no hooks or ``compile()`` in the way goes straight to the C step,
-        skipping the module machinery (the batch-1 streaming target is 10 us)."""
-        if (
-            0 < len(args) <= 2
-            and not kwargs
-            and not torch.is_grad_enabled()
-            and self.__dict__.get("_compiled_call_impl") is None
-            and not _hooked(self)
-        ):
-            fast = drop_in_step(self, args[0], args[1] if len(args) == 2 else None)
-            if fast is not None:
-                return fast
-        return super().__call__(*args, **kwargs)
-
     def __getstate__(self):
         state = super().__getstate__()
-        if state.get("_drop_in") is not None:  # ctypes pointers: never copied or serialized
+        if state.get("_drop_in") is not None:  # the drop-in call's weight copies: not saved
             state = {**state, "_drop_in": None}
         return state
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from glasslstm.errors import InputError, InputTypeError
 from glasslstm.ops import resolve_backend
 from glasslstm.trace import GateTrace
 
@@ -323,38 +324,41 @@ class Recurrent(nn.Module):
                 f"input must be a torch.Tensor or PackedSequence; got {type(input).__name__}"
             )
         if not input.is_floating_point():
-            raise TypeError(
+            raise InputTypeError(
                 f"input must be a floating-point tensor; got dtype {input.dtype}. Token ids "
                 "go through an nn.Embedding first; otherwise convert with .float()"
             )
         ref = self.weight_ih_l0
         if input.dtype != ref.dtype:
-            raise TypeError(
+            raise InputTypeError(
                 f"input has dtype {input.dtype} but the {type(self).__name__}'s weights are "
                 f"{ref.dtype}; convert one of them (input.to({ref.dtype}) or "
                 f"module.to({input.dtype}))"
             )
         if input.device != ref.device:
-            raise ValueError(
+            raise InputError(
                 f"input is on {input.device} but the {type(self).__name__}'s weights are on "
                 f"{ref.device}; move one of them with .to(device)"
             )
         layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
         if input.dim() not in (2, 3):
-            raise ValueError(
+            raise InputError(
                 f"input must have rank 3 {layout} or 2 (T, input_size) for one sequence; "
                 f"got shape {tuple(input.shape)}"
             )
         if input.shape[-1] != self.input_size:
-            raise ValueError(
+            raise InputError(
                 f"input has feature size {input.shape[-1]} (shape {tuple(input.shape)}); "
                 f"expected input_size={self.input_size}, i.e. {layout}"
             )
+        if input.shape[0 if input.dim() == 2 or not self.batch_first else 1] == 0:
+            raise InputError(
+                f"input has no time steps (shape {tuple(input.shape)}); an LSTM needs a sequence "
+                "length of at least 1"
+            )
         if input.dim() == 2:
             return input.unsqueeze(1), True
-        if input.shape[0] == 0 or input.shape[1] == 0:
-            raise ValueError(f"input has an empty batch or time dimension: {tuple(input.shape)}")
-        return input, False
+        return input, False  # a batch of 0 sequences is fine: empty outputs, as torch gives
 
     def _initial_state(self, hx, B: int, x: torch.Tensor, unbatched: bool) -> tuple:
         LD = self.num_layers * self.num_directions
@@ -375,12 +379,12 @@ class Recurrent(nn.Module):
                 raise TypeError(f"hx: {name} must be a tensor; got {type(t).__name__}")
             if tuple(t.shape) != expected:
                 what = "proj_size" if name == "h_0" and self.proj_size else "hidden_size"
-                raise ValueError(
+                raise InputError(
                     f"hx: {name} has shape {tuple(t.shape)}; expected {expected} "
                     f"(num_layers * num_directions, batch, {what})"
                 )
             if t.dtype != x.dtype or t.device != x.device:
-                raise TypeError(
+                raise InputTypeError(
                     f"hx: {name} is {t.dtype} on {t.device}; expected {x.dtype} on {x.device} "
                     "like the input"
                 )
