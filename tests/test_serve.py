@@ -4,6 +4,8 @@ arithmetic (spans.py) and prefix cache (prefix.py), and the `glasslstm serve` co
 import base64
 import json
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -241,6 +243,42 @@ def test_prefix_cache_matches_a_full_pass_and_stays_within_its_budget(model):
     other.run(ids)
     other.run(model.tokenizer.encode("D" + text[1:]))  # same tokens after the first: no reuse
     assert other.hits == 0
+
+
+def test_texts_that_arrive_together_share_forward_passes(model):
+    """Requests that wait for the model while a pass runs are run together, each from its own
+    stored state and of its own length, with the values of separate passes."""
+    base = (STORY * 3)[:300]
+    texts = [base[:250] + t for t in ("Dan", "Bob can swim.", "He", "For his", "e")]
+    texts += [STORY[22:67], STORY[22:62]]  # beginnings not stored: run from scratch
+    cache = PrefixCache(model, max_bytes=10**9, chunk=16)
+    cache.run(model.tokenizer.encode(base))  # the shared beginning, stored
+    passes = cache.passes
+    runs = {}
+    with cache.model_lock:  # a pass "running": every request queues up behind it
+        threads = [
+            threading.Thread(
+                target=lambda t=t: runs.update({t: cache.run(model.tokenizer.encode(t))})
+            )
+            for t in texts
+        ]
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + 60
+        while cache.waiting < len(texts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache.waiting == len(texts)  # else a request failed before reaching the model
+    for th in threads:
+        th.join()
+    # one pass for the five tails after the stored beginning (5-23 tokens), one for the two
+    # texts run from scratch (40-45 tokens: too long to pad the tails to)
+    assert cache.passes - passes == 2
+    for t in texts:
+        a = analyze(model, t, top_k=3)
+        for q in ("f", "c", "h"):
+            close(runs[t].values(q, 1), a.values(q, 1))
+        np.testing.assert_allclose(runs[t].target_prob()[:-1], a.target_prob[:-1], atol=1e-4)
+        assert np.isnan(runs[t].target_prob()[-1])
 
 
 @pytest.mark.parametrize(

@@ -123,6 +123,7 @@ class Inspector:
         self.vocab = [self.tokenizer.decode([i]) for i in range(self.tokenizer.vocab_size)]
         cfg = model.config
         self.num_layers, self.hidden_size = cfg.num_layers, cfg.hidden_size
+        self.h_size = cfg.proj_size or cfg.hidden_size  # h is projected in an LSTMP
 
     @property
     def match_error(self) -> str | None:
@@ -171,21 +172,20 @@ class Inspector:
             raise RequestError(400, f"'quantity' must be one of {', '.join(allowed)}; got {q!r}")
         return q
 
-    def _cells(self, body: dict, most: int) -> list[int] | None:
+    def _cells(self, body: dict, most: int, quantity: str) -> list[int] | None:
         cells = body.get("cells")
         if cells is None:
             return None
+        size = self.h_size if quantity == "h" else self.hidden_size
         if (
             not isinstance(cells, list)
             or not 1 <= len(cells) <= most
             or any(
-                isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.hidden_size
-                for c in cells
+                isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < size for c in cells
             )
         ):
             raise RequestError(
-                400,
-                f"'cells' must be a list of 1 to {most} cell numbers in 0..{self.hidden_size - 1}",
+                400, f"'cells' must be a list of 1 to {most} cell numbers in 0..{size - 1}"
             )
         return list(dict.fromkeys(cells))  # unique, in the order given
 
@@ -287,7 +287,7 @@ class Inspector:
         guesses after every token, and the ``top_k`` next tokens after the last one."""
         text = self._text(body)
         layer, q = self._layer(body), self._quantity(body)
-        cells = self._cells(body, MAX_CELLS)
+        cells = self._cells(body, MAX_CELLS, q)
         top_k = self._int(body, "top_k", 10, 1, MAX_TOP_K)
         if cells is None:
             cells = [c["cell"] for c in self.informative()["layers"][layer][:HEAT_CELLS]]
@@ -333,7 +333,7 @@ class Inspector:
         step; or the given ``cells``."""
         threshold = self._threshold(body)
         q, layer = self._quantity(body, ON_QUANTITIES), self._layer(body)
-        cells = self._cells(body, self.hidden_size)
+        cells = self._cells(body, self.hidden_size, q)
         n_pattern = self._int(body, "pattern_cells", PATTERN_CELLS, 1, self.hidden_size)
         top = self._int(body, "top", 10, 1, 100)
         m = self.match_text()

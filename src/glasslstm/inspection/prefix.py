@@ -33,6 +33,7 @@ from glasslstm.model import LanguageModel
 
 CHUNK = 32  # tokens a chunk: a keystroke recomputes 1-2 chunks; one dict entry per 32 tokens
 GUESSES = 3  # next-token guesses kept after each token (the page shows them on hover)
+BATCH_TOKENS = 8192  # tokens one batched pass runs at most (its gates: ~100 MB for 2 x 256)
 F16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -40,7 +41,7 @@ F16_MAX = float(np.finfo(np.float16).max)
 class Chunk:
     """What the inspector shows about ``n`` consecutive tokens."""
 
-    gates: np.ndarray  # (6, L, n, H) float16, QUANTITIES order
+    gates: dict[str, np.ndarray]  # q -> (L, n, size) float16, q in QUANTITIES
     guess_ids: np.ndarray  # (n, GUESSES) int64: the likeliest next tokens after each token
     guess_p: np.ndarray  # (n, GUESSES) float32: their probabilities
     target: np.ndarray  # (n,) float32: P(token t + 1) after token t; the last one is NaN
@@ -49,7 +50,7 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.gates, self.guess_ids, self.guess_p, self.target, self.last_probs)
+        arrays = (*self.gates.values(), self.guess_ids, self.guess_p, self.target, self.last_probs)
         tensors = sum(t.numel() * t.element_size() for t in self.state)
         return sum(a.nbytes for a in arrays) + tensors + 200  # + the objects themselves
 
@@ -67,9 +68,8 @@ class Run:
     def values(self, quantity: str, layer: int, cells=None) -> np.ndarray:
         """``(T, len(cells))`` float16 (as kept): one quantity of one layer (all cells if
         ``cells`` is None)."""
-        q = QUANTITIES.index(quantity)
         sel = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
-        return np.concatenate([c.gates[q, layer][:, sel] for c in self.chunks])
+        return np.concatenate([c.gates[quantity][layer][:, sel] for c in self.chunks])
 
     def guesses(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids (T, GUESSES), probabilities (T, GUESSES))``: the likeliest next tokens."""
@@ -92,10 +92,23 @@ class Run:
         return self.chunks[-1].last_probs
 
 
+@dataclass
+class _Job:
+    """One text's tokens still to run, from ``state``; ``out`` once a pass has run them."""
+
+    ids: np.ndarray
+    state: tuple[torch.Tensor, torch.Tensor] | None
+    out: list[Chunk] | None = None
+    error: BaseException | None = None
+
+
 class PrefixCache:
     """``run(ids) -> Run`` for ``model``, reusing the chunks of earlier texts (see the module
-    docstring). Thread-safe: one forward pass at a time (``model_lock``), lookups under a lock
-    of their own."""
+    docstring). Thread-safe. One forward pass at a time (``model_lock``), but texts that arrive
+    while one runs are run together in the next: the thread that gets the lock runs every text
+    waiting by then, as one batch (texts of similar length: at most :data:`BATCH_TOKENS`
+    tokens in all), each from its own stored state. Twenty pages typing at once then cost a
+    few passes, not twenty."""
 
     def __init__(
         self,
@@ -112,7 +125,9 @@ class PrefixCache:
         self._chunks: OrderedDict[bytes, Chunk] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = self.misses = 0  # chunks reused / computed (for the benchmark's report)
+        self._waiting: list[_Job] = []
+        self.hits = self.misses = 0  # chunks reused / computed
+        self.passes = 0  # forward passes run (fewer than texts when texts come together)
 
     @property
     def nbytes(self) -> int:
@@ -120,6 +135,11 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._chunks)
+
+    @property
+    def waiting(self) -> int:
+        """Texts waiting for the next forward pass."""
+        return len(self._waiting)
 
     def _keys(self, ids: np.ndarray, n: int) -> list[bytes]:
         keys, key = [], b""
@@ -145,11 +165,32 @@ class PrefixCache:
                 chunks.append(found)
             self.hits += len(chunks)
         start = len(chunks) * self.chunk
-        state = chunks[-1].state if chunks else None
-        with self.model_lock:
-            fresh = self._forward(arr[start:], state)
+        fresh = self._compute(_Job(arr[start:], chunks[-1].state if chunks else None))
         self._store(keys[len(chunks) :], fresh)
         return Run(list(ids), chunks + fresh)
+
+    def _compute(self, job: _Job) -> list[Chunk]:
+        """``job``'s chunks: run by this thread, with every other job waiting by the time it
+        gets the model, or by the thread that got it first."""
+        with self._lock:
+            self._waiting.append(job)
+        with self.model_lock:
+            if job.out is None and job.error is None:  # nobody took it along: run them all
+                with self._lock:
+                    jobs, self._waiting = self._waiting, []
+                for group in _groups(jobs, 2 * self.chunk):
+                    try:
+                        outs = self._forward(group)
+                    except BaseException as e:  # each waiting request reports it
+                        for j in group:
+                            j.error = e
+                        continue
+                    for j, out in zip(group, outs):
+                        j.out = out
+        if job.error is not None:
+            raise job.error
+        assert job.out is not None
+        return job.out
 
     def _store(self, keys: list[bytes], fresh: list[Chunk]) -> None:
         with self._lock:
@@ -164,36 +205,75 @@ class PrefixCache:
                 self._bytes -= old.nbytes
 
     @torch.no_grad()
-    def _forward(self, ids: np.ndarray, state) -> list[Chunk]:
-        """The model over ``ids`` from ``state``, cut into chunks of ``self.chunk`` tokens."""
+    def _forward(self, jobs: list[_Job]) -> list[list[Chunk]]:
+        """One pass over the jobs' tokens as a batch (each row from its own state; shorter rows
+        padded at the end, which changes nothing before the padding), cut into chunks."""
         model = self.model
-        x = torch.as_tensor(ids, device=model.device)[None]  # (1, n)
-        if state is not None:
-            state = tuple(s.to(model.device) for s in state)
-        logits, _, _, trace = model(x, state, return_gates=True)
-        probs = torch.softmax(logits[0].float(), -1)  # (n, V)
+        n = [len(j.ids) for j in jobs]
+        B, T = len(jobs), max(n)
+        x = torch.zeros(B, T, dtype=torch.long)
+        for b, j in enumerate(jobs):
+            x[b, : n[b]] = torch.as_tensor(j.ids)
+        state = None
+        if any(j.state is not None for j in jobs):
+            cfg = model.config
+            h0 = torch.zeros(cfg.num_layers, B, cfg.proj_size or cfg.hidden_size)
+            c0 = torch.zeros(cfg.num_layers, B, cfg.hidden_size)
+            for b, j in enumerate(jobs):
+                if j.state is not None:
+                    h0[:, b], c0[:, b] = j.state[0][:, 0], j.state[1][:, 0]
+            state = (h0.to(model.device), c0.to(model.device))
+        was_training = model.training
+        model.eval()
+        try:
+            logits, _, _, trace = model(x.to(model.device), state, return_gates=True)
+        finally:
+            model.train(was_training)
+        self.passes += 1
+        probs = torch.softmax(logits.float(), -1).cpu()  # (B, T, V)
         g_p, g_ids = probs.topk(min(GUESSES, probs.shape[-1]), dim=-1)
-        target = torch.full((len(ids),), float("nan"))
-        target[:-1] = probs[:-1].gather(1, x[0, 1:, None])[:, 0].cpu()
-        fields = [trace[q][:, 0] for q in QUANTITIES]  # each (L, n, H)
-        gates = torch.stack(fields).float().clamp_(-F16_MAX, F16_MAX).cpu().numpy()
-        gates = gates.astype(np.float16)
-        h, c = trace["h"][:, 0].float(), trace["c"][:, 0].float()  # (L, n, H)
-        probs_np, g_ids_np, g_p_np = probs.cpu().numpy(), g_ids.cpu().numpy(), g_p.cpu().numpy()
+        target = probs[:, :-1].gather(2, x[:, 1:, None])[..., 0]  # (B, T - 1)
+        gates = {  # q -> (L, B, T, size)
+            q: trace[q].float().clamp(-F16_MAX, F16_MAX).cpu().numpy().astype(np.float16)
+            for q in QUANTITIES
+        }
+        h, c = trace["h"].float().cpu(), trace["c"].float().cpu()  # (L, B, T, size)
+        probs_np, g_ids_np, g_p_np = probs.numpy(), g_ids.numpy(), g_p.numpy()
         target_np = target.numpy()
         out = []
-        for a in range(0, len(ids), self.chunk):
-            b = min(a + self.chunk, len(ids))
-            tgt = target_np[a:b].copy()
-            tgt[-1] = np.nan  # its successor is not part of the chunk's key
-            out.append(
-                Chunk(
-                    gates=gates[:, :, a:b].copy(),
-                    guess_ids=g_ids_np[a:b].copy(),
-                    guess_p=g_p_np[a:b].copy(),
-                    target=tgt,
-                    last_probs=probs_np[b - 1].copy(),
-                    state=(h[:, b - 1 : b].clone().cpu(), c[:, b - 1 : b].clone().cpu()),
+        for b in range(B):
+            chunks = []
+            for a in range(0, n[b], self.chunk):
+                e = min(a + self.chunk, n[b])
+                tgt = np.full(e - a, np.nan, dtype=np.float32)
+                tgt[:-1] = target_np[b, a : e - 1]  # the last: its successor is not in the key
+                chunks.append(
+                    Chunk(
+                        gates={q: g[:, b, a:e].copy() for q, g in gates.items()},
+                        guess_ids=g_ids_np[b, a:e].copy(),
+                        guess_p=g_p_np[b, a:e].copy(),
+                        target=tgt,
+                        last_probs=probs_np[b, e - 1].copy(),
+                        state=(h[:, b, e - 1 : e].clone(), c[:, b, e - 1 : e].clone()),
+                    )
                 )
-            )
+            out.append(chunks)
         return out
+
+
+def _groups(jobs: list[_Job], short: int) -> list[list[_Job]]:
+    """The jobs in batches of similar length (padding at most a quarter of the longest, or any
+    up to ``short`` tokens), at most BATCH_TOKENS tokens a batch, padding included."""
+    groups: list[list[_Job]] = []
+    for j in sorted(jobs, key=lambda j: len(j.ids)):
+        g = groups[-1] if groups else None
+        n = len(j.ids)
+        if (
+            g is not None
+            and n <= max(short, 1.25 * len(g[0].ids))
+            and n * (len(g) + 1) <= BATCH_TOKENS
+        ):
+            g.append(j)
+        else:
+            groups.append([j])
+    return groups
