@@ -375,11 +375,33 @@ def test_both_gemm_providers_give_torchs_products():
     assert gemm.probe("onednn", 16, 64, 32, threads=1) > 0
 
 
+def test_a_build_is_keyed_by_the_torch_it_is_compiled_against(monkeypatch):
+    """Another torch (an upgrade, another environment sharing the cache) never loads a build
+    made for this one: the build's hash changes with torch's version."""
+    from glasslstm.ops import _build
+
+    here = _build.source_hash()
+    assert here == _build.source_hash()
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert _build.source_hash() != here
+
+
+def test_a_gemm_probe_leaves_the_random_stream_alone():
+    """Probes run on first use, in the middle of a seeded run: they must not draw numbers."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    for candidate in ("torch", "onednn", "bf16"):
+        gemm.probe(candidate, 8, 32, 16, threads=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_the_faster_measured_provider_is_chosen_and_cached(tmp_path, monkeypatch):
     """Whatever the machine: make one candidate slow and it is not chosen; the decision is
     kept per machine, and $GLASSLSTM_GEMM overrides it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(gemm, "_memory", {})
+    monkeypatch.setattr(gemm, "busy", lambda: False)
+    gemm.forget()
     calls = []
 
     def fake_probe(candidate, m, n, k, threads, reps=7):
@@ -388,33 +410,47 @@ def test_the_faster_measured_provider_is_chosen_and_cached(tmp_path, monkeypatch
 
     monkeypatch.setattr(gemm, "probe", fake_probe)
     for slow in ("torch", "onednn"):
-        monkeypatch.setattr(gemm, "_memory", {})
-        (tmp_path / "glasslstm" / "gemm.json").unlink(missing_ok=True)
+        gemm.remeasure()
         fast = "onednn" if slow == "torch" else "torch"
         assert gemm.providers(torch.float32, 32, 64, 64, 64) == (fast, fast)
     assert set(calls) == {"torch", "onednn"}
     calls.clear()
-    monkeypatch.setattr(gemm, "_memory", {})  # a new process: read from the cache file
+    gemm.forget()  # as in a new process: the decision comes from the cache file
     assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("torch", "torch") and calls == []
     monkeypatch.setenv(gemm.ENV, "step=onednn,big=torch")
     assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("onednn", "torch")
     monkeypatch.setenv(gemm.ENV, "fastest")
     with pytest.raises(ValueError, match="GLASSLSTM_GEMM"):
         gemm.providers(torch.float32, 32, 64, 64, 64)
+    monkeypatch.delenv(gemm.ENV)
+    # measured while other work held the cores: threaded products are not stored
+    monkeypatch.setattr(gemm, "busy", lambda: True)
+    gemm.remeasure()
+    gemm.providers(torch.float32, 32, 64, 64, 64)  # small weights: one-thread products
+    gemm.providers(torch.float32, 32, 512, 512, 512)  # large weights: threaded products
+    stored = gemm.decisions()
+    assert any(key.endswith(" 1") for key in stored)  # CPU time: kept
+    assert not any(key.endswith(" 0") for key in stored)  # wall time of a busy machine: not
+    gemm.forget()  # the measured decisions of this test are not the machine's
 
 
 def test_bf16_is_used_only_where_it_pays(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv(gemm.ENV_BF16, raising=False)
+    monkeypatch.setattr(gemm, "native_bf16", lambda: True)
     for bf16_time, pays in ((0.5, True), (2.0, False)):
-        monkeypatch.setattr(gemm, "_memory", {})
-        (tmp_path / "glasslstm" / "gemm.json").unlink(missing_ok=True)
+        gemm.remeasure()
         monkeypatch.setattr(
             gemm, "probe", lambda c, *a, t=bf16_time, **k: t if c == "bf16" else 1.0
         )
         assert gemm.bf16_pays(32, 64, 64) is pays
-    monkeypatch.setenv(gemm.ENV_BF16, "0")
+    monkeypatch.setattr(gemm, "native_bf16", lambda: False)  # emulated bf16: never measured
+    monkeypatch.setattr(gemm, "probe", lambda *a, **k: pytest.fail("measured"))
+    gemm.forget()
     assert gemm.bf16_pays(32, 64, 64) is False
+    monkeypatch.setenv(gemm.ENV_BF16, "1")  # forced on
+    assert gemm.bf16_pays(32, 64, 64) is True
+    gemm.forget()
 
 
 def test_deterministic_mode_pins_torchs_products(monkeypatch):

@@ -118,12 +118,11 @@ class Stream:
             self.h,
             self.c,
             self.out,
-            k.panels,
-            k.biases,
-            k.whr_t,
-            k.in_sizes,
+            k.weights,
+            k.layout,
             k.work,
             k.flip(),
+            k.weights8,
         )
 
     @torch.no_grad()
@@ -203,7 +202,14 @@ class LMStream:
             if b_ih is not None:
                 table += (b_ih + b_hh).detach()
             self._table = table.contiguous()
-        self._head_t = model.head.weight.detach().t().contiguous()
+        head = model.head.weight.detach()  # (V, P)
+        self._head_scale = None
+        if getattr(model, "quantized", None) == "int8" and head.dtype == torch.float32:
+            from glasslstm.quantize import int8_rows
+
+            q, self._head_scale = int8_rows(head)  # one scale per output (token)
+            head = q
+        self._head_t = head.t().contiguous()
         self._head_b = None if model.head.bias is None else model.head.bias.detach()
         self._key = key
 
@@ -220,7 +226,9 @@ class LMStream:
             s._run(self._table[token], True)
         else:
             s._run(self.model.embedding.weight.detach()[token], False)
-        torch.ops.glasslstm.linear_(self._head_t, self._head_b, s.out, self.logits)
+        torch.ops.glasslstm.linear_(
+            self._head_t, self._head_b, s.out, self.logits, self._head_scale
+        )
         return self.logits
 
     @torch.no_grad()

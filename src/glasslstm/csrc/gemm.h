@@ -33,7 +33,8 @@ at::Tensor mm(Provider p, const at::Tensor &A, const at::Tensor &B);
 at::Tensor mm_bf16(const at::Tensor &A, const at::Tensor &B);
 
 // Seconds per product of (m x k) (k x n) by `provider` ("torch", "onednn", "bf16"), measured
-// here: the best of `reps` timed calls after a warm-up, on `threads` (0: the pool, 1: one).
+// here: the best of `reps` timed calls after a warm-up. threads 1: a one-thread product, in
+// the thread's CPU time (unaffected by other processes); 0: the pool, wall-clock time.
 double gemm_probe(const std::string &provider, int64_t m, int64_t n, int64_t k, int64_t reps,
                   int64_t threads);
 }  // namespace glasslstm

@@ -5,6 +5,7 @@
 #include "kernels.h"
 
 #include <cstring>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>

@@ -28,10 +28,23 @@ using gemm_bf16_fn = void (*)(int64_t m, int64_t n, int64_t k, const uint16_t *A
                               const uint16_t *B, int64_t ldb, float beta, float *C, int64_t ldc,
                               int threads);
 
+// A float32 B (k x n) copied once into the layout a provider multiplies fastest, for the many
+// products of a time loop by the same weight: packed_size gives the floats the copy takes,
+// pack makes it, gemm_packed multiplies by it (m x k times the packed k x n). Null where the
+// provider has no such layout (the loops then use gemm_fn on B as it is).
+struct PackedGemm {
+    int64_t (*packed_size)(int64_t k, int64_t n) = nullptr;
+    void (*pack)(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) = nullptr;
+    void (*gemm_packed)(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
+                        const float *Bp, float beta, float *C, int64_t ldc,
+                        int threads) = nullptr;
+};
+
 struct Gemms {
     gemm_fn<float> f32 = nullptr;
     gemm_fn<double> f64 = nullptr;
     gemm_bf16_fn bf16 = nullptr;  // null: float32 products
+    PackedGemm packed;            // float32 only
 };
 
 // One layer's time loop, forward. Shapes: T steps, B rows (sorted longest first when ragged),
@@ -83,6 +96,10 @@ struct StepArgs {
     const T *const *panels;   // (L) [U W] as panels (see kernels_impl.h)
     const T *const *bias;     // (L) b_ih + b_hh, or null entries
     const T *const *whr_t;    // (L) W_hr^T (H, P), or null entries
+    // weight-only int8 (float32 only): [U W] as int8 panels and one scale per row (4H rounded
+    // up to kPanel values: row r of W is scale[r] * panels8's row r); null: `panels`
+    const int8_t *const *panels8;
+    const float *const *scales;
     T *work;                  // step_work(H) values
     bool zigzag_back;         // this step visits the panels back to front
     const T *x;               // layer 0's input (I), or null when xproj is given
@@ -108,6 +125,9 @@ struct Kernels {
                        const float *v, float *out);
     void (*linear_f64)(int64_t rows, int64_t k, const double *Wt, const double *bias,
                        const double *v, double *out);
+    // the same with W stored int8 (transposed, (k, rows)) and one scale per output row
+    void (*linear_i8)(int64_t rows, int64_t k, const int8_t *Wt, const float *scale,
+                      const float *bias, const float *v, float *out);
     // one step's pointwise math on n rows (the per-step cell of the Python loops)
     void (*cell_forward_f32)(int64_t n, int64_t H, float *a, int64_t lda, const float *c_prev,
                              int64_t ldp, float *c, float *tc, int64_t ldc, float *out,

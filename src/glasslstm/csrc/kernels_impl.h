@@ -7,10 +7,13 @@
 // vectorise without -ffast-math; NaN and Inf propagate (a diverging run must see its NaN).
 
 #define GL_RESTRICT __restrict__
+// The math functions must be inlined into the loops for those to vectorise (left to its
+// heuristics, gcc kept exp out of line under the target pragmas: a scalar call per value).
+#define GL_INLINE inline __attribute__((always_inline))
 
 // ---- exp, sigmoid, tanh that the compiler vectorises ---------------------------------------
 
-static inline float exp_(float x) {
+static GL_INLINE float exp_(float x) {
     // exp(x) = 2^n exp(r), r = x - n ln2 in [-ln2/2, ln2/2]
     float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
     xc = xc < -87.3365447504f ? -87.3365447504f : xc;  // NaN fails both tests: kept
@@ -34,7 +37,7 @@ static inline float exp_(float x) {
     return y;
 }
 
-static inline double exp_(double x) {
+static GL_INLINE double exp_(double x) {
     double xc = x > 709.0 ? 709.0 : x;
     xc = xc < -708.0 ? -708.0 : xc;
     double n = __builtin_floor(xc * 1.4426950408889634 + 0.5);
@@ -64,13 +67,13 @@ static inline double exp_(double x) {
 }
 
 template <typename T>
-static inline T sigmoid_(T x) {
+static GL_INLINE T sigmoid_(T x) {
     return T(1) / (T(1) + exp_(-x));
 }
 // tanh(x) = 2 sigmoid(2x) - 1: one exp and one division, exact at +-inf, NaN in NaN out; near 0
 // the absolute error is one rounding of a value of size 1 (what the tests bound).
 template <typename T>
-static inline T tanh_(T x) {
+static GL_INLINE T tanh_(T x) {
     return T(2) / (T(1) + exp_(T(-2) * x)) - T(1);
 }
 
@@ -301,11 +304,52 @@ struct Prev {
     int64_t split;  // rows [r0, split) continue from the previous step, [split, e) start anew
 };
 
+// Packed copies of a loop's weights (PackedGemm), made once per call where the provider has a
+// packed layout; null members: the loop multiplies by the weights as they are.
+struct Packed {
+    const float *w = nullptr, *whr = nullptr;
+    float *storage = nullptr;
+    Packed() = default;
+    Packed(const Packed &) = delete;
+    Packed &operator=(const Packed &) = delete;
+    ~Packed() { delete[] storage; }
+};
+
+// C (m x n) = A B + beta C where B is `w` (k x n, ldb) or its packed copy `wp`
 template <typename T>
-static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, int64_t r0, int64_t r1,
-                         int threads) {
+static inline void product(const Gemms &G, const float *wp, int64_t m, int64_t n, int64_t k,
+                           const T *A, int64_t lda, const T *w, int64_t ldb, T beta, T *C,
+                           int64_t ldc, int threads) {
+    if constexpr (std::is_same<T, float>::value) {
+        if (wp) {
+            G.packed.gemm_packed(m, n, k, A, lda, wp, beta, C, ldc, threads);
+            return;
+        }
+    }
+    gemm_of<T>(G)(m, n, k, A, lda, w, ldb, beta, C, ldc, threads);
+}
+
+// pack w1 (k1 x n1) and w2 (k2 x n2, nullable) where the provider has a packed layout
+template <typename T>
+static void pack_weights(const Gemms &G, Packed &P, int64_t k1, int64_t n1, const T *w1,
+                         int64_t k2, int64_t n2, const T *w2) {
+    if constexpr (std::is_same<T, float>::value) {
+        if (!G.packed.gemm_packed) return;
+        const int64_t s1 = G.packed.packed_size(k1, n1), s2 = w2 ? G.packed.packed_size(k2, n2) : 0;
+        P.storage = new float[(size_t)(s1 + s2)];
+        G.packed.pack(k1, n1, w1, n1, P.storage);
+        P.w = P.storage;
+        if (w2) {
+            G.packed.pack(k2, n2, w2, n2, P.storage + s1);
+            P.whr = P.storage + s1;
+        }
+    }
+}
+
+template <typename T>
+static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &PK, int64_t r0,
+                         int64_t r1, int threads) {
     const int64_t Tn = A.T_, B = A.B, H = A.H, P = A.P, H4 = 4 * H;
-    gemm_fn<T> gemm = gemm_of<T>(G);
     const bool bf16 = A.w_t16 != nullptr && sizeof(T) == sizeof(float);
     uint16_t *h16 = bf16 ? new uint16_t[(size_t)((r1 - r0) * P)] : nullptr;
     int64_t active_before = 0;  // rows active at the previous step (in processing order)
@@ -337,7 +381,8 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, int64_t r0, in
                 G.bf16(b1 - b0, H4, P, h16, P, A.w_t16, H4, 1.0f, (float *)(a + b0 * H4), H4,
                        threads);
             } else {
-                gemm(b1 - b0, H4, P, hp, P, A.w_t, H4, T(1), a + b0 * H4, H4, threads);
+                product(G, PK.w, b1 - b0, H4, P, hp, P, A.w_t, H4, T(1), a + b0 * H4, H4,
+                        threads);
             }
         }
         // the gate math; H_t into y (or o tanh(C_t) into rs, then H_t = that W_hr^T)
@@ -352,7 +397,9 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, int64_t r0, in
             cell(b1 - b0, H, a + b0 * H4, H4, A.bias, cpb, H, ct + b0 * H, H,
                  tc ? tc + b0 * H : nullptr, H, dst + b0 * ldo, ldo);
         }
-        if (A.rs) gemm(n, P, H, dst + r0 * H, H, A.whr_t, P, T(0), yt + r0 * P, P, threads);
+        if (A.rs)
+            product(G, PK.whr, n, P, H, dst + r0 * H, H, A.whr_t, P, T(0), yt + r0 * P, P,
+                    threads);
         // rows whose last step this is: their final state
         const int64_t next = s + 1 < Tn ? (A.batch_sizes ? A.batch_sizes[A.reverse ? t - 1 : t + 1] : B) : 0;
         const int64_t f0 = A.reverse ? r0 : (next > r0 ? (next < e ? next : e) : r0);
@@ -368,6 +415,9 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, int64_t r0, in
 template <typename T>
 static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
     const int64_t B = A.B;
+    Packed PK;  // W^T (P x 4H) and W_hr^T (H x P), packed once for all steps
+    if (!A.w_t16 && A.T_ > 1)
+        pack_weights(G, PK, A.P, 4 * A.H, A.w_t, A.H, A.P, A.rs ? A.whr_t : nullptr);
     // (the rings of inference are written row by row too: threads never meet there either)
     int nt = row_threads(B, (size_t)(4 * A.H * A.P + (A.rs ? A.H * A.P : 0)) * sizeof(T));
     if (nt > 1) {
@@ -377,14 +427,14 @@ static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
             int64_t r0 = B * id / k, r1 = B * (id + 1) / k;
             unsigned int fp;
             fp_begin(&fp);
-            if (r0 < r1) forward_rows(A, G, r0, r1, 1);
+            if (r0 < r1) forward_rows(A, G, PK, r0, r1, 1);
             fp_end(fp);
         }
         return;
     }
     FtzState ftz;
     ftz_begin(ftz, A.T_);
-    forward_rows(A, G, 0, B, 0);
+    forward_rows(A, G, PK, 0, B, 0);
     ftz_end(ftz);
 }
 
@@ -399,10 +449,9 @@ static void col_sums(int64_t n, int64_t k, const T *GL_RESTRICT M, T *GL_RESTRIC
 }
 
 template <typename T>
-static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, int64_t r0, int64_t r1,
-                          T *db, int threads) {
+static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, const Packed &PK, int64_t r0,
+                          int64_t r1, T *db, int threads) {
     const int64_t Tn = A.T_, B = A.B, H = A.H, P = A.P, H4 = 4 * H;
-    gemm_fn<T> gemm = gemm_of<T>(G);
     const bool bf16 = A.w16 != nullptr && sizeof(T) == sizeof(float);
     uint16_t *d16 = bf16 ? new uint16_t[(size_t)((r1 - r0) * H4)] : nullptr;
     T *dr = A.whr ? new T[(size_t)((r1 - r0) * H)] : nullptr;
@@ -425,7 +474,7 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, int64_t r0, 
             if (dyt)
                 for (int64_t j = 0; j < n * P; j++) dhr[j] += dyt[j];
             __builtin_memcpy(A.dhs + (t * B + r0) * P, dhr, (size_t)(n * P) * sizeof(T));
-            gemm(n, H, P, dhr, P, A.whr, H, T(0), dr, H, threads);
+            product(G, PK.whr, n, H, P, dhr, P, A.whr, H, T(0), dr, H, threads);
             g = dr;
             gy = nullptr;
             ldg = H;
@@ -447,7 +496,7 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, int64_t r0, 
             to_bf16(n * H4, (const float *)d, d16);
             G.bf16(n, P, H4, d16, H4, A.w16, P, 0.0f, (float *)dhr, P, threads);
         } else {
-            gemm(n, P, H4, d, H4, A.w, P, T(0), dhr, P, threads);
+            product(G, PK.w, n, P, H4, d, H4, A.w, P, T(0), dhr, P, threads);
         }
     }
     delete[] d16;
@@ -461,6 +510,8 @@ static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
     const int64_t B = A.B, H4 = 4 * A.H;
     int nt = row_threads(B, (size_t)(H4 * A.P + (A.whr ? A.H * A.P : 0)) * sizeof(T));
     if (A.db) __builtin_memset(A.db, 0, (size_t)H4 * sizeof(T));
+    Packed PK;  // W (4H x P) and W_hr (P x H), packed once for all steps
+    if (!A.w16 && A.T_ > 1) pack_weights(G, PK, H4, A.P, A.w, A.P, A.H, A.whr);
     if (nt > 1) {
         T *parts = A.db ? new T[(size_t)(nt * H4)]() : nullptr;
 #pragma omp parallel num_threads(nt)
@@ -469,7 +520,7 @@ static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
             int64_t r0 = B * id / k, r1 = B * (id + 1) / k;
             unsigned int fp;
             fp_begin(&fp);
-            if (r0 < r1) backward_rows(A, G, r0, r1, parts ? parts + id * H4 : nullptr, 1);
+            if (r0 < r1) backward_rows(A, G, PK, r0, r1, parts ? parts + id * H4 : nullptr, 1);
             fp_end(fp);
         }
         if (parts) {
@@ -481,7 +532,7 @@ static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
     }
     FtzState ftz;
     ftz_begin(ftz, A.T_);
-    backward_rows(A, G, 0, B, A.db, 0);
+    backward_rows(A, G, PK, 0, B, A.db, 0);
     ftz_end(ftz);
 }
 
@@ -538,6 +589,38 @@ static void gemv_t(int64_t rows, int64_t k, const T *Wt, const T *v, T *acc) {
                   [&](int64_t r0, int64_t r1) { gemv_t_block(rows, r0, r1, k, Wt, v, acc); });
 }
 
+// Weight-only int8: Wt8 (k x rows) int8, out[r] = scale[r] * sum_j Wt8[j][r] v[j] (+ bias[r]).
+// The int8 values are widened to float in registers: a quarter of the bytes to stream, which
+// is what a batch-1 product is bound by.
+static void gemv_t_i8_block(int64_t rows, int64_t r0, int64_t r1, int64_t k,
+                            const int8_t *GL_RESTRICT Wt, const float *GL_RESTRICT v,
+                            float *GL_RESTRICT acc) {
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4) {
+        const int8_t *GL_RESTRICT w0 = Wt + j * rows;
+        const int8_t *GL_RESTRICT w1 = w0 + rows;
+        const int8_t *GL_RESTRICT w2 = w1 + rows;
+        const int8_t *GL_RESTRICT w3 = w2 + rows;
+        float x0 = v[j], x1 = v[j + 1], x2 = v[j + 2], x3 = v[j + 3];
+        for (int64_t r = r0; r < r1; r++)
+            acc[r] += ((float)w0[r] * x0 + (float)w1[r] * x1) + ((float)w2[r] * x2 + (float)w3[r] * x3);
+    }
+    for (; j < k; j++) {
+        const int8_t *GL_RESTRICT w0 = Wt + j * rows;
+        float x0 = v[j];
+        for (int64_t r = r0; r < r1; r++) acc[r] += (float)w0[r] * x0;
+    }
+}
+
+static void linear_i8(int64_t rows, int64_t k, const int8_t *Wt, const float *scale,
+                      const float *bias, const float *v, float *out) {
+    __builtin_memset(out, 0, (size_t)rows * sizeof(float));
+    parallel_rows(rows, k, int64_t(1) << 20, [&](int64_t r0, int64_t r1) {
+        gemv_t_i8_block(rows, r0, r1, k, Wt, v, out);
+        for (int64_t r = r0; r < r1; r++) out[r] = out[r] * scale[r] + (bias ? bias[r] : 0.0f);
+    });
+}
+
 template <typename T>
 static void linear(int64_t rows, int64_t k, const T *Wt, const T *bias, const T *v, T *out) {
     if (bias)
@@ -589,6 +672,44 @@ static void panels_block(int64_t q0, int64_t q1, int64_t k_in, const T *x, int64
     }
 }
 
+// the same from int8 panels: each panel's sums start at zero, and are scaled per row and added
+// to a at the end
+static inline void panel_axpy_i8(int64_t n, const int8_t *GL_RESTRICT w, const float *GL_RESTRICT v,
+                                 float *GL_RESTRICT s) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const int8_t *GL_RESTRICT w0 = w + j * kPanel;
+        float x0 = v[j], x1 = v[j + 1], x2 = v[j + 2], x3 = v[j + 3];
+        for (int r = 0; r < kPanel; r++)
+            s[r] += ((float)w0[r] * x0 + (float)w0[r + kPanel] * x1) +
+                    ((float)w0[r + 2 * kPanel] * x2 + (float)w0[r + 3 * kPanel] * x3);
+    }
+    for (; j < n; j++) {
+        const int8_t *GL_RESTRICT w0 = w + j * kPanel;
+        float x0 = v[j];
+        for (int r = 0; r < kPanel; r++) s[r] += (float)w0[r] * x0;
+    }
+}
+
+static void panels_i8(int64_t H, int64_t k_in, const float *x, int64_t P, const float *h,
+                      const int8_t *W, const float *scale, float *a, bool back) {
+    int64_t rows = (4 * H + kPanel - 1) / kPanel * kPanel;
+    // a quarter of float32's bytes a panel: the threads take a share from 4x the work
+    parallel_rows(rows, (x ? k_in : 0) + P, int64_t(1) << 18, [&](int64_t r0, int64_t r1) {
+        const int64_t q0 = r0 / kPanel, q1 = (r1 + kPanel - 1) / kPanel;
+        for (int64_t n = q0; n < q1; n++) {
+            int64_t q = back ? q0 + q1 - 1 - n : n;
+            const int8_t *pw = W + q * (k_in + P) * kPanel;
+            float s[kPanel] = {};
+            if (x) panel_axpy_i8(k_in, pw, x, s);
+            panel_axpy_i8(P, pw + k_in * kPanel, h, s);
+            float *aq = a + q * kPanel;
+            const float *sc = scale + q * kPanel;
+            for (int r = 0; r < kPanel; r++) aq[r] += s[r] * sc[r];
+        }
+    });
+}
+
 template <typename T>
 static void panels(int64_t H, int64_t k_in, const T *x, int64_t P, const T *h, const T *W, T *a,
                    bool back) {
@@ -604,7 +725,7 @@ static void step(const StepArgs<T> &S) {
     T *a = S.work;
     T *r = a + (4 * H + kPanel - 1) / kPanel * kPanel, *tcw = r + H;
     for (int64_t l = 0; l < L; l++) {
-        const T *W = S.panels[l], *bias = S.bias[l], *whr_t = S.whr_t[l];
+        const T *W = S.panels ? S.panels[l] : nullptr, *bias = S.bias[l], *whr_t = S.whr_t[l];
         T *hl = S.h + l * P, *cl = S.c + l * H;
         const T *v = l == 0 ? S.x : S.h + (l - 1) * P;
         const bool proj_in = l == 0 && S.xproj;
@@ -614,7 +735,18 @@ static void step(const StepArgs<T> &S) {
             __builtin_memcpy(a, bias, (size_t)(4 * H) * sizeof(T));
         else
             __builtin_memset(a, 0, (size_t)(4 * H) * sizeof(T));
-        panels(H, S.in_sizes[l], proj_in ? (const T *)nullptr : v, P, hl, W, a, S.zigzag_back);
+        if constexpr (std::is_same<T, float>::value) {
+            if (S.panels8) {
+                panels_i8(H, S.in_sizes[l], proj_in ? nullptr : v, P, hl, S.panels8[l],
+                          S.scales[l], a, S.zigzag_back);
+            } else {
+                panels(H, S.in_sizes[l], proj_in ? (const T *)nullptr : v, P, hl, W, a,
+                       S.zigzag_back);
+            }
+        } else {
+            panels(H, S.in_sizes[l], proj_in ? (const T *)nullptr : v, P, hl, W, a,
+                   S.zigzag_back);
+        }
         T *dst = whr_t ? r : hl;
         cell_forward(int64_t(1), H, a, 4 * H, (const T *)nullptr, cl, H, cl, H, tcw, H, dst, H);
         if (whr_t) {
@@ -640,6 +772,8 @@ static const Kernels table = {
     [](int64_t rows, int64_t k, const double *Wt, const double *b, const double *v, double *out) {
         linear(rows, k, Wt, b, v, out);
     },
+    [](int64_t rows, int64_t k, const int8_t *Wt, const float *scale, const float *b,
+       const float *v, float *out) { linear_i8(rows, k, Wt, scale, b, v, out); },
     [](int64_t n, int64_t H, float *a, int64_t lda, const float *cp, int64_t ldp, float *c,
        float *tc, int64_t ldc, float *out, int64_t ldo) {
         cell_forward(n, H, a, lda, (const float *)nullptr, cp, ldp, c, ldc, tc, ldc, out, ldo);
@@ -660,3 +794,4 @@ static const Kernels table = {
 };
 
 #undef GL_RESTRICT
+#undef GL_INLINE

@@ -17,6 +17,7 @@
 //   isa, fp_mode         which kernels this CPU runs; the floating-point control word
 //   loop_threads         how many threads a time loop splits its rows over
 //   source_hash          the sources it was built from
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -24,6 +25,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -273,24 +275,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
 }
 
 // ---- the one-token step ------------------------------------------------------------------------
-// panels[l]: layer l's [U W] cut into blocks of kPanel rows, each its own contiguous
-// (in + P, kPanel) matrix (glasslstm.stream builds them); bias[l]: b_ih + b_hh or None;
-// whr_t[l]: W_hr^T (H, P) or None; in_sizes[l]: layer l's input size.
+// weights: one 1-D tensor holding, per layer, [U W] cut into blocks of kPanel rows, each its
+// own contiguous (in + P, kPanel) matrix, then b_ih + b_hh (4H) and W_hr^T (H, P) where the
+// layer has them (glasslstm.ops.step builds it). With weight-only int8, the panels are in
+// weights8 (int8) instead, and weights holds one scale per panel row (4H rounded up to kPanel).
+// layout: an int64 tensor of kLayout values per layer: the offsets of the panels (in weights or
+// weights8), of the bias and of W_hr^T (in weights; -1: none), the layer's input size, and the
+// offset of the int8 scales (in weights; -1: float panels). One tensor and one small table
+// instead of lists: a step is a few microseconds, and a list of tensors costs more to pass.
+constexpr int64_t kLayout = 5;
+
 template <typename T>
 void step_impl(const Tensor &x, bool x_is_proj, Tensor &h, Tensor &c, Tensor &out,
-               const std::vector<Tensor> &panels, const std::vector<std::optional<Tensor>> &bias,
-               const std::vector<std::optional<Tensor>> &whr_t, at::IntArrayRef in_sizes,
-               Tensor &work, bool back) {
-    const int64_t L = (int64_t)panels.size(), H = c.size(-1), P = h.size(-1);
-    std::vector<const T *> pw(L), bw(L), hw(L);
+               const Tensor &weights, const Tensor &layout, Tensor &work, bool back,
+               const std::optional<Tensor> &weights8) {
+    const int64_t L = layout.numel() / kLayout, H = c.size(-1), P = h.size(-1);
+    const int64_t *lay = layout.data_ptr<int64_t>();
+    const T *w = weights.data_ptr<T>();
+    const bool i8 = weights8.has_value() && weights8->defined();
+    const int8_t *w8 = i8 ? weights8->data_ptr<int8_t>() : nullptr;
+    constexpr int64_t kMaxLayers = 64;
+    const T *pw[kMaxLayers], *bw[kMaxLayers], *hw[kMaxLayers];
+    const int8_t *pw8[kMaxLayers];
+    const float *sc[kMaxLayers];
+    int64_t in_sizes[kMaxLayers];
     for (int64_t l = 0; l < L; l++) {
-        pw[l] = panels[l].data_ptr<T>();
-        bw[l] = cptr<T>(bias[l]);
-        hw[l] = cptr<T>(whr_t[l]);
+        const int64_t *e = lay + kLayout * l;
+        pw[l] = i8 ? nullptr : w + e[0];
+        pw8[l] = i8 ? w8 + e[0] : nullptr;
+        bw[l] = e[1] >= 0 ? w + e[1] : nullptr;
+        hw[l] = e[2] >= 0 ? w + e[2] : nullptr;
+        in_sizes[l] = e[3];
+        sc[l] = i8 ? reinterpret_cast<const float *>(w) + e[4] : nullptr;
     }
     StepArgs<T> s{};
-    s.L = L, s.H = H, s.P = P, s.in_sizes = in_sizes.data();
-    s.panels = pw.data(), s.bias = bw.data(), s.whr_t = hw.data();
+    s.L = L, s.H = H, s.P = P, s.in_sizes = in_sizes;
+    s.panels = i8 ? nullptr : pw, s.bias = bw, s.whr_t = hw;
+    s.panels8 = i8 ? pw8 : nullptr, s.scales = i8 ? sc : nullptr;
     s.work = work.data_ptr<T>(), s.zigzag_back = back;
     s.x = x_is_proj ? nullptr : x.data_ptr<T>();
     s.xproj = x_is_proj ? x.data_ptr<T>() : nullptr;
@@ -302,78 +323,97 @@ void step_impl(const Tensor &x, bool x_is_proj, Tensor &h, Tensor &c, Tensor &ou
 }
 
 void check_step(const Tensor &x, const Tensor &h, const Tensor &c, const Tensor &work,
-                const std::vector<Tensor> &panels, const std::vector<std::optional<Tensor>> &bias,
-                const std::vector<std::optional<Tensor>> &whr_t, at::IntArrayRef in_sizes) {
-    const int64_t L = (int64_t)panels.size();
-    TORCH_CHECK(L >= 1 && (int64_t)bias.size() == L && (int64_t)whr_t.size() == L &&
-                    (int64_t)in_sizes.size() == L,
-                "glasslstm: step needs one panel set, bias, W_hr^T and input size per layer");
-    for (const Tensor *t : {&x, &h, &c, &work}) {
+                const Tensor &weights, const Tensor &layout,
+                const std::optional<Tensor> &weights8) {
+    const int64_t L = layout.numel() / kLayout;
+    TORCH_CHECK(layout.scalar_type() == at::kLong && layout.is_contiguous() &&
+                    layout.numel() == kLayout * L && L >= 1 && L <= 64,
+                "glasslstm: step layout must be ", kLayout,
+                " int64 values per layer (1 to 64 layers)");
+    for (const Tensor *t : {&x, &h, &c, &work, &weights}) {
         TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() &&
                         t->scalar_type() == x.scalar_type(),
                     "glasslstm: step buffers must be contiguous CPU tensors of one dtype");
     }
-    const int64_t H = c.size(-1), P = h.size(-1);
+    const bool i8 = weights8.has_value() && weights8->defined();
+    TORCH_CHECK(!i8 || (x.scalar_type() == at::kFloat && weights8->scalar_type() == at::kChar &&
+                        weights8->is_contiguous() && weights8->device().is_cpu()),
+                "glasslstm: int8 step weights go with float32 state, contiguous, on the CPU");
+    const int64_t H = c.size(-1), P = h.size(-1), n = weights.numel();
+    const int64_t n8 = i8 ? weights8->numel() : n;
     TORCH_CHECK(h.numel() == L * P && c.numel() == L * H && work.numel() >= step_work(H),
                 "glasslstm: step state and work buffers have the wrong size");
-    for (int64_t l = 0; l < L; l++)
-        TORCH_CHECK(panels[l].is_contiguous() && panels[l].scalar_type() == x.scalar_type() &&
-                        panels[l].numel() == (4 * H + kPanel - 1) / kPanel * kPanel *
-                                                 (in_sizes[l] + P),
-                    "glasslstm: step panels of layer ", l, " have the wrong size");
+    const int64_t *lay = layout.data_ptr<int64_t>();
+    const int64_t rows = (4 * H + kPanel - 1) / kPanel * kPanel;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *e = lay + kLayout * l;
+        TORCH_CHECK(e[3] >= 1 && e[0] >= 0 && e[0] + rows * (e[3] + P) <= n8 &&
+                        (e[1] < 0 || e[1] + 4 * H <= n) && (e[2] < 0 || e[2] + H * P <= n) &&
+                        (!i8 || (e[4] >= 0 && e[4] + rows <= n)),
+                    "glasslstm: step layout of layer ", l, " reaches outside the weights");
+    }
 }
 
 void stream_step_(const Tensor &x, bool x_is_proj, Tensor h, Tensor c, Tensor out,
-                  const std::vector<Tensor> &panels,
-                  const std::vector<std::optional<Tensor>> &bias,
-                  const std::vector<std::optional<Tensor>> &whr_t, at::IntArrayRef in_sizes,
-                  Tensor work, bool back) {
-    check_step(x, h, c, work, panels, bias, whr_t, in_sizes);
-    TORCH_CHECK(x.numel() == (x_is_proj ? 4 * c.size(-1) : in_sizes[0]),
+                  const Tensor &weights, const Tensor &layout, Tensor work, bool back,
+                  const std::optional<Tensor> &weights8) {
+    check_step(x, h, c, work, weights, layout, weights8);
+    TORCH_CHECK(x.numel() == (x_is_proj ? 4 * c.size(-1) : layout.data_ptr<int64_t>()[3]),
                 "glasslstm: step input has ", x.numel(), " values");
     if (x.scalar_type() == at::kFloat)
-        step_impl<float>(x, x_is_proj, h, c, out, panels, bias, whr_t, in_sizes, work, back);
+        step_impl<float>(x, x_is_proj, h, c, out, weights, layout, work, back, weights8);
     else
-        step_impl<double>(x, x_is_proj, h, c, out, panels, bias, whr_t, in_sizes, work, back);
+        step_impl<double>(x, x_is_proj, h, c, out, weights, layout, work, back, weights8);
 }
 
-// (output, h_n, c_n) of one token: x (1, 1, I) or (1, I); h0, c0 (L, 1, ·) or (L, ·) (None:
-// zeros); shaped as torch.nn.LSTM returns them
+// (output, h_n, c_n) of one token: x (1, 1, I) or (1, I); h0, c0 (L, 1, .) or (L, .) (None:
+// zeros); shaped as torch.nn.LSTM returns them. The results are made with
+// at::detail::empty_cpu (what torch.empty ends in, without a dispatch): a step is short.
 std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor &x, const std::optional<Tensor> &h0,
                                              const std::optional<Tensor> &c0,
-                                             const std::vector<Tensor> &panels,
-                                             const std::vector<std::optional<Tensor>> &bias,
-                                             const std::vector<std::optional<Tensor>> &whr_t,
-                                             at::IntArrayRef in_sizes, bool back,
-                                             int64_t hidden_size, int64_t out_size) {
-    const int64_t L = (int64_t)panels.size(), H = hidden_size, P = out_size;
+                                             const Tensor &weights, const Tensor &layout,
+                                             bool back, int64_t hidden_size, int64_t out_size,
+                                             const std::optional<Tensor> &weights8) {
+    const int64_t L = layout.numel() / kLayout, H = hidden_size, P = out_size;
     const bool three = x.dim() == 3;
-    auto opts = x.options();
-    Tensor h = three ? at::empty({L, 1, P}, opts) : at::empty({L, P}, opts);
-    Tensor c = three ? at::empty({L, 1, H}, opts) : at::empty({L, H}, opts);
+    const auto dt = x.scalar_type();
+    using Sizes = std::vector<int64_t>;
+    Tensor h = at::detail::empty_cpu(three ? Sizes{L, 1, P} : Sizes{L, P}, dt);
+    Tensor c = at::detail::empty_cpu(three ? Sizes{L, 1, H} : Sizes{L, H}, dt);
+    Tensor out = at::detail::empty_cpu(three ? Sizes{1, 1, P} : Sizes{1, P}, dt);
+    Tensor work = at::detail::empty_cpu({step_work(H)}, dt);  // per call: never shared
     if (h0.has_value() && h0->defined()) {
         h.copy_(h0->reshape(h.sizes()));
         c.copy_(c0->reshape(c.sizes()));
     } else {
-        h.zero_();
-        c.zero_();
+        std::memset(h.data_ptr(), 0, h.nbytes());
+        std::memset(c.data_ptr(), 0, c.nbytes());
     }
-    Tensor out = three ? at::empty({1, 1, P}, opts) : at::empty({1, P}, opts);
-    Tensor work = at::empty({step_work(H)}, opts);  // per call: concurrent calls never share it
-    Tensor xc = x.contiguous();
-    check_step(xc, h, c, work, panels, bias, whr_t, in_sizes);
-    TORCH_CHECK(xc.numel() == in_sizes[0], "glasslstm: step input has ", xc.numel(), " values");
-    if (x.scalar_type() == at::kFloat)
-        step_impl<float>(xc, false, h, c, out, panels, bias, whr_t, in_sizes, work, back);
+    Tensor xc = x.is_contiguous() ? x : x.contiguous();
+    check_step(xc, h, c, work, weights, layout, weights8);
+    TORCH_CHECK(xc.numel() == layout.data_ptr<int64_t>()[3], "glasslstm: step input has ",
+                xc.numel(), " values");
+    if (dt == at::kFloat)
+        step_impl<float>(xc, false, h, c, out, weights, layout, work, back, weights8);
     else
-        step_impl<double>(xc, false, h, c, out, panels, bias, whr_t, in_sizes, work, back);
+        step_impl<double>(xc, false, h, c, out, weights, layout, work, back, weights8);
     return {out, h, c};
 }
 
-void linear_(const Tensor &w_t, const std::optional<Tensor> &bias, const Tensor &v, Tensor out) {
+void linear_(const Tensor &w_t, const std::optional<Tensor> &bias, const Tensor &v, Tensor out,
+             const std::optional<Tensor> &scale) {
     TORCH_CHECK(w_t.is_contiguous() && v.is_contiguous() && out.is_contiguous() &&
                     w_t.dim() == 2 && w_t.size(0) == v.numel() && w_t.size(1) == out.numel(),
                 "glasslstm: linear_ takes W^T (k, rows), v (k), out (rows), contiguous");
+    if (w_t.scalar_type() == at::kChar) {  // weight-only int8: one scale per output row
+        TORCH_CHECK(scale.has_value() && scale->numel() == out.numel() &&
+                        out.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+                    "glasslstm: an int8 linear_ needs float32 v and out and a scale per row");
+        kernels().linear_i8(out.numel(), v.numel(), w_t.data_ptr<int8_t>(),
+                            scale->data_ptr<float>(), cptr<float>(bias), v.data_ptr<float>(),
+                            out.data_ptr<float>());
+        return;
+    }
     if (w_t.scalar_type() == at::kFloat)
         kernels().linear_f32(out.numel(), v.numel(), w_t.data_ptr<float>(), cptr<float>(bias),
                              v.data_ptr<float>(), out.data_ptr<float>());
@@ -462,14 +502,12 @@ TORCH_LIBRARY(glasslstm, m) {
         "bool[7] output_mask, bool bf16, str step_gemm, str big_gemm) -> (Tensor, Tensor, "
         "Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def(
-        "lstm_step(Tensor x, Tensor? h0, Tensor? c0, Tensor[] panels, Tensor?[] bias, "
-        "Tensor?[] whr_t, int[] in_sizes, bool back, int hidden_size, int out_size) -> "
-        "(Tensor, Tensor, Tensor)");
+        "lstm_step(Tensor x, Tensor? h0, Tensor? c0, Tensor weights, Tensor layout, bool back, "
+        "int hidden_size, int out_size, Tensor? weights8=None) -> (Tensor, Tensor, Tensor)");
     m.def(
         "stream_step_(Tensor x, bool x_is_proj, Tensor(a!) h, Tensor(b!) c, Tensor(c!) out, "
-        "Tensor[] panels, Tensor?[] bias, Tensor?[] whr_t, int[] in_sizes, Tensor(d!) work, "
-        "bool back) -> ()");
-    m.def("linear_(Tensor w_t, Tensor? bias, Tensor v, Tensor(a!) out) -> ()");
+        "Tensor weights, Tensor layout, Tensor(d!) work, bool back, Tensor? weights8=None) -> ()");
+    m.def("linear_(Tensor w_t, Tensor? bias, Tensor v, Tensor(a!) out, Tensor? scale=None) -> ()");
     m.def("cell_forward_(Tensor(a!) a, Tensor c_prev, Tensor(b!) c, Tensor(c!) tc, "
           "Tensor(d!) out) -> ()");
     m.def("cell_backward_(Tensor a, Tensor c_prev, Tensor tc, Tensor dh, Tensor? dy, "

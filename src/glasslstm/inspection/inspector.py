@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from glasslstm import rundir
 from glasslstm.data import load_corpus
 from glasslstm.errors import ConfigError, DataError, GlassLSTMError
 from glasslstm.inspection.analysis import analyze
@@ -26,7 +25,7 @@ from glasslstm.inspection.spans import (
     informative_cells,
     pattern_cells,
 )
-from glasslstm.model import LanguageModel
+from glasslstm.model import LanguageModel, training_data
 
 MAX_CHARS = 2000  # typed text: one forward pass per keystroke pause stays interactive
 MATCH_CHARS = 20_000  # the match text is analysed once; h and c of every step stay in memory
@@ -463,10 +462,10 @@ def match_source(
         if data and Path(data).is_file():
             raw, what = Path(data).read_bytes(), data
         else:
-            train = rundir.read_config(run_dir)["train"] if run_dir is not None else {}
-            corpus = load_corpus(
-                data or train.get("data"), data_dir=data_dir or train.get("data_dir")
+            trained, trained_dir = (
+                training_data(run_dir, required=not data) if run_dir is not None else (None, None)
             )
+            corpus = load_corpus(data or trained, data_dir=data_dir or trained_dir)
             raw, what = corpus.val, f"the validation split of {corpus.name}"
         try:
             return raw.decode("utf-8"), what

@@ -244,9 +244,11 @@ def load_model(run_dir, which: str = "best") -> LanguageModel:
 def _stories_run(run_dir: Path) -> bool:
     """Whether the run was trained on the built-in stories corpus (the article's world)."""
     try:
-        return rundir.read_config(run_dir).get("train", {}).get("data") in (None, "stories")
+        train = rundir.read_config(run_dir).get("train")
     except (ValueError, AttributeError, OSError):
         return False
+    # a directory written by LanguageModel.save records no training data: not known to be stories
+    return isinstance(train, dict) and train.get("data") in (None, "stories")
 
 
 def create_app(

@@ -24,6 +24,7 @@ measured.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -41,6 +42,7 @@ _lock = threading.Lock()
 _memory: dict[str, object] = {}
 
 
+@functools.cache
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or what the platform says."""
     try:
@@ -104,8 +106,18 @@ def _store(data: dict) -> None:
         pass  # a read-only cache: measure again next time
 
 
+def busy() -> bool:
+    """Whether other work holds this machine's cores now (then a measurement of threaded
+    products is kept for this process only, not stored for the next ones)."""
+    try:
+        return os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
 def _decide(key: str, measure) -> tuple[str, dict]:
-    """The cached decision for ``key`` on this machine, or ``measure()``'s, stored."""
+    """The cached decision for ``key`` on this machine, or ``measure()``'s, stored (unless the
+    machine was busy while a threaded product was timed)."""
     mkey = _machine_key()
     with _lock:
         full = f"{mkey} | {key}"
@@ -118,8 +130,9 @@ def _decide(key: str, measure) -> tuple[str, dict]:
         else:
             choice, seconds = measure()
             found = (choice, seconds)
-            data.setdefault(mkey, {})[key] = {"choice": choice, "seconds": seconds}
-            _store(data)
+            if key.endswith(" 1") or not busy():  # one-thread products: CPU time, robust
+                data.setdefault(mkey, {})[key] = {"choice": choice, "seconds": seconds}
+                _store(data)
         _memory[full] = found
         return found
 
@@ -151,21 +164,32 @@ def step_problem(B: int, H: int, P: int) -> tuple[int, int, int, int]:
 
 
 def big_problem(H: int, I: int) -> tuple[int, int, int, int]:
-    """(m, n, k, threads) of the input projection, bucketed and capped at 1,024 rows (the time
-    per row is what matters)."""
-    return 1024, _bucket(4 * H), _bucket(I), 0
+    """(m, n, k, threads) of the input projection, bucketed, on 256 rows (the time per row is
+    what matters; more rows only make the first call slower)."""
+    return 256, _bucket(4 * H), _bucket(I), 0
 
 
 def providers(dtype: torch.dtype, B: int, H: int, P: int, I: int) -> tuple[str, str]:
     """``(step, big)``: the candidates the operators use for a layer of these sizes."""
+    # every layer call asks: answered from memory after the first time for these sizes
+    return _providers(
+        dtype,
+        B,
+        H,
+        P,
+        I,
+        torch.get_num_threads(),
+        os.environ.get(ENV, ""),
+        torch.are_deterministic_algorithms_enabled() or torch.jit.is_tracing(),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _providers(dtype, B, H, P, I, threads, env, pinned) -> tuple[str, str]:
     forced = _forced()
     # float64, a jit trace, deterministic mode (a measured choice could differ from run to
     # run): torch's
-    if (
-        dtype != torch.float32
-        or torch.jit.is_tracing()
-        or torch.are_deterministic_algorithms_enabled()
-    ):
+    if dtype != torch.float32 or pinned:
         return forced.get("step", "torch"), forced.get("big", "torch")
     sp, bp = step_problem(B, H, P), big_problem(H, I)
     step = forced.get("step") or _decide("step {} {} {} {}".format(*sp), lambda: _fastest(sp))[0]
@@ -173,13 +197,36 @@ def providers(dtype: torch.dtype, B: int, H: int, P: int, I: int) -> tuple[str, 
     return step, big
 
 
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16, AMX; bf16 on Arm): elsewhere bf16
+    products are emulated and never pay."""
+    return bool(_bf16_flags())
+
+
+@functools.cache
+def _bf16_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"}))
+    except OSError:
+        pass
+    return ""
+
+
 def bf16_pays(B: int, H: int, P: int) -> bool:
     """Whether bf16 products beat float32 ones here for a layer of these sizes (autocast)."""
     env = os.environ.get(ENV_BF16)
     if env in ("0", "1"):
         return env == "1"
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or not native_bf16():
         return False
+    return _bf16_pays(B, H, P, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=1024)
+def _bf16_pays(B: int, H: int, P: int, threads: int) -> bool:
     problem = step_problem(B, H, P)
 
     def measure():
@@ -230,6 +277,23 @@ def describe(B: int = 32, H: int = 512, P: int | None = None, I: int | None = No
         f"bf16 products under autocast: {'yes' if bf16_pays(B, H, P) else 'no (float32)'}",
     ]
     return "; ".join(lines)
+
+
+def forget() -> None:
+    """Drop the decisions held in this process (the cache file stays): the next layer call
+    decides again, from the file or by measuring."""
+    _memory.clear()
+    _providers.cache_clear()
+    _bf16_pays.cache_clear()
+
+
+def remeasure() -> None:
+    """Measure afresh: drop this machine's stored decisions, in the file and in memory."""
+    with _lock:
+        data = _load()
+        if data.pop(_machine_key(), None) is not None:
+            _store(data)
+    forget()
 
 
 def decisions() -> dict:

@@ -56,13 +56,19 @@ class StepWeights:
         self.P = lstm.proj_size or lstm.hidden_size
         self.panel, work = torch.ops.glasslstm.step_sizes(self.H)
         self.work = torch.empty(work, dtype=self.dtype)  # Stream's scratch
+        # weight-only int8 panels where the module was quantized (glasslstm.quantize)
+        self.int8 = getattr(lstm, "quantized", None) == "int8" and self.dtype == torch.float32
+        self.weights8: torch.Tensor | None = None
         self._key: list | None = None
+        self._held: list = []
         self.back = False  # the zig-zag order of the panels, flipped by every step
 
     def key(self) -> list:
-        """What identifies the weights as they are: each parameter's version counter (bumped
-        by every in-place change) and storage (a replaced parameter, a swapped ``.data``)."""
-        return [(p._version, p.data_ptr()) for p in self.lstm.parameters()]
+        """What identifies the weights as they are: each tensor forward reads (a Parameter, or
+        what pruning or a parametrization put in its place), its version counter (bumped by
+        every in-place change) and storage (a swapped ``.data``). The tensors of the last
+        refresh are held (``_held``), so a new one cannot reuse an old one's id or memory."""
+        return [(id(p), p._version, p.data_ptr()) for p in self.lstm._flat_weights]
 
     def refresh(self) -> bool:
         """Re-read the weights when they changed (cheap when they did not). False when they can
@@ -73,22 +79,58 @@ class StepWeights:
         w = self.lstm.weight_hh_l0
         if w.dtype != self.dtype or w.device.type != "cpu":
             return False
-        panels, biases, whr_t, sizes = [], [], [], []
+        # one flat tensor (every layer's panels, bias sum, W_hr^T; with int8, the panels'
+        # scales instead of the panels, which go to an int8 tensor) and a table of where each
+        # part starts: what the step operator takes
+        floats: list[torch.Tensor] = []
+        int8s: list[torch.Tensor] = []
+        layout: list[int] = []
+        sizes = {"f": 0, "i": 0}
+
+        def put(t: torch.Tensor | None, kind: str = "f") -> int:
+            if t is None:
+                return -1
+            start = sizes[kind]
+            (floats if kind == "f" else int8s).append(t.reshape(-1))
+            sizes[kind] += t.numel()
+            return start
+
         with torch.no_grad():
             for layer in range(self.L):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self.lstm._weights(layer, 0)
-                panels.append(_panels(torch.cat([w_ih, w_hh], 1), self.panel))
-                biases.append(None if b_ih is None else (b_ih + b_hh).contiguous())
-                whr_t.append(None if w_hr is None else w_hr.t().contiguous())
-                sizes.append(w_ih.shape[1])
-        self.panels, self.biases, self.whr_t, self.in_sizes = panels, biases, whr_t, sizes
+                uw = torch.cat([w_ih, w_hh], 1)
+                if self.int8:
+                    q, scale = _int8_rows(uw, self.panel)
+                    panels, scales = put(_panels(q, self.panel), "i"), put(scale)
+                else:
+                    panels, scales = put(_panels(uw, self.panel)), -1
+                bias = put(None if b_ih is None else b_ih + b_hh)
+                whr = put(None if w_hr is None else w_hr.t())
+                layout += [panels, bias, whr, w_ih.shape[1], scales]
+        self.weights = torch.cat(floats) if floats else torch.empty(1, dtype=self.dtype)
+        self.weights8 = torch.cat(int8s) if int8s else None
+        self.layout = torch.tensor(layout, dtype=torch.int64)
         self._key = key
+        self._held = self.lstm._flat_weights
         return True
 
     def flip(self) -> bool:
         """This step's panel order (and the next one's, reversed)."""
         self.back = not self.back
         return self.back
+
+
+def _int8_rows(w: torch.Tensor, panel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (rows, k) as int8 with one scale per row (``w ~ q * scale[:, None]``), the rows
+    padded to a multiple of ``panel`` (scale 1, values 0)."""
+    from glasslstm.quantize import int8_rows
+
+    q, scale = int8_rows(w)
+    pad = -w.shape[0] % panel
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+        scale = torch.cat([scale, scale.new_ones(pad)])
+    return q, scale
 
 
 class DropInStep:
@@ -156,12 +198,11 @@ def drop_in_step(lstm, input, hx):
         input,
         h0,
         c0,
-        weights.panels,
-        weights.biases,
-        weights.whr_t,
-        weights.in_sizes,
+        weights.weights,
+        weights.layout,
         weights.flip(),
         weights.H,
         weights.P,
+        weights.weights8,
     )
     return out, (h_n, c_n)
