@@ -281,6 +281,41 @@ def test_texts_that_arrive_together_share_forward_passes(model):
         assert np.isnan(runs[t].target_prob()[-1])
 
 
+def test_a_failed_batched_pass_is_reported_to_every_request_in_it(model, monkeypatch):
+    """A pass that fails fails each request that waited for it (none waits forever, none gets
+    another's values); the cache keeps nothing of it and the next pass runs normally."""
+    cache = PrefixCache(model, max_bytes=10**9, chunk=16)
+    texts = ["Bob is a nice person.", "Dan is evil.", "He served."]
+    errors: dict[str, BaseException] = {}
+
+    def ask(t):
+        try:
+            cache.run(model.tokenizer.encode(t))
+        except RuntimeError as e:
+            errors[t] = e
+
+    def broken(jobs):
+        raise RuntimeError(f"a pass over {len(jobs)} texts failed")
+
+    monkeypatch.setattr(cache, "_forward", broken)
+    with cache.model_lock:
+        threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + 60
+        while cache.waiting < len(texts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache.waiting == len(texts)
+    for th in threads:
+        th.join(60)
+    assert sorted(errors) == sorted(texts)
+    assert all("a pass over 3 texts failed" in str(e) for e in errors.values())
+    assert len(cache) == 0 and cache.waiting == 0
+    monkeypatch.undo()
+    run = cache.run(model.tokenizer.encode(texts[0]))
+    close(run.values("h", 0), analyze(model, texts[0], top_k=1).values("h", 0))
+
+
 @pytest.mark.parametrize(
     "path, body, status, words",
     [
