@@ -838,3 +838,15 @@ def test_the_load_benchmark_runs_pages_against_a_served_model(stories_run, tmp_p
         assert 0 < r["response_bytes_max"] < 2**20
         assert r["server_cpu_ms_per_request"] > 0
         assert f"{r['mode']:<7} {r['clients']:>7} {r['requests']:>8} {0:>6}" in printed
+
+
+def test_the_inspector_can_serve_the_int8_model(tiny_run):
+    """serve --quantize int8: the page's figures are those of the int8-rounded model."""
+    from glasslstm.quantize import quantize
+
+    app8 = create_app(tiny_run, max_chars=400, val_text=STORY * 2, quantize="int8")
+    inspector = app8.state.inspector
+    assert inspector.model.quantized == "int8"
+    rounded = quantize(LanguageModel.load(tiny_run), "int8")
+    for name, w in rounded.state_dict().items():
+        assert torch.equal(inspector.model.state_dict()[name], w), name

@@ -69,6 +69,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--data-dir", default=None, help="where named corpora are looked up")
     common.add_which(p)
+    common.add_quantize(p)
     p.set_defaults(run=run)
 
 
@@ -152,6 +153,7 @@ def run(args) -> int:
         data_dir=args.data_dir,
         cache_mb=args.cache_mb,
         which=args.which,
+        quantize=args.quantize,
         allowed_hosts=hosts,
     )
     sock = listen(args.host, args.port)

@@ -261,6 +261,7 @@ def create_app(
     match_chars: int = MATCH_CHARS,
     cache_mb: float = CACHE_MB,
     which: str = "best",
+    quantize: str | None = None,
     allowed_hosts=LOOPBACK_HOSTS,
 ) -> Starlette:
     """The inspector app for a run directory (or a loaded :class:`LanguageModel`).
@@ -270,6 +271,7 @@ def create_app(
     validation split, cut to ``match_chars`` characters and analysed once, when first needed.
     ``cache_mb`` bounds the prefix cache (:mod:`glasslstm.inspection.prefix`).
     ``allowed_hosts``: the names (``Host`` headers, without the port) it answers to.
+    ``quantize``: "int8" rounds the model's weights to int8 (:mod:`glasslstm.quantize`) first.
     """
     if isinstance(run_dir_or_model, LanguageModel):
         model, run_dir, name, stories = run_dir_or_model.eval(), None, "model", True
@@ -277,6 +279,10 @@ def create_app(
         run_dir = Path(run_dir_or_model)
         model, name = load_model(run_dir, which=which), run_dir.name
         stories = _stories_run(run_dir)
+    if quantize:
+        from glasslstm.quantize import quantize as quantize_model
+
+        quantize_model(model, quantize)
     insp = Inspector(
         model,
         max_chars=max_chars,
