@@ -26,7 +26,6 @@ import numbers
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from glasslstm.ops import lstm_layer
@@ -378,7 +377,8 @@ class LSTM(Recurrent):
     def _layer(self, backend, x, state, weights, batch_sizes, reverse, record, layer=0):
         variant = self._variant(layer, int(reverse), x)
         if self.weight_dropout and self.training:  # DropConnect: one mask per forward pass
-            weights = (weights[0], F.dropout(weights[1], self.weight_dropout), *weights[2:])
+            w_hh = weights[1] * _dropout_mask(torch.empty_like(weights[1]), self.weight_dropout)
+            weights = (weights[0], w_hh, *weights[2:])
         # zoneout's masks have a time axis: checkpointing hands each segment its own steps
         timed = tuple(
             m for m in (variant.zoneout_c, variant.zoneout_h) if m is not None and m.dim() == 3
@@ -420,22 +420,15 @@ class LSTM(Recurrent):
         def zoneout(z: float, width: int) -> torch.Tensor | None:  # 1: the unit keeps its value
             if not z:
                 return None
-            return x.new_empty(T, B, width).bernoulli_(z) if self.training else x.new_tensor(z)
+            return _keep_mask(x.new_empty(T, B, width), z) if self.training else x.new_tensor(z)
 
+        zoneout_c, zoneout_h = zoneout(self.zoneout_c, H), zoneout(self.zoneout_h, P)
         h_mask = None
         if self.recurrent_dropout and self.training:
             h_mask = _dropout_mask(x.new_empty(B, P), self.recurrent_dropout)
         ln_ih, ln_hh, ln_c, ln_c_bias, peephole = self._variant_params(layer, direction)
         return Variant(
-            ln_ih,
-            ln_hh,
-            ln_c,
-            ln_c_bias,
-            peephole,
-            zoneout(self.zoneout_c, H),
-            zoneout(self.zoneout_h, P),
-            h_mask,
-            self.cell_clip,
+            ln_ih, ln_hh, ln_c, ln_c_bias, peephole, zoneout_c, zoneout_h, h_mask, self.cell_clip
         )
 
     def _layer_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -455,9 +448,17 @@ _TIMED = ("zoneout_c", "zoneout_h")
 _VARIANT_FIELDS = Variant._fields[:5]
 
 
+# Every mask a forward pass draws comes from one of these two, in this order for each layer:
+# its input's, then per direction zoneout's on c and h, recurrent dropout's, DropConnect's, then
+# its output's (those that are on).
 def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """``like``'s shape filled with 0 (probability p) or 1/(1-p): inverted dropout's mask."""
+    """``like`` (overwritten) filled with 0 (probability p) or 1/(1-p): inverted dropout."""
     return like.bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def _keep_mask(like: torch.Tensor, z: float) -> torch.Tensor:
+    """``like`` (overwritten) filled with 1 (probability z: the unit keeps its value) or 0."""
+    return like.bernoulli_(z)
 
 
 def _rate(name: str, value) -> float:

@@ -429,8 +429,8 @@ class Variant:
     layer_norm: bool = False
     peephole: bool = False
     cell_clip: float = 0.0  # v > 0 clips C̃_t to [-v, v]; 0: no clipping
-    zoneout_c: np.ndarray | None = None  # (T, B, H) k^c
-    zoneout_h: np.ndarray | None = None  # (T, B, H) k^h
+    zoneout_c: np.ndarray | float | None = None  # (T, B, H) k^c, or the scalar z
+    zoneout_h: np.ndarray | float | None = None  # (T, B, H) k^h, or the scalar z
     h_mask: np.ndarray | None = None  # (B, H) m_h: recurrent (variational) dropout on H_{t-1}
     W_mask: np.ndarray | None = None  # (H, 4H) M_W: DropConnect on W = [W_i W_f W_c W_o]
     x_mask: np.ndarray | None = None  # (B, I) m_x: variational dropout on the layer's input
@@ -467,6 +467,13 @@ def _ln_backward(dz_hat: np.ndarray, z_hat: np.ndarray, rstd: np.ndarray) -> np.
     m1 = dz_hat.mean(axis=-1, keepdims=True)
     m2 = (dz_hat * z_hat).mean(axis=-1, keepdims=True)
     return rstd * (dz_hat - m1 - z_hat * m2)
+
+
+def _at_step(mask: np.ndarray | float | None, t: int) -> np.ndarray | float:
+    """A zoneout mask's step t: its (B, H) slice, or the scalar z (evaluation), or 0 (off)."""
+    if mask is None:
+        return 0.0
+    return mask[t] if isinstance(mask, np.ndarray) and mask.ndim == 3 else float(mask)
 
 
 def _check_variant(p: LayerParams, v: Variant) -> None:
@@ -532,8 +539,7 @@ def variant_layer_forward(
             n = Cn
         tanh_n = np.tanh(n)
         H_new = o * tanh_n  # H̃_t
-        kc = 0.0 if v.zoneout_c is None else v.zoneout_c[t]
-        kh = 0.0 if v.zoneout_h is None else v.zoneout_h[t]
+        kc, kh = _at_step(v.zoneout_c, t), _at_step(v.zoneout_h, t)
         C_t = kc * C_t + (1.0 - kc) * Cn  # zoneout: a unit keeps its value with probability z
         H_t = kh * H_t + (1.0 - kh) * H_new
         for name, val in (("i", i), ("f", f), ("N", N), ("o", o), ("C", C_t), ("H", H_t)):
@@ -561,8 +567,7 @@ def variant_layer_backward(
         C_prev, C_new = lc.C_prev[t], lc.C_new[t]
         Cn = C_new if not clip else np.clip(C_new, -clip, clip)
         dH_t = dH_above[t] + dH_next  # H_t feeds the output and step t+1
-        kh = 0.0 if v.zoneout_h is None else v.zoneout_h[t]
-        kc = 0.0 if v.zoneout_c is None else v.zoneout_c[t]
+        kh, kc = _at_step(v.zoneout_h, t), _at_step(v.zoneout_c, t)
         dH_new = (1.0 - kh) * dH_t  # H_t = k H_{t-1} + (1 - k) H̃_t
         dH_prev = kh * dH_t  # the part that skips the step
         do = dH_new * tanh_n  # H̃_t = o ⊙ tanh(n)

@@ -211,6 +211,14 @@ static void cell_backward_par(int64_t n, int64_t H, const T *a, int64_t lda, con
 // Written as short passes over a row, each a loop the compiler vectorises (the row is in L1):
 // a member that is off costs nothing but the test that skips its pass.
 
+// zoneout's blend of the new value a and the previous b, b with weight k in [0, 1], as
+// torch.lerp computes it: exactly b where k = 1 (a unit that keeps its value keeps it bit for
+// bit), exactly a where k = 0
+template <typename T>
+static GL_INLINE T lerp_(T a, T b, T k) {
+    return k < T(0.5) ? a + k * (b - a) : b - (b - a) * (T(1) - k);
+}
+
 static GL_INLINE float sqrt_(float x) { return __builtin_sqrtf(x); }
 static GL_INLINE double sqrt_(double x) { return __builtin_sqrt(x); }
 
@@ -347,7 +355,7 @@ static void cell_forward_v(int64_t n, int64_t H, T *GL_RESTRICT a, int64_t lda,
         }
         if (kc) {  // zoneout: C_t = C~ + k (C_{t-1} - C~)
             const T *GL_RESTRICT kb = kc + b * H;
-            for (int64_t j = 0; j < H; j++) cb[j] += kb[j] * (cpb[j] - cb[j]);
+            for (int64_t j = 0; j < H; j++) cb[j] = lerp_(cb[j], cpb[j], kb[j]);
         }
     }
 }
@@ -681,7 +689,7 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, int64_t r0, in
                 const T *hp = blk == 0 ? yp + b0 * P : A.h0 + b0 * P;
                 const T *kb = V->zh + (t * B + b0) * P;
                 T *yb = yt + b0 * P;
-                for (int64_t k = 0; k < (b1 - b0) * P; k++) yb[k] += kb[k] * (hp[k] - yb[k]);
+                for (int64_t k = 0; k < (b1 - b0) * P; k++) yb[k] = lerp_(yb[k], hp[k], kb[k]);
             }
         // rows whose last step this is: their final state
         const int64_t next = s + 1 < Tn ? (A.batch_sizes ? A.batch_sizes[A.reverse ? t - 1 : t + 1] : B) : 0;
