@@ -185,3 +185,18 @@ def test_bench_speed_table_and_bad_options(tmp_path, capsys):
     assert "CPU: " in out and "H=16: CPU: " in out and "step products by " in out
     assert main(["bench", "speed", "--sizes", "0", "--out", str(tmp_path)]) == 2
     assert "--sizes" in capsys.readouterr().err
+
+
+def test_bench_gemm_measures_and_prints_the_choice(tmp_path, monkeypatch, capsys):
+    from glasslstm.ops import gemm
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(gemm, "probe", lambda c, *a, **k: 1.0 if c == "onednn" else 2.0)
+    monkeypatch.setattr(gemm, "busy", lambda: False)
+    try:
+        assert main(["bench", "gemm", "--sizes", "16,32", "--batch-size", "8"]) == 0
+    finally:
+        gemm.forget()
+    out = capsys.readouterr().out
+    assert out.startswith("CPU: ") and "step " in out and ": onednn (onednn 1000000.0 us" in out
+    assert (tmp_path / "glasslstm" / "gemm.json").is_file()

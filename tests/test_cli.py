@@ -135,6 +135,26 @@ def test_predict_json_and_table(trained, capsys):
     assert "after 'Bob is'" in text and "most likely next word" in text
 
 
+def test_predict_and_sample_with_int8_weights(trained, capsys):
+    """--quantize int8 runs the model with int8-rounded weights: close to float32's answer,
+    not the same numbers."""
+    out, _ = trained
+    prompt = "For his contributions, brave"
+    results = {}
+    for extra in ([], ["--quantize", "int8"]):
+        assert main(["predict", str(out), prompt, "--top", "3", "--json", *extra]) == 0
+        results[bool(extra)] = json.loads(capsys.readouterr().out)["next"]
+    f32, i8 = results[False], results[True]
+    assert [t["prob"] for t in f32] != [t["prob"] for t in i8]
+    assert abs(f32[0]["prob"] - i8[0]["prob"]) < 0.05
+    args = ["sample", str(out), "--length", "40", "--temperature", "0", "--quantize", "int8"]
+    assert main(args) == 0
+    assert len(capsys.readouterr().out) >= 40
+    with pytest.raises(SystemExit):
+        main(["predict", str(out), prompt, "--quantize", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
 def test_eval_file_and_own_corpus(trained, corpus_file, capsys):
     out, report = trained
     assert main(["eval", str(out), "--data", str(corpus_file), "--json"]) == 0
@@ -224,7 +244,9 @@ def test_corpus_too_short_for_one_batch(tmp_path, capsys):
 
 def test_bad_option_value(tmp_path, capsys):
     assert main(["train", "--level", "morse", "--out", str(tmp_path / "r")]) == 2
-    assert "--level='morse' is not valid; choose one of char, word, byte" in capsys.readouterr().err
+    assert (
+        "--level='morse' is not valid; expected one of char, word, byte" in capsys.readouterr().err
+    )
 
 
 def _console_script() -> str:

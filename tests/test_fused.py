@@ -375,11 +375,21 @@ def test_both_gemm_providers_give_torchs_products():
     assert gemm.probe("onednn", 16, 64, 32, threads=1) > 0
 
 
+def test_a_gemm_probe_leaves_the_random_stream_alone():
+    """Probes run on first use, in the middle of a seeded run: they must not draw numbers."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    for candidate in ("torch", "onednn", "bf16"):
+        gemm.probe(candidate, 8, 32, 16, threads=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_the_faster_measured_provider_is_chosen_and_cached(tmp_path, monkeypatch):
     """Whatever the machine: make one candidate slow and it is not chosen; the decision is
     kept per machine, and $GLASSLSTM_GEMM overrides it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(gemm, "_busy", lambda: False)
+    monkeypatch.setattr(gemm, "busy", lambda: False)
     gemm.forget()
     calls = []
 
@@ -403,7 +413,7 @@ def test_the_faster_measured_provider_is_chosen_and_cached(tmp_path, monkeypatch
         gemm.providers(torch.float32, 32, 64, 64, 64)
     monkeypatch.delenv(gemm.ENV)
     # measured while other work held the cores: threaded products are not stored
-    monkeypatch.setattr(gemm, "_busy", lambda: True)
+    monkeypatch.setattr(gemm, "busy", lambda: True)
     gemm.remeasure()
     gemm.providers(torch.float32, 32, 64, 64, 64)  # small weights: one-thread products
     gemm.providers(torch.float32, 32, 512, 512, 512)  # large weights: threaded products

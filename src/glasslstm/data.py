@@ -25,6 +25,7 @@ import torch
 
 from . import stories
 from .errors import DataError
+from .options import LEVELS, NAMED_CORPORA
 from .rundir import atomic_write_bytes
 
 __all__ = [
@@ -45,8 +46,6 @@ __all__ = [
     "tokenizer_from_dict",
 ]
 
-LEVELS = ("char", "word", "byte")
-NAMED_CORPORA = ("stories", "shakespeare")
 TRAIN_FRACTION = 0.9  # nanoGPT's split: first 90% train, last 10% validation
 FORMAT_VERSION = 1  # of the tokenizer dict (vocab.json); bump on incompatible changes
 

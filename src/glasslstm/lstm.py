@@ -139,6 +139,8 @@ class LSTM(Recurrent):
     weight_dropout: float
     input_dropout: tuple[float, ...]
     output_dropout: tuple[float, ...]
+    _weight_names: frozenset[str]  # torch's weights, by name (the drop-in step's condition)
+    quantized: str | None = None  # "int8" once glasslstm.quantize.int8 rounded the weights
 
     mode = "LSTM"
     gates = 4
@@ -189,6 +191,11 @@ class LSTM(Recurrent):
         self.input_dropout = _rates("input_dropout", input_dropout, num_layers)
         self.output_dropout = _rates("output_dropout", output_dropout, num_layers)
         _check_int("chrono_init", chrono_init, minimum=0)
+        given: object = forget_bias  # checked as anything a caller may pass
+        if isinstance(given, bool) or not isinstance(given, numbers.Real):
+            raise TypeError(f"forget_bias must be a number; got {type(given).__name__}")
+        if not math.isfinite(given):
+            raise ValueError(f"forget_bias must be finite (else every output is NaN); got {given}")
         if chrono_init == 1:
             raise ValueError(
                 "chrono_init=1 gives no time scale to spread; use 0 (off) or the "
@@ -217,6 +224,10 @@ class LSTM(Recurrent):
             dtype,
             backend=backend,
         )
+        # The drop-in step keeps its own copies of the weights, refreshed when a Parameter
+        # changes; it runs only while every weight is still a registered Parameter (not a tensor
+        # that weight_norm, pruning or parametrize recompute at every call).
+        self._weight_names = frozenset(self._flat_weights_names)
 
     def _register_extra_parameters(self, factory: dict) -> None:
         H = self.hidden_size
@@ -359,7 +370,12 @@ class LSTM(Recurrent):
             ``PackedSequence`` for packed input), out = proj_size or hidden_size, D = 2 if
             bidirectional else 1.
         """
-        if not return_gates and lengths is None and not torch.is_grad_enabled():
+        if (
+            not return_gates
+            and lengths is None
+            and not torch.is_grad_enabled()
+            and self._weight_names.issubset(self._parameters)
+        ):
             fast = drop_in_step(self, input, hx)  # one token of one sequence: the C++ step
             if fast is not None:
                 return fast

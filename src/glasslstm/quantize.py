@@ -53,10 +53,11 @@ def int8(model: nn.Module) -> nn.Module:
     from glasslstm.lstm import LSTM
     from glasslstm.model import LanguageModel
 
+    target: LSTM | LanguageModel
     if isinstance(model, LanguageModel):
-        lstm, extra = model.lstm, [model.head.weight]
+        target, lstm, extra = model, model.lstm, [model.head.weight]
     elif isinstance(model, LSTM):
-        lstm, extra = model, []
+        target, lstm, extra = model, model, []
     else:
         raise ConfigError(
             f"int8 quantization takes a glasslstm.LSTM or LanguageModel; got {type(model).__name__}"
@@ -77,8 +78,8 @@ def int8(model: nn.Module) -> nn.Module:
     for w in extra:
         _round_(w)
     lstm.quantized = "int8"
-    model.quantized = "int8"
-    lstm._drop_in = None  # the drop-in call's copies are rebuilt as int8
+    target.quantized = "int8"
+    lstm.__dict__.pop("_drop_in", None)  # the drop-in call's copies: rebuilt as int8
     return model
 
 

@@ -56,6 +56,13 @@ class Recurrent(nn.Module):
         _check_int("hidden_size", hidden_size, minimum=1)
         _check_int("num_layers", num_layers, minimum=1)
         _check_int("proj_size", proj_size, minimum=0)
+        _check_bool("bias", bias)
+        _check_bool("batch_first", batch_first)
+        if proj_size and self.mode != "LSTM":
+            raise ValueError(
+                f"proj_size={proj_size}: projections exist only for LSTM (LSTMP), not for "
+                f"{type(self).__name__}; remove proj_size"
+            )
         if proj_size >= hidden_size:
             raise ValueError(
                 f"proj_size={proj_size} must be smaller than hidden_size={hidden_size} "
@@ -107,7 +114,6 @@ class Recurrent(nn.Module):
                         setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                         self._flat_weights_names.append(name)
         self._register_extra_parameters(factory)
-        self._init_flat_weights()
         self.reset_parameters()
 
     def _register_extra_parameters(self, factory: dict) -> None:
@@ -130,21 +136,6 @@ class Recurrent(nn.Module):
         """Size of h: proj_size if projecting, else hidden_size."""
         return self.proj_size or self.hidden_size
 
-    def _init_flat_weights(self) -> None:
-        """``_flat_weights``: the parameters in torch's order, as torch.nn.LSTM keeps them (and
-        code written for it reads them); refreshed when a weight is replaced or converted."""
-        self._flat_weights = [getattr(self, name) for name in self._flat_weights_names]
-
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
-        if name in self.__dict__.get("_flat_weights_names", ()):
-            self._init_flat_weights()
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self._init_flat_weights()
-        return result
-
     def _weights(self, layer: int, direction: int):
         """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of one layer and direction (None where absent)."""
         suffix = _suffix(layer, direction)
@@ -153,11 +144,21 @@ class Recurrent(nn.Module):
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         """Per layer and direction, the parameters in torch's order (as torch has it)."""
-        return [
-            [w for w in self._weights(layer, d) if w is not None]
-            for layer in range(self.num_layers)
-            for d in range(self.num_directions)
-        ]
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """torch's name lists: per layer and direction, its weights' names in torch's order."""
+        names = self._flat_weights_names
+        n = len(names) // (self.num_layers * self.num_directions)  # the same for every one
+        return [names[i : i + n] for i in range(0, len(names), n)]
+
+    @property
+    def _flat_weights(self) -> list[torch.Tensor | None]:
+        """torch's flat list of the weights as forward reads them: the Parameters, or the
+        tensors a reparametrization (weight_norm, pruning, parametrize) puts in their place
+        (None for a weight deleted and not yet replaced, as torch has it)."""
+        return [getattr(self, name, None) for name in self._flat_weights_names]
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for torch's modules (no flat cuDNN buffer to compact)."""
@@ -231,12 +232,14 @@ class Recurrent(nn.Module):
             "batch_first": False,
             "dropout": 0.0,
             "bidirectional": False,
-            "proj_size": 0,
             "backend": None,
         }
 
     def extra_repr(self) -> str:
+        """torch's repr (its options in its order), then the options glasslstm adds."""
         s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         for name, default in self._repr_options().items():
@@ -410,8 +413,12 @@ class Recurrent(nn.Module):
             if not isinstance(hx, torch.Tensor):
                 raise TypeError(f"hx must be a tensor h_0; got {type(hx).__name__}")
             hx = (hx,)
-        elif not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise TypeError("hx must be a tuple (h_0, c_0) of two tensors")
+        elif not isinstance(hx, (tuple, list)):
+            raise TypeError(
+                f"hx must be a tuple (h_0, c_0) of two tensors; got {type(hx).__name__}"
+            )
+        elif len(hx) != 2:  # a RuntimeError, as torch's "lstm expects two hidden states"
+            raise InputError(f"hx must be a tuple (h_0, c_0) of two tensors; got {len(hx)} items")
         states = []
         for name, t in zip(names, hx):
             expected = (LD, sizes[name]) if unbatched else (LD, B, sizes[name])
@@ -423,8 +430,8 @@ class Recurrent(nn.Module):
                     f"hx: {name} has shape {tuple(t.shape)}; expected {expected} "
                     f"(num_layers * num_directions, batch, {what})"
                 )
-            if t.dtype != x.dtype or t.device != x.device:
-                raise InputTypeError(
+            if t.dtype != x.dtype or t.device != x.device:  # torch: a RuntimeError too
+                raise InputError(
                     f"hx: {name} is {t.dtype} on {t.device}; expected {x.dtype} on {x.device} "
                     "like the input"
                 )
@@ -489,6 +496,11 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
 
 
 Lengths = torch.Tensor | Sequence[int] | None

@@ -17,19 +17,18 @@ uninterrupted (same machine, same thread count).
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from glasslstm import __version__, rundir
+from glasslstm import __version__, options, rundir, runfiles
+from glasslstm.config import ModelConfig, TrainConfig  # noqa: F401  (public here too)
 from glasslstm.data import (
-    LEVELS,
     Corpus,
     Tokenizer,
     TokenStream,
@@ -38,117 +37,11 @@ from glasslstm.data import (
     load_corpus,
 )
 from glasslstm.determinism import deterministic
-from glasslstm.errors import ConfigError
-from glasslstm.model import LanguageModel, ModelConfig, config_from_dict, load_vocab
-
-PRECISIONS = ("fp32", "bf16")
+from glasslstm.errors import ConfigError, DataError, WriteError
+from glasslstm.interrupt import GracefulStop
+from glasslstm.model import LanguageModel, load_vocab
 
 LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str | None = None  # None: the built-in `stories` corpus (no download)
-    data_dir: str | None = None  # where named corpora are looked up first
-    level: str = "char"  # char | word | byte tokens
-    min_freq: int = 2  # word level: rarer words become <unk>
-    hidden: int = 256  # 2x256 reaches a good stories model in minutes on 2 cores
-    layers: int = 2  # two layers: the usual char-LSTM depth
-    dropout: float = 0.1  # light: stories is large for this model; 0.2+ for shakespeare
-    embed: int = 0  # 0: same as the LSTM output (lets --tie-weights work)
-    tie_weights: bool = False  # share embedding and output weights
-    forget_bias: float = 1.0  # Jozefowicz et al. 2015: start out remembering
-    seq_len: int = 128  # truncated-BPTT window; state still flows across windows
-    batching: str = "stream"  # stream (TBPTT, state carried) | random (independent windows)
-    batch_size: int = 32  # rows of the stream trained in parallel
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 2e-3  # AdamW's sweet spot for char LSTMs of this size
-    weight_decay: float = 0.01  # AdamW decoupled decay; small, LSTMs overfit slowly
-    momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine (to min_lr_ratio * lr at max_steps) | constant
-    warmup: int = 50  # linear warm-up steps: AdamW's early steps are noisy
-    min_lr_ratio: float = 0.1  # the cosine schedule's floor
-    clip: float = 1.0  # gradient-norm clipping (0: off); LSTMs need it
-    max_steps: int = 600  # the README's default run: a few minutes on 2 cores
-    time_budget: float = 0.0  # seconds of training (0: none); stops early, still saves
-    eval_every: int = 100  # steps between validations (and checkpoints)
-    eval_batches: int = 0  # validation batches per evaluation (0: the whole split)
-    patience: int = 0  # stop after this many evaluations without improvement (0: off)
-    log_every: int = 10  # steps between train-loss lines in metrics.jsonl
-    seed: int = 1337  # model init, dropout, sampling: all from this
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads (0: torch's default)
-    checkpoint: int = 0  # recompute in backward, N steps a segment (0: off): less memory
-    deterministic: bool = False  # bitwise repeatable runs (same machine and --threads)
-    precision: str = "fp32"  # fp32 | bf16: autocast, bf16 matrix products, float32 state and loss
-    out: str | None = None  # run directory (default: runs/<corpus>-<time>)
-
-    # Keys that may change when a run is resumed; everything else defines the run.
-    RESUMABLE = (
-        "max_steps",
-        "time_budget",
-        "eval_every",
-        "eval_batches",
-        "patience",
-        "log_every",
-        "device",
-        "threads",
-        "checkpoint",
-        "deterministic",
-        "precision",
-    )
-
-    def __post_init__(self):
-        checks = {
-            "level": self.level in LEVELS,
-            "optimizer": self.optimizer in ("adamw", "sgd"),
-            "schedule": self.schedule in ("cosine", "constant"),
-            "batching": self.batching in ("stream", "random"),
-            "lr": self.lr > 0 and math.isfinite(self.lr),
-            "seq_len": self.seq_len >= 1,
-            "batch_size": self.batch_size >= 1,
-            "max_steps": self.max_steps >= 1,
-            "eval_every": self.eval_every >= 1,
-            "log_every": self.log_every >= 1,
-            "time_budget": self.time_budget >= 0,
-            "clip": self.clip >= 0,
-            "warmup": self.warmup >= 0,
-            "patience": self.patience >= 0,
-            "eval_batches": self.eval_batches >= 0,
-            "threads": self.threads >= 0,
-            "checkpoint": self.checkpoint >= 0,
-            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
-            "precision": self.precision in PRECISIONS,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                hint = {
-                    "level": LEVELS,
-                    "optimizer": ("adamw", "sgd"),
-                    "schedule": ("cosine", "constant"),
-                    "batching": ("stream", "random"),
-                    "precision": PRECISIONS,
-                }.get(key)
-                raise ConfigError(
-                    f"--{key.replace('_', '-')}={getattr(self, key)!r} is not valid"
-                    + (f"; choose one of {', '.join(hint)}" if hint else "")
-                )
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            hidden_size=self.hidden,
-            num_layers=self.layers,
-            dropout=self.dropout,
-            embed_size=self.embed,
-            tie_weights=self.tie_weights,
-            forget_bias=self.forget_bias,
-            checkpoint=self.checkpoint,
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        return config_from_dict(cls, d, "train")
 
 
 @dataclass
@@ -164,6 +57,7 @@ class TrainResult:
     seconds: float
     message: str = ""
     fill_in: list = field(default_factory=list)
+    interrupted_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -196,6 +90,11 @@ def evaluate(
     Every token but the first of each row is predicted once. Short texts get fewer rows.
     Returns ``{"loss" (nats/token), "perplexity", "bpc", "tokens"}``.
     """
+    options.check(
+        {"batch_size": batch_size, "seq_len": seq_len, "max_batches": max_batches},
+        options.EVALUATION,
+        name=str,
+    )
     ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     n = ids.numel()
     if n < 2:
@@ -253,44 +152,13 @@ def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device={name!r} is not a device; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but no CUDA device is available; use --device cpu")
-    return dev
+    return options.resolve_device(name)
 
 
 def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-class _Interrupt:
-    """First Ctrl-C: finish the current step, save, stop. Second: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -323,10 +191,10 @@ def train(
     every optimizer step. ``corpus`` skips loading (for tests and notebooks). ``build_model``
     makes the model from (ModelConfig, tokenizer); benchmarks use it to put a peer LSTM inside.
     """
+    overrides = options.resolve_paths(overrides or {})  # data, data_dir, out: absolute
     if resume is not None:
         run_dir = Path(resume)
-        stored = rundir.read_config(run_dir)
-        cfg = TrainConfig.from_dict(stored["train"])
+        cfg = runfiles.read_run_config(run_dir).train
         for key, value in (overrides or {}).items():
             if key not in TrainConfig.RESUMABLE and value != getattr(cfg, key):
                 raise ConfigError(
@@ -340,12 +208,17 @@ def train(
         cfg = replace(config or TrainConfig(), **(overrides or {}))
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         _check_new_run_dir(run_dir)
+        cfg = replace(cfg, **options.resolve_paths({**asdict(cfg), "out": str(run_dir)}))
 
     device = _device(cfg.device)
+    options.check_training_memory(cfg, None, device)  # before anything is loaded or built
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with deterministic(cfg.deterministic):
-        return _train(cfg, run_dir, resume, device, progress, on_step, corpus, build_model)
+        try:
+            return _train(cfg, run_dir, resume, device, progress, on_step, corpus, build_model)
+        except WriteError as e:  # name what was kept and how to go on
+            raise e.with_hint(runfiles.after_write_error(run_dir, e)) from None
 
 
 @dataclass
@@ -374,6 +247,9 @@ class _Run:
         build_model,
     ) -> None:
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        if corpus is None and resume is not None:
+            moved = f"resume with `glasslstm train --resume {run_dir} --data NEW_PATH`"
+            corpus = runfiles.load_run_corpus(run_dir, cfg.data, cfg.data_dir, moved_fix=moved)
         corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
         tok = (
             load_vocab(run_dir)
@@ -381,6 +257,14 @@ class _Run:
             else build_tokenizer(cfg.level, corpus, min_freq=cfg.min_freq)
         )
         train_ids, self.val_ids = encode_corpus(tok, corpus)
+        if len(self.val_ids) < 2:  # found now, not after the first eval_every steps
+            raise DataError(
+                f"the validation split of {corpus.name!r} has {len(self.val_ids)} token(s); "
+                "validation needs at least 2: train on a longer text"
+            )
+        if resume is not None:  # the same text, wherever it is now
+            runfiles.check_resumed_corpus(run_dir, cfg, corpus, len(train_ids), len(self.val_ids))
+        options.check_training_memory(cfg, tok.vocab_size, device)
         self.stream = TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
         self.val_cpt = chars_per_token(tok, corpus.val, len(self.val_ids))
         self.train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
@@ -391,10 +275,13 @@ class _Run:
         self.progress = _Progress()
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # carried across batches
         if resume is not None:
-            self.state = _load_resume_point(run_dir, self.model, self.opt, self.progress, device)
+            self.state = _load_resume_point(
+                run_dir, self.model, self.opt, self.progress, device, cfg.batch_size
+            )
             self.saved_step: int | None = self.progress.step  # the checkpoint on disk
+            rundir.trim_metrics(run_dir / "metrics.jsonl", self.progress.step)  # no duplicates
         else:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            rundir.make_dirs(run_dir)
             rundir.write_config(
                 run_dir,
                 {
@@ -406,6 +293,7 @@ class _Run:
                         "source": corpus.source,
                         "train_tokens": int(len(train_ids)),
                         "val_tokens": int(len(self.val_ids)),
+                        "sha256": runfiles.corpus_sha256(corpus),
                     },
                 },
             )
@@ -418,7 +306,9 @@ class _Run:
         step = self.progress.step
         if self.saved_step != step:
             _save_resume_point(self.run_dir, self.model, self.opt, self.progress, self.state)
-            self.model.save(self.run_dir / "model.safetensors", metadata={"step": str(step)})
+            self.model.save_weights(
+                self.run_dir / "model.safetensors", metadata={"step": str(step)}
+            )
             self.saved_step = step
 
     def log(self, record: dict) -> None:
@@ -437,7 +327,7 @@ class _Run:
         )
         if p.best_val_loss is None or res["loss"] < p.best_val_loss:
             p.best_val_loss, p.evals_since_best = res["loss"], 0
-            self.model.save(
+            self.model.save_weights(
                 self.run_dir / "best" / "model.safetensors", metadata={"step": str(p.step)}
             )
         else:
@@ -509,7 +399,7 @@ def _train(
     stopped, message, last_val = "max_steps", "", None
     window = _Window()
     run.model.train()
-    with _Interrupt() as interrupt:
+    with GracefulStop() as interrupt, bar or nullcontext():
         while p.step < cfg.max_steps:
             t_step = time.perf_counter()
             x, y = run.batch()
@@ -564,7 +454,7 @@ def _train(
                 stopped = "interrupted"
                 run.save()
                 message = (
-                    f"interrupted at step {p.step}; saved. Continue with "
+                    f"interrupted at step {p.step} ({interrupt.name}); saved. Continue with "
                     f"`glasslstm train --resume {run_dir}`"
                 )
                 break
@@ -587,6 +477,7 @@ def _train(
         tokens_per_s=p.tokens / max(p.seconds, 1e-9),
         seconds=p.seconds,
         message=message,
+        interrupted_by=interrupt.name,
     )
 
 
@@ -632,8 +523,8 @@ def _save_resume_point(run_dir: Path, model, opt, progress: _Progress, state) ->
     )
 
 
-def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device):
-    tensors, stored = rundir.load_train_state(run_dir)
+def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device, batch_size: int):
+    tensors, stored = runfiles.read_train_state(run_dir, model, opt, progress, batch_size)
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(weights)
     opt.load_state_dict(rundir.optimizer_state_from_tensors(tensors, stored["optimizer"]))

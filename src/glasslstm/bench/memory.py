@@ -17,15 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from glasslstm.config import INITS, MEMORY_MODELS
 from glasslstm.lstm import LSTM
 from glasslstm.rnn import GRU, RNN
 from glasslstm.tasks import Task, make_task
 from glasslstm.tasks.base import TokenTask
 
-MODELS = ("lstm", "gru", "rnn")
-# How the LSTM's gate biases start: forget bias 1 (Jozefowicz et al. 2015), or the chrono
-# initialisation (Tallec & Ollivier 2018) spread over time scales up to the task's length.
-INITS = ("forget1", "chrono")
+MODELS = MEMORY_MODELS
 # The metric that decides "solved" and that the tables and plots show, per task.
 PRIMARY = {"adding": "mse", "copy": "loss", "subject": "accuracy"}
 

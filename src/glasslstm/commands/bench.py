@@ -7,21 +7,28 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from glasslstm.bench.memory import (
-    INITS,
-    MODELS,
-    gradient_bench,
-    memory_bench,
-    plot_curves,
-    plot_gradients,
-    plot_memory,
-    runs_table,
-    runs_to_json,
-)
+from glasslstm import options
+from glasslstm.config import INITS, TASKS
+from glasslstm.config import MEMORY_MODELS as MODELS
 from glasslstm.errors import ConfigError
-from glasslstm.tasks import TASKS
+
+POSITIVE = options.integer(1)
+MEMORY_OPTIONS = {
+    "budget": POSITIVE,
+    "batch_size": POSITIVE,
+    "hidden": POSITIVE,
+    "lr": options.number(0, low_open=True),
+    "seed": options.SEED,
+}
+GRADIENT_OPTIONS = {"T": POSITIVE, "budget": POSITIVE, "hidden": POSITIVE, "seed": options.SEED}
+SPEED_OPTIONS = {
+    "T": POSITIVE,
+    "batch_size": POSITIVE,
+    "reps": POSITIVE,
+    "gen_tokens": POSITIVE,
+    "gen_layers": POSITIVE,
+    "gen_hidden": POSITIVE,
+}
 
 
 def add_parser(sub) -> None:
@@ -40,13 +47,32 @@ def add_parser(sub) -> None:
         "of training sequences; print held-out metric, baseline, solved or not "
         "and after how many sequences.",
     )
-    m.add_argument("--task", choices=TASKS, default="adding")
-    m.add_argument("--T", default="50,100,200", help="comma-separated dependency lengths")
-    m.add_argument("--models", default=",".join(MODELS), help="comma-separated: lstm,gru,rnn")
-    m.add_argument("--budget", type=int, default=50_000, help="training sequences per model")
-    m.add_argument("--batch-size", type=int, default=32)
-    m.add_argument("--hidden", type=int, default=128)
-    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument(
+        "--task",
+        choices=TASKS,
+        default="adding",
+        help="adding (sum two marked numbers), copy (recall symbols after a gap) or subject "
+        "(the pronoun of a name seen T tokens before) (default: adding)",
+    )
+    m.add_argument(
+        "--T",
+        default="50,100,200",
+        help="comma-separated dependency lengths, in time steps (default: 50,100,200)",
+    )
+    m.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated models to compare (default: lstm,gru,rnn)",
+    )
+    m.add_argument(
+        "--budget",
+        type=int,
+        default=50_000,
+        help="training sequences each model sees (default: 50000)",
+    )
+    m.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
+    m.add_argument("--hidden", type=int, default=128, help="hidden units per model (default: 128)")
+    m.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: 0.001)")
     m.add_argument(
         "--init",
         choices=INITS,
@@ -54,7 +80,7 @@ def add_parser(sub) -> None:
         help="the LSTM's gate biases: forget1 (forget bias 1, the default) or chrono "
         "(Tallec & Ollivier 2018: forget biases log U[1, L-1], L the sequence length)",
     )
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="seed of data and init (default: 0)")
     _outputs(m, "memory")
     m.set_defaults(run=run_memory)
 
@@ -64,62 +90,192 @@ def add_parser(sub) -> None:
         description="Gradient norms at every distance, at initialisation and "
         "after training, and the LSTM's gradient along the cell path.",
     )
-    g.add_argument("--task", choices=TASKS, default="adding")
-    g.add_argument("--T", type=int, default=100)
+    g.add_argument(
+        "--task", choices=TASKS, default="adding", help="the task trained on (default: adding)"
+    )
+    g.add_argument(
+        "--T", type=int, default=100, help="sequence length, in time steps (default: 100)"
+    )
     g.add_argument(
         "--budget",
         type=int,
         default=20_000,
-        help="training sequences before the second measurement",
+        help="training sequences before the second measurement (default: 20000)",
     )
-    g.add_argument("--hidden", type=int, default=64)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--hidden", type=int, default=64, help="hidden units per model (default: 64)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data and init (default: 0)")
     _outputs(g, "gradient")
     g.set_defaults(run=run_gradient)
 
     _add_speed(kinds)
+    _add_onnx(kinds)
+    _add_gemm(kinds)
+
+
+def _add_gemm(kinds) -> None:
+    k = kinds.add_parser(
+        "gemm",
+        help="which matrix-product implementation this machine uses, measured afresh",
+        description="Time each candidate (torch's BLAS, oneDNN's micro-kernel) for the "
+        "products of an LSTM of each hidden size, store the faster for later runs, and print "
+        "the times. Run it on a quiet machine: the choice stays until it is run again.",
+    )
+    k.add_argument("--sizes", default="128,512,1024", help="comma-separated hidden sizes (I = H)")
+    k.add_argument("--batch-size", type=int, default=32, help="rows of the batch (default: 32)")
+    k.set_defaults(run=run_gemm)
+
+
+def _add_onnx(kinds) -> None:
+    o = kinds.add_parser(
+        "onnx",
+        help="text generation with onnxruntime (exported model) beside glasslstm's Stream",
+        description="Generate text one token at a time, the LSTM state carried, with "
+        "onnxruntime on the exported model and with glasslstm's LMStream on the same weights; "
+        "print tokens/s of a whole generation and microseconds per step for both. The timings "
+        "alternate inside every repetition; figures are medians. Both get --threads threads.",
+    )
+    o.add_argument(
+        "run_dir",
+        nargs="?",
+        metavar="RUN",
+        help="a run directory (default: a random char model of --layers x --hidden)",
+    )
+    o.add_argument("--layers", type=int, default=2, help="random model's layers (default: 2)")
+    o.add_argument(
+        "--hidden", type=int, default=256, help="random model's hidden units (default: 256)"
+    )
+    o.add_argument("--tokens", type=int, default=300, help="tokens per timed run (default: 300)")
+    o.add_argument("--reps", type=int, default=5, help="timed repetitions (default: 5)")
+    o.add_argument("--threads", type=int, default=1, help="threads for each runtime (default: 1)")
+    _outputs(o, "onnx")
+    o.set_defaults(run=run_onnx)
+
+
+def run_onnx(args) -> int:
+    from glasslstm.bench.onnx import onnx_bench, onnx_table, random_char_model
+    from glasslstm.model import LanguageModel
+
+    if min(args.layers, args.hidden, args.tokens, args.reps, args.threads) < 1:
+        raise ConfigError("--layers, --hidden, --tokens, --reps and --threads must be >= 1")
+    if args.run_dir:
+        model = LanguageModel.load(args.run_dir)
+    else:
+        model = random_char_model(args.layers, args.hidden)
+    log = _log(args)
+    res = onnx_bench(
+        model, args.tokens, args.reps, args.threads, progress=log or (lambda line: None)
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "onnx.json").write_text(json.dumps(res, indent=2, default=str))
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(onnx_table(res))
+        print(f"\nwrote {out / 'onnx.json'}")
+    return 0
+
+
+def run_gemm(args) -> int:
+    import torch
+
+    from glasslstm.ops import gemm, native
+
+    sizes = _ints(args.sizes, "sizes")
+    options.check({"batch_size": args.batch_size}, {"batch_size": POSITIVE})
+    if not native.available():
+        raise ConfigError(f"the CPU operators are not available: {native.status()}")
+    gemm.remeasure()
+    print(f"CPU: {gemm.cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for H in sizes:
+        gemm.providers(torch.float32, args.batch_size, H, H, H)
+        gemm.bf16_pays(args.batch_size, H, H)
+    for key, d in sorted(gemm.decisions().items()):
+        times = ", ".join(f"{c} {s * 1e6:.1f} us" for c, s in d["seconds"].items())
+        print(f"{key}: {d['choice']} ({times})")
+    if gemm.busy():
+        print("note: other work held the cores; threaded products were measured but not stored")
+    return 0
 
 
 def _add_speed(kinds) -> None:
     s = kinds.add_parser(
         "speed",
         help="glasslstm vs torch.nn.LSTM: training, inference, batch-1 step, generation",
-        description=speed_doc(),
+        description=SPEED_HELP,
     )
-    s.add_argument("--sizes", default="128,512,1024", help="comma-separated hidden sizes (I = H)")
-    s.add_argument("--T", type=int, default=100, help="sequence length for train/infer")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--reps", type=int, default=5, help="timed repetitions per contender")
     s.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+        "--sizes",
+        default="128,512,1024",
+        help="comma-separated hidden sizes H; the input size is H too (default: 128,512,1024)",
     )
-    s.add_argument("--gen-tokens", type=int, default=300, help="tokens generated per model")
+    s.add_argument(
+        "--T", type=int, default=100, help="time steps per sequence, train and infer (default: 100)"
+    )
+    s.add_argument("--batch-size", type=int, default=32, help="sequences per batch (default: 32)")
+    s.add_argument(
+        "--reps", type=int, default=5, help="timed repetitions per contender (default: 5)"
+    )
+    s.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to run; auto: a GPU if there is one, else the CPU (default: auto)",
+    )
+    s.add_argument(
+        "--gen-tokens", type=int, default=300, help="tokens generated per model (default: 300)"
+    )
+    s.add_argument(
+        "--gen-layers", type=int, default=2, help="layers of the generation model (default: 2)"
+    )
+    s.add_argument(
+        "--gen-hidden",
+        type=int,
+        default=512,
+        help="hidden units of the generation model (default: 512)",
+    )
     s.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke test")
     _outputs(s, "speed")
     s.set_defaults(run=run_speed)
 
 
-def speed_doc() -> str:
-    from glasslstm.bench import speed
+SPEED_HELP = """\
+glasslstm against torch.nn.LSTM (oneDNN on the CPU, cuDNN on a GPU), timed in the same run,
+each contender alternating with its peer in every repetition; figures are medians. Ratios are
+the peer's time / glasslstm's time: above 1 means glasslstm is faster.
 
-    return speed.__doc__
+  train       forward + backward of one layer, T x B x H (input size H): glasslstm, glasslstm
+              recording its gates, torch.nn.LSTM (and a jitted JAX scan LSTM if jax is
+              installed; on a GPU also the CUDA-graphed module). GFLOP/s, and the
+              fraction of the fastest matrix-product rate
+              measured on this machine.
+  train_bf16  the same under torch.autocast(bfloat16): glasslstm uses bf16 products only
+              where this CPU runs them faster than float32; the peer is torch's bf16 LSTM.
+  infer       forward only, under torch.no_grad().
+  step        one token of one sequence (batch 1), state carried: the drop-in call
+              lstm(x, (h, c)) and glasslstm.Stream.step, against torch.nn.LSTM's call.
+  generate    tokens/s of a character language model (--gen-layers x --gen-hidden).
+
+The CPU model, torch's version, threads and the matrix-product choice are printed with the
+figures; JSON goes to --out.
+"""
 
 
 def run_speed(args) -> int:
     from glasslstm.bench.speed import speed_bench, speed_table
 
+    options.check_args(args, SPEED_OPTIONS)
     sizes = _ints(args.sizes, "sizes")
-    if args.T < 1 or args.batch_size < 1 or args.reps < 1 or args.gen_tokens < 1:
-        raise ConfigError("--T, --batch-size, --reps and --gen-tokens must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
+    device = options.resolve_device(args.device).type
     kw = dict(
         sizes=sizes,
         T=args.T,
         B=args.batch_size,
         reps=args.reps,
-        device=args.device,
+        device=device,
         gen_tokens=args.gen_tokens,
+        gen_layers=args.gen_layers,
+        gen_hidden=args.gen_hidden,
     )
     if args.quick:
         kw.update(
@@ -158,13 +314,20 @@ def _log(args):
 
 
 def run_memory(args) -> int:
+    from glasslstm.bench.memory import (
+        memory_bench,
+        plot_curves,
+        plot_memory,
+        runs_table,
+        runs_to_json,
+    )
+
+    options.check_args(args, MEMORY_OPTIONS)
     Ts = _ints(args.T, "T")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(models) - set(MODELS)
     if unknown or not models:
         raise ConfigError(f"--models must name some of {', '.join(MODELS)}; got {args.models!r}")
-    if args.budget < 1:
-        raise ConfigError(f"--budget must be >= 1; got {args.budget}")
     try:
         runs = memory_bench(
             args.task,
@@ -201,6 +364,9 @@ def run_memory(args) -> int:
 
 
 def run_gradient(args) -> int:
+    from glasslstm.bench.memory import gradient_bench, plot_gradients
+
+    options.check_args(args, GRADIENT_OPTIONS)
     try:
         result = gradient_bench(
             args.task,

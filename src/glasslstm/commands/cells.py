@@ -11,15 +11,20 @@ import json
 import sys
 from pathlib import Path
 
-from glasslstm.data import load_corpus
+from glasslstm import options
+from glasslstm.commands import common
+from glasslstm.config import PROBES, QUANTITIES
 from glasslstm.errors import ConfigError, DataError
-from glasslstm.inspection.analysis import QUANTITIES, analyze
-from glasslstm.inspection.cells import PROBES, display_token, find_cells, plot_cells, probe_function
-from glasslstm.model import LanguageModel
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 SHOWN = 3  # excerpts printed (and cut) for the best cells
 WIDTH = 72  # characters per printed excerpt row
+
+OPTIONS = {  # --layer: against the model, once it is loaded
+    "top": options.integer(1),
+    "max_chars": options.integer(1),
+    "png": options.OUTFILE,
+}
 
 
 def add_parser(sub) -> None:
@@ -32,7 +37,7 @@ def add_parser(sub) -> None:
         "sentence-boundary (1 on the character ending a sentence), bracket-depth (nesting of "
         "( [ {), or any other string as a regular expression (1 on matched characters).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    common.add_run_dir(p)
     p.add_argument(
         "--data",
         required=True,
@@ -62,7 +67,7 @@ def add_parser(sub) -> None:
         metavar="N",
         help="analyse the first N characters of the text (default: 20000)",
     )
-    p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
+    common.add_which(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--png",
@@ -74,6 +79,8 @@ def add_parser(sub) -> None:
 
 
 def read_text(data: str, data_dir=None) -> tuple[str, str]:
+    from glasslstm.data import load_corpus
+
     """``(text, description)``: a file read whole, else a named corpus's validation split."""
     path = Path(data).expanduser()
     if path.is_file():
@@ -93,13 +100,12 @@ def read_text(data: str, data_dir=None) -> tuple[str, str]:
 
 
 def run(args) -> int:
-    if args.top < 1:
-        raise ConfigError(f"--top must be >= 1; got {args.top}")
-    if args.max_chars < 1:
-        raise ConfigError(f"--max-chars must be >= 1; got {args.max_chars}")
+    from glasslstm.inspection.analysis import analyze
+    from glasslstm.inspection.cells import find_cells, plot_cells, probe_function
+    from glasslstm.model import LanguageModel
+
+    options.check_args(args, OPTIONS)
     probe_function(args.probe)  # a bad regex fails before the model runs
-    if args.png and not Path(args.png).expanduser().resolve().parent.is_dir():
-        raise DataError(f"cannot write --png {args.png}: its folder does not exist")
     model = LanguageModel.load(args.run_dir, which=args.which)
     layers = None
     if args.layer is not None:
@@ -179,6 +185,8 @@ def _rgb(x: float) -> tuple[int, int, int]:
 
 
 def format_excerpt(ex, probe: str, *, color: bool = False, width: int = WIDTH) -> str:
+    from glasslstm.inspection.cells import display_token
+
     """The excerpt shaded by the cell: ANSI background colours (``color``), or rows of text
     with a row of blocks (the cell) and a row of blocks (the probe) under each."""
     lo, hi = ex.color_range()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from glasslstm import reference
-from glasslstm.lstm import LSTM
+from glasslstm import options
+
+if TYPE_CHECKING:
+    import torch
 
 TOLERANCE = 1e-10  # float64: agreement to round-off
 
@@ -19,11 +20,19 @@ def add_parser(sub) -> None:
         "compare outputs, gates and gradients with the NumPy reference "
         "(hand-written BPTT) and with torch.nn.LSTM given the same weights.",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)"
+    )
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    import torch
+
+    from glasslstm import reference
+    from glasslstm.lstm import LSTM
+
+    options.check_args(args, {"seed": options.SEED})
     torch.manual_seed(args.seed)
     T, B, I, H, L = 12, 3, 8, 16, 2
     ours = LSTM(I, H, num_layers=L, dtype=torch.float64)
@@ -79,6 +88,8 @@ def run(args) -> int:
 
 
 def _diff(a, b) -> float:
+    import numpy as np
+
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 

@@ -7,9 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from glasslstm import options
+from glasslstm.commands import common
+from glasslstm.config import QUANTITIES
 from glasslstm.errors import ConfigError, DataError
-from glasslstm.inspection.common import QUANTITIES
-from glasslstm.model import LanguageModel
+
+OPTIONS = {  # --layer and --cells: against the model, once it is loaded
+    "top_k": options.integer(1),
+    "html": options.OUTFILE,
+    "png": options.OUTFILE,
+}
 
 
 def add_parser(sub) -> None:
@@ -21,7 +28,7 @@ def add_parser(sub) -> None:
         "cells, with the model's most likely next tokens. Prints a table (coloured on a terminal), "
         "or JSON; --html writes a self-contained interactive report, --png a picture.",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    common.add_run_dir(p)
     p.add_argument("--text", help="the text to look at")
     p.add_argument(
         "--file", help="read the text from this file (UTF-8; any bytes for a byte model)"
@@ -46,7 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (the whole analysis)")
     p.add_argument("--html", metavar="OUT", help="write a self-contained HTML report to OUT")
     p.add_argument("--png", metavar="OUT", help="write heatmaps and the coloured text to OUT (PNG)")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
+    common.add_which(p)
     p.set_defaults(run=run)
 
 
@@ -115,9 +122,9 @@ def _check_range(layer: int | None, cells: list[int] | None, n_layers: int, size
 def run(args) -> int:
     from glasslstm.inspection import analyze
     from glasslstm.inspection.terminal import render, resolve
+    from glasslstm.model import LanguageModel
 
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1; got {args.top_k}")
+    options.check_args(args, OPTIONS)
     cells = _parse_cells(args.cells)
     model = LanguageModel.load(args.run_dir, which=args.which)
     _check_range(args.layer, cells, model.config.num_layers, model.config.hidden_size)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from glasslstm.model import LanguageModel
+from glasslstm import options
+from glasslstm.commands import common
+
+OPTIONS = {"top": options.integer(1)}
 
 
 def add_parser(sub) -> None:
@@ -14,16 +17,18 @@ def add_parser(sub) -> None:
         description="The softmax over the hidden state, read out: the most "
         "likely next tokens after TEXT (and, for a character model, the next word).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    common.add_run_dir(p)
     p.add_argument("text", metavar="TEXT", help='e.g. "For his contributions, brave"')
     p.add_argument("--top", type=int, default=5, help="how many tokens to list (default: 5)")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
+    common.add_which(p)
+    common.add_quantize(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    model = LanguageModel.load(args.run_dir, which=args.which)
+    options.check_args(args, OPTIONS)
+    model = common.load_model(args)
     preds = model.predict_next(args.text, top=args.top)
     word = model.next_word(args.text) if model.require_tokenizer().level != "word" else None
     if args.json:

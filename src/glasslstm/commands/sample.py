@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from glasslstm.model import LanguageModel
+from glasslstm import options
+from glasslstm.commands import common
+
+OPTIONS = {**options.SAMPLING, "device": options.DEVICE}
 
 
 def add_parser(sub) -> None:
@@ -13,7 +16,7 @@ def add_parser(sub) -> None:
         help="generate text from a trained model",
         description="Generate text, printing it as it is produced.",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    common.add_run_dir(p)
     p.add_argument("--prompt", default="", help="text to start from (default: a newline)")
     p.add_argument("--length", type=int, default=500, help="tokens to generate (default: 500)")
     p.add_argument(
@@ -27,13 +30,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    common.add_which(p)
+    common.add_quantize(p)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    model = LanguageModel.load(args.run_dir, which=args.which, device=args.device)
+    options.check_args(args, OPTIONS)
+    model = common.load_model(args, device=args.device)
     pieces = model.generate(
         args.prompt,
         args.length,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+from glasslstm.commands import common
 from glasslstm.errors import ConfigError
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only; another address only when asked for by --host
@@ -18,7 +19,7 @@ def add_parser(sub) -> None:
         "to list the cells that stay on across it, and search the validation "
         "text for other spans where they do (LSTMVis's match view).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    common.add_run_dir(p)
     p.add_argument(
         "--port", type=int, default=8000, help="TCP port (default: 8000; 0: any free one)"
     )
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
         "(its validation split); default: the run's own validation split",
     )
     p.add_argument("--data-dir", default=None, help="where named corpora are looked up")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
+    common.add_which(p)
     p.set_defaults(run=run)
 
 

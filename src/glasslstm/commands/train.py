@@ -3,50 +3,56 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
-import re
+import signal
 import sys
-from dataclasses import MISSING, fields
-from typing import Any
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
-from glasslstm import stories
+from glasslstm import options, stories
+from glasslstm.config import TRAIN_HELP, TrainConfig
 from glasslstm.errors import DataError
-from glasslstm.model import LanguageModel
-from glasslstm.trainer import TrainConfig, TrainResult, train
+
+if TYPE_CHECKING:
+    from glasslstm.model import LanguageModel
+    from glasslstm.trainer import TrainResult
 
 # The article's sentences: the fill-in on corpora other than `stories`, and the sample's start.
 ARTICLE_PROMPT = "For his contributions, brave"
 ARTICLE_START = "Bob is a nice person. Dan, on the other hand,"
 
 
-def _field_help(cls) -> dict[str, str]:
-    """The comment beside each default in the dataclass source: one text for code and --help."""
-    found = re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", inspect.getsource(cls), re.M)
-    return dict(found)
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a language model on a corpus (default: the built-in stories)",
-        description="Train an LSTM language model. Without --data it uses the built-in "
-        "`stories` corpus. Every option has a default; see docs for tuned configurations.",
+        description="Train an LSTM language model and write it, with its checkpoints, "
+        "metrics and a plot of the losses, to a run directory. Without --data it trains on "
+        "the built-in stories corpus. Every option has a default; Ctrl-C (or SIGTERM) saves "
+        "and stops, and --resume RUN continues exactly where the run stopped.",
         argument_default=argparse.SUPPRESS,  # so that we know what was given explicitly
     )
-    helps = _field_help(TrainConfig)
+    metavars = {"data": "FILE|NAME", "data_dir": "DIR", "out": "DIR"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        text = f"{helps.get(f.name, '')} (default: {default})"
+        text = TRAIN_HELP[f.name]
+        if f.default is not None:  # None: the help says what happens without the option
+            text += f" (default: {f.default})"
+        rule = options.TRAIN[f.name]
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, metavar=f.name.upper(), help=text)
+            metavar = metavars.get(f.name, f.name.upper())
+            if rule.choices:
+                metavar = "{" + ",".join(rule.choices) + "}"
+            p.add_argument(flag, type=kind, metavar=metavar, help=text)
     p.add_argument(
-        "--resume", metavar="RUN", help="continue the run in RUN (exactly where it stopped)"
+        "--resume",
+        metavar="RUN",
+        help="continue the run in RUN (exactly where it stopped); with --data, from its "
+        "training text at a new place (checked to be the same text)",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object at the end, no progress bar"
@@ -56,6 +62,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from glasslstm.model import LanguageModel
+    from glasslstm.trainer import train
+
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     as_json = getattr(args, "json", False)
     progress = not (as_json or getattr(args, "quiet", False))
@@ -72,8 +81,8 @@ def run(args) -> int:
         print(json.dumps(report, indent=2, default=_json_default))
     else:
         _print_report(result, report)
-    if result.stopped == "interrupted":
-        return 130
+    if result.stopped == "interrupted":  # 128 + the signal, as a shell reports it
+        return 128 + int(getattr(signal, result.interrupted_by or "SIGINT"))
     return 1 if result.stopped == "diverged" else 0
 
 

@@ -28,10 +28,23 @@ using gemm_bf16_fn = void (*)(int64_t m, int64_t n, int64_t k, const uint16_t *A
                               const uint16_t *B, int64_t ldb, float beta, float *C, int64_t ldc,
                               int threads);
 
+// A float32 B (k x n) copied once into the layout a provider multiplies fastest, for the many
+// products of a time loop by the same weight: packed_size gives the floats the copy takes,
+// pack makes it, gemm_packed multiplies by it (m x k times the packed k x n). Null where the
+// provider has no such layout (the loops then use gemm_fn on B as it is).
+struct PackedGemm {
+    int64_t (*packed_size)(int64_t k, int64_t n) = nullptr;
+    void (*pack)(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) = nullptr;
+    void (*gemm_packed)(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
+                        const float *Bp, float beta, float *C, int64_t ldc,
+                        int threads) = nullptr;
+};
+
 struct Gemms {
     gemm_fn<float> f32 = nullptr;
     gemm_fn<double> f64 = nullptr;
     gemm_bf16_fn bf16 = nullptr;  // null: float32 products
+    PackedGemm packed;            // float32 only
 };
 
 // The regularised family (glasslstm.LSTM's layer_norm, peephole, cell_clip, zoneout_c/h,

@@ -605,11 +605,52 @@ struct Prev {
     int64_t split;  // rows [r0, split) continue from the previous step, [split, e) start anew
 };
 
+// Packed copies of a loop's weights (PackedGemm), made once per call where the provider has a
+// packed layout; null members: the loop multiplies by the weights as they are.
+struct Packed {
+    const float *w = nullptr, *whr = nullptr;
+    float *storage = nullptr;
+    Packed() = default;
+    Packed(const Packed &) = delete;
+    Packed &operator=(const Packed &) = delete;
+    ~Packed() { delete[] storage; }
+};
+
+// C (m x n) = A B + beta C where B is `w` (k x n, ldb) or its packed copy `wp`
 template <typename T>
-static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, int64_t r0, int64_t r1,
-                         int threads) {
+static inline void product(const Gemms &G, const float *wp, int64_t m, int64_t n, int64_t k,
+                           const T *A, int64_t lda, const T *w, int64_t ldb, T beta, T *C,
+                           int64_t ldc, int threads) {
+    if constexpr (std::is_same<T, float>::value) {
+        if (wp) {
+            G.packed.gemm_packed(m, n, k, A, lda, wp, beta, C, ldc, threads);
+            return;
+        }
+    }
+    gemm_of<T>(G)(m, n, k, A, lda, w, ldb, beta, C, ldc, threads);
+}
+
+// pack w1 (k1 x n1) and w2 (k2 x n2, nullable) where the provider has a packed layout
+template <typename T>
+static void pack_weights(const Gemms &G, Packed &P, int64_t k1, int64_t n1, const T *w1,
+                         int64_t k2, int64_t n2, const T *w2) {
+    if constexpr (std::is_same<T, float>::value) {
+        if (!G.packed.gemm_packed) return;
+        const int64_t s1 = G.packed.packed_size(k1, n1), s2 = w2 ? G.packed.packed_size(k2, n2) : 0;
+        P.storage = new float[(size_t)(s1 + s2)];
+        G.packed.pack(k1, n1, w1, n1, P.storage);
+        P.w = P.storage;
+        if (w2) {
+            G.packed.pack(k2, n2, w2, n2, P.storage + s1);
+            P.whr = P.storage + s1;
+        }
+    }
+}
+
+template <typename T>
+static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &PK, int64_t r0,
+                         int64_t r1, int threads) {
     const int64_t Tn = A.T_, B = A.B, H = A.H, P = A.P, H4 = 4 * H;
-    gemm_fn<T> gemm = gemm_of<T>(G);
     const bool bf16 = A.w_t16 != nullptr && sizeof(T) == sizeof(float);
     uint16_t *h16 = bf16 ? new uint16_t[(size_t)((r1 - r0) * P)] : nullptr;
     const VariantArgs<T> *V = A.v;
@@ -659,7 +700,8 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, int64_t r0, in
                 G.bf16(b1 - b0, H4, P, h16, P, A.w_t16, H4, sep ? 0.0f : 1.0f, (float *)dst, ldd,
                        threads);
             } else {
-                gemm(b1 - b0, H4, P, hp, P, A.w_t, H4, T(sep ? 0 : 1), dst, ldd, threads);
+                product(G, PK.w, b1 - b0, H4, P, hp, P, A.w_t, H4, T(sep ? 0 : 1), dst, ldd,
+                        threads);
             }
         }
         // the gate math; H_t into y (or o tanh(C_t) into rs, then H_t = that W_hr^T)
@@ -681,7 +723,9 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, int64_t r0, in
                      tc ? tc + b0 * H : nullptr, H, dst + b0 * ldo, ldo);
             }
         }
-        if (A.rs) gemm(n, P, H, dst + r0 * H, H, A.whr_t, P, T(0), yt + r0 * P, P, threads);
+        if (A.rs)
+            product(G, PK.whr, n, P, H, dst + r0 * H, H, A.whr_t, P, T(0), yt + r0 * P, P,
+                    threads);
         if (V && V->zh)  // zoneout: H_t = H~ + k (H_{t-1} - H~)
             for (int blk = 0; blk < 2; blk++) {
                 const int64_t b0 = blk == 0 ? r0 : split, b1 = blk == 0 ? split : e;
@@ -707,6 +751,9 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, int64_t r0, in
 template <typename T>
 static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
     const int64_t B = A.B;
+    Packed PK;  // W^T (P x 4H) and W_hr^T (H x P), packed once for all steps
+    if (!A.w_t16 && A.T_ > 1)
+        pack_weights(G, PK, A.P, 4 * A.H, A.w_t, A.H, A.P, A.rs ? A.whr_t : nullptr);
     // (the rings of inference are written row by row too: threads never meet there either)
     int nt = row_threads(B, (size_t)(4 * A.H * A.P + (A.rs ? A.H * A.P : 0)) * sizeof(T));
     if (nt > 1) {
@@ -716,14 +763,14 @@ static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
             int64_t r0 = B * id / k, r1 = B * (id + 1) / k;
             unsigned int fp;
             fp_begin(&fp);
-            if (r0 < r1) forward_rows(A, G, r0, r1, 1);
+            if (r0 < r1) forward_rows(A, G, PK, r0, r1, 1);
             fp_end(fp);
         }
         return;
     }
     FtzState ftz;
     ftz_begin(ftz, A.T_);
-    forward_rows(A, G, 0, B, 0);
+    forward_rows(A, G, PK, 0, B, 0);
     ftz_end(ftz);
 }
 
@@ -738,10 +785,9 @@ static void col_sums(int64_t n, int64_t k, const T *GL_RESTRICT M, T *GL_RESTRIC
 }
 
 template <typename T>
-static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, int64_t r0, int64_t r1,
-                          T *db, T *dv, int threads) {
+static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, const Packed &PK, int64_t r0,
+                          int64_t r1, T *db, T *dv, int threads) {
     const int64_t Tn = A.T_, B = A.B, H = A.H, P = A.P, H4 = 4 * H;
-    gemm_fn<T> gemm = gemm_of<T>(G);
     const bool bf16 = A.w16 != nullptr && sizeof(T) == sizeof(float);
     uint16_t *d16 = bf16 ? new uint16_t[(size_t)((r1 - r0) * H4)] : nullptr;
     T *dr = A.whr ? new T[(size_t)((r1 - r0) * H)] : nullptr;
@@ -780,7 +826,7 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, int64_t r0, 
             if (gy)
                 for (int64_t j = 0; j < n * P; j++) gh[j] += gy[j];
             __builtin_memcpy(A.dhs + (t * B + r0) * P, gh, (size_t)(n * P) * sizeof(T));
-            gemm(n, H, P, gh, P, A.whr, H, T(0), dr, H, threads);
+            product(G, PK.whr, n, H, P, gh, P, A.whr, H, T(0), dr, H, threads);
             g = dr;
             gy = nullptr;
             ldg = H;
@@ -819,7 +865,7 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, int64_t r0, 
             to_bf16(n * H4, (const float *)dw_src, d16);
             G.bf16(n, P, H4, d16, H4, A.w16, P, 0.0f, (float *)dhr, P, threads);
         } else {
-            gemm(n, P, H4, dw_src, H4, A.w, P, T(0), dhr, P, threads);
+            product(G, PK.w, n, P, H4, dw_src, H4, A.w, P, T(0), dhr, P, threads);
         }
         if (V && V->hmask)  // the product read H_{t-1} m_h
             for (int64_t j = 0; j < n * P; j++) dhr[j] *= V->hmask[r0 * P + j];
@@ -846,6 +892,8 @@ static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
     int nt = row_threads(B, (size_t)(H4 * A.P + (A.whr ? A.H * A.P : 0)) * sizeof(T));
     if (A.db) __builtin_memset(A.db, 0, (size_t)H4 * sizeof(T));
     if (A.dv) __builtin_memset(A.dv, 0, (size_t)NV * sizeof(T));
+    Packed PK;  // W (4H x P) and W_hr (P x H), packed once for all steps
+    if (!A.w16 && A.T_ > 1) pack_weights(G, PK, H4, A.P, A.w, A.P, A.H, A.whr);
     if (nt > 1) {
         T *parts = A.db ? new T[(size_t)(nt * H4)]() : nullptr;
         T *vparts = A.dv ? new T[(size_t)(nt * NV)]() : nullptr;
@@ -856,7 +904,7 @@ static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
             unsigned int fp;
             fp_begin(&fp);
             if (r0 < r1)
-                backward_rows(A, G, r0, r1, parts ? parts + id * H4 : nullptr,
+                backward_rows(A, G, PK, r0, r1, parts ? parts + id * H4 : nullptr,
                               vparts ? vparts + id * NV : nullptr, 1);
             fp_end(fp);
         }
@@ -874,7 +922,7 @@ static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
     }
     FtzState ftz;
     ftz_begin(ftz, A.T_);
-    backward_rows(A, G, 0, B, A.db, A.dv, 0);
+    backward_rows(A, G, PK, 0, B, A.db, A.dv, 0);
     ftz_end(ftz);
 }
 

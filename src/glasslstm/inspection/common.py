@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-QUANTITIES = ("i", "f", "g", "o", "c", "h")  # torch's gate order, then the two states
+from glasslstm.config import QUANTITIES  # noqa: F401  (i f g o in torch's order, then c h)
+
 GATES = ("i", "f", "o")  # the sigmoid gates, values in [0, 1]
 
 

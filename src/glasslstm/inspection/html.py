@@ -32,6 +32,7 @@ from glasslstm.inspection.common import (
     resolve_layer,
     top_variance_cells,
 )
+from glasslstm.rundir import atomic_write_text
 
 HEAT_CELLS = 64  # rows of each heatmap: the most variable cells (of c) of the layer
 HEAT_TOKENS = 2000  # columns: the first tokens (one pixel or more each)
@@ -216,8 +217,5 @@ def render_html(
 def write_html(analysis, path, **kwargs) -> Path:
     """Write :func:`render_html` to ``path`` (atomically: a temporary file, then a rename)."""
     path = Path(path)
-    page = render_html(analysis, **kwargs)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, "utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, render_html(analysis, **kwargs))  # a failure: one WriteError line
     return path

@@ -160,7 +160,7 @@ def lstm_layer(
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and _autocast_dtype("cpu") == torch.bfloat16
-            and _keeping_rng(gemm.layer_bf16, x, weights[1])
+            and gemm.layer_bf16(x, weights[1])
         )
         with torch.autocast(x.device.type, enabled=False):
             return _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16, variant)
@@ -185,7 +185,7 @@ def _operator_layer(x, h0, c0, weights, batch_sizes, reverse, record, bf16, vari
         torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (x, h0, c0, *weights, *v.tensors))
     )
-    step, big = _keeping_rng(gemm.layer_providers, x, w_hh)
+    step, big = gemm.layer_providers(x, w_hh)
     out = library.layer(
         x,
         h0,
@@ -207,21 +207,6 @@ def _operator_layer(x, h0, c0, weights, batch_sizes, reverse, record, bf16, vari
     )
     y, h_n, c_n, gates, cs = out[:5]
     return (y, h_n, c_n, gates, cs) if record else (y, h_n, c_n)
-
-
-def _keeping_rng(choose, x, w_hh):
-    """``choose(x, w_hh)``, a GEMM decision, with torch's global generator left as it was: the
-    first decision for a size times products on random operands, which must not move the
-    generator that draws dropout and zoneout masks (a seed would otherwise fix them only when
-    the decision was cached before)."""
-    if torch.compiler.is_compiling():
-        return choose(x, w_hh)  # decided once while tracing, from constants
-    gen = torch.default_generator
-    state = gen.get_state()
-    try:
-        return choose(x, w_hh)
-    finally:
-        gen.set_state(state)
 
 
 # ---- autocast ----------------------------------------------------------------------------------

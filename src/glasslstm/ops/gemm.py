@@ -106,7 +106,7 @@ def _store(data: dict) -> None:
         pass  # a read-only cache: measure again next time
 
 
-def _busy() -> bool:
+def busy() -> bool:
     """Whether other work holds this machine's cores now (then a measurement of threaded
     products is kept for this process only, not stored for the next ones)."""
     try:
@@ -130,7 +130,7 @@ def _decide(key: str, measure) -> tuple[str, dict]:
         else:
             choice, seconds = measure()
             found = (choice, seconds)
-            if key.endswith(" 1") or not _busy():  # one-thread products: CPU time, robust
+            if key.endswith(" 1") or not busy():  # one-thread products: CPU time, robust
                 data.setdefault(mkey, {})[key] = {"choice": choice, "seconds": seconds}
                 _store(data)
         _memory[full] = found

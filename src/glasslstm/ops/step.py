@@ -61,12 +61,15 @@ class StepWeights:
         self.int8 = getattr(lstm, "quantized", None) == "int8" and self.dtype == torch.float32
         self.weights8: torch.Tensor | None = None
         self._key: list | None = None
+        self._held: list = []
         self.back = False  # the zig-zag order of the panels, flipped by every step
 
     def key(self) -> list:
-        """What identifies the weights as they are: each parameter's version counter (bumped
-        by every in-place change) and storage (a replaced parameter, a swapped ``.data``)."""
-        return [(p._version, p.data_ptr()) for p in self.lstm._flat_weights]
+        """What identifies the weights as they are: each tensor forward reads (a Parameter, or
+        what pruning or a parametrization put in its place), its version counter (bumped by
+        every in-place change) and storage (a swapped ``.data``). The tensors of the last
+        refresh are held (``_held``), so a new one cannot reuse an old one's id or memory."""
+        return [(id(p), p._version, p.data_ptr()) for p in self.lstm._flat_weights]
 
     def refresh(self) -> bool:
         """Re-read the weights when they changed (cheap when they did not). False when they can
@@ -109,6 +112,7 @@ class StepWeights:
         self.weights8 = torch.cat(int8s) if int8s else None
         self.layout = torch.tensor(layout, dtype=torch.int64)
         self._key = key
+        self._held = self.lstm._flat_weights
         return True
 
     def flip(self) -> bool:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from glasslstm.config import TASKS
+
 from .adding import AddingTask
 from .base import Task
 from .copy_memory import CopyTask
@@ -22,7 +24,6 @@ from .subject import SubjectTask
 
 __all__ = ["TASKS", "AddingTask", "CopyTask", "SubjectTask", "Task", "make_task"]
 
-TASKS = ("adding", "copy", "subject")
 _CLASSES: dict[str, Callable[..., Any]] = {
     "adding": AddingTask,
     "copy": CopyTask,

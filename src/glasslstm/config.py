@@ -1,0 +1,205 @@
+"""The configurations of a model and of a training run, and the names they choose from.
+
+Plain dataclasses with no dependency beyond the standard library and the option rules
+(:mod:`glasslstm.options`), so that the command line can describe every option (``--help``)
+without importing torch. Each field's comment is its meaning and unit; ``glasslstm train
+--help`` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from glasslstm import options
+from glasslstm.errors import ConfigError
+
+# The names some options choose from, here so that ``--help`` lists them without importing the
+# modules (and torch) that implement them.
+QUANTITIES = ("i", "f", "g", "o", "c", "h")  # torch's gate order, then the two states
+PROBES = ("quote", "line-position", "sentence-boundary", "bracket-depth")  # glasslstm cells
+TASKS = ("adding", "copy", "subject")  # the long-term-memory tasks (glasslstm.tasks)
+MEMORY_MODELS = ("lstm", "gru", "rnn")  # the recurrent models `bench memory` compares
+# How the LSTM's gate biases start: forget bias 1 (Jozefowicz et al. 2015), or the chrono
+# initialisation (Tallec & Ollivier 2018) spread over time scales up to the task's length.
+INITS = ("forget1", "chrono")
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """``cls(**d)`` for a config dataclass, where an unknown key is an error naming it."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"unknown {what} config keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int = 256  # 2x256 trains in minutes on 2 CPU cores; 2x512 for shakespeare
+    num_layers: int = 2  # depth helps char models more than width (Karpathy 2015)
+    dropout: float = 0.1  # between layers and before the softmax; 0.2-0.35 for small corpora
+    embed_size: int = 0  # 0: the LSTM's output size, which allows tie_weights
+    tie_weights: bool = False  # share the embedding with the output layer (Press & Wolf 2017)
+    forget_bias: float = 1.0  # start out remembering (Jozefowicz et al. 2015)
+    proj_size: int = 0  # LSTMP: project H_t to this size (0: none)
+    checkpoint: int = 0  # recompute in backward, S steps per segment (0: off); memory only
+
+    def __post_init__(self):
+        options.check_fields(self, options.MODEL, name=lambda key: f"ModelConfig.{key}")
+        if self.proj_size and self.proj_size >= self.hidden_size:
+            raise ConfigError(
+                f"proj_size={self.proj_size} must be smaller than hidden_size={self.hidden_size}"
+            )
+        if self.tie_weights and self.embed_size not in (0, self.out_size):
+            raise ConfigError(
+                f"tie_weights needs embed_size == the LSTM's output size ({self.out_size}); "
+                f"got embed_size={self.embed_size} (use 0 to match automatically)"
+            )
+
+    @property
+    def out_size(self) -> int:
+        return self.proj_size or self.hidden_size
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return config_from_dict(cls, d, "model")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: the data, the model, the optimisation, where it is written.
+    Each field is an option of ``glasslstm train`` (``hidden`` is ``--hidden``); what each
+    means is in :data:`TRAIN_HELP`. Values are checked on construction
+    (:data:`glasslstm.options.TRAIN`)."""
+
+    data: str | None = None
+    data_dir: str | None = None
+    level: str = "char"
+    min_freq: int = 2
+    hidden: int = 256
+    layers: int = 2
+    dropout: float = 0.1
+    embed: int = 0
+    tie_weights: bool = False
+    forget_bias: float = 1.0
+    seq_len: int = 128
+    batching: str = "stream"
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    max_steps: int = 600
+    time_budget: float = 0.0
+    eval_every: int = 100
+    eval_batches: int = 0
+    patience: int = 0
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    threads: int = 0
+    checkpoint: int = 0
+    deterministic: bool = False
+    precision: str = "fp32"
+    out: str | None = None
+
+    # Keys that may change when a run is resumed; everything else defines the run.
+    RESUMABLE = (
+        "max_steps",
+        "time_budget",
+        "eval_every",
+        "eval_batches",
+        "patience",
+        "log_every",
+        "device",
+        "threads",
+        "checkpoint",
+        "deterministic",
+        "precision",
+        "data",  # the same text at a new place: checked against the run's SHA-256
+        "data_dir",
+    )
+
+    def __post_init__(self):
+        options.check_train(self)  # types and ranges: glasslstm.options.TRAIN
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden,
+            num_layers=self.layers,
+            dropout=self.dropout,
+            embed_size=self.embed,
+            tie_weights=self.tie_weights,
+            forget_bias=self.forget_bias,
+            checkpoint=self.checkpoint,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return config_from_dict(cls, d, "train")
+
+
+# What each training option means and its unit, as `glasslstm train --help` prints it (followed
+# by the default). Every TrainConfig field has an entry (a test checks).
+TRAIN_HELP: dict[str, str] = {
+    "data": (
+        "the text: a UTF-8 file or a named corpus (stories, shakespeare); by default the built-"
+        "in stories corpus (generated, no download)"
+    ),
+    "data_dir": "a folder where named corpora are looked for first (by default the cache folder)",
+    "level": "what one token is: a character, a word, or a byte of UTF-8",
+    "min_freq": "word level: words seen fewer times than this in training become <unk>",
+    "hidden": "hidden units (cells) per LSTM layer",
+    "layers": "stacked LSTM layers",
+    "dropout": (
+        "probability of zeroing an activation between layers and before the output layer (0: off)"
+    ),
+    "embed": "size of the token embedding (0: the LSTM's output size, which --tie-weights needs)",
+    "tie_weights": "use the embedding matrix as the output layer's weights too",
+    "forget_bias": (
+        "initial bias of the forget gate (1: start out remembering, Jozefowicz et al. 2015)"
+    ),
+    "seq_len": (
+        "tokens per truncated-BPTT window (the state still flows from one window to the next)"
+    ),
+    "batching": (
+        "stream: the text cut into --batch-size rows read in order, state carried; random: "
+        "independent windows"
+    ),
+    "batch_size": "sequences (rows) trained in parallel per step",
+    "optimizer": "the optimizer: AdamW (decoupled weight decay) or SGD with momentum",
+    "lr": "peak learning rate (after warm-up)",
+    "weight_decay": "weight decay per step, relative to the learning rate (0: off)",
+    "momentum": "SGD's momentum (ignored by AdamW)",
+    "schedule": (
+        "learning rate over time: cosine decay to --min-lr-ratio x --lr at --max-steps, or constant"
+    ),
+    "warmup": "steps of linear learning-rate warm-up from 0",
+    "min_lr_ratio": "where the cosine schedule ends, as a fraction of --lr",
+    "clip": "largest gradient norm; larger gradients are scaled down to it (0: off)",
+    "max_steps": "optimizer steps to train for",
+    "time_budget": "seconds of training after which the run stops and saves (0: no limit)",
+    "eval_every": "steps between validations (each also saves a checkpoint)",
+    "eval_batches": "validation batches per evaluation (0: the whole validation split)",
+    "patience": "stop after this many validations without a new best (0: never)",
+    "log_every": "steps between training-loss rows in metrics.jsonl",
+    "seed": "seed of the initial weights, dropout, batch order and the final sample",
+    "device": "where to train: auto (a GPU if there is one), cpu, cuda, cuda:N or mps",
+    "threads": "CPU threads torch uses (0: torch's default, one per core)",
+    "checkpoint": (
+        "recompute activations in backward, this many time steps per segment: less memory, more"
+        " time (0: off)"
+    ),
+    "deterministic": "bitwise repeatable runs (on the same machine with the same --threads)",
+    "precision": (
+        "fp32, or bf16: matrix products in bfloat16 where the hardware has them, state and loss"
+        " in float32"
+    ),
+    "out": "the run directory to write (by default runs/<corpus>-<date>-<time>)",
+}
