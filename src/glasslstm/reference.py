@@ -641,3 +641,30 @@ def init_variant_params(
     if peephole:
         extra.update({n: 0.5 * rng.standard_normal(H) for n in ("p_i", "p_f", "p_o")})
     return LayerParams(**{n: getattr(p, n) for n in p.present()}, **extra)
+
+
+# ---- the embedding in front of the LSTM, with embedding dropout ------------------------------
+#
+# A language model's input x_t is row idx_t of the embedding matrix E (V, I). Embedding dropout
+# (Gal & Ghahramani 2016; Merity et al. 2017's dropoute) drops whole token types: one draw per
+# row of E, m_e (V,) 0 or 1/(1-p), the same at every occurrence of the token in the batch:
+#
+#     x_t = E[idx_t] ⊙ m_e[idx_t]          dL/dE[v] = Σ_{t,b: idx = v} m_e[v] dL/dx_t[b]
+
+
+def embed_forward(E: np.ndarray, idx: np.ndarray, row_mask: np.ndarray | None = None) -> np.ndarray:
+    """``idx`` (T, B) token ids -> x (T, B, I): rows of E, each scaled by its token's mask
+    entry (``row_mask`` (V,): embedding dropout; None: off)."""
+    x = E[idx]
+    return x if row_mask is None else x * row_mask[idx][..., None]
+
+
+def embed_backward(
+    dx: np.ndarray, idx: np.ndarray, vocab_size: int, row_mask: np.ndarray | None = None
+) -> np.ndarray:
+    """dL/dE (V, I) from dL/dx (T, B, I): each position's gradient added to its token's row
+    (scaled by that token's mask entry); rows of tokens not in ``idx`` get 0."""
+    g = dx if row_mask is None else dx * row_mask[idx][..., None]
+    dE = np.zeros((vocab_size, dx.shape[-1]), dtype=dx.dtype)
+    np.add.at(dE, idx.reshape(-1), g.reshape(-1, dx.shape[-1]))
+    return dE
