@@ -599,3 +599,78 @@ def test_bf16_autocast_with_layer_norm_stays_close_to_float32(monkeypatch):
     for a, b in zip(*runs):
         assert a.dtype == torch.float32 and rel_err(a, b) <= 3e-2
     assert not torch.equal(runs[0][0], runs[1][0])
+
+
+# ---------------------------------------------------------------- against torch's own modules
+
+
+def test_layer_norm_is_torchs_layernorm_around_the_products():
+    """The layer-normalised cell written with torch.nn.LayerNorm (haste's LayerNormLSTM: the
+    two products normalised apart, gain only; the cell with gain and bias) in a plain torch
+    loop: the same outputs and gradients as the fused path."""
+    torch.manual_seed(0)
+    dt, T, B, I, H = torch.float64, 6, 3, 4, 5
+    lstm = glasslstm.LSTM(I, H, layer_norm=True, dtype=dt, backend="fused")
+    with torch.no_grad():
+        for name, p in lstm.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    ln_ih = torch.nn.LayerNorm(4 * H, bias=False, dtype=dt)
+    ln_hh = torch.nn.LayerNorm(4 * H, bias=False, dtype=dt)
+    ln_c = torch.nn.LayerNorm(H, dtype=dt)
+    with torch.no_grad():
+        ln_ih.weight.copy_(lstm.ln_weight_ih_l0)
+        ln_hh.weight.copy_(lstm.ln_weight_hh_l0)
+        ln_c.weight.copy_(lstm.ln_weight_c_l0)
+        ln_c.bias.copy_(lstm.ln_bias_c_l0)
+    x = torch.randn(T, B, I, dtype=dt)
+
+    def torch_loop():
+        h = c = torch.zeros(B, H, dtype=dt)
+        ys = []
+        for x_t in x:
+            a = ln_ih(x_t @ lstm.weight_ih_l0.T) + ln_hh(h @ lstm.weight_hh_l0.T)
+            i, f, g, o = (a + lstm.bias_ih_l0 + lstm.bias_hh_l0).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(ln_c(c))
+            ys.append(h)
+        return torch.stack(ys)
+
+    ours, theirs = lstm(x)[0], torch_loop()
+    assert rel_err(ours.detach(), theirs.detach()) <= 1e-12
+    w = torch.linspace(-1, 1, ours.numel(), dtype=dt).view_as(ours)
+    pairs = [
+        (lstm.ln_weight_ih_l0, ln_ih.weight),
+        (lstm.ln_weight_hh_l0, ln_hh.weight),
+        (lstm.ln_weight_c_l0, ln_c.weight),
+        (lstm.ln_bias_c_l0, ln_c.bias),
+    ]
+    g_ours = torch.autograd.grad((ours * w).sum(), [p for p, _ in pairs] + [lstm.weight_hh_l0])
+    g_theirs = torch.autograd.grad((theirs * w).sum(), [q for _, q in pairs] + [lstm.weight_hh_l0])
+    for a, b in zip(g_ours, g_theirs):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_weight_and_variational_dropout_are_torch_lstm_with_the_masks(drawn):
+    """DropConnect is torch.nn.LSTM run with weight_hh ⊙ mask; variational dropout on a
+    layer's input and output is the input and output multiplied by a (B, ·) mask: with the
+    module's own masks, torch.nn.LSTM layer by layer gives the same outputs."""
+    torch.manual_seed(0)
+    lstm = glasslstm.LSTM(
+        3, 5, num_layers=2, dtype=torch.float64, weight_dropout=0.4,
+        input_dropout=0.3, output_dropout=0.2,
+    )  # fmt: skip
+    x = torch.randn(7, 4, 3, dtype=torch.float64)
+    out = lstm(x)[0]
+    masks = iter(m for _, m in drawn)  # per layer: input, W_hh, output
+    y = x
+    with torch.no_grad():
+        for k in range(2):
+            layer = torch.nn.LSTM(3 if k == 0 else 5, 5, dtype=torch.float64)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(layer, f"{name}_l0").copy_(getattr(lstm, f"{name}_l{k}"))
+            y = y * next(masks)
+            layer.weight_hh_l0.mul_(next(masks))
+            y = layer(y)[0] * next(masks)
+    assert next(masks, None) is None
+    assert rel_err(out.detach(), y) <= 1e-12
