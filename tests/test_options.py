@@ -236,6 +236,8 @@ def test_data_paths_are_made_absolute_and_names_stay_names(tmp_path, monkeypatch
         dict(vocab_size=11, hidden_size=8, num_layers=3, embed_size=5),
         dict(vocab_size=11, hidden_size=8, num_layers=2, proj_size=3),
         dict(vocab_size=11, hidden_size=8, num_layers=1, tie_weights=True),
+        dict(vocab_size=11, hidden_size=8, num_layers=2, layer_norm=True, peephole=True),
+        dict(vocab_size=11, hidden_size=8, num_layers=2, proj_size=3, layer_norm=True),
     ],
 )
 def test_parameter_shapes_are_the_models(kw):
@@ -246,6 +248,8 @@ def test_parameter_shapes_are_the_models(kw):
         kw["num_layers"],
         embed_size=kw.get("embed_size", 0),
         proj_size=kw.get("proj_size", 0),
+        layer_norm=kw.get("layer_norm", False),
+        peephole=kw.get("peephole", False),
     )
     assert shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = kw.get("tie_weights", False)

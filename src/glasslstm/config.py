@@ -22,6 +22,17 @@ MEMORY_MODELS = ("lstm", "gru", "rnn")  # the recurrent models `bench memory` co
 # How the LSTM's gate biases start: forget bias 1 (Jozefowicz et al. 2015), or the chrono
 # initialisation (Tallec & Ollivier 2018) spread over time scales up to the task's length.
 INITS = ("forget1", "chrono")
+# The regularised LSTM family's members `bench variants` times (glasslstm.bench.variants).
+VARIANT_MEMBERS = (
+    "layer_norm",
+    "peephole",
+    "cell_clip",
+    "zoneout",
+    "recurrent_dropout",
+    "weight_dropout",
+    "input_output_dropout",
+    "all",
+)
 
 
 def config_from_dict(cls, d: dict, what: str):
@@ -31,6 +42,21 @@ def config_from_dict(cls, d: dict, what: str):
     if unknown:
         raise ConfigError(f"unknown {what} config keys {sorted(unknown)}; known: {sorted(known)}")
     return cls(**d)
+
+
+# The regularised LSTM family's options: the same names in TrainConfig and ModelConfig.
+FAMILY = (
+    "layer_norm",
+    "peephole",
+    "cell_clip",
+    "zoneout_c",
+    "zoneout_h",
+    "recurrent_dropout",
+    "input_dropout",
+    "output_dropout",
+    "weight_dropout",
+    "embed_dropout",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +70,18 @@ class ModelConfig:
     forget_bias: float = 1.0  # start out remembering (Jozefowicz et al. 2015)
     proj_size: int = 0  # LSTMP: project H_t to this size (0: none)
     checkpoint: int = 0  # recompute in backward, S steps per segment (0: off); memory only
+    # The regularised LSTM family (glasslstm.LSTM's options of the same names; all off: the
+    # article's cell). Run directories written before these keys existed load with them off.
+    layer_norm: bool = False  # layer normalisation of the gate pre-activations and the cell
+    peephole: bool = False  # the gates also see the cell state (Gers & Schmidhuber 2000)
+    cell_clip: float = 0.0  # bound on |C_t| (0: no clipping)
+    zoneout_c: float = 0.0  # probability a cell unit keeps its previous value (training)
+    zoneout_h: float = 0.0  # the same for the hidden state
+    recurrent_dropout: float = 0.0  # variational dropout on H_{t-1} fed back, one mask/sequence
+    input_dropout: float = 0.0  # variational dropout on the embedded tokens (first layer's input)
+    output_dropout: float = 0.0  # variational dropout on every layer's output
+    weight_dropout: float = 0.0  # DropConnect on every weight_hh, one mask per forward pass
+    embed_dropout: float = 0.0  # drop whole tokens' embeddings (every occurrence in a batch)
 
     def __post_init__(self):
         options.check_fields(self, options.MODEL, name=lambda key: f"ModelConfig.{key}")
@@ -104,6 +142,16 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     checkpoint: int = 0
+    layer_norm: bool = False
+    peephole: bool = False
+    cell_clip: float = 0.0
+    zoneout_c: float = 0.0
+    zoneout_h: float = 0.0
+    recurrent_dropout: float = 0.0
+    input_dropout: float = 0.0
+    output_dropout: float = 0.0
+    weight_dropout: float = 0.0
+    embed_dropout: float = 0.0
     deterministic: bool = False
     precision: str = "fp32"
     out: str | None = None
@@ -138,6 +186,7 @@ class TrainConfig:
             tie_weights=self.tie_weights,
             forget_bias=self.forget_bias,
             checkpoint=self.checkpoint,
+            **{name: getattr(self, name) for name in FAMILY},
         )
 
     @classmethod
@@ -195,6 +244,40 @@ TRAIN_HELP: dict[str, str] = {
     "checkpoint": (
         "recompute activations in backward, this many time steps per segment: less memory, more"
         " time (0: off)"
+    ),
+    "layer_norm": (
+        "layer normalisation (Ba et al. 2016) of the input and recurrent products before the "
+        "gates and of the cell state before its tanh, with a learned gain (and cell bias) each"
+    ),
+    "peephole": (
+        "peephole connections (Gers & Schmidhuber 2000): the input and forget gates also see "
+        "C_{t-1}, the output gate C_t, through a learned weight per unit"
+    ),
+    "cell_clip": "clip the cell state C_t to [-v, v] at every step (0: no clipping)",
+    "zoneout_c": (
+        "zoneout (Krueger et al. 2016): probability that a unit of the cell state keeps its "
+        "previous value at a training step (0: off)"
+    ),
+    "zoneout_h": "zoneout of the hidden state H_t: the same probability for H_t (0: off)",
+    "recurrent_dropout": (
+        "variational dropout (Gal & Ghahramani 2016) on the hidden state fed back to the next "
+        "step: probability of zeroing a unit, one mask per sequence for all its steps (0: off)"
+    ),
+    "input_dropout": (
+        "variational dropout on the embedded tokens entering the first LSTM layer: probability "
+        "of zeroing a feature, one mask per sequence for all its steps (0: off)"
+    ),
+    "output_dropout": (
+        "variational dropout on every LSTM layer's output (the last one's before the output "
+        "layer): probability of zeroing a unit, one mask per sequence (0: off)"
+    ),
+    "weight_dropout": (
+        "DropConnect on the recurrent weights W_hh (the weight drop of Merity et al. 2017): "
+        "probability of zeroing a weight, one mask per training step (0: off)"
+    ),
+    "embed_dropout": (
+        "embedding dropout (Gal & Ghahramani 2016): probability of dropping a token type's "
+        "whole embedding, at all its occurrences in a training batch (0: off)"
     ),
     "deterministic": "bitwise repeatable runs (on the same machine with the same --threads)",
     "precision": (

@@ -2,6 +2,8 @@
 
 Embedding -> glasslstm.LSTM (layers, dropout) -> dropout -> Linear -> softmax. The softmax over
 ``V H_t + b_V`` is the article's output layer; its argmax is "the" prediction (temperature 0).
+The regularised LSTM family (:data:`glasslstm.config.FAMILY`) is passed to the LSTM, except
+embedding dropout, which is done here.
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ class LanguageModel(nn.Module):
             proj_size=config.proj_size,
             forget_bias=config.forget_bias,
             checkpoint=config.checkpoint,
+            layer_norm=config.layer_norm,
+            peephole=config.peephole,
+            cell_clip=config.cell_clip,
+            zoneout_c=config.zoneout_c,
+            zoneout_h=config.zoneout_h,
+            recurrent_dropout=config.recurrent_dropout,
+            # the embedded tokens (AWD-LSTM's dropouti); later layers read the outputs below
+            input_dropout=(config.input_dropout,) + (0.0,) * (config.num_layers - 1),
+            output_dropout=config.output_dropout,
+            weight_dropout=config.weight_dropout,
         )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.out_size, config.vocab_size)  # V H_t + b_V
@@ -85,6 +97,9 @@ class LanguageModel(nn.Module):
                 f"{tuple(idx.shape)} dtype {idx.dtype}"
             )
         x = self.embedding(idx)  # (B, T, E)
+        p = self.config.embed_dropout
+        if p and self.training:  # embedding dropout: a token type's whole row, 1/(1-p) kept
+            x = x * _row_mask(self.embedding.weight, p)[idx]
         out = self.lstm(x, state, return_gates=True) if return_gates else self.lstm(x, state)
         h, state = out[0], out[1]
         logits = self.head(self.drop(h))  # (B, T, V)
@@ -304,6 +319,12 @@ class LanguageModel(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+
+def _row_mask(weight: torch.Tensor, p: float) -> torch.Tensor:
+    """(V, 1): 0 with probability p, else 1/(1-p) — one draw per row (token type) of
+    ``weight``, the embedding dropout of Gal & Ghahramani (2016) and Merity et al. (2017)."""
+    return weight.new_empty(weight.shape[0], 1).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 def _check_save_target(run_dir: Path) -> None:

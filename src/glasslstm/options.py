@@ -170,6 +170,21 @@ OUTFILE = Rule("outfile", optional=True)
 SEED = integer(0, SEED_MAX)
 PROBABILITY = number(0, 1, high_open=True)
 
+# The regularised LSTM family's options (the same in TrainConfig and ModelConfig).
+OFF_OR_PROBABILITY = number(0, 1, high_open=True, note="0: off")
+FAMILY_RULES: dict[str, Rule] = {
+    "layer_norm": FLAG,
+    "peephole": FLAG,
+    "cell_clip": number(0, note="0: no clipping"),
+    "zoneout_c": OFF_OR_PROBABILITY,
+    "zoneout_h": OFF_OR_PROBABILITY,
+    "recurrent_dropout": OFF_OR_PROBABILITY,
+    "input_dropout": OFF_OR_PROBABILITY,
+    "output_dropout": OFF_OR_PROBABILITY,
+    "weight_dropout": OFF_OR_PROBABILITY,
+    "embed_dropout": OFF_OR_PROBABILITY,
+}
+
 # TrainConfig's fields (the train command's options, config.json's "train").
 TRAIN: dict[str, Rule] = {
     "data": TEXT,
@@ -203,6 +218,7 @@ TRAIN: dict[str, Rule] = {
     "device": DEVICE,
     "threads": integer(0, MAX_THREADS, note="0: torch's default"),
     "checkpoint": integer(0, note="0: off"),
+    **FAMILY_RULES,
     "deterministic": FLAG,
     "precision": choice(*PRECISIONS),
     "out": TEXT,
@@ -219,6 +235,7 @@ MODEL: dict[str, Rule] = {
     "forget_bias": number(),
     "proj_size": integer(0, note="0: none"),
     "checkpoint": integer(0, note="0: off"),
+    **FAMILY_RULES,
 }
 
 # LanguageModel.generate and `glasslstm sample`.
@@ -362,9 +379,12 @@ def parameter_shapes(
     *,
     embed_size: int = 0,
     proj_size: int = 0,
+    layer_norm: bool = False,
+    peephole: bool = False,
 ) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor in a LanguageModel's state_dict, without building one:
-    embedding, each LSTM layer's U, W, biases (and projection), the output layer."""
+    embedding, each LSTM layer's U, W, biases (and projection; layer normalisation's gains
+    and cell bias, peephole weights), the output layer."""
     out = proj_size or hidden_size
     embed = embed_size or out
     shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (vocab_size, embed)}
@@ -375,6 +395,14 @@ def parameter_shapes(
         shapes[f"lstm.bias_hh_l{k}"] = (4 * hidden_size,)
         if proj_size:
             shapes[f"lstm.weight_hr_l{k}"] = (proj_size, hidden_size)
+    for k in range(num_layers):  # glasslstm.LSTM registers the family's after torch's
+        if layer_norm:
+            shapes[f"lstm.ln_weight_ih_l{k}"] = (4 * hidden_size,)
+            shapes[f"lstm.ln_weight_hh_l{k}"] = (4 * hidden_size,)
+            shapes[f"lstm.ln_weight_c_l{k}"] = (hidden_size,)
+            shapes[f"lstm.ln_bias_c_l{k}"] = (hidden_size,)
+        if peephole:
+            shapes[f"lstm.weight_ch_l{k}"] = (3 * hidden_size,)
     shapes["head.weight"] = (vocab_size, out)
     shapes["head.bias"] = (vocab_size,)
     return shapes
@@ -419,7 +447,14 @@ def training_memory(cfg, vocab_size: int) -> MemoryEstimate:
     2.3 times this figure (H 256-1024, checkpointing on and off): the allocator's caches and
     the backward pass's temporaries come on top.
     """
-    shapes = parameter_shapes(vocab_size, cfg.hidden, cfg.layers, embed_size=cfg.embed)
+    shapes = parameter_shapes(
+        vocab_size,
+        cfg.hidden,
+        cfg.layers,
+        embed_size=cfg.embed,
+        layer_norm=cfg.layer_norm,
+        peephole=cfg.peephole,
+    )
     params = count_parameters(shapes, tie_weights=cfg.tie_weights)
     moments = 2 if cfg.optimizer == "adamw" else (1 if cfg.momentum else 0)
     what = "parameters, gradients and " + (

@@ -272,7 +272,13 @@ def read_model(run_dir, which: str = "best", device: torch.device | None = None)
     )
     m = model_config
     shapes = options.parameter_shapes(
-        m.vocab_size, m.hidden_size, m.num_layers, embed_size=m.embed_size, proj_size=m.proj_size
+        m.vocab_size,
+        m.hidden_size,
+        m.num_layers,
+        embed_size=m.embed_size,
+        proj_size=m.proj_size,
+        layer_norm=m.layer_norm,
+        peephole=m.peephole,
     )
     of = (
         f"config.json's model (vocab_size {m.vocab_size}, hidden_size {m.hidden_size}, "
