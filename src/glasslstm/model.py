@@ -6,7 +6,6 @@ Embedding -> glasslstm.LSTM (layers, dropout) -> dropout -> Linear -> softmax. T
 
 from __future__ import annotations
 
-import codecs
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glasslstm import __version__, options, rundir
-from glasslstm.data import Tokenizer
+from glasslstm.data import Tokenizer, WordTokenizer
 from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
 
@@ -199,21 +198,21 @@ class LanguageModel(nn.Module):
         else:
             gen.manual_seed(seed)
         tok = self.require_tokenizer()
-        # Byte-level output may split a UTF-8 character across tokens: decode incrementally.
-        decoder = codecs.getincrementaldecoder("utf-8")("replace") if tok.level == "byte" else None
+        # Token by token: words get their spaces, a UTF-8 character split across byte
+        # tokens waits for its last byte.
+        decoder = tok.decoder(after=prompt)
         with self._evaluating():
             logits, state = self._prime(prompt)
             stream = self.stream(state)  # one token per step, nothing allocated
             for _ in range(length):
                 nxt = _sample(logits, temperature, top_k, top_p, gen)
-                piece = decoder.decode(bytes([nxt])) if decoder else tok.decode([nxt])
+                piece = decoder(nxt)
                 if piece:
                     yield piece
                 logits = stream.step(nxt)
-            if decoder:
-                tail = decoder.decode(b"", final=True)
-                if tail:
-                    yield tail
+            tail = decoder.flush()
+            if tail:
+                yield tail
 
     @contextmanager
     def _evaluating(self):
@@ -248,6 +247,11 @@ class LanguageModel(nn.Module):
         word, prob, stream = "", 1.0, None
         with self._evaluating():
             logits, state = self._prime(text)
+            if isinstance(tok, WordTokenizer) and tok.split == "whitespace":
+                probs = torch.softmax(logits.float(), -1)  # one token is one word
+                probs[tok.stoi[tok.EOS]] = 0.0  # the end of the line is not a word
+                i = int(probs.argmax())
+                return tok.decode([i]), float(probs[i])
             for _ in range(max_tokens):
                 probs = torch.softmax(logits.float(), -1)
                 i = int(probs.argmax())
