@@ -16,12 +16,14 @@ uninterrupted (same machine, same thread count).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,35 +41,70 @@ from glasslstm.determinism import deterministic
 from glasslstm.errors import ConfigError, DataError, WriteError
 from glasslstm.interrupt import GracefulStop
 from glasslstm.model import LanguageModel, ModelConfig, config_from_dict, load_vocab
+from glasslstm.progress import make_progress
 
 LN2 = math.log(2.0)
 
 
+# A good run of each level on a 2-core machine in a few minutes to an hour: the value of
+# every TrainConfig field left at None. Char and byte: 2x256 reaches a good stories model
+# in minutes; AdamW at 2e-3 is the sweet spot for char LSTMs of this size. Word (PTB /
+# WikiText-style text): the output layer tied to the embedding (Press & Wolf 2017; half the
+# parameters of a large vocabulary) and strong dropout, as small word corpora overfit within
+# a few passes; windows of 35 words, as in the literature.
+LEVEL_DEFAULTS: dict[str, dict[str, object]] = {
+    "char": {
+        "hidden": 256,
+        "dropout": 0.1,
+        "tie_weights": False,
+        "seq_len": 128,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "max_steps": 600,
+    },
+    "word": {
+        "hidden": 256,
+        "dropout": 0.5,
+        "tie_weights": True,
+        "seq_len": 35,
+        "batch_size": 32,
+        "lr": 3e-3,
+        "max_steps": 1000,
+    },
+}
+LEVEL_DEFAULTS["byte"] = dict(LEVEL_DEFAULTS["char"])
+# The default of the fields above: TrainConfig replaces it with the level's value.
+BY_LEVEL: Any = None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str | None = None  # None: the built-in `stories` corpus (no download)
+    data: str | None = None  # a corpus name, a file, or a folder (None: the built-in stories)
+    train: str | None = None  # the training split's file (instead of --data)
+    valid: str | None = None  # the validation split's file (none: the last 10% of --train)
+    test: str | None = None  # the test split's file: the best model is scored on it at the end
     data_dir: str | None = None  # where named corpora are looked up first
     level: str = "char"  # char | word | byte tokens
     min_freq: int = 2  # word level: rarer words become <unk>
-    hidden: int = 256  # 2x256 reaches a good stories model in minutes on 2 cores
+    hidden: int = BY_LEVEL  # LSTM units per layer
     layers: int = 2  # two layers: the usual char-LSTM depth
-    dropout: float = 0.1  # light: stories is large for this model; 0.2+ for shakespeare
+    dropout: float = BY_LEVEL  # between layers and before the softmax
     embed: int = 0  # 0: same as the LSTM output (lets --tie-weights work)
-    tie_weights: bool = False  # share embedding and output weights
+    tie_weights: bool = BY_LEVEL  # share embedding and output weights
     forget_bias: float = 1.0  # Jozefowicz et al. 2015: start out remembering
-    seq_len: int = 128  # truncated-BPTT window; state still flows across windows
+    seq_len: int = BY_LEVEL  # truncated-BPTT window (tokens); state flows across windows
     batching: str = "stream"  # stream (TBPTT, state carried) | random (independent windows)
-    batch_size: int = 32  # rows of the stream trained in parallel
+    batch_size: int = BY_LEVEL  # rows of the stream trained in parallel
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 2e-3  # AdamW's sweet spot for char LSTMs of this size
+    lr: float = BY_LEVEL  # peak learning rate
     weight_decay: float = 0.01  # AdamW decoupled decay; small, LSTMs overfit slowly
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"  # cosine (to min_lr_ratio * lr at max_steps) | constant
     warmup: int = 50  # linear warm-up steps: AdamW's early steps are noisy
     min_lr_ratio: float = 0.1  # the cosine schedule's floor
     clip: float = 1.0  # gradient-norm clipping (0: off); LSTMs need it
-    max_steps: int = 600  # the README's default run: a few minutes on 2 cores
-    time_budget: float = 0.0  # seconds of training (0: none); stops early, still saves
+    max_steps: int = BY_LEVEL  # optimizer steps (0: no limit)
+    time_budget: float = 0.0  # seconds of training (0: none); stops there, still saves
     eval_every: int = 100  # steps between validations (and checkpoints)
     eval_batches: int = 0  # validation batches per evaluation (0: the whole split)
     patience: int = 0  # stop after this many evaluations without improvement (0: off)
@@ -94,10 +131,20 @@ class TrainConfig:
         "deterministic",
         "precision",
         "data",  # the same text at a new place: checked against the run's SHA-256
+        "train",
+        "valid",
+        "test",
         "data_dir",
     )
 
     def __post_init__(self):
+        # None: the level's default (max_steps: no limit when there is a time budget)
+        defaults = dict(LEVEL_DEFAULTS.get(self.level, {}))
+        if self.time_budget and not isinstance(self.time_budget, str):
+            defaults["max_steps"] = 0
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         options.check_train(self)  # types and ranges: glasslstm.options.TRAIN
 
     def model_config(self, vocab_size: int) -> ModelConfig:
@@ -131,6 +178,8 @@ class TrainResult:
     message: str = ""
     fill_in: list = field(default_factory=list)
     interrupted_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
+    test: dict | None = None  # the best model on the test split: loss, bpc, perplexity, tokens
+    files: dict = field(default_factory=dict)  # split -> the file it was read from
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -216,8 +265,9 @@ def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
+    progress = 0.0  # max_steps 0: no step limit, the time budget alone
+    if cfg.max_steps:
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     if cfg.time_budget:
         progress = max(progress, min(1.0, seconds / cfg.time_budget))
     floor = cfg.lr * cfg.min_lr_ratio
@@ -235,7 +285,9 @@ def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optim
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    name = Path(cfg.data).stem if cfg.data else "stories"
+    # split files: their folder's name (wikitext-2/train.txt -> wikitext-2)
+    name = Path(cfg.train).resolve().parent.name if cfg.train else None
+    name = name or (Path(cfg.data).stem if cfg.data else "stories")
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -277,8 +329,8 @@ def train(
         cfg = replace(
             cfg, **{k: v for k, v in (overrides or {}).items() if k in TrainConfig.RESUMABLE}
         )
-    else:
-        cfg = replace(config or TrainConfig(), **(overrides or {}))
+    else:  # the level's defaults for what neither config nor overrides set
+        cfg = replace(config, **overrides) if config else TrainConfig(**overrides)
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         _check_new_run_dir(run_dir)
         cfg = replace(cfg, **options.resolve_paths({**asdict(cfg), "out": str(run_dir)}))
@@ -320,10 +372,14 @@ class _Run:
         build_model,
     ) -> None:
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        splits = {"train": cfg.train, "valid": cfg.valid, "test": cfg.test}
         if corpus is None and resume is not None:
-            moved = f"resume with `glasslstm train --resume {run_dir} --data NEW_PATH`"
-            corpus = runfiles.load_run_corpus(run_dir, cfg.data, cfg.data_dir, moved_fix=moved)
-        corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
+            flags = "--train NEW_PATH ..." if cfg.train else "--data NEW_PATH"
+            moved = f"resume with `glasslstm train --resume {run_dir} {flags}`"
+            corpus = runfiles.load_run_corpus(
+                run_dir, cfg.data, cfg.data_dir, moved_fix=moved, splits=splits
+            )
+        corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0, **splits)
         tok = (
             load_vocab(run_dir)
             if resume is not None
@@ -341,6 +397,13 @@ class _Run:
         self.stream = TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
         self.val_cpt = chars_per_token(tok, corpus.val, len(self.val_ids))
         self.train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
+        self.files = dict(corpus.files)
+        self.test_ids = None
+        if corpus.test:
+            what = f"the test file {corpus.files.get('test', corpus.name)!r}"
+            self.test_ids = tok.encode_bytes(corpus.test, what=what)
+            self.test_cpt = chars_per_token(tok, corpus.test, len(self.test_ids))
+            self.test_unknown = tok.unknown(corpus.test.decode("utf-8", errors="replace"))
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model_config(tok.vocab_size), tok).to(device)
@@ -367,6 +430,12 @@ class _Run:
                         "train_tokens": int(len(train_ids)),
                         "val_tokens": int(len(self.val_ids)),
                         "sha256": runfiles.corpus_sha256(corpus),
+                        **({"files": corpus.files} if corpus.files else {}),
+                        **(
+                            {"test_tokens": int(len(self.test_ids))}
+                            if self.test_ids is not None
+                            else {}
+                        ),
                     },
                 },
             )
@@ -415,6 +484,26 @@ class _Run:
                 "seconds": round(p.seconds, 3),
             }
         )
+        return res
+
+    def score_test(self) -> dict | None:
+        """The best model (``best/``) on the test split, logged as the ``test`` row of
+        metrics.jsonl; None when the corpus has no test split."""
+        if self.test_ids is None:
+            return None
+        cfg = self.cfg
+        best = copy.deepcopy(self.model)  # the training model and its state stay as they are
+        weights = rundir.load_tensors(self.run_dir / "best" / "model.safetensors")
+        best.load_state_dict(weights, strict=not cfg.tie_weights)
+        res = evaluate(
+            best,
+            self.test_ids,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            chars_per_token=self.test_cpt,
+        )
+        res["unknown"] = self.test_unknown
+        self.log({"split": "test", "step": self.progress.step, **res})
         return res
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,12 +557,18 @@ def _train(
     """:func:`train` once its configuration, run directory and device are settled."""
     run = _Run(cfg, run_dir, resume, device, corpus, build_model)
     p = run.progress
-    bar = _progress_bar(cfg, p.step) if progress else None
+    bar = (
+        make_progress(
+            max_steps=cfg.max_steps, time_budget=cfg.time_budget, step=p.step, seconds=p.seconds
+        )
+        if progress
+        else None
+    )
     stopped, message, last_val = "max_steps", "", None
     window = _Window()
     run.model.train()
     with GracefulStop() as interrupt, bar or nullcontext():
-        while p.step < cfg.max_steps:
+        while not cfg.max_steps or p.step < cfg.max_steps:
             t_step = time.perf_counter()
             x, y = run.batch()
             lr = lr_at(cfg, p.step, p.seconds)
@@ -508,11 +603,9 @@ def _train(
                     }
                 )
                 if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}", refresh=False
-                    )
+                    bar.show(loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}")
             if bar is not None:
-                bar.update(1)
+                bar.advance(p.step, p.seconds)
             out_of_time = cfg.time_budget and p.seconds >= cfg.time_budget
             if p.step % cfg.eval_every == 0 or p.step == cfg.max_steps or out_of_time:
                 last_val = run.validate()
@@ -533,8 +626,10 @@ def _train(
                 break
     if bar is not None:
         bar.close()
-    if last_val is None and stopped not in ("interrupted", "diverged"):
+    finished = stopped not in ("interrupted", "diverged")
+    if last_val is None and finished:
         last_val = run.validate()
+    test = run.score_test() if finished else None
     _write_curves(run_dir)
     if not message:
         message = f"stopped: {stopped} at step {p.step}"
@@ -551,6 +646,8 @@ def _train(
         seconds=p.seconds,
         message=message,
         interrupted_by=interrupt.name,
+        test=test,
+        files=run.files,
     )
 
 
@@ -568,19 +665,6 @@ class _Window:
         mean, tps = self.loss / max(self.n, 1), self.tokens / max(now - self.t0, 1e-9)
         self.loss, self.n, self.tokens, self.t0 = 0.0, 0, 0, now
         return mean, tps
-
-
-def _progress_bar(cfg: TrainConfig, start: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
-        leave=True,
-    )
 
 
 def _save_resume_point(run_dir: Path, model, opt, progress: _Progress, state) -> None:

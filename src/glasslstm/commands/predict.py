@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from glasslstm import options
+from glasslstm.commands import unknown_note
 from glasslstm.model import LanguageModel
 
 OPTIONS = {"top": options.integer(1)}
@@ -32,18 +34,23 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     options.check_args(args, OPTIONS)
     model = LanguageModel.load(args.run_dir, which=args.which)
+    tok = model.require_tokenizer()
     preds = model.predict_next(args.text, top=args.top)
-    word = model.next_word(args.text) if model.require_tokenizer().level != "word" else None
+    word = model.next_word(args.text) if tok.level != "word" else None
+    unknown = tok.unknown(args.text)
     if args.json:
         out = {
             "text": args.text,
-            "level": model.require_tokenizer().level,
+            "level": tok.level,
+            "unknown": unknown,
             "next": [{"token": p.text, "prob": p.prob} for p in preds],
         }
         if word is not None:
             out["next_word"] = {"word": word[0], "prob": word[1]}
         print(json.dumps(out, indent=2))
         return 0
+    if unknown:
+        print(unknown_note(tok, unknown, "TEXT"), file=sys.stderr)
     print(f"after {args.text!r}:")
     width = max(len(p.token) for p in preds)
     for p in preds:
