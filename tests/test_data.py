@@ -390,12 +390,8 @@ def test_word_level_follows_the_ptb_wikitext_conventions():
     assert not any(t.isspace() for t in tok.tokens)  # no whitespace tokens
     ids = tok.encode_bytes(c.train)
     words = [tok.tokens[i] for i in ids]
-    assert (
-        words
-        == (
-            "= Valkyria = <eos> <eos> Bob is a nice <unk> . Dan is evil . <eos> Bob is a <unk> <eos>"
-        ).split()
-    )
+    expected = "= Valkyria = <eos> <eos> Bob is a nice <unk> . Dan is evil . <eos> "
+    assert words == (expected + "Bob is a <unk> <eos>").split()
     # the last line of a split ends in <eos> with or without a newline; unseen words are <unk>
     val = [tok.tokens[i] for i in tok.encode_bytes(c.val)]
     assert val == "Bob is nice <eos> Dan is a <unk> <unk> . <eos>".split()

@@ -1,6 +1,9 @@
 """The web inspector's API (glasslstm.inspection.server) through Starlette's test client, and the
 `glasslstm serve` command's parser and start-up."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
@@ -8,7 +11,7 @@ from starlette.testclient import TestClient
 from conftest import STORY
 from glasslstm.cli import build_parser, main
 from glasslstm.inspection import analyze
-from glasslstm.inspection.server import cells_on, create_app, find_matches
+from glasslstm.inspection.server import cells_on, create_app, find_matches, match_source
 from glasslstm.model import LanguageModel
 
 TEXT = 'Bob is a nice person. "Run," said Bob.'
@@ -240,12 +243,26 @@ def test_match_without_a_text_to_search(model):
     assert_clean_error(r, 400, "no text to search", "--data")
 
 
-def test_match_text_outside_the_vocabulary_is_a_message(tiny_run, tmp_path):
+def test_match_text_outside_the_vocabulary_is_searched_as_unknown(tiny_run, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("Zoë and Xavier\n" * 5, encoding="utf-8")
     with TestClient(create_app(tiny_run, data=str(other))) as c:
         r = c.post("/api/match", json={"text": TEXT, "start": 0, "end": 3, "threshold": -2})
-    assert_clean_error(r, 400, "not in the vocabulary")
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["matches"], list)
+
+
+def test_a_split_file_run_searches_its_validation_file(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    train_file, valid_file = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train_file.write_text(STORY)
+    valid_file.write_text("Dan is evil.\n")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"].update(data=None, train=str(train_file), valid=str(valid_file))
+    (run / "config.json").write_text(json.dumps(cfg))
+    text, what = match_source(run)()
+    assert text == "Dan is evil.\n" and "validation split" in what
 
 
 def test_serve_parser_defaults_to_this_machine_only():

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -232,6 +233,28 @@ def test_split_files_are_used_as_such_and_the_best_model_is_scored_on_test(tmp_p
     assert res.test["tokens"] == expected["tokens"]
     rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if r["split"] == "test"] == [{"split": "test", "step": 16, **res.test}]
+
+
+@pytest.mark.slow
+def test_a_split_file_run_resumes_from_its_files_new_place(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    for name, text in (("a.txt", TEXT), ("b.txt", TEXT[:300]), ("c.txt", TEXT[:200])):
+        (old / name).write_text(text)
+    files = {"train": old / "a.txt", "valid": old / "b.txt", "test": old / "c.txt"}
+    cfg = TrainConfig(**{**TINY, "max_steps": 4}, **{k: str(v) for k, v in files.items()})
+    first = train(replace(cfg, out=str(tmp_path / "r")), progress=False)
+    old.rename(new)
+    with pytest.raises(DataError, match=r"is not there any more.*--train NEW_PATH"):
+        train(resume=first.run_dir, overrides={"max_steps": 8}, progress=False)
+    moved = {k: str(new / v.name) for k, v in files.items()}
+    res = train(resume=first.run_dir, overrides={"max_steps": 8, **moved}, progress=False)
+    assert res.step == 8 and res.files == moved and res.test["tokens"] > 0
+    config = json.loads((first.run_dir / "config.json").read_text())
+    assert config["corpus"]["files"] == moved and config["train"]["test"] == moved["test"]
+    (new / "c.txt").write_text(TEXT[:201])  # another test text: not the run's corpus
+    with pytest.raises(DataError, match="SHA-256 differs"):
+        train(resume=first.run_dir, overrides={"max_steps": 9}, progress=False)
 
 
 def test_no_test_split_no_test_figures(tmp_path):

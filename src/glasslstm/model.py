@@ -386,6 +386,14 @@ def training_data(run_dir, *, required: bool = True) -> tuple[str | None, str | 
     return train.get("data"), train.get("data_dir")
 
 
+def training_splits(run_dir) -> dict[str, str | None]:
+    """The split files a run was trained with (``--train``, ``--valid``, ``--test``; each
+    None where not given), for the commands that read its validation or test split."""
+    train = rundir.read_config(run_dir).get("train")
+    train = train if isinstance(train, dict) else {}
+    return {split: train.get(split) for split in ("train", "valid", "test")}
+
+
 def load_vocab(run_dir) -> Tokenizer:
     """The tokenizer saved in ``run_dir/vocab.json`` (JSON; a clear RunDirError if unusable)."""
     from glasslstm import runfiles
