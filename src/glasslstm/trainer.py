@@ -47,7 +47,7 @@ LN2 = math.log(2.0)
 
 
 # A good run of each level on a 2-core machine in a few minutes to an hour: the value of
-# every TrainConfig field left at None. Char and byte: 2x256 reaches a good stories model
+# every TrainConfig field left at BY_LEVEL. Char and byte: 2x256 reaches a good stories model
 # in minutes; AdamW at 2e-3 is the sweet spot for char LSTMs of this size. Word (PTB /
 # WikiText-style text): the output layer tied to the embedding (Press & Wolf 2017; half the
 # parameters of a large vocabulary) and strong dropout, as small word corpora overfit within
@@ -138,9 +138,10 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        # None: the level's default (max_steps: no limit when there is a time budget)
+        # BY_LEVEL: the level's default (max_steps: no limit when there is a time budget;
+        # a time budget that is not a number is refused by the check below)
         defaults = dict(LEVEL_DEFAULTS.get(self.level, {}))
-        if self.time_budget and not isinstance(self.time_budget, str):
+        if self.time_budget:
             defaults["max_steps"] = 0
         for key, value in defaults.items():
             if getattr(self, key) is None:
