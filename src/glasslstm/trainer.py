@@ -16,6 +16,7 @@ uninterrupted (same machine, same thread count).
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import time
@@ -42,6 +43,7 @@ from glasslstm.distributed import Ranks, check_resume, session
 from glasslstm.errors import ConfigError, DataError, WriteError
 from glasslstm.interrupt import GracefulStop
 from glasslstm.model import LanguageModel, load_vocab
+from glasslstm.progress import make_progress
 
 LN2 = math.log(2.0)
 
@@ -60,6 +62,8 @@ class TrainResult:
     message: str = ""
     fill_in: list = field(default_factory=list)
     interrupted_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
+    test: dict | None = None  # the best model on the test split: loss, bpc, perplexity, tokens
+    files: dict = field(default_factory=dict)  # split -> the file it was read from
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -150,8 +154,9 @@ def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
+    progress = 0.0  # max_steps 0: no step limit, the time budget alone
+    if cfg.max_steps:
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     if cfg.time_budget:
         progress = max(progress, min(1.0, seconds / cfg.time_budget))
     floor = cfg.lr * cfg.min_lr_ratio
@@ -165,7 +170,9 @@ def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optim
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    name = Path(cfg.data).stem if cfg.data else "stories"
+    # split files: their folder's name (wikitext-2/train.txt -> wikitext-2)
+    name = Path(cfg.train).resolve().parent.name if cfg.train else None
+    name = name or (Path(cfg.data).stem if cfg.data else "stories")
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -207,8 +214,8 @@ def train(
         cfg = replace(
             cfg, **{k: v for k, v in (overrides or {}).items() if k in TrainConfig.RESUMABLE}
         )
-    else:
-        cfg = replace(config or TrainConfig(), **(overrides or {}))
+    else:  # the level's defaults for what neither config nor overrides set
+        cfg = replace(config, **overrides) if config else TrainConfig(**overrides)
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         _check_new_run_dir(run_dir)
         cfg = replace(cfg, **options.resolve_paths({**asdict(cfg), "out": str(run_dir)}))
@@ -258,10 +265,14 @@ class _Run:
         ranks: Ranks,
     ) -> None:
         self.cfg, self.run_dir, self.device, self.ranks = cfg, run_dir, device, ranks
+        splits = {"train": cfg.train, "valid": cfg.valid, "test": cfg.test}
         if corpus is None and resume is not None:
-            moved = f"resume with `glasslstm train --resume {run_dir} --data NEW_PATH`"
-            corpus = runfiles.load_run_corpus(run_dir, cfg.data, cfg.data_dir, moved_fix=moved)
-        corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
+            flags = "--train NEW_PATH ..." if cfg.train else "--data NEW_PATH"
+            moved = f"resume with `glasslstm train --resume {run_dir} {flags}`"
+            corpus = runfiles.load_run_corpus(
+                run_dir, cfg.data, cfg.data_dir, moved_fix=moved, splits=splits
+            )
+        corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0, **splits)
         tok = (
             load_vocab(run_dir)
             if resume is not None
@@ -281,6 +292,13 @@ class _Run:
         )
         self.val_cpt = chars_per_token(tok, corpus.val, len(self.val_ids))
         self.train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
+        self.files = dict(corpus.files)
+        self.test_ids = None
+        if corpus.test:
+            what = f"the test file {corpus.files.get('test', corpus.name)!r}"
+            self.test_ids = tok.encode_bytes(corpus.test, what=what)
+            self.test_cpt = chars_per_token(tok, corpus.test, len(self.test_ids))
+            self.test_unknown = tok.unknown(corpus.test.decode("utf-8", errors="replace"))
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model_config(tok.vocab_size), tok).to(device)
@@ -312,6 +330,12 @@ class _Run:
                         "train_tokens": int(len(train_ids)),
                         "val_tokens": int(len(self.val_ids)),
                         "sha256": runfiles.corpus_sha256(corpus),
+                        **({"files": corpus.files} if corpus.files else {}),
+                        **(
+                            {"test_tokens": int(len(self.test_ids))}
+                            if self.test_ids is not None
+                            else {}
+                        ),
                     },
                 },
             )
@@ -370,6 +394,26 @@ class _Run:
         )
         return res
 
+    def score_test(self) -> dict | None:
+        """The best model (``best/``) on the test split, logged as the ``test`` row of
+        metrics.jsonl; None when the corpus has no test split."""
+        if self.test_ids is None:
+            return None
+        cfg = self.cfg
+        best = copy.deepcopy(self.model)  # the training model and its state stay as they are
+        weights = rundir.load_tensors(self.run_dir / "best" / "model.safetensors")
+        best.load_state_dict(weights, strict=not cfg.tie_weights)
+        res = evaluate(
+            best,
+            self.test_ids,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            chars_per_token=self.test_cpt,
+        )
+        res["unknown"] = self.test_unknown
+        self.log({"split": "test", "step": self.progress.step, **res})
+        return res
+
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next training batch ``(x, y)`` on the device; resets the carried state where
         rows restart (a new pass over the stream, or independent random windows)."""
@@ -422,12 +466,18 @@ def _train(
     """:func:`train` once its configuration, run directory and device are settled."""
     run = _Run(cfg, run_dir, resume, device, corpus, build_model, ranks)
     p = run.progress
-    bar = _progress_bar(cfg, p.step) if progress else None
+    bar = (
+        make_progress(
+            max_steps=cfg.max_steps, time_budget=cfg.time_budget, step=p.step, seconds=p.seconds
+        )
+        if progress
+        else None
+    )
     stopped, message, last_val, stop_name = "max_steps", "", None, ""
     window = _Window()
     run.model.train()
     with GracefulStop() as interrupt, bar or nullcontext():
-        while p.step < cfg.max_steps:
+        while not cfg.max_steps or p.step < cfg.max_steps:
             t_step = time.perf_counter()
             x, y = run.batch()
             lr = lr_at(cfg, p.step, p.seconds)
@@ -464,11 +514,9 @@ def _train(
                     }
                 )
                 if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}", refresh=False
-                    )
+                    bar.show(loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}")
             if bar is not None:
-                bar.update(1)
+                bar.advance(p.step, p.seconds)
             out_of_time = cfg.time_budget and p.seconds >= cfg.time_budget
             if p.step % cfg.eval_every == 0 or p.step == cfg.max_steps or out_of_time:
                 last_val = run.validate()
@@ -489,8 +537,12 @@ def _train(
                 break
     if bar is not None:
         bar.close()
-    if last_val is None and stopped not in ("interrupted", "diverged"):
+    finished = stopped not in ("interrupted", "diverged")
+    if last_val is None and finished:
         last_val = run.validate()
+    # the test split is scored once, by the process that writes (no other rank reads best/
+    # while it may still be being replaced)
+    test = run.score_test() if finished and ranks.is_main else None
     if ranks.is_main:
         _write_curves(run_dir)
     if not message:
@@ -508,6 +560,8 @@ def _train(
         seconds=p.seconds,
         message=message,
         interrupted_by=stop_name,
+        test=test,
+        files=run.files,
     )
 
 
@@ -525,19 +579,6 @@ class _Window:
         mean, tps = self.loss / max(self.n, 1), self.tokens / max(now - self.t0, 1e-9)
         self.loss, self.n, self.tokens, self.t0 = 0.0, 0, 0, now
         return mean, tps
-
-
-def _progress_bar(cfg: TrainConfig, start: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
-        leave=True,
-    )
 
 
 def _save_resume_point(
