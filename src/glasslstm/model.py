@@ -2,6 +2,9 @@
 
 Embedding -> glasslstm.LSTM (layers, dropout) -> dropout -> Linear -> softmax. The softmax over
 ``V H_t + b_V`` is the article's output layer; its argmax is "the" prediction (temperature 0).
+With ``cell="rnn"`` the recurrent core is instead a vanilla RNN (:class:`glasslstm.RNN`), the
+network the article says loses long-term dependencies: everything else is the same, so the two
+train and evaluate with the same code.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from glasslstm import rundir
 from glasslstm.data import Tokenizer, tokenizer_from_dict
 from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
+from glasslstm.rnn import RNN
 
-State = tuple[torch.Tensor, torch.Tensor]
+# The recurrent core's state: (h, c) for the LSTM, (h,) for the vanilla RNN.
+State = tuple[torch.Tensor, ...]
+CELLS = ("lstm", "rnn")
 
 
 def config_from_dict(cls, d: dict, what: str):
@@ -44,6 +50,8 @@ class ModelConfig:
     embed_size: int = 0  # 0: the LSTM's output size, which allows tie_weights
     tie_weights: bool = False  # share the embedding with the output layer (Press & Wolf 2017)
     forget_bias: float = 1.0  # start out remembering (Jozefowicz et al. 2015)
+    chrono_init: int = 0  # >= 2: forget biases spread over 1..T_max steps (Tallec & Ollivier 2018)
+    cell: str = "lstm"  # lstm | rnn: the vanilla RNN the article compares the LSTM with
     proj_size: int = 0  # LSTMP: project H_t to this size (0: none)
     checkpoint: int = 0  # recompute in backward, S steps per segment (0: off); memory only
 
@@ -61,6 +69,22 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.cell not in CELLS:
+            raise ConfigError(f"cell must be one of {', '.join(CELLS)}; got {self.cell!r}")
+        if (
+            isinstance(self.chrono_init, bool)
+            or not isinstance(self.chrono_init, int)
+            or self.chrono_init < 0
+            or self.chrono_init == 1
+        ):
+            raise ConfigError(
+                f"chrono_init must be 0 (off) or the longest dependency in tokens, >= 2; "
+                f"got {self.chrono_init!r}"
+            )
+        if self.cell == "rnn" and (self.proj_size or self.checkpoint or self.chrono_init):
+            raise ConfigError(
+                "proj_size, checkpoint and chrono_init are LSTM options; the rnn cell has none"
+            )
         if self.proj_size and self.proj_size >= self.hidden_size:
             raise ConfigError(
                 f"proj_size={self.proj_size} must be smaller than hidden_size={self.hidden_size}"
@@ -101,16 +125,27 @@ class LanguageModel(nn.Module):
         self.tokenizer = tokenizer
         embed = config.embed_size or config.out_size
         self.embedding = nn.Embedding(config.vocab_size, embed)
-        self.lstm = LSTM(
-            embed,
-            config.hidden_size,
-            config.num_layers,
-            batch_first=True,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
-            proj_size=config.proj_size,
-            forget_bias=config.forget_bias,
-            checkpoint=config.checkpoint,
-        )
+        between = config.dropout if config.num_layers > 1 else 0.0
+        # The recurrent core keeps the attribute name `lstm` whatever the cell: run directories
+        # store its weights under it, and benchmarks swap torch's module in there.
+        self.lstm: LSTM | RNN
+        if config.cell == "rnn":
+            self.lstm = RNN(
+                embed, config.hidden_size, config.num_layers, batch_first=True, dropout=between
+            )
+        else:
+            self.lstm = LSTM(
+                embed,
+                config.hidden_size,
+                config.num_layers,
+                batch_first=True,
+                dropout=between,
+                proj_size=config.proj_size,
+                # the chrono initialisation sets the forget biases itself
+                forget_bias=0.0 if config.chrono_init else config.forget_bias,
+                checkpoint=config.checkpoint,
+                chrono_init=config.chrono_init,
+            )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.out_size, config.vocab_size)  # V H_t + b_V
         if config.tie_weights:
@@ -123,12 +158,15 @@ class LanguageModel(nn.Module):
         state: State | None = None,
         targets: torch.Tensor | None = None,
         *,
+        weights: torch.Tensor | None = None,
         return_gates: bool = False,
     ):
         """``idx`` (B, T) int64 -> ``(logits (B, T, V), loss or None, state)``.
 
-        ``loss`` is the mean cross-entropy (nats per token) against ``targets`` (B, T).
-        ``state`` is the LSTM's ``(h, c)`` after the last step, to carry into the next call.
+        ``loss`` is the mean cross-entropy (nats per token) against ``targets`` (B, T); with
+        ``weights`` (B, T), the weighted mean ``sum(w * ce) / sum(w)`` (for answer weights).
+        ``state`` is the recurrent core's state after the last step, to carry into the next
+        call: ``(h, c)`` for the LSTM, ``(h,)`` for the vanilla RNN.
         With ``return_gates=True`` a fourth element, the :class:`~glasslstm.GateTrace`.
         """
         if idx.dim() != 2 or idx.dtype != torch.long:
@@ -137,12 +175,19 @@ class LanguageModel(nn.Module):
                 f"{tuple(idx.shape)} dtype {idx.dtype}"
             )
         x = self.embedding(idx)  # (B, T, E)
-        out = self.lstm(x, state, return_gates=True) if return_gates else self.lstm(x, state)
-        h, state = out[0], out[1]
+        single = self.config.cell == "rnn"  # its state is h alone, not a tuple
+        hx = state[0] if single and state is not None else state
+        out = self.lstm(x, hx, return_gates=True) if return_gates else self.lstm(x, hx)
+        h, state = out[0], ((out[1],) if single else out[1])
         logits = self.head(self.drop(h))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            flat, goal = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+            if weights is None:
+                loss = F.cross_entropy(flat, goal)
+            else:
+                w = weights.reshape(-1).float()
+                loss = (F.cross_entropy(flat, goal, reduction="none") * w).sum() / w.sum()
         if return_gates:
             return logits, loss, state, out[2]
         return logits, loss, state

@@ -38,10 +38,12 @@ from glasslstm.data import (
     load_corpus,
 )
 from glasslstm.determinism import deterministic
+from glasslstm.documents import DocumentBatches
 from glasslstm.errors import ConfigError
-from glasslstm.model import LanguageModel, ModelConfig, config_from_dict, load_vocab
+from glasslstm.model import CELLS, LanguageModel, ModelConfig, config_from_dict, load_vocab
 
 PRECISIONS = ("fp32", "bf16")
+BATCHINGS = ("stream", "random", "documents")
 
 LN2 = math.log(2.0)
 
@@ -58,8 +60,13 @@ class TrainConfig:
     embed: int = 0  # 0: same as the LSTM output (lets --tie-weights work)
     tie_weights: bool = False  # share embedding and output weights
     forget_bias: float = 1.0  # Jozefowicz et al. 2015: start out remembering
+    chrono_init: int = 0  # >= 2: forget-gate time scales spread over 1..N tokens (off: 0)
+    cell: str = "lstm"  # lstm | rnn: the vanilla RNN, to compare with
     seq_len: int = 128  # truncated-BPTT window; state still flows across windows
-    batching: str = "stream"  # stream (TBPTT, state carried) | random (independent windows)
+    batching: str = "stream"  # stream (state carried) | random | documents (whole paragraphs)
+    curriculum: int = 0  # documents: first N steps on the shortest quarter, half-length windows
+    answers: str = ""  # regex over the text: the tokens it matches (its last group) are answers
+    answer_weight: float = 1.0  # documents: the loss on an answer token counts this many times
     batch_size: int = 32  # rows of the stream trained in parallel
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 2e-3  # AdamW's sweet spot for char LSTMs of this size
@@ -103,7 +110,11 @@ class TrainConfig:
             "level": self.level in LEVELS,
             "optimizer": self.optimizer in ("adamw", "sgd"),
             "schedule": self.schedule in ("cosine", "constant"),
-            "batching": self.batching in ("stream", "random"),
+            "batching": self.batching in BATCHINGS,
+            "curriculum": self.curriculum >= 0,
+            "answer_weight": self.answer_weight > 0 and math.isfinite(self.answer_weight),
+            "chrono_init": self.chrono_init >= 0 and self.chrono_init != 1,
+            "cell": self.cell in CELLS,
             "lr": self.lr > 0 and math.isfinite(self.lr),
             "seq_len": self.seq_len >= 1,
             "batch_size": self.batch_size >= 1,
@@ -126,7 +137,8 @@ class TrainConfig:
                     "level": LEVELS,
                     "optimizer": ("adamw", "sgd"),
                     "schedule": ("cosine", "constant"),
-                    "batching": ("stream", "random"),
+                    "batching": BATCHINGS,
+                    "cell": CELLS,
                     "precision": PRECISIONS,
                 }.get(key)
                 raise ConfigError(
@@ -144,6 +156,8 @@ class TrainConfig:
             tie_weights=self.tie_weights,
             forget_bias=self.forget_bias,
             checkpoint=self.checkpoint,
+            chrono_init=self.chrono_init,
+            cell=self.cell,
         )
 
     @classmethod
@@ -382,6 +396,20 @@ class _Run:
         )
         train_ids, self.val_ids = encode_corpus(tok, corpus)
         self.stream = TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
+        self.documents = (
+            DocumentBatches(
+                train_ids,
+                tok,
+                cfg.batch_size,
+                cfg.seq_len,
+                seed=cfg.seed,
+                curriculum=cfg.curriculum,
+                answers=cfg.answers,
+                answer_weight=cfg.answer_weight,
+            )
+            if cfg.batching == "documents"
+            else None
+        )
         self.val_cpt = chars_per_token(tok, corpus.val, len(self.val_ids))
         self.train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
 
@@ -389,7 +417,7 @@ class _Run:
         self.model = build_model(cfg.model_config(tok.vocab_size), tok).to(device)
         self.opt = _make_optimizer(cfg, self.model)
         self.progress = _Progress()
-        self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # carried across batches
+        self.state: tuple[torch.Tensor, ...] | None = None  # carried across batches
         if resume is not None:
             self.state = _load_resume_point(run_dir, self.model, self.opt, self.progress, device)
             self.saved_step: int | None = self.progress.step  # the checkpoint on disk
@@ -454,10 +482,15 @@ class _Run:
         )
         return res
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next training batch ``(x, y)`` on the device; resets the carried state where
-        rows restart (a new pass over the stream, or independent random windows)."""
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The next training batch ``(x, y, weights)`` on the device (weights: None, or the
+        loss weight of each target); resets the carried state where rows restart (a new pass
+        over the stream, independent random windows, windows of whole documents)."""
         cfg, step = self.cfg, self.progress.step
+        if self.documents is not None:
+            self.state = None  # every row starts at a document's beginning
+            x, y, w = self.documents.batch(step)
+            return x.to(self.device), y.to(self.device), None if w is None else w.to(self.device)
         if cfg.batching == "random":
             self.state = None  # independent windows: nothing to carry
             x, y = self.stream.random_batch(cfg.seed * 1_000_003 + step)
@@ -466,11 +499,12 @@ class _Run:
             if k == 0:
                 self.state = None  # a new pass over the stream: rows restart at their beginning
             x, y = self.stream.batch(k)
-        return x.to(self.device), y.to(self.device)
+        return x.to(self.device), y.to(self.device), None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, bool]:
-        """One optimizer step at learning rate ``lr``: ``(loss, applied)``. A step whose loss
-        or gradient norm is not finite is not applied (the run has diverged)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, w, lr: float) -> tuple[float, bool]:
+        """One optimizer step at learning rate ``lr``: ``(loss, applied)``; ``w``: None or the
+        targets' loss weights. A step whose loss or gradient norm is not finite is not applied
+        (the run has diverged)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
         # bf16: the LSTM's matrix products in bf16 (its state and gate math float32), the
@@ -478,7 +512,7 @@ class _Run:
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
         ):
-            _, loss, new_state = self.model(x, self.state, y)
+            _, loss, new_state = self.model(x, self.state, y, weights=w)
         loss_value = loss.detach().item()
         self.opt.zero_grad(set_to_none=True)
         if not math.isfinite(loss_value):
@@ -488,7 +522,7 @@ class _Run:
         if not math.isfinite(float(norm)):
             return loss_value, False
         self.opt.step()
-        self.state = (new_state[0].detach(), new_state[1].detach())
+        self.state = tuple(s.detach() for s in new_state)
         return loss_value, True
 
 
@@ -512,9 +546,9 @@ def _train(
     with _Interrupt() as interrupt:
         while p.step < cfg.max_steps:
             t_step = time.perf_counter()
-            x, y = run.batch()
+            x, y, w = run.batch()
             lr = lr_at(cfg, p.step, p.seconds)
-            loss, applied = run.step(x, y, lr)
+            loss, applied = run.step(x, y, w, lr)
             if not applied:
                 stopped = "diverged"
                 message = (
@@ -625,8 +659,8 @@ def _save_resume_point(run_dir: Path, model, opt, progress: _Progress, state) ->
     rng_tensors, rng_meta = rundir.rng_state()
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
-    if state is not None:
-        tensors["carry.h"], tensors["carry.c"] = state
+    if state is not None:  # (h, c) of an LSTM, (h,) of a vanilla RNN
+        tensors.update({f"carry.{k}": v for k, v in zip("hc", state)})
     rundir.save_train_state(
         run_dir, tensors, {**asdict(progress), "optimizer": opt_meta, "rng": rng_meta}
     )
@@ -640,9 +674,8 @@ def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device):
     rundir.set_rng_state(tensors, stored["rng"])
     for key in asdict(progress):
         setattr(progress, key, stored[key])
-    if "carry.h" in tensors:
-        return tensors["carry.h"].to(device), tensors["carry.c"].to(device)
-    return None
+    carried = tuple(tensors[f"carry.{k}"].to(device) for k in "hc" if f"carry.{k}" in tensors)
+    return carried or None
 
 
 def _write_curves(run_dir: Path) -> None:

@@ -33,8 +33,9 @@ def add_parser(sub) -> None:
         "--cells",
         default=None,
         metavar="K,K,...",
-        help="cells to show, e.g. 3,17 (default: the 3 whose cell state varies most "
-        "over the text; in --html/--png the first one colours the text)",
+        help="cells to show, e.g. 3,17 (default: for a model `glasslstm train` trained on the "
+        "stories, the cells it found tracking the subject and the hero; else the 3 whose hidden "
+        "state varies most over the text; in --html/--png the first one colours the text)",
     )
     p.add_argument(
         "--quantity",
@@ -120,11 +121,18 @@ def run(args) -> int:
         raise ConfigError(f"--top-k must be at least 1; got {args.top_k}")
     cells = _parse_cells(args.cells)
     model = LanguageModel.load(args.run_dir, which=args.which)
+    chosen = None
+    if cells is None and args.layer in (None, 0) and model.config.num_layers == 1:
+        from glasslstm.inspection.article import load_cells
+
+        chosen = load_cells(args.run_dir)  # the subject and hero cells of a stories run
     _check_range(args.layer, cells, model.config.num_layers, model.config.hidden_size)
     text, where = _read_text(args, model.require_tokenizer().level)
     analysis = analyze(model, text, top_k=args.top_k)
     analysis.meta.update({"run_dir": str(args.run_dir), "which": args.which, "source": where})
-    layer, cells, by_default = resolve(analysis, args.layer, cells)
+    layer, cells, by_default = resolve(analysis, args.layer, cells or chosen)
+    if chosen and cells == chosen:
+        by_default = False
 
     written = []
     if args.html:
@@ -134,8 +142,12 @@ def run(args) -> int:
             analysis,
             args.html,
             layer=layer,
-            cell=cells[0],
+            cells=cells,
             quantity=args.quantity,
+            notes="The cells glasslstm train found tracking whom the text is about, then the "
+            "hero (RUN/article/cells.json)."
+            if chosen
+            else None,
             title=f"glasslstm inspect: {Path(args.run_dir).name} on "
             f"{'the given text' if args.file is None else Path(where).name}",
         )
