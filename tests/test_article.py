@@ -7,6 +7,7 @@ import pytest
 
 from glasslstm import article, stories
 from glasslstm.data import Corpus, build_tokenizer, load_corpus
+from glasslstm.errors import ConfigError
 from glasslstm.model import LanguageModel, ModelConfig
 
 
@@ -102,3 +103,13 @@ def test_format_block_prints_the_table():
     assert "3.5% (7/200)" in text and "50.0% (150/300)" in text and "vanilla RNN 1x232" in text
     assert "LSTM 6/6 fill-in, 3/4 pronoun" in text
     assert "r/article/switch.png" in text and "r/article/blank.html" in text
+
+
+def test_the_recipe_and_its_overrides():
+    cfg = article.train_config()
+    assert cfg.level == "word" and cfg.batching == "documents" and cfg.answers == stories.ANSWERS
+    assert article.train_config(hidden=64).hidden == 64
+    stream = article.train_config(batching="stream")  # no curriculum or answers without documents
+    assert stream.curriculum == 0 and stream.answers == "" and stream.chrono_init == 64
+    with pytest.raises(ConfigError, match="add --batching documents"):
+        article.train_config(batching="stream", curriculum=10)

@@ -244,8 +244,14 @@ def evaluate(model: LanguageModel, *, n: int = HELD_OUT, min_words: int = MIN_WO
 
 
 def train_config(**overrides) -> TrainConfig:
-    """:data:`RECIPE` as a :class:`TrainConfig`, with ``overrides`` on top."""
-    return TrainConfig(**{**RECIPE, **overrides})
+    """:data:`RECIPE` as a :class:`TrainConfig`, with ``overrides`` on top. With another
+    ``batching`` than the recipe's, its curriculum and answer weights (which act on windows of
+    whole documents) are left out unless given too."""
+    recipe = dict(RECIPE)
+    if overrides.get("batching", recipe["batching"]) != "documents":
+        for key in ("curriculum", "answers", "answer_weight"):
+            recipe.pop(key)
+    return TrainConfig(**{**recipe, **overrides})
 
 
 def _parameters(config: ModelConfig) -> int:
@@ -278,18 +284,30 @@ def rnn_hidden(config: ModelConfig) -> int:
     return min((lo - 1, lo), key=lambda h: abs(count(h) - target) if h >= 1 else math.inf)
 
 
-def train_rnn(run_dir, *, progress: bool = True) -> TrainResult:
+def train_rnn(run_dir, *, steps: int | None = None, progress: bool = True) -> TrainResult:
     """Train (or continue) the vanilla RNN compared with the LSTM of ``run_dir``, in
     ``run_dir/rnn``: the LSTM's training configuration with ``cell="rnn"`` and the hidden size
-    of :func:`rnn_hidden` (no chrono initialisation: it is the LSTM's forget gate)."""
+    of :func:`rnn_hidden` (no chrono initialisation: it is the LSTM's forget gate), for
+    ``steps`` optimizer steps (default: the LSTM's ``max_steps``; no time budget, so that both
+    see the same batches). An RNN run already there is continued to ``steps``."""
     run_dir = Path(run_dir)
     out = run_dir / "rnn"
-    if (out / "config.json").is_file():
-        return train(resume=out, progress=progress)
     stored = rundir.read_config(run_dir)
     cfg = TrainConfig.from_dict(stored["train"])
+    max_steps = steps or cfg.max_steps
+    if (out / "config.json").is_file():
+        overrides = {"max_steps": max_steps, "time_budget": 0.0}
+        return train(resume=out, overrides=overrides, progress=progress)
     hidden = rnn_hidden(ModelConfig.from_dict(stored["model"]))
-    rnn = replace(cfg, cell="rnn", hidden=hidden, chrono_init=0, out=str(out))
+    rnn = replace(
+        cfg,
+        cell="rnn",
+        hidden=hidden,
+        chrono_init=0,
+        out=str(out),
+        max_steps=max_steps,
+        time_budget=0.0,
+    )
     return train(rnn, progress=progress)
 
 
@@ -316,11 +334,13 @@ def _summary(model: LanguageModel, run_dir, result: dict) -> dict:
     }
 
 
-def after_training(run_dir, *, compare: bool = True, progress: bool = True) -> dict:
+def after_training(
+    run_dir, *, steps: int | None = None, compare: bool = True, progress: bool = True
+) -> dict:
     """What ``glasslstm train`` does after training on the stories: the ``"article"`` block of
     its report. Scores the LSTM of ``run_dir`` (and, with ``compare``, a vanilla RNN trained the
-    same way, :func:`train_rnn`) on the held-out stories and :data:`WRITTEN`, and draws the
-    article's two pictures into ``run_dir/article``."""
+    same way for the LSTM's ``steps``, :func:`train_rnn`) on the held-out stories and
+    :data:`WRITTEN`, and draws the article's two pictures into ``run_dir/article``."""
     from glasslstm.inspection.article import draw_pictures
 
     run_dir = Path(run_dir)
@@ -330,7 +350,7 @@ def after_training(run_dir, *, compare: bool = True, progress: bool = True) -> d
     block["lstm"] = _summary(lstm, run_dir, scored)
     block["written"] = scored["written"]["answers"]
     if compare:
-        result = train_rnn(run_dir, progress=progress)
+        result = train_rnn(run_dir, steps=steps, progress=progress)
         if result.stopped in ("interrupted", "diverged"):
             block["rnn"] = {"stopped": result.stopped, "message": result.message}
         else:

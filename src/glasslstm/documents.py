@@ -100,6 +100,7 @@ class DocumentBatches:
         self.by_length = np.argsort(lengths, kind="stable")
         self.short = self.by_length[: max(1, int(len(self.docs) * CURRICULUM_FRACTION))]
         self.weights: np.ndarray | None = None
+        self.answers = 0  # answer tokens in the text
         if answers:
             mask = answer_mask(text, ends, answers)
             self.answers = int(mask.sum())

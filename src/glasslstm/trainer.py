@@ -146,6 +146,12 @@ class TrainConfig:
                     + (f"; choose one of {', '.join(hint)}" if hint else "")
                 )
 
+        if (self.curriculum or self.answers) and self.batching != "documents":
+            raise ConfigError(
+                "--curriculum and --answers act on windows of whole documents; "
+                "add --batching documents"
+            )
+
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(
             vocab_size=vocab_size,

@@ -122,10 +122,12 @@ def run(args) -> int:
     cells = _parse_cells(args.cells)
     model = LanguageModel.load(args.run_dir, which=args.which)
     chosen = None
-    if cells is None and args.layer in (None, 0) and model.config.num_layers == 1:
+    if cells is None:  # a stories run's subject and hero cells, if the layer is theirs
         from glasslstm.inspection.article import load_cells
 
-        chosen = load_cells(args.run_dir)  # the subject and hero cells of a stories run
+        found = load_cells(args.run_dir)
+        layer = model.config.num_layers - 1 if args.layer is None else args.layer
+        chosen = found[1] if found and found[0] == layer else None
     _check_range(args.layer, cells, model.config.num_layers, model.config.hidden_size)
     text, where = _read_text(args, model.require_tokenizer().level)
     analysis = analyze(model, text, top_k=args.top_k)

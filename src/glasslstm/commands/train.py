@@ -85,7 +85,10 @@ def run(args) -> int:
         if not as_json:
             print("\nthe article's tests ...", file=sys.stderr, flush=True)
         report["article"] = article.after_training(
-            result.run_dir, compare=getattr(args, "compare", True), progress=progress
+            result.run_dir,
+            steps=result.step,
+            compare=getattr(args, "compare", True),
+            progress=progress,
         )
         rnn = report["article"].get("rnn", {})
         if rnn.get("stopped") == "interrupted":

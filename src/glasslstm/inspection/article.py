@@ -235,14 +235,14 @@ def draw_pictures(model, out_dir, *, held: list[stories.Story] | None = None) ->
     return result
 
 
-def load_cells(run_dir) -> list[int] | None:
-    """The cells ``glasslstm train`` chose for a stories model (subject cells, then hero
-    cells), or None if it wrote none."""
+def load_cells(run_dir) -> tuple[int, list[int]] | None:
+    """``(layer, cells)``: the cells ``glasslstm train`` chose for a stories model (subject
+    cells, then hero cells), or None if it wrote none."""
     path = Path(run_dir) / "article" / "cells.json"
     if not path.is_file():
         return None
     try:
         found = json.loads(path.read_text("utf-8"))
-        return [int(k) for k, _ in found["subject"] + found["hero"]]
+        return int(found["layer"]), [int(k) for k, _ in found["subject"] + found["hero"]]
     except (ValueError, KeyError, TypeError):
         return None

@@ -46,6 +46,7 @@ from glasslstm.inspection.common import (
 HEAT_CELLS = 32  # rows of each heatmap: the chosen cells, then the most informative ones
 HEAT_TOKENS = 2000  # columns: the first tokens (one pixel or more each)
 GLOSSARY_ORDER = ("f", "i", "g", "c", "o", "h")  # the order the article introduces them
+HEAT_ORDER = ("c", "f", "i", "g", "o", "h")  # the memory and the gate that keeps it first
 
 
 def _template() -> str:
@@ -197,7 +198,7 @@ def render_html(
         f'<div class="heat" data-q="{q}"><figure><figcaption><b>{q}: {html.escape(NAMES[q])}</b>'
         f' — {html.escape(EXPLAIN[q])}</figcaption><div class="scroll">'
         f'<canvas id="heat-{q}" width="1" height="1"></canvas></div></figure></div>'
-        for q in ("i", "f", "g", "o", "c", "h")
+        for q in HEAT_ORDER
     )
     meta = (
         f"{T:,} {analysis.level}-level tokens · {n_layers} layer{'s' if n_layers > 1 else ''}"
