@@ -167,7 +167,13 @@ def test_bench_speed_quick_reports_every_section(tmp_path, capsys):
     assert step["glasslstm Stream"]["us"] > 0 and step["torch.nn.LSTM"]["speedup"] == 1.0
     gen = res["generate"]
     assert gen["glasslstm"]["tokens_per_s"] > 0 and gen["torch.nn.LSTM"]["tokens_per_s"] > 0
-    assert res["sgemm_peak_gflops"] > 0 and res["backend"].startswith("auto")
+    peak = res["gemm_peak"]
+    assert peak["gflops"] == max(peak["rates"].values()) > 0 and peak["by"] in peak["rates"]
+    assert {"torch.mm", "glasslstm oneDNN kernel"} <= set(peak["rates"])
+    # the fraction of peak divides by the best implementation measured
+    assert all(r["of_peak"] == pytest.approx(r["gflops"] / peak["gflops"]) for r in train.values())
+    assert res["backend"].startswith("auto") and res["machine"]["cpu"]
+    assert "step products by" in res["gemm"]["16"]
 
 
 @pytest.mark.slow
@@ -176,6 +182,21 @@ def test_bench_speed_table_and_bad_options(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| step (batch 1) | 16 | glasslstm Stream |" in out and "tokens/s" in out
     assert "| train, bf16 autocast | 16 | glasslstm |" in out
-    assert "drop-in step's C++ entry point (glasslstm.ops.ext): " in out
+    assert "CPU: " in out and "H=16: CPU: " in out and "step products by " in out
     assert main(["bench", "speed", "--sizes", "0", "--out", str(tmp_path)]) == 2
     assert "--sizes" in capsys.readouterr().err
+
+
+def test_bench_gemm_measures_and_prints_the_choice(tmp_path, monkeypatch, capsys):
+    from glasslstm.ops import gemm
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(gemm, "probe", lambda c, *a, **k: 1.0 if c == "onednn" else 2.0)
+    monkeypatch.setattr(gemm, "busy", lambda: False)
+    try:
+        assert main(["bench", "gemm", "--sizes", "16,32", "--batch-size", "8"]) == 0
+    finally:
+        gemm.forget()
+    out = capsys.readouterr().out
+    assert out.startswith("CPU: ") and "step " in out and ": onednn (onednn 1000000.0 us" in out
+    assert (tmp_path / "glasslstm" / "gemm.json").is_file()

@@ -309,7 +309,8 @@ def test_ansi_rendering_colours_each_token(tiny_run, story_file):
         (["--layer", "2"], "--layer 2 is out of range: the model has 2 layers (0..1)"),
         (
             ["--png", "/nonexistent-dir/x.png"],
-            "cannot write --png /nonexistent-dir/x.png: its folder",
+            "--png='/nonexistent-dir/x.png' is not valid; expected a file path in an existing "
+            "folder (/nonexistent-dir does not exist",
         ),
     ],
 )

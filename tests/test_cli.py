@@ -224,7 +224,9 @@ def test_corpus_too_short_for_one_batch(tmp_path, capsys):
 
 def test_bad_option_value(tmp_path, capsys):
     assert main(["train", "--level", "morse", "--out", str(tmp_path / "r")]) == 2
-    assert "--level='morse' is not valid; choose one of char, word, byte" in capsys.readouterr().err
+    assert (
+        "--level='morse' is not valid; expected one of char, word, byte" in capsys.readouterr().err
+    )
 
 
 def _console_script() -> str:

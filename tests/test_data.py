@@ -22,8 +22,6 @@ from glasslstm.data import (
     tokenizer_from_dict,
 )
 
-# The project's shared data folder lies beside the checkout (../shared/data), in CI too.
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAKE = b"To be, or not to be: that is the question.\n" * 50
 FAKE_SHA = hashlib.sha256(FAKE).hexdigest()
 
@@ -120,13 +118,13 @@ def test_invalid_utf8_names_the_offset_and_suggests_byte_level(isolated):
 # --------------------------------------------------------------------------- shakespeare
 
 
-@pytest.mark.skipif(not (SHARED / "tinyshakespeare/input.txt").is_file(), reason="no local copy")
-def test_shakespeare_from_data_dir_is_verified_and_split(isolated):
-    c = load_corpus("shakespeare", data_dir=SHARED)
-    text = c.train + c.val
-    assert len(text) == 1_115_394 and c.name == "shakespeare"
-    assert len(c.train) == int(len(text) * 0.9)
-    assert text.startswith(b"First Citizen:")
+def test_shakespeare_from_data_dir_is_verified_and_split(isolated, monkeypatch):
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", FAKE_SHA)  # the test's own stand-in text
+    (isolated / "given" / "tinyshakespeare").mkdir(parents=True)
+    (isolated / "given" / "tinyshakespeare" / "input.txt").write_bytes(FAKE)
+    c = load_corpus("shakespeare", data_dir=isolated / "given")
+    assert c.train + c.val == FAKE and c.name == "shakespeare"
+    assert len(c.train) == int(len(FAKE) * 0.9)
     assert not (isolated / "cache").exists()  # found, not downloaded
 
 

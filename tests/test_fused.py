@@ -1,63 +1,161 @@
-"""The fused CPU path (C kernels) and streaming inference, against the torch path and torch."""
+"""The CPU operators (torch.ops.glasslstm: the C++ time loops, the one-token step) and
+streaming inference, against the torch path, the NumPy reference and torch.nn.LSTM."""
 
 from __future__ import annotations
 
-import ctypes
+import copy
+import io
 import os
-import shutil
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
 import torch
 
 import glasslstm
+from glasslstm import reference
 from glasslstm.data import CharTokenizer
+from glasslstm.errors import InputError
 from glasslstm.model import LanguageModel, ModelConfig
-from glasslstm.ops import bptt, cpu, describe, ext
-from glasslstm.stream import LMStream, StepKernel, Stream
+from glasslstm.ops import bptt, cells, describe, gemm, native
+from glasslstm.ops.step import drop_in_step
+from glasslstm.stream import LMStream, Stream
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"fused CPU path: {cpu.status()}")
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"operators: {native.status()}")
 
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
 
 
-def test_auto_picks_the_fused_cell_on_cpu():
-    assert describe() == "auto -> cpu-fused cell"
+@pytest.fixture
+def two_threads():
+    """Two OpenMP threads whatever the machine has: the row-split time loops need two."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_auto_takes_the_operator_on_cpu():
+    assert describe().startswith("auto -> torch.ops.glasslstm.lstm_layer (on (")
     assert describe("bptt") == "bptt -> torch cell"
-    assert cpu.status().startswith("on")
-    assert ("bf16 GEMM under autocast" in cpu.status()) == (cpu.bf16_cell() is not None)
+    assert torch.ops.glasslstm.isa() in ("avx512", "avx2", "baseline")
+    assert native.status() == f"on ({torch.ops.glasslstm.isa()} kernels, {native._where} build)"
+
+
+# ---------------------------------------------------------------- the cell contract
+
+
+def _interpreted_triton_cell(dtype):
+    """The Triton cell with its kernels in Triton's CPU interpreter (or a skip)."""
+    pytest.importorskip("triton")
+    import importlib.util
+
+    from glasslstm.ops import triton_cell
+
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("_cell_contract_triton", triton_cell.__file__)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return module.TritonCell(dtype)
+
+
+CELLS = {
+    "torch-f64": (lambda: cells.TorchCell(), torch.float64, 1e-12),
+    "native-f64": (lambda: cells.NativeCell(), torch.float64, 1e-12),
+    "native-f32": (lambda: cells.NativeCell(), torch.float32, 2e-5),
+    "native-bf16": (lambda: cells.NativeBf16Cell(), torch.float32, 3e-2),
+    "triton-f64": (lambda: _interpreted_triton_cell(torch.float64), torch.float64, 1e-12),
+}
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("ragged", [False, True])
+def test_every_cell_against_the_numpy_reference(name, ragged):
+    """Each :class:`glasslstm.ops.cells.Cell` runs the Python time loop (forward and the
+    hand-written backward) and matches reference.py's equations and its BPTT."""
+    make, dtype, tol = CELLS[name]
+    cell = make()
+    assert isinstance(cell, cells.Cell)
+    torch.manual_seed(0)
+    T, B, I, H = 6, 3, 4, 5
+    ref = torch.nn.LSTM(I, H, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0, c0 = torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    dy = torch.randn(T, B, H, dtype=torch.float64)
+    lengths = [6, 4, 2] if ragged else [T] * B
+    # the reference, row by row (each sequence its own length)
+    params = reference.params_from_torch(ref.state_dict(), 1)
+    want_y = torch.zeros(T, B, H, dtype=torch.float64)
+    want_dx = torch.zeros(T, B, I, dtype=torch.float64)
+    want_dw = torch.zeros(4 * H, H, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        out, _, cache = reference.forward(
+            x[:n, b : b + 1].numpy(),
+            params,
+            h0[None, b : b + 1].numpy(),
+            c0[None, b : b + 1].numpy(),
+        )
+        want_y[:n, b] = torch.from_numpy(out[:, 0])
+        g = reference.backward(cache, dy[:n, b : b + 1].numpy())
+        want_dx[:n, b] = torch.from_numpy(g.dx[:, 0])
+        w = reference.params_to_torch([reference.LayerParams(**g.layers[0])])["weight_hh_l0"]
+        want_dw += torch.from_numpy(np.asarray(w))
+    weights = [p.detach().to(dtype).requires_grad_() for p in ref.parameters()]
+    xx = x.to(dtype).requires_grad_()
+    y, _, _ = bptt.lstm_layer_bptt(
+        xx,
+        h0.to(dtype),
+        c0.to(dtype),
+        (*weights, None),
+        None if not ragged else [sum(n > t for n in lengths) for t in range(T)],
+        False,
+        False,
+        cell,
+    )
+    dx, dw = torch.autograd.grad(y, [xx, weights[1]], dy.to(dtype))
+    assert rel_err(y.double(), want_y) <= tol
+    assert rel_err(dx.double(), want_dx) <= tol
+    assert rel_err(dw.double(), want_dw) <= tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cell_matches_torch_cell_over_a_wide_range(dtype):
+def test_native_cell_matches_torch_cell_over_a_wide_range(dtype):
     """Every activation regime: saturated (|x| up to 60), near zero, and in between."""
     n, H = 7, 37  # odd sizes: vector remainders
     a = torch.cat([torch.randn(n, 4 * H, dtype=dtype) * s for s in (0.01, 1.0, 8.0, 60.0)])
     n = a.shape[0]
     c_prev = torch.randn(n, H, dtype=dtype) * 3
     outs = {}
-    for name, cell in (("torch", bptt.TORCH_CELL), ("fused", cpu.cell(dtype))):
+    for name, cell in (("torch", cells.TORCH_CELL), ("native", cells.NativeCell())):
         aa = a.clone()
         c, tc, h = (torch.empty(n, H, dtype=dtype) for _ in range(3))
         cell.forward(aa, c_prev, c, tc, h)
         outs[name] = (aa, c, tc, h)
     tol = 1e-6 if dtype == torch.float32 else 1e-14
-    for x, y in zip(outs["fused"], outs["torch"]):
+    for x, y in zip(outs["native"], outs["torch"]):
         assert rel_err(x, y) <= tol
 
 
 @pytest.mark.parametrize("with_dy", [False, True])
-def test_cell_backward_matches_torch_cell(with_dy):
+def test_native_cell_backward_matches_torch_cell(with_dy):
     dtype, n, H = torch.float64, 5, 19
     gates = torch.rand(n, 4 * H, dtype=dtype)
     c_prev, tc = torch.randn(n, H, dtype=dtype), torch.rand(n, H, dtype=dtype) * 2 - 1
     dh0, dc0 = torch.randn(n, H, dtype=dtype), torch.randn(n, H, dtype=dtype)
     dy = torch.randn(n, H, dtype=dtype) if with_dy else None
     res = []
-    for cell in (bptt.TORCH_CELL, cpu.cell(dtype)):
+    for cell in (cells.TORCH_CELL, cells.NativeCell()):
         prep = cell.backward_prepare(gates[None], tc[None], H)
         p = None if prep is None else (prep[0][0], prep[1][0])
         dh, dc, d = dh0.clone(), dc0.clone(), torch.empty(n, 4 * H, dtype=dtype)
@@ -68,7 +166,7 @@ def test_cell_backward_matches_torch_cell(with_dy):
 
 
 def test_nan_and_inf_propagate():
-    """A diverging run must see its NaN: the fused kernels may not turn NaN into numbers."""
+    """A diverging run must see its NaN: the kernels may not turn NaN into numbers."""
     lstm = glasslstm.LSTM(3, 4, backend="fused")
     x = torch.randn(5, 2, 3)
     x[2, 0, 1] = float("nan")
@@ -80,61 +178,11 @@ def test_nan_and_inf_propagate():
     # +-inf pre-activations: sigma and tanh saturate to exactly 0 / +-1, as torch's do
     a = torch.tensor([[float("inf"), -float("inf"), float("inf"), -float("inf")]])
     res = []
-    for cell in (bptt.TORCH_CELL, cpu.cell(torch.float32)):
+    for cell in (cells.TORCH_CELL, cells.NativeCell()):
         aa, c, tc, h = a.clone(), torch.empty(1, 1), torch.empty(1, 1), torch.empty(1, 1)
         cell.forward(aa, torch.ones(1, 1), c, tc, h)
         res.append(torch.cat([aa, c, tc, h], 1))
     assert torch.equal(res[0][:, :4], res[1][:, :4]) and torch.allclose(res[0], res[1], atol=1e-6)
-
-
-@pytest.mark.skipif(
-    cpu.blas_routines().get(torch.float32) is None or not cpu.blas_routines()[torch.float32].pack,
-    reason="torch's BLAS has no packed GEMM (MKL's sgemm_pack) here",
-)
-def test_packed_gemm_time_loops_match_plain_gemm(monkeypatch):
-    """float32 time loops multiply by the recurrent weight packed once (MKL's sgemm_pack +
-    sgemm_compute); the same loops on plain sgemm, and torch, agree. A ragged batch mixes the
-    two (steps with fewer rows take plain sgemm)."""
-    packed_cell = cpu.CpuCell(torch.float32)
-    plain_cell = cpu.CpuCell(torch.float32)
-    full = cpu.blas_routines()[torch.float32]
-    plain_cell._blas = cpu.Blas(full.gemm, None, None, None)
-    plain_cell._blas_ptr = ctypes.addressof(plain_cell._blas)
-    ref = torch.nn.LSTM(6, 12, num_layers=2)
-    x = torch.randn(20, 5, 6)
-    lengths = torch.tensor([20, 17, 17, 9, 3])
-    results = {}
-    for name, cell in (("packed", packed_cell), ("plain", plain_cell)):
-        monkeypatch.setattr(cpu, "cell", lambda dtype, cell=cell: cell)
-        ours = glasslstm.LSTM.from_torch(ref, backend="fused")
-        for ragged in (False, True):
-            xx = x.clone().requires_grad_()
-            y = ours(xx, lengths=lengths if ragged else None)[0]
-            y.pow(2).sum().backward()
-            results[name, ragged] = (y.detach(), xx.grad, ours.weight_hh_l0.grad.clone())
-    want = ref(x)[0]
-    assert rel_err(results["packed", False][0], want) <= 1e-5
-    for ragged in (False, True):
-        for a, b in zip(results["packed", ragged], results["plain", ragged]):
-            assert rel_err(a, b) <= 1e-5
-
-
-def test_python_time_loop_fallback_matches(monkeypatch):
-    """Without torch's BLAS symbol the fused cell runs under the Python time loop."""
-    ref = torch.nn.LSTM(4, 6, num_layers=2, proj_size=3, dtype=torch.float64)
-    cell = cpu.CpuCell(torch.float64)
-    cell._blas = None  # as if no sgemm_/dgemm_ were exported
-    assert not cell.layer_forward(*[None] * 9)
-    monkeypatch.setattr(cpu, "cell", lambda dtype: cell)
-    ours = glasslstm.LSTM.from_torch(ref, backend="fused")
-    x = torch.randn(10, 3, 4, dtype=torch.float64, requires_grad=True)
-    outs = [m(x)[0] for m in (ours, ref)]
-    grads = [
-        torch.autograd.grad(o.pow(2).sum(), [x, m.weight_hh_l1]) for o, m in zip(outs, (ours, ref))
-    ]
-    assert rel_err(outs[0], outs[1]) <= 1e-12
-    for a, b in zip(*grads):
-        assert rel_err(a, b) <= 1e-12
 
 
 def test_forced_fused_fails_clearly_where_it_cannot_run():
@@ -146,55 +194,335 @@ def test_forced_fused_fails_clearly_where_it_cannot_run():
 
 
 @pytest.mark.slow
-def test_no_compiler_means_torch_path_with_a_reason(tmp_path):
+def test_without_the_operators_the_torch_path_serves_and_says_why(tmp_path):
+    """Switched off, or not buildable (no C++ compiler): the torch path, with the reason."""
     code = (
-        "import torch, glasslstm; from glasslstm.ops import cpu, describe; "
-        "print(cpu.status()); print(describe()); "
+        "import torch, glasslstm; from glasslstm.ops import describe, native; "
+        "{setup}print(native.status()); print(describe()); "
         "print(glasslstm.LSTM(2, 3)(torch.randn(4, 1, 2))[0].shape)"
     )
-    env = {
-        **os.environ,
-        "GLASSLSTM_CC": "no-such-cc",
-        "CC": "no-such-cc",
-        "PATH": str(tmp_path),
-        "XDG_CACHE_HOME": str(tmp_path),
-    }
+    env = {**os.environ, "GLASSLSTM_NO_FUSED": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code.format(setup="")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
-    assert out[0] == "off: no C compiler found (install gcc, or set $GLASSLSTM_CC)"
-    assert out[1] == "auto -> torch cell"
-    assert out[2] == "torch.Size([4, 1, 3])"
+    assert out == [
+        "off: disabled by $GLASSLSTM_NO_FUSED",
+        "auto -> torch cell",
+        "torch.Size([4, 1, 3])",
+    ]
+    env = {**os.environ, "CXX": "no-such-c++", "XDG_CACHE_HOME": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-c", code.format(setup="native._installed = lambda: False; ")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = run.stdout.splitlines()
+    assert out[0].startswith("off: could not build the CPU operators: ")
+    assert out[1:] == ["auto -> torch cell", "torch.Size([4, 1, 3])"]
+    assert "building the CPU operators" in run.stderr  # the user was told what happened
 
 
-@pytest.mark.slow
-def test_drop_in_extension_can_be_switched_off_and_says_why(tmp_path):
-    """$GLASSLSTM_NO_EXT=1: no build; the drop-in call keeps its Python path (the C step).
-    Without a C++ compiler: likewise, with the reason."""
-    code = (
-        "import torch, glasslstm; from glasslstm.ops import ext; "
-        "m = glasslstm.LSTM(2, 3)\n"
-        "with torch.no_grad(): y = m(torch.randn(1, 1, 2))[0]\n"
-        "print(ext.build(), ext.status(), tuple(y.shape), m._drop_in is not None)"
+# ---------------------------------------------------------------- the time loops
+
+
+@pytest.mark.parametrize("batch", [1, 32])  # 32: the loop is split over the threads
+def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode(batch, two_threads):
+    """A gradient halved at each of 140 steps reaches 2^-140 (7e-43, denormal in float32):
+    the fused time loop flushes it to zero (denormal arithmetic is 10-100x slower on x86),
+    the torch path keeps it; float64 has the range, and both agree. The calling thread's
+    floating-point control is left as it was."""
+
+    def control():
+        return torch.ops.glasslstm.fp_mode() & ~0x3F  # without the sticky status flags
+
+    before = control()
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        for backend in ("fused", "bptt"):
+            lstm = glasslstm.LSTM(1, 1, backend=backend, dtype=dtype)
+            with torch.no_grad():
+                for p in lstm.parameters():
+                    p.zero_()  # every gate 0.5: dc_{t-1} = 0.5 dc_t
+            c0 = torch.ones(1, batch, 1, dtype=dtype, requires_grad=True)
+            _, (_, c_n) = lstm(
+                torch.zeros(140, batch, 1, dtype=dtype), (torch.zeros(1, batch, 1, dtype=dtype), c0)
+            )
+            c_n.sum().backward()
+            grads[dtype, backend] = c0.grad.flatten().tolist()
+    assert control() == before
+    assert grads[torch.float32, "bptt"] == pytest.approx([2.0**-140] * batch, rel=1e-3)
+    assert grads[torch.float32, "fused"] == [0.0] * batch  # every thread flushed
+    assert grads[torch.float64, "fused"] == grads[torch.float64, "bptt"] == [2.0**-140] * batch
+
+
+@pytest.mark.parametrize("batch", [37, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", [{}, {"proj_size": 5, "bidirectional": True}])
+def test_row_split_time_loops_match_torch(dtype, cfg, batch, two_threads):
+    """With small weights the time loops share out the batch rows (37 or 5: uneven splits),
+    each thread running every step for its rows; ragged lengths end rows inside one thread's
+    share and in the other's. Forward and gradients (the bias's: summed by the loop, a partial
+    per thread) match torch and the one-thread loops."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(6, 12, num_layers=2, dtype=dtype, **cfg)
+    ours = glasslstm.LSTM.from_torch(ref, backend="fused")
+    T, B = 9, batch
+    x = torch.randn(T, B, 6, dtype=dtype)
+    lengths = torch.tensor(sorted(torch.randint(1, T + 1, (B,)).tolist(), reverse=True))
+    lengths[0] = T
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+
+    def run(model, ragged, threads):
+        torch.set_num_threads(threads)
+        xx = x.clone().requires_grad_()
+        if model is ref and ragged:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths)
+            y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
+        else:
+            y = model(xx, lengths=lengths)[0] if ragged else model(xx)[0]
+        grads = torch.autograd.grad(
+            y.pow(2).sum(),
+            [xx, model.weight_hh_l0, model.weight_ih_l1, model.bias_ih_l0, model.bias_hh_l1],
+        )
+        return [y.detach(), *grads]
+
+    for ragged in (False, True):
+        want = run(ref, ragged, 2)
+        split, serial = run(ours, ragged, 2), run(ours, ragged, 1)
+        for a, b, c in zip(split, serial, want):
+            assert rel_err(a, c) <= tol
+            assert rel_err(a, b) <= tol
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("provider", ["torch", "onednn"])
+def test_large_weight_loops_match_torch(ragged, provider, two_threads, monkeypatch):
+    """Weights beyond a core's cache keep one loop with threaded products (by either GEMM
+    provider); a step's gate math with 8192+ values is still shared by the threads (48 rows x
+    192 units)."""
+    monkeypatch.setenv(gemm.ENV, provider)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(7, 192)
+    ours = glasslstm.LSTM.from_torch(ref, backend="fused")
+    T, B = 6, 48
+    x = torch.randn(T, B, 7)
+    lengths = torch.tensor([T] * 20 + [4] * 20 + [1] * 8)
+    outs = []
+    for model in (ours, ref):
+        xx = x.clone().requires_grad_()
+        if not ragged:
+            y = model(xx)[0]
+        elif model is ours:
+            y = model(xx, lengths=lengths)[0]
+        else:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths)
+            y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
+        outs.append(
+            [
+                y.detach(),
+                *torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0, model.bias_ih_l0]),
+            ]
+        )
+    for a, b in zip(*outs):
+        assert rel_err(a, b) <= 2e-5
+
+
+@pytest.mark.parametrize("backend", ["fused", "bptt"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_many_rows_match_torch(backend, bias):
+    """T*B >= 64 rows: the input projection takes the contiguous-U^T product."""
+    ref = torch.nn.LSTM(6, 5, num_layers=2, bias=bias, dtype=torch.float64)
+    ours = glasslstm.LSTM.from_torch(ref, backend=backend)
+    x = torch.randn(20, 8, 6, dtype=torch.float64, requires_grad=True)
+    outs = [m(x)[0] for m in (ours, ref)]
+    grads = [
+        torch.autograd.grad(o.pow(2).sum(), [x, m.weight_ih_l0, m.weight_hh_l1])
+        for o, m in zip(outs, (ours, ref))
+    ]
+    assert rel_err(outs[0], outs[1]) <= 1e-12
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_inference_keeps_nothing_for_a_backward():
+    """Without gradients the operator keeps no activations for a backward (its cell states
+    ride a two-step ring), with the same results."""
+    lstm = glasslstm.LSTM(3, 4)
+    x = torch.randn(6, 2, 3)
+    args = (x, torch.zeros(2, 4), torch.zeros(2, 4), *lstm._weights(0, 0)[:4], None, None, False)
+    opts = ("torch", "torch")
+    infer = torch.ops.glasslstm.lstm_layer(*args, False, False, False, *opts)
+    train = torch.ops.glasslstm.lstm_layer(*args, True, False, False, *opts)
+    assert [t.numel() for t in infer[4:]] == [0, 0, 0]
+    assert [tuple(t.shape) for t in train[4:6]] == [(6, 2, 4), (6, 2, 4)]
+    for a, b in zip(infer[:4], train[:4]):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- GEMM providers
+
+
+def test_both_gemm_providers_give_torchs_products():
+    a, b = torch.randn(70, 300), torch.randn(300, 130)
+    for provider in gemm.CANDIDATES:
+        assert rel_err(torch.ops.glasslstm.mm(a, b, provider), a @ b) <= 1e-5
+    assert gemm.probe("onednn", 16, 64, 32, threads=1) > 0
+
+
+def test_a_gemm_probe_leaves_the_random_stream_alone():
+    """Probes run on first use, in the middle of a seeded run: they must not draw numbers."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    for candidate in ("torch", "onednn", "bf16"):
+        gemm.probe(candidate, 8, 32, 16, threads=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_faster_measured_provider_is_chosen_and_cached(tmp_path, monkeypatch):
+    """Whatever the machine: make one candidate slow and it is not chosen; the decision is
+    kept per machine, and $GLASSLSTM_GEMM overrides it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(gemm, "busy", lambda: False)
+    gemm.forget()
+    calls = []
+
+    def fake_probe(candidate, m, n, k, threads, reps=7):
+        calls.append(candidate)
+        return 5.0 if candidate == slow else 1.0
+
+    monkeypatch.setattr(gemm, "probe", fake_probe)
+    for slow in ("torch", "onednn"):
+        gemm.remeasure()
+        fast = "onednn" if slow == "torch" else "torch"
+        assert gemm.providers(torch.float32, 32, 64, 64, 64) == (fast, fast)
+    assert set(calls) == {"torch", "onednn"}
+    calls.clear()
+    gemm.forget()  # as in a new process: the decision comes from the cache file
+    assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("torch", "torch") and calls == []
+    monkeypatch.setenv(gemm.ENV, "step=onednn,big=torch")
+    assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("onednn", "torch")
+    monkeypatch.setenv(gemm.ENV, "fastest")
+    with pytest.raises(ValueError, match="GLASSLSTM_GEMM"):
+        gemm.providers(torch.float32, 32, 64, 64, 64)
+    monkeypatch.delenv(gemm.ENV)
+    # measured while other work held the cores: threaded products are not stored
+    monkeypatch.setattr(gemm, "busy", lambda: True)
+    gemm.remeasure()
+    gemm.providers(torch.float32, 32, 64, 64, 64)  # small weights: one-thread products
+    gemm.providers(torch.float32, 32, 512, 512, 512)  # large weights: threaded products
+    stored = gemm.decisions()
+    assert any(key.endswith(" 1") for key in stored)  # CPU time: kept
+    assert not any(key.endswith(" 0") for key in stored)  # wall time of a busy machine: not
+    gemm.forget()  # the measured decisions of this test are not the machine's
+
+
+def test_bf16_is_used_only_where_it_pays(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(gemm.ENV_BF16, raising=False)
+    monkeypatch.setattr(gemm, "native_bf16", lambda: True)
+    for bf16_time, pays in ((0.5, True), (2.0, False)):
+        gemm.remeasure()
+        monkeypatch.setattr(
+            gemm, "probe", lambda c, *a, t=bf16_time, **k: t if c == "bf16" else 1.0
+        )
+        assert gemm.bf16_pays(32, 64, 64) is pays
+    monkeypatch.setattr(gemm, "native_bf16", lambda: False)  # emulated bf16: never measured
+    monkeypatch.setattr(gemm, "probe", lambda *a, **k: pytest.fail("measured"))
+    gemm.forget()
+    assert gemm.bf16_pays(32, 64, 64) is False
+    monkeypatch.setenv(gemm.ENV_BF16, "1")  # forced on
+    assert gemm.bf16_pays(32, 64, 64) is True
+    gemm.forget()
+
+
+def test_deterministic_mode_pins_torchs_products(monkeypatch):
+    monkeypatch.setenv(gemm.ENV, "onednn")
+    assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("onednn", "onednn")
+    monkeypatch.delenv(gemm.ENV)
+    with glasslstm.deterministic():
+        assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("torch", "torch")
+
+
+# ---------------------------------------------------------------- bf16 products
+
+
+def test_bf16_mm_is_the_float32_product_of_bf16_operands():
+    a, b = torch.randn(37, 45), torch.randn(45, 29)
+    for a_in, b_in in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):
+        got = torch.ops.glasslstm.mm_bf16(a_in, b_in)
+        want = a.bfloat16().float() @ b.bfloat16().float()
+        assert got.dtype == torch.float32 and rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 5)])  # row-split / threaded
+def test_bf16_time_loop_matches_a_bf16_emulation(hidden, batch, two_threads):
+    """The bf16 loop is the float32 loop with x, U, each step's h and W rounded to bf16 before
+    the products: each step, written with torch ops on the loop's own state, agrees to float32
+    round-off. (Whole runs cannot be held that close: a last-bit difference flips a later
+    rounding to bf16.)"""
+    torch.manual_seed(0)
+    T, B, H, I = 7, batch, hidden, 5
+    w_ih, w_hh = torch.randn(4 * H, I), torch.randn(4 * H, H) * 0.3
+    b = torch.randn(4 * H)
+    x, h0, c0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H)
+    y, h_n, c_n, gates, cs, _, _ = torch.ops.glasslstm.lstm_layer(
+        x, h0, c0, w_ih, w_hh, b, None, None, None, False, False, True, True, "torch", "torch"
     )
-    env = {**os.environ, "GLASSLSTM_NO_EXT": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == "None off: disabled by $GLASSLSTM_NO_EXT / $GLASSLSTM_NO_FUSED (1, 1, 3) True"
-    env = {
-        **os.environ,
-        "GLASSLSTM_CXX": "no-such-c++",
-        "CXX": "no-such-c++",
-        "PATH": str(tmp_path),
-    }
-    env["GLASSLSTM_CC"] = str(shutil.which(cpu._compiler()))  # the C kernels still build
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == (
-        "None off: no C++ compiler found (install g++, or set $GLASSLSTM_CXX) (1, 1, 3) True"
-    )
+
+    def r(t):
+        return t.bfloat16().float()
+
+    xw = r(x) @ r(w_ih).t()
+    for t in range(T):
+        h_prev, c_prev = (h0, c0) if t == 0 else (y[t - 1], cs[t - 1])
+        a = xw[t] + b + r(h_prev) @ r(w_hh).t()
+        c, tanh_c, h = torch.empty(B, H), torch.empty(B, H), torch.empty(B, H)
+        cells.TORCH_CELL.forward(a, c_prev, c, tanh_c, h)
+        for got, want in ((gates[t], a), (cs[t], c), (y[t], h)):
+            assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 6)])  # row-split / threaded
+def test_autocast_bf16_stays_close_to_float32(hidden, batch, two_threads, monkeypatch):
+    """Under CPU bf16 autocast (bf16 forced on: it pays on few CPUs), products in bf16,
+    float32 sums and state: outputs and gradients within bf16 rounding of the float32 run,
+    ragged and both directions."""
+    monkeypatch.setenv(gemm.ENV_BF16, "1")
+    torch.manual_seed(0)
+    model = glasslstm.LSTM(7, hidden, num_layers=2, bidirectional=True, backend="fused")
+    x = torch.randn(6, batch, 7)
+    lengths = torch.tensor(sorted(torch.randint(1, 7, (batch,)).tolist(), reverse=True))
+    lengths[0] = 6
+    runs = []
+    for autocast in (False, True):
+        model.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, (h, c) = model(xx, lengths=lengths)
+        (y.pow(2).sum() + c.sum()).backward()
+        runs.append(
+            [y.detach(), h.detach(), xx.grad] + [p.grad.clone() for p in model.parameters()]
+        )
+    for a, b in zip(*runs):
+        assert a.dtype == torch.float32
+        assert rel_err(a, b) <= 2e-2
+    assert not torch.equal(runs[0][0], runs[1][0])  # the bf16 products did run
+
+
+def test_autocast_without_bf16_gains_runs_in_float32(monkeypatch):
+    monkeypatch.setenv(gemm.ENV_BF16, "0")
+    model = glasslstm.LSTM(4, 8)
+    x = torch.randn(5, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)[0]
+    assert y.dtype == torch.float32 and torch.equal(y, model(x)[0])
 
 
 # ---------------------------------------------------------------- streaming
@@ -266,8 +594,8 @@ def test_stream_rejects_what_cannot_stream():
         s.reset((torch.zeros(2, 1, 3), torch.zeros(1, 1, 3)))
 
 
-def test_stream_without_kernel_uses_torch_forward():
-    lstm = glasslstm.LSTM(3, 4, backend="bptt")  # a forced torch path: no C step
+def test_stream_without_the_step_uses_torch_forward():
+    lstm = glasslstm.LSTM(3, 4, backend="bptt")  # a forced torch path: no C++ step
     s = Stream(lstm)
     assert not s.fused
     x = torch.randn(6, 1, 3)
@@ -277,21 +605,9 @@ def test_stream_without_kernel_uses_torch_forward():
     assert rel_err(got, want) <= 1e-6
 
 
-@pytest.fixture(params=["python", "ext"])
-def drop_in_path(request, monkeypatch):
-    """Each drop-in test runs twice: on the C++ entry point (glasslstm.ops.ext, built now)
-    and on the Python path it replaces once built (the path wherever it cannot be)."""
-    if request.param == "ext":
-        if ext.build() is None:
-            pytest.skip(f"drop-in extension: {ext.status()}")
-    else:
-        monkeypatch.setattr(ext, "module", lambda: None)
-    return request.param
-
-
 @pytest.mark.parametrize("unbatched", [False, True])
-def test_drop_in_one_step_call_matches_torch(unbatched, drop_in_path):
-    """``lstm(x_t, (h, c))`` under no_grad takes the C step and gives torch's results."""
+def test_drop_in_one_step_call_matches_torch(unbatched):
+    """``lstm(x_t, (h, c))`` under no_grad takes the C++ step and gives torch's results."""
     ref = torch.nn.LSTM(5, 7, num_layers=2)
     lstm = glasslstm.LSTM.from_torch(ref)
     shape = (1, 5) if unbatched else (1, 1, 5)
@@ -300,6 +616,7 @@ def test_drop_in_one_step_call_matches_torch(unbatched, drop_in_path):
     with torch.no_grad():
         for _ in range(3):
             x = torch.randn(shape)
+            assert drop_in_step(lstm, x, hx) is not None  # the step takes this call
             a, (ah, ac) = lstm(x, hx)
             b, (bh, bc) = ref(x, hx)
             assert a.shape == b.shape and ah.shape == bh.shape
@@ -311,42 +628,23 @@ def test_drop_in_one_step_call_matches_torch(unbatched, drop_in_path):
     assert not torch.equal(hx[0], keep[0])
 
 
-def test_drop_in_extension_takes_the_call_and_hands_back_what_it_cannot(monkeypatch):
-    """Once built, the C++ entry point serves the one-token call whole (the Python path's
-    StepKernel call never runs); what it does not handle (a changed weight, an odd shape, a
-    non-contiguous state) goes back to the Python path, which still gives torch's results."""
-    if ext.build() is None:
-        pytest.skip(f"drop-in extension: {ext.status()}")
+def test_drop_in_step_takes_odd_states_and_leaves_errors_to_the_module():
     ref = torch.nn.LSTM(5, 7, num_layers=2, proj_size=3, dtype=torch.float64)
     lstm = glasslstm.LSTM.from_torch(ref)
     hx = (torch.randn(2, 1, 3, dtype=torch.float64), torch.randn(2, 1, 7, dtype=torch.float64))
     x = torch.randn(1, 1, 5, dtype=torch.float64)
-    python_steps = []
-    real = StepKernel.__call__
-    monkeypatch.setattr(
-        StepKernel, "__call__", lambda self, *a, **k: python_steps.append(1) or real(self, *a, **k)
-    )
     with torch.no_grad():
-        lstm(x, hx)  # builds the plan (Python path)
-        python_steps.clear()
-        for _ in range(3):
-            y, (h, c) = lstm(x, hx)
-            want = ref(x, hx)
-            assert rel_err(y, want[0]) <= 1e-12 and rel_err(c, want[1][1]) <= 1e-12
-            hx = (h, c)
-        assert python_steps == []
-        lstm.weight_hh_l1.add_(0.5)  # changed: the Python path re-reads it
-        ref.weight_hh_l1.add_(0.5)
-        assert rel_err(lstm(x, hx)[0], ref(x, hx)[0]) <= 1e-12 and python_steps == [1]
-        lstm(x, hx)  # and the extension takes over again
-        assert python_steps == [1]
         odd = (hx[0].transpose(0, 1).contiguous().transpose(0, 1), hx[1])  # not contiguous
         assert rel_err(lstm(x, odd)[0], ref(x, odd)[0]) <= 1e-12
-        with pytest.raises(ValueError, match="h_0 has shape"):  # the module's own error
+        lstm.weight_hh_l1.add_(0.5)  # changed: the step re-reads it
+        ref.weight_hh_l1.add_(0.5)
+        assert rel_err(lstm(x, hx)[0], ref(x, hx)[0]) <= 1e-12
+        assert drop_in_step(lstm, x, (hx[0][:1], hx[1])) is None  # not for the step
+        with pytest.raises(InputError, match="h_0 has shape"):  # the module's own error
             lstm(x, (hx[0][:1], hx[1]))
 
 
-def test_drop_in_step_leaves_dropout_in_training_to_the_forward(drop_in_path):
+def test_drop_in_step_leaves_dropout_in_training_to_the_forward():
     """A 2-layer LSTM with dropout in training mode drops between its layers even under
     no_grad (the step has no dropout, so such calls take the module's forward); in eval mode
     the same call is the deterministic step."""
@@ -354,8 +652,9 @@ def test_drop_in_step_leaves_dropout_in_training_to_the_forward(drop_in_path):
     x, hx = torch.randn(1, 1, 3), (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8))
     with torch.no_grad():
         lstm.eval()
-        assert torch.equal(lstm(x, hx)[0], lstm(x, hx)[0])  # builds the plan, steps
+        assert torch.equal(lstm(x, hx)[0], lstm(x, hx)[0])
         lstm.train()
+        assert drop_in_step(lstm, x, hx) is None
         outs = []
         for seed in (0, 1):
             torch.manual_seed(seed)
@@ -363,11 +662,9 @@ def test_drop_in_step_leaves_dropout_in_training_to_the_forward(drop_in_path):
     assert not torch.equal(outs[0], outs[1])
 
 
-def test_drop_in_calls_from_several_threads_take_turns(drop_in_path):
-    """The step's scratch and weight copies belong to the module: four Python threads calling
-    the same module at once each get torch's result (before, 600 of 800 came back wrong)."""
-    import threading
-
+def test_drop_in_calls_from_several_threads():
+    """Four Python threads calling the same module at once each get torch's result (each call
+    has its own scratch)."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(300, 300)
     lstm = glasslstm.LSTM.from_torch(ref)
@@ -392,7 +689,7 @@ def test_drop_in_calls_from_several_threads_take_turns(drop_in_path):
     assert wrong == []
 
 
-def test_drop_in_step_keeps_the_callers_state_and_grad_mode(drop_in_path):
+def test_drop_in_step_keeps_the_callers_state_and_grad_mode():
     lstm = glasslstm.LSTM(2, 3)
     hx = (torch.randn(1, 1, 3), torch.randn(1, 1, 3))
     before = tuple(t.clone() for t in hx)
@@ -404,7 +701,7 @@ def test_drop_in_step_keeps_the_callers_state_and_grad_mode(drop_in_path):
 
 
 @pytest.mark.parametrize("hidden, proj", [(256, 0), (256, 96), (100, 0)])
-def test_threaded_step_is_the_same_on_every_step(hidden, proj, two_threads, drop_in_path):
+def test_threaded_step_is_the_same_on_every_step(hidden, proj, two_threads):
     """Weights of 2^16+ multiply-adds take the threaded panel product (each thread reads its
     panels front to back on one step, back to front on the next; H = 100: 400 rows, the last
     panel part padding): torch's results, and the same call twice gives the same bits."""
@@ -420,16 +717,22 @@ def test_threaded_step_is_the_same_on_every_step(hidden, proj, two_threads, drop
     assert rel_err(first[0], want[0]) <= 1e-5 and rel_err(first[1][1], want[1][1]) <= 1e-5
 
 
-def test_drop_in_step_runs_hooks_and_follows_replaced_weights(drop_in_path):
+def test_drop_in_step_runs_hooks_and_follows_replaced_weights():
     ref = torch.nn.LSTM(3, 4)
     lstm = glasslstm.LSTM.from_torch(ref)
     x = torch.randn(1, 1, 3)
-    seen = []
+    seen, calls = [], []
     handle = lstm.register_forward_hook(lambda mod, args, out: seen.append(out[0].clone()))
-    with torch.no_grad():
-        y = lstm(x)[0]
-    handle.remove()
-    assert len(seen) == 1 and torch.equal(seen[0], y)
+    global_handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: calls.append(type(mod).__name__)
+    )
+    try:
+        with torch.no_grad():
+            y = lstm(x)[0]
+    finally:
+        handle.remove()
+        global_handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], y) and calls == ["LSTM"]
     with torch.no_grad():
         lstm(x)  # builds the cached plan
         new = torch.nn.Parameter(torch.randn(16, 4))
@@ -447,10 +750,7 @@ def test_drop_in_step_runs_hooks_and_follows_replaced_weights(drop_in_path):
         assert y64.dtype == torch.float64 and rel_err(y64, ref(x.double(), hx64)[0]) <= 1e-12
 
 
-def test_drop_in_plan_is_neither_copied_nor_pickled(drop_in_path):
-    import copy
-    import io
-
+def test_drop_in_plan_is_neither_shared_by_copies_nor_pickled():
     lstm = glasslstm.LSTM(3, 4)
     x = torch.randn(1, 1, 3)
     with torch.no_grad():
@@ -460,247 +760,36 @@ def test_drop_in_plan_is_neither_copied_nor_pickled(drop_in_path):
         assert not torch.equal(twin(x)[0], before)  # the copy steps with its own weights
         assert torch.equal(lstm(x)[0], before)
         buf = io.BytesIO()
-        torch.save(lstm, buf)  # no ctypes object in the pickle
+        torch.save(lstm, buf)
+        assert b"DropInStep" not in buf.getvalue()
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
         assert torch.equal(loaded(x)[0], before)
 
 
-@pytest.fixture
-def two_threads():
-    """Two OpenMP threads whatever the machine has: the row-split time loops need two."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # jit.trace, still in use
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_drop_in_step_stays_out_of_jit_traces():
+    """Under torch.jit.trace the one-token call runs the layer operator, so the trace has it."""
+    lstm = glasslstm.LSTM(3, 4).eval()
+    x, hx = torch.randn(1, 1, 3), (torch.randn(1, 1, 4), torch.randn(1, 1, 4))
+    with torch.no_grad():
+        want = lstm(x, hx)
+        traced = torch.jit.trace(lstm, (x, hx), check_trace=False)
+        x2 = torch.randn(1, 1, 3)
+        got, want2 = traced(x2, hx), lstm(x2, hx)
+    assert "glasslstm::lstm_layer" in str(traced.graph)
+    assert rel_err(got[0], want2[0]) <= 1e-6 and not torch.equal(got[0], want[0])
 
 
-@pytest.mark.parametrize("batch", [1, 32])  # 32: the loop is split over the threads
-def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode(batch, two_threads):
-    """A gradient halved at each of 140 steps reaches 2^-140 (7e-43, denormal in float32):
-    the fused time loop flushes it to zero (denormal arithmetic is 10-100x slower on x86),
-    the torch path keeps it; float64 has the range, and both agree. The calling thread's
-    floating-point control is left as it was."""
-    lib = cpu.library()
-    lib.glasslstm_fp_mode.restype = ctypes.c_uint
-
-    def control():
-        return lib.glasslstm_fp_mode() & ~0x3F  # without the sticky status flags
-
-    before = control()
-    grads = {}
-    for dtype in (torch.float32, torch.float64):
-        for backend in ("fused", "bptt"):
-            lstm = glasslstm.LSTM(1, 1, backend=backend, dtype=dtype)
-            with torch.no_grad():
-                for p in lstm.parameters():
-                    p.zero_()  # every gate 0.5: dc_{t-1} = 0.5 dc_t
-            c0 = torch.ones(1, batch, 1, dtype=dtype, requires_grad=True)
-            _, (_, c_n) = lstm(
-                torch.zeros(140, batch, 1, dtype=dtype), (torch.zeros(1, batch, 1, dtype=dtype), c0)
-            )
-            c_n.sum().backward()
-            grads[dtype, backend] = c0.grad.flatten().tolist()
-    assert control() == before
-    assert grads[torch.float32, "bptt"] == pytest.approx([2.0**-140] * batch, rel=1e-3)
-    assert grads[torch.float32, "fused"] == [0.0] * batch  # every thread flushed
-    assert grads[torch.float64, "fused"] == grads[torch.float64, "bptt"] == [2.0**-140] * batch
-
-
-@pytest.mark.parametrize("batch", [37, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("cfg", [{}, {"proj_size": 5, "bidirectional": True}])
-def test_row_split_time_loops_match_torch(dtype, cfg, batch, two_threads):
-    """With small weights the time loops share out the batch rows (37 or 5: uneven splits),
-    each thread running every step for its rows; ragged lengths end rows inside one thread's
-    share and in the other's. Forward and gradients (the bias's: summed by the loop, a partial
-    per thread) match torch and the one-thread loops."""
-    torch.manual_seed(0)
-    ref = torch.nn.LSTM(6, 12, num_layers=2, dtype=dtype, **cfg)
-    ours = glasslstm.LSTM.from_torch(ref, backend="fused")
-    T, B = 9, batch
-    x = torch.randn(T, B, 6, dtype=dtype)
-    lengths = torch.tensor(sorted(torch.randint(1, T + 1, (B,)).tolist(), reverse=True))
-    lengths[0] = T
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-
-    def run(model, ragged, threads):
-        torch.set_num_threads(threads)
-        xx = x.clone().requires_grad_()
-        if model is ref and ragged:
-            packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths)
-            y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
-        else:
-            y = model(xx, lengths=lengths)[0] if ragged else model(xx)[0]
-        grads = torch.autograd.grad(
-            y.pow(2).sum(),
-            [xx, model.weight_hh_l0, model.weight_ih_l1, model.bias_ih_l0, model.bias_hh_l1],
-        )
-        return [y.detach(), *grads]
-
-    for ragged in (False, True):
-        want = run(ref, ragged, 2)
-        split, serial = run(ours, ragged, 2), run(ours, ragged, 1)
-        for a, b, c in zip(split, serial, want):
-            assert rel_err(a, c) <= tol
-            assert rel_err(a, b) <= tol
-
-
-@pytest.mark.parametrize("ragged", [False, True])
-def test_large_weight_loops_match_torch(ragged, two_threads):
-    """Weights beyond a core's L2 keep one loop with threaded GEMMs; a step's gate math with
-    8192+ values is still shared by the threads (48 rows x 192 units, float64)."""
-    torch.manual_seed(0)
-    ref = torch.nn.LSTM(7, 192, dtype=torch.float64)
-    ours = glasslstm.LSTM.from_torch(ref, backend="fused")
-    T, B = 6, 48
-    x = torch.randn(T, B, 7, dtype=torch.float64)
-    lengths = torch.tensor([T] * 20 + [4] * 20 + [1] * 8)
-    outs = []
-    for model in (ours, ref):
-        xx = x.clone().requires_grad_()
-        if not ragged:
-            y = model(xx)[0]
-        elif model is ours:
-            y = model(xx, lengths=lengths)[0]
-        else:
-            packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths)
-            y = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0])[0]
-        outs.append(
-            [
-                y.detach(),
-                *torch.autograd.grad(y.pow(2).sum(), [xx, model.weight_hh_l0, model.bias_ih_l0]),
-            ]
-        )
-    for a, b in zip(*outs):
-        assert rel_err(a, b) <= 1e-12
-
-
-needs_bf16 = pytest.mark.skipif(
-    cpu.bf16_cell() is None, reason="torch's BLAS has no bf16 GEMM (MKL gemm_bf16bf16f32) here"
-)
-
-
-def test_bf16_rounding_is_torchs():
-    """The C loops round h and da to bf16 as torch's .to(torch.bfloat16) does: to nearest,
-    ties to even, NaN stays NaN, overflow to inf, denormals kept."""
-    bits = torch.tensor(
-        [
-            0x3F808000,
-            0x3F818000,
-            0x3F80FFFF,
-            0x7F7FFFFF,
-            0x00012345,
-            0x80008000,
-            0x7F800000,
-            0xFF800000,
-            0x7FC00001,
-            0x7F800001,
-        ]
-    ).to(torch.int32)
-    x = torch.cat([bits.view(torch.float32), torch.randn(1000) * 1e3, torch.randn(1000) * 1e-39])
-    out = torch.empty(x.numel(), dtype=torch.int16)
-    cpu.library().glasslstm_to_bf16(x.numel(), x.data_ptr(), out.data_ptr())
-    want = x.to(torch.bfloat16).view(torch.int16)
-    nan = torch.isnan(x)
-    assert torch.equal(out[~nan], want[~nan])
-    assert torch.isnan(out.view(torch.bfloat16)[nan]).all()
-
-
-@needs_bf16
-@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)])
-def test_bf16_mm_is_the_float32_product_of_bf16_operands(ta, tb):
-    a, b = torch.randn(37, 45), torch.randn(45, 29)
-    a_in = a.t().contiguous().t() if ta else a  # transposed storage, same values
-    b_in = b.t().contiguous().t() if tb else b
-    got = cpu.bf16_cell().mm(a_in, b_in)
-    want = a.bfloat16().float() @ b.bfloat16().float()
-    assert got.dtype == torch.float32 and rel_err(got, want) <= 1e-5
-
-
-@needs_bf16
-@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 5)])  # row-split / threaded GEMMs
-def test_bf16_time_loops_match_a_bf16_emulation(hidden, batch, two_threads):
-    """The bf16 loops are the float32 loops with each step's h (forward) or da (backward)
-    and the recurrent weight rounded to bf16 before the product: each step, written with torch
-    ops on the loop's own rounded inputs, agrees to float32 round-off. (Whole runs cannot be
-    held that close: a last-bit difference flips some later rounding to bf16.)"""
-    torch.manual_seed(0)
-    T, B, H = 7, batch, hidden
-    cell, ref = cpu.bf16_cell(), bptt.TORCH_CELL
-    w_hh = torch.randn(4 * H, H) * 0.3
-    w16 = w_hh.bfloat16().float()
-    x_proj = torch.randn(T, B, 4 * H)
-    gates = x_proj.clone()
-    hs, cs, tc = torch.empty(T + 1, B, H), torch.empty(T + 1, B, H), torch.empty(T, B, H)
-    hs[0], cs[0] = torch.randn(B, H), torch.randn(B, H)
-    assert cell.layer_forward(gates, hs, cs, tc, None, w_hh, None, None, False)
-    for t in range(T):  # step t from the loop's own state
-        a = x_proj[t] + hs[t].bfloat16().float() @ w16.t()
-        c, tanh_c, h = torch.empty(B, H), torch.empty(B, H), torch.empty(B, H)
-        ref.forward(a, cs[t], c, tanh_c, h)
-        for got, want in ((gates[t], a), (cs[t + 1], c), (tc[t], tanh_c), (hs[t + 1], h)):
-            assert rel_err(got, want) <= 1e-5
-
-    dy = torch.randn(T, B, H)
-    dh, dc, da = torch.zeros(B, H), torch.zeros(B, H), torch.empty(T, B, 4 * H)
-    assert cell.layer_backward(gates, cs, tc, dy, dh, dc, da, None, w_hh, None, None, False)
-    prep = ref.backward_prepare(gates, tc, H)
-    dc_e = torch.zeros(B, H)
-    for t in reversed(range(T)):
-        dh_e = torch.zeros(B, H) if t == T - 1 else da[t + 1].bfloat16().float() @ w16
-        d = torch.empty(B, 4 * H)
-        ref.backward(gates[t], cs[t], tc[t], dh_e, dy[t], dc_e, d, (prep[0][t], prep[1][t]))
-        assert rel_err(da[t], d) <= 1e-5
-    assert rel_err(dh, da[0].bfloat16().float() @ w16) <= 1e-5
-    assert rel_err(dc, dc_e) <= 1e-5
-
-
-@needs_bf16
-def test_autocast_bf16_without_the_c_loops_still_close_to_float32(monkeypatch):
-    """Where the C time loops cannot run (here: made to refuse), the bf16 cell's steps go
-    through the Python loop in float32 while its whole-sequence GEMMs stay bf16."""
-    monkeypatch.setattr(cpu.CpuBf16Cell, "_loops_in_c", lambda self, w_hh, w_hr: False)
-    torch.manual_seed(0)
-    model = glasslstm.LSTM(5, 16, num_layers=2, backend="fused")
-    x = torch.randn(7, 4, 5)
-    runs = []
-    for autocast in (False, True):
-        model.zero_grad()
-        xx = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = model(xx)[0]
-        y.pow(2).sum().backward()
-        runs.append([y.detach(), xx.grad] + [p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*runs):
-        assert a.dtype == torch.float32 and rel_err(a, b) <= 2e-2
-    assert not torch.equal(runs[0][0], runs[1][0])
-
-
-@needs_bf16
-@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 6)])  # row-split / threaded GEMMs
-def test_autocast_bf16_time_loops_stay_close_to_float32(hidden, batch, two_threads):
-    """Under CPU bf16 autocast the fused loops multiply in bf16 (float32 sums, float32 state):
-    outputs and gradients within bf16 rounding of the float32 run, ragged and both directions."""
-    torch.manual_seed(0)
-    model = glasslstm.LSTM(7, hidden, num_layers=2, bidirectional=True, backend="fused")
-    x = torch.randn(6, batch, 7)
-    lengths = torch.tensor(sorted(torch.randint(1, 7, (batch,)).tolist(), reverse=True))
-    lengths[0] = 6
-    runs = []
-    for autocast in (False, True):
-        model.zero_grad()
-        xx = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y, (h, c) = model(xx, lengths=lengths)
-        (y.pow(2).sum() + c.sum()).backward()
-        runs.append(
-            [y.detach(), h.detach(), xx.grad] + [p.grad.clone() for p in model.parameters()]
-        )
-    for a, b in zip(*runs):
-        assert a.dtype == torch.float32
-        assert rel_err(a, b) <= 2e-2
-    assert not torch.equal(runs[0][0], runs[1][0])  # the bf16 GEMMs did run
+def test_drop_in_step_follows_a_later_backend_change():
+    lstm = glasslstm.LSTM(3, 4)
+    x = torch.randn(1, 1, 3)
+    with torch.no_grad():
+        want = lstm(x)[0]  # builds the module's step plan
+        lstm.backend = "bptt"
+        assert drop_in_step(lstm, x, None) is None
+        assert rel_err(lstm(x)[0], want) <= 1e-6  # the torch path, same numbers
 
 
 def _tiny_lm(vocab="abc ."):
@@ -741,64 +830,3 @@ def test_generate_is_unchanged_by_the_stream():
             logits, _, state = model(torch.tensor([[nxt]]), state)
             logits = logits[0, -1]
     assert text == tok.decode(ids)
-
-
-@pytest.mark.parametrize("backend", ["fused", "bptt"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_many_rows_match_torch(backend, bias):
-    """T*B >= 64 rows: the input projection takes the contiguous-U^T GEMM."""
-    ref = torch.nn.LSTM(6, 5, num_layers=2, bias=bias, dtype=torch.float64)
-    ours = glasslstm.LSTM.from_torch(ref, backend=backend)
-    x = torch.randn(20, 8, 6, dtype=torch.float64, requires_grad=True)
-    outs = [m(x)[0] for m in (ours, ref)]
-    grads = [
-        torch.autograd.grad(o.pow(2).sum(), [x, m.weight_ih_l0, m.weight_hh_l1])
-        for o, m in zip(outs, (ours, ref))
-    ]
-    assert rel_err(outs[0], outs[1]) <= 1e-12
-    for a, b in zip(*grads):
-        assert rel_err(a, b) <= 1e-12
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # jit.trace, still in use
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_drop_in_step_stays_out_of_jit_traces(drop_in_path):
-    """Under torch.jit.trace the one-token call runs the torch ops, so the trace has them."""
-    lstm = glasslstm.LSTM(3, 4).eval()
-    x, hx = torch.randn(1, 1, 3), (torch.randn(1, 1, 4), torch.randn(1, 1, 4))
-    with torch.no_grad():
-        want = lstm(x, hx)
-        traced = torch.jit.trace(lstm, (x, hx), check_trace=False)
-        x2 = torch.randn(1, 1, 3)
-        got, want2 = traced(x2, hx), lstm(x2, hx)
-    assert rel_err(got[0], want2[0]) <= 1e-6 and not torch.equal(got[0], want[0])
-
-
-def test_drop_in_step_follows_a_later_backend_change(monkeypatch, drop_in_path):
-    lstm = glasslstm.LSTM(3, 4)
-    x = torch.randn(1, 1, 3)
-    with torch.no_grad():
-        want = lstm(x)[0]  # builds the module's C-step plan
-
-        def no_c_step(*args):
-            raise AssertionError("the C step ran although backend='bptt'")
-
-        monkeypatch.setattr(lstm._drop_in.kernel, "_step", no_c_step)
-        lstm.backend = "bptt"
-        assert rel_err(lstm(x)[0], want) <= 1e-6  # the torch path, same numbers
-
-
-def test_drop_in_step_runs_global_module_hooks(drop_in_path):
-    lstm = glasslstm.LSTM(3, 4)
-    x = torch.randn(1, 1, 3)
-    calls = []
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda mod, args, out: calls.append(type(mod).__name__)
-    )
-    try:
-        with torch.no_grad():
-            lstm(x)
-            lstm(x)
-    finally:
-        handle.remove()
-    assert calls == ["LSTM", "LSTM"]

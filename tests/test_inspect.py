@@ -424,7 +424,7 @@ def test_png_is_written_and_long_texts_are_cut(analysis, tmp_path):
         (["--text", "Bob", "--layer", "-1"], "(0..1)"),
         (["--text", "Bob", "--cells", "3,32"], "cell 32 is out of range: each layer has 32 cells"),
         (["--text", "Bob", "--cells", "3,x"], "--cells must be cell numbers separated by commas"),
-        (["--text", "Bob", "--top-k", "0"], "--top-k must be at least 1"),
+        (["--text", "Bob", "--top-k", "0"], "--top-k=0 is not valid; expected an int >= 1"),
         (["--text", ""], "is empty"),
         (["--text", "Bob €"], "not in the vocabulary: '€'"),
         (["--file", "missing.txt"], "cannot read"),

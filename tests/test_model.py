@@ -236,9 +236,9 @@ def test_chrono_init_spreads_the_forget_biases():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"cell": "gru"}, "cell must be one of lstm, rnn"),
-        ({"chrono_init": 1}, "chrono_init must be 0"),
-        ({"chrono_init": -3}, "chrono_init must be 0"),
+        ({"cell": "gru"}, "cell='gru' is not valid; expected one of lstm, rnn"),
+        ({"chrono_init": 1}, "chrono_init=1 is not valid.*the longest dependency in tokens, >= 2"),
+        ({"chrono_init": -3}, "chrono_init=-3 is not valid; expected an int >= 0"),
         ({"cell": "rnn", "chrono_init": 8}, "LSTM options"),
         ({"cell": "rnn", "proj_size": 8}, "LSTM options"),
     ],

@@ -21,7 +21,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import glasslstm
 import glasslstm.ops
 from glasslstm.ops import graphs
-from glasslstm.ops.bptt import TORCH_CELL, LSTMLayerFunction
+from glasslstm.ops.bptt import lstm_layer_bptt
+from glasslstm.ops.cells import TORCH_CELL
 
 CELL_SOURCE = Path(glasslstm.ops.__file__).with_name("triton_cell.py")
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
@@ -224,8 +225,9 @@ def test_cell_checks_layout_and_dtype(interp):
 
 
 def _layer_vs_torch(cell, dtype, *, reverse=False, proj=0, lengths=None, device="cpu"):
-    """LSTMLayerFunction with ``cell`` against torch.nn.LSTM (the same direction's weights):
-    outputs and the gradients of x, h0, c0 and every weight. Returns the worst error."""
+    """The Python loop (:func:`lstm_layer_bptt`) with ``cell`` against torch.nn.LSTM (the same
+    direction's weights): outputs and the gradients of x, h0, c0 and every weight. Returns the
+    worst error."""
     T, B, I, H = 7, 4, 3, 5
     P = proj or H
     ref = torch.nn.LSTM(I, H, proj_size=proj, bidirectional=reverse, dtype=dtype).to(device)
@@ -251,9 +253,7 @@ def _layer_vs_torch(cell, dtype, *, reverse=False, proj=0, lengths=None, device=
     h, c = h0[k].clone().requires_grad_(True), c0[k].clone().requires_grad_(True)
     ws = [getattr(ref, n + sfx).detach().clone().requires_grad_(True) for n in names]
     w_hr = ws[4] if proj else None
-    y, h_n, c_n = LSTMLayerFunction.apply(
-        xs, h, c, *ws[:4], w_hr, batch_sizes, reverse, False, cell
-    )
+    y, h_n, c_n = lstm_layer_bptt(xs, h, c, (*ws[:4], w_hr), batch_sizes, reverse, False, cell)
     ((y * wy).sum() + (h_n * wh).sum() + (c_n * wc).sum()).backward()
     ours = [y, h_n, c_n, xs.grad, h.grad, c.grad] + [w.grad for w in ws]
 
@@ -299,11 +299,12 @@ def test_whole_lstm_with_triton_cell_matches_torch(interp, monkeypatch):
     cell = interp.TritonCell(torch.float64)
     used = []
 
-    def cell_for(backend, x):
+    def cell_for(backend, x, bf16=False):
         used.append(x.shape)
         return cell
 
     monkeypatch.setattr(glasslstm.ops, "cell_for", cell_for)
+    monkeypatch.setattr(glasslstm.ops, "uses_operator", lambda backend, x: False)  # as on CUDA
     ref = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64)
     ours = glasslstm.LSTM.from_torch(ref, backend="fused")
     lengths = torch.tensor([3, 6, 1, 6])
@@ -411,16 +412,18 @@ def _fwd_bwd(model, x, autocast: str | None = None, backward_inside: bool = Fals
     ],
     ids=["fused-bwd-outside", "fused-bwd-inside", "bptt-bwd-outside", "bptt-bwd-inside", "loop"],
 )
-def test_autocast_cpu_keeps_the_lstm_state_in_float32(backend, backward_inside):
+def test_autocast_cpu_keeps_the_lstm_state_in_float32(backend, backward_inside, monkeypatch):
     """Under torch.autocast("cpu", bfloat16) the LSTM's results are float32 (state and gate
     math in float32; before, the fused path read bf16 gates as float32). bptt and loop compute
     exactly their float32 results; the fused path's matrix products take bf16 operands
-    (float32 accumulation) where torch's MKL has a bf16 GEMM: close to float32, not equal."""
+    (float32 accumulation; forced on here: by default only where they pay): close to float32,
+    not equal."""
+    monkeypatch.setenv("GLASSLSTM_BF16", "1")
     model = glasslstm.LSTM(6, 8, num_layers=2, bidirectional=True, proj_size=3, backend=backend)
     x = torch.randn(5, 3, 6)
     plain = _fwd_bwd(model, x)
     cast = _fwd_bwd(model, x, "cpu", backward_inside)
-    bf16_gemms = backend == "fused" and glasslstm.ops.cpu.bf16_cell() is not None
+    bf16_gemms = backend == "fused"
     for a, b in zip(cast, plain):
         assert a.dtype == torch.float32
         if bf16_gemms:

@@ -1,8 +1,9 @@
 """The `glasslstm` command: parse arguments, call the library, print. ``main(argv) -> int``.
 
 One small module per subcommand in :mod:`glasslstm.commands`; each has ``add_parser(sub)``
-and ``run(args) -> int``. Problems with the user's input (data, run directories, options)
-are printed as one clear line with exit status 2, never as a traceback.
+and ``run(args) -> int``, and checks its options (:mod:`glasslstm.options`) before any work.
+Problems with the user's input (data, run directories, options) are printed as one clear line
+with exit status 2, a failed write with 1, never as a traceback.
 """
 
 from __future__ import annotations
@@ -11,10 +12,21 @@ import argparse
 import sys
 
 from glasslstm import __version__
-from glasslstm.commands import bench, cells, demo, evaluate, inspect, predict, sample, serve, train
+from glasslstm.commands import (
+    bench,
+    cells,
+    demo,
+    evaluate,
+    export,
+    inspect,
+    predict,
+    sample,
+    serve,
+    train,
+)
 from glasslstm.errors import USER_ERRORS
 
-COMMANDS = (train, sample, predict, evaluate, bench, demo, inspect, cells, serve)
+COMMANDS = (train, sample, predict, evaluate, export, bench, demo, inspect, cells, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except USER_ERRORS as e:
         print(f"glasslstm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"glasslstm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,28 +17,16 @@ so a ``state_dict`` moves between the two unchanged, and the same seed gives the
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
-from torch.nn.modules import module as _module
 
 from glasslstm.ops import lstm_layer
 from glasslstm.ops.recompute import checkpointed
+from glasslstm.ops.step import drop_in_step
 from glasslstm.recurrent import Lengths, Recurrent, _check_int
-from glasslstm.stream import drop_in_step
-
-
-def _hooked(module) -> bool:
-    """Whether torch's module call would run hooks (the test of ``Module._call_impl``)."""
-    return bool(
-        module._backward_hooks
-        or module._backward_pre_hooks
-        or module._forward_hooks
-        or module._forward_pre_hooks
-        or _module._global_backward_pre_hooks
-        or _module._global_backward_hooks
-        or _module._global_forward_hooks
-        or _module._global_forward_pre_hooks
-    )
 
 
 class LSTM(Recurrent):
@@ -77,6 +65,8 @@ class LSTM(Recurrent):
             directory "checkpoints" of :mod:`glasslstm.rundir`.)
     """
 
+    quantized: str | None = None  # "int8" once glasslstm.quantize.int8 rounded the weights
+
     mode = "LSTM"
     gates = 4
     state_names = ("h_0", "c_0")
@@ -102,6 +92,11 @@ class LSTM(Recurrent):
     ) -> None:
         _check_int("checkpoint", checkpoint, minimum=0)
         _check_int("chrono_init", chrono_init, minimum=0)
+        given: object = forget_bias  # checked as anything a caller may pass
+        if isinstance(given, bool) or not isinstance(given, numbers.Real):
+            raise TypeError(f"forget_bias must be a number; got {type(given).__name__}")
+        if not math.isfinite(given):
+            raise ValueError(f"forget_bias must be finite (else every output is NaN); got {given}")
         if chrono_init == 1:
             raise ValueError(
                 "chrono_init=1 gives no time scale to spread; use 0 (off) or the "
@@ -130,6 +125,10 @@ class LSTM(Recurrent):
             dtype,
             backend=backend,
         )
+        # The drop-in step keeps its own copies of the weights, refreshed when a Parameter
+        # changes; it runs only while every weight is still a registered Parameter (not a tensor
+        # that weight_norm, pruning or parametrize recompute at every call).
+        self._weight_names = frozenset(self._flat_weights_names)
 
     def reset_parameters(self) -> None:
         """torch.nn.LSTM's init (uniform ±1/sqrt(hidden_size)), plus ``forget_bias`` or
@@ -190,8 +189,13 @@ class LSTM(Recurrent):
             ``PackedSequence`` for packed input), out = proj_size or hidden_size, D = 2 if
             bidirectional else 1.
         """
-        if not return_gates and lengths is None and not torch.is_grad_enabled():
-            fast = drop_in_step(self, input, hx)  # one token of one sequence: the C step
+        if (
+            not return_gates
+            and lengths is None
+            and not torch.is_grad_enabled()
+            and self._weight_names.issubset(self._parameters)
+        ):
+            fast = drop_in_step(self, input, hx)  # one token of one sequence: the C++ step
             if fast is not None:
                 return fast
         output, states, trace = self._run(input, hx, lengths, return_gates)
@@ -199,27 +203,9 @@ class LSTM(Recurrent):
             return output, states, trace
         return output, states
 
-    _drop_in = None  # the cached DropInStep (glasslstm.stream), built on the first such call
-
-    def __call__(self, *args, **kwargs):
-        """torch's module call; a one-token step of one sequence under ``torch.no_grad()``
-        with no hooks or ``compile()`` in the way goes straight to the C step,
-        skipping the module machinery (the batch-1 streaming target is 10 us)."""
-        if (
-            0 < len(args) <= 2
-            and not kwargs
-            and not torch.is_grad_enabled()
-            and self.__dict__.get("_compiled_call_impl") is None
-            and not _hooked(self)
-        ):
-            fast = drop_in_step(self, args[0], args[1] if len(args) == 2 else None)
-            if fast is not None:
-                return fast
-        return super().__call__(*args, **kwargs)
-
     def __getstate__(self):
         state = super().__getstate__()
-        if state.get("_drop_in") is not None:  # ctypes pointers: never copied or serialized
+        if state.get("_drop_in") is not None:  # the drop-in call's weight copies: not saved
             state = {**state, "_drop_in": None}
         return state
 

@@ -10,7 +10,6 @@ train and evaluate with the same code.
 from __future__ import annotations
 
 import codecs
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glasslstm import rundir
-from glasslstm.data import Tokenizer, tokenizer_from_dict
+from glasslstm import __version__, options, rundir
+from glasslstm.data import Tokenizer
 from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
 from glasslstm.rnn import RNN
 
 # The recurrent core's state: (h, c) for the LSTM, (h,) for the vanilla RNN.
 State = tuple[torch.Tensor, ...]
-CELLS = ("lstm", "rnn")
+CELLS = options.CELLS
 
 
 def config_from_dict(cls, d: dict, what: str):
@@ -56,31 +55,8 @@ class ModelConfig:
     checkpoint: int = 0  # recompute in backward, S steps per segment (0: off); memory only
 
     def __post_init__(self):
-        for key in ("vocab_size", "hidden_size", "num_layers"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"model {key} must be a positive int; got {getattr(self, key)!r}")
-        if (
-            isinstance(self.checkpoint, bool)
-            or not isinstance(self.checkpoint, int)
-            or self.checkpoint < 0
-        ):
-            raise ConfigError(
-                f"model checkpoint must be an int >= 0 (0: off); got {self.checkpoint!r}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1); got {self.dropout}")
-        if self.cell not in CELLS:
-            raise ConfigError(f"cell must be one of {', '.join(CELLS)}; got {self.cell!r}")
-        if (
-            isinstance(self.chrono_init, bool)
-            or not isinstance(self.chrono_init, int)
-            or self.chrono_init < 0
-            or self.chrono_init == 1
-        ):
-            raise ConfigError(
-                f"chrono_init must be 0 (off) or the longest dependency in tokens, >= 2; "
-                f"got {self.chrono_init!r}"
-            )
+        options.check_fields(self, options.MODEL, name=lambda key: f"ModelConfig.{key}")
+        options.check_chrono(self.chrono_init, name="ModelConfig.chrono_init")
         if self.cell == "rnn" and (self.proj_size or self.checkpoint or self.chrono_init):
             raise ConfigError(
                 "proj_size, checkpoint and chrono_init are LSTM options; the rnn cell has none"
@@ -113,6 +89,8 @@ class Prediction:
 
 class LanguageModel(nn.Module):
     """Next-token model. ``tokenizer`` travels with it (saved as vocab.json)."""
+
+    quantized: str | None = None  # "int8" once glasslstm.quantize.int8 rounded the weights
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None):
         super().__init__()
@@ -207,7 +185,8 @@ class LanguageModel(nn.Module):
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ConfigError(
-                "this model has no tokenizer; build it with LanguageModel(config, tokenizer)"
+                "this model has no tokenizer (a run directory without vocab.json): build it "
+                "with LanguageModel(config, tokenizer), or save it again with one"
             )
         return self.tokenizer
 
@@ -336,39 +315,62 @@ class LanguageModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ files
-    def save(self, path, *, metadata: dict[str, str] | None = None) -> None:
-        """Write ``path`` (a .safetensors file) atomically; the tokenizer is not included."""
+    def save(self, run_dir, *, metadata: dict[str, str] | None = None) -> Path:
+        """Write the model as a run directory that :meth:`load` and every command taking a
+        RUN (``glasslstm sample RUN``, ``predict``, ``inspect``, ``export``, ...) read back;
+        returns its path. Format: docs/run-directory.md.
+
+        Writes ``config.json`` (the model config), ``vocab.json`` (the tokenizer, when the
+        model has one) and ``model.safetensors`` (the weights; ``metadata``: strings stored in
+        its header), each atomically. ``run_dir`` may be new, empty, or one an earlier
+        ``save`` wrote (it is replaced). A training run's directory is refused: its train state
+        and checkpoints belong to it. For the weights alone: :meth:`save_weights`.
+        """
+        run_dir = Path(run_dir)
+        if run_dir.suffix == ".safetensors":
+            raise ConfigError(
+                f"save() writes a run directory, and {run_dir} names a .safetensors file: pass "
+                "a directory, or use save_weights(path) for the weights alone"
+            )
+        _check_save_target(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.save_weights(run_dir / "model.safetensors", metadata=metadata)
+        vocab = run_dir / "vocab.json"
+        if self.tokenizer is not None:
+            rundir.atomic_write_json(vocab, self.tokenizer.to_dict())
+        else:
+            vocab.unlink(missing_ok=True)  # an earlier save's tokenizer is not this model's
+        # last: a directory without config.json is not loadable, so a crash before this line
+        # never leaves a fresh directory that loads with half of its files
+        rundir.write_config(
+            run_dir, {"glasslstm_version": __version__, "model": self.config_dict()}
+        )
+        return run_dir
+
+    def save_weights(self, path, *, metadata: dict[str, str] | None = None) -> None:
+        """Write the weights alone (the state_dict) to the safetensors file ``path``,
+        atomically; ``metadata``: strings stored in the file's header."""
         rundir.save_tensors(path, self.state_dict(), metadata)
 
     @classmethod
     def load(
         cls, run_dir, *, which: str = "best", device: str | torch.device = "cpu"
     ) -> LanguageModel:
-        """Load a model from a run directory written by ``glasslstm train``.
+        """Load a model from a run directory: one written by ``glasslstm train`` or by
+        :meth:`save`.
 
         ``which``: ``"best"`` (lowest validation loss, if saved; else the last) or ``"last"``.
         Config and vocabulary are JSON, weights safetensors: nothing in the files is executed.
+        Without a ``vocab.json`` the model has no tokenizer (it was saved without one).
         """
         if which not in ("best", "last"):
             raise ConfigError(f"which must be 'best' or 'last'; got {which!r}")
-        run_dir = Path(run_dir)
-        cfg = rundir.read_config(run_dir)
-        tok = load_vocab(run_dir)
-        model = cls(ModelConfig.from_dict(cfg["model"]), tok)
-        weights = run_dir / "best" / "model.safetensors"
-        if which == "last" or not weights.is_file():
-            weights = run_dir / "model.safetensors"
-        if not weights.is_file():
-            raise rundir.RunDirError(
-                f"{weights} is missing: the run in {run_dir} has not saved a model yet"
-            )
-        state = rundir.load_tensors(weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [m for m in missing if m != "head.weight" or not model.config.tie_weights]:
-            raise rundir.RunDirError(
-                f"{weights} does not match config.json's model (missing {missing}, "
-                f"unexpected {unexpected})"
-            )
+        from glasslstm import runfiles
+
+        device = options.resolve_device(device)
+        files = runfiles.read_model(run_dir, which, device)  # each file checked before use
+        model = cls(files.config, files.tokenizer)
+        model.load_state_dict(files.weights, strict=not files.config.tie_weights)
         model.eval()
         return model.to(device)
 
@@ -379,26 +381,51 @@ class LanguageModel(nn.Module):
         return asdict(self.config)
 
 
+def _check_save_target(run_dir: Path) -> None:
+    """Refuse a place where :meth:`LanguageModel.save` would overwrite what is not its own."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file; save() writes a run directory: pass a directory")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not (run_dir / rundir.CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{run_dir} is not empty and is not a glasslstm run directory; save to a new or "
+            "empty directory"
+        )
+    cfg = rundir.read_config(run_dir)
+    if "train" in cfg or (run_dir / rundir.TRAIN_STATE_TENSORS).exists():
+        raise ConfigError(
+            f"{run_dir} holds a training run (its train state and checkpoints belong to it); "
+            "save to another directory"
+        )
+
+
+def training_data(run_dir, *, required: bool = True) -> tuple[str | None, str | None]:
+    """``(data, data_dir)`` a run was trained on (as given to ``glasslstm train``), for the
+    commands that default to its validation split. A directory written by
+    :meth:`LanguageModel.save` records none: ``(None, None)``, or a RunDirError when
+    ``required``."""
+    train = rundir.read_config(run_dir).get("train")
+    if not isinstance(train, dict):
+        if not required:
+            return None, None
+        raise rundir.RunDirError(
+            f"{run_dir} records no training data (a model saved with LanguageModel.save): "
+            "pass --data FILE to say what text to use"
+        )
+    return train.get("data"), train.get("data_dir")
+
+
 def load_vocab(run_dir) -> Tokenizer:
     """The tokenizer saved in ``run_dir/vocab.json`` (JSON; a clear RunDirError if unusable)."""
-    vocab_path = Path(run_dir) / "vocab.json"
-    if not vocab_path.is_file():
-        raise rundir.RunDirError(f"{vocab_path} is missing; the run directory is incomplete")
-    try:
-        return tokenizer_from_dict(json.loads(vocab_path.read_text("utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise rundir.RunDirError(f"{vocab_path} is not valid JSON ({e})") from None
+    from glasslstm import runfiles
+
+    return runfiles.read_vocab(run_dir)
 
 
 def _check_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
-    if length < 0:
-        raise ConfigError(f"length must be >= 0; got {length}")
-    if not temperature >= 0 or math.isinf(temperature):
-        raise ConfigError(f"temperature must be a finite number >= 0; got {temperature}")
-    if top_k < 0:
-        raise ConfigError(f"top_k must be >= 0 (0: off); got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1] (1: off); got {top_p}")
+    values = {"length": length, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    options.check(values, options.SAMPLING, name=str)
 
 
 def _sample(
@@ -408,7 +435,7 @@ def _sample(
     logits = logits.float().cpu()
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    logits = (logits - logits.max()) / temperature  # the max at 0: no overflow at any T > 0
     if top_k and top_k < logits.numel():
         kth = logits.topk(top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

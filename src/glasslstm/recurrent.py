@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from glasslstm.errors import InputError, InputTypeError
 from glasslstm.ops import resolve_backend
 from glasslstm.trace import GateTrace
 
@@ -55,6 +56,13 @@ class Recurrent(nn.Module):
         _check_int("hidden_size", hidden_size, minimum=1)
         _check_int("num_layers", num_layers, minimum=1)
         _check_int("proj_size", proj_size, minimum=0)
+        _check_bool("bias", bias)
+        _check_bool("batch_first", batch_first)
+        if proj_size and self.mode != "LSTM":
+            raise ValueError(
+                f"proj_size={proj_size}: projections exist only for LSTM (LSTMP), not for "
+                f"{type(self).__name__}; remove proj_size"
+            )
         if proj_size >= hidden_size:
             raise ValueError(
                 f"proj_size={proj_size} must be smaller than hidden_size={hidden_size} "
@@ -131,11 +139,21 @@ class Recurrent(nn.Module):
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         """Per layer and direction, the parameters in torch's order (as torch has it)."""
-        return [
-            [w for w in self._weights(layer, d) if w is not None]
-            for layer in range(self.num_layers)
-            for d in range(self.num_directions)
-        ]
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """torch's name lists: per layer and direction, its weights' names in torch's order."""
+        names = self._flat_weights_names
+        n = len(names) // (self.num_layers * self.num_directions)  # the same for every one
+        return [names[i : i + n] for i in range(0, len(names), n)]
+
+    @property
+    def _flat_weights(self) -> list[torch.Tensor | None]:
+        """torch's flat list of the weights as forward reads them: the Parameters, or the
+        tensors a reparametrization (weight_norm, pruning, parametrize) puts in their place
+        (None for a weight deleted and not yet replaced, as torch has it)."""
+        return [getattr(self, name, None) for name in self._flat_weights_names]
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for torch's modules (no flat cuDNN buffer to compact)."""
@@ -205,12 +223,14 @@ class Recurrent(nn.Module):
             "batch_first": False,
             "dropout": 0.0,
             "bidirectional": False,
-            "proj_size": 0,
             "backend": None,
         }
 
     def extra_repr(self) -> str:
+        """torch's repr (its options in its order), then the options glasslstm adds."""
         s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         for name, default in self._repr_options().items():
@@ -323,38 +343,41 @@ class Recurrent(nn.Module):
                 f"input must be a torch.Tensor or PackedSequence; got {type(input).__name__}"
             )
         if not input.is_floating_point():
-            raise TypeError(
+            raise InputTypeError(
                 f"input must be a floating-point tensor; got dtype {input.dtype}. Token ids "
                 "go through an nn.Embedding first; otherwise convert with .float()"
             )
         ref = self.weight_ih_l0
         if input.dtype != ref.dtype:
-            raise TypeError(
+            raise InputTypeError(
                 f"input has dtype {input.dtype} but the {type(self).__name__}'s weights are "
                 f"{ref.dtype}; convert one of them (input.to({ref.dtype}) or "
                 f"module.to({input.dtype}))"
             )
         if input.device != ref.device:
-            raise ValueError(
+            raise InputError(
                 f"input is on {input.device} but the {type(self).__name__}'s weights are on "
                 f"{ref.device}; move one of them with .to(device)"
             )
         layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
         if input.dim() not in (2, 3):
-            raise ValueError(
+            raise InputError(
                 f"input must have rank 3 {layout} or 2 (T, input_size) for one sequence; "
                 f"got shape {tuple(input.shape)}"
             )
         if input.shape[-1] != self.input_size:
-            raise ValueError(
+            raise InputError(
                 f"input has feature size {input.shape[-1]} (shape {tuple(input.shape)}); "
                 f"expected input_size={self.input_size}, i.e. {layout}"
             )
+        if input.shape[0 if input.dim() == 2 or not self.batch_first else 1] == 0:
+            raise InputError(
+                f"input has no time steps (shape {tuple(input.shape)}); an LSTM needs a sequence "
+                "length of at least 1"
+            )
         if input.dim() == 2:
             return input.unsqueeze(1), True
-        if input.shape[0] == 0 or input.shape[1] == 0:
-            raise ValueError(f"input has an empty batch or time dimension: {tuple(input.shape)}")
-        return input, False
+        return input, False  # a batch of 0 sequences is fine: empty outputs, as torch gives
 
     def _initial_state(self, hx, B: int, x: torch.Tensor, unbatched: bool) -> tuple:
         LD = self.num_layers * self.num_directions
@@ -366,8 +389,12 @@ class Recurrent(nn.Module):
             if not isinstance(hx, torch.Tensor):
                 raise TypeError(f"hx must be a tensor h_0; got {type(hx).__name__}")
             hx = (hx,)
-        elif not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise TypeError("hx must be a tuple (h_0, c_0) of two tensors")
+        elif not isinstance(hx, (tuple, list)):
+            raise TypeError(
+                f"hx must be a tuple (h_0, c_0) of two tensors; got {type(hx).__name__}"
+            )
+        elif len(hx) != 2:  # a RuntimeError, as torch's "lstm expects two hidden states"
+            raise InputError(f"hx must be a tuple (h_0, c_0) of two tensors; got {len(hx)} items")
         states = []
         for name, t in zip(names, hx):
             expected = (LD, sizes[name]) if unbatched else (LD, B, sizes[name])
@@ -375,12 +402,12 @@ class Recurrent(nn.Module):
                 raise TypeError(f"hx: {name} must be a tensor; got {type(t).__name__}")
             if tuple(t.shape) != expected:
                 what = "proj_size" if name == "h_0" and self.proj_size else "hidden_size"
-                raise ValueError(
+                raise InputError(
                     f"hx: {name} has shape {tuple(t.shape)}; expected {expected} "
                     f"(num_layers * num_directions, batch, {what})"
                 )
-            if t.dtype != x.dtype or t.device != x.device:
-                raise TypeError(
+            if t.dtype != x.dtype or t.device != x.device:  # torch: a RuntimeError too
+                raise InputError(
                     f"hx: {name} is {t.dtype} on {t.device}; expected {x.dtype} on {x.device} "
                     "like the input"
                 )
@@ -445,6 +472,11 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
 
 
 Lengths = torch.Tensor | Sequence[int] | None

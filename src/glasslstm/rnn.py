@@ -58,6 +58,7 @@ class GRU(_SingleState):
         device=None,
         dtype=None,
         *,
+        proj_size: int = 0,  # accepted to be refused like torch's: a projection is LSTM's only
         backend: str | None = None,
     ) -> None:
         super().__init__(
@@ -68,7 +69,7 @@ class GRU(_SingleState):
             batch_first,
             dropout,
             bidirectional,
-            0,
+            proj_size,
             device,
             dtype,
             backend=backend,
@@ -109,6 +110,7 @@ class RNN(_SingleState):
         device=None,
         dtype=None,
         *,
+        proj_size: int = 0,  # accepted to be refused like torch's: a projection is LSTM's only
         backend: str | None = None,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
@@ -123,7 +125,7 @@ class RNN(_SingleState):
             batch_first,
             dropout,
             bidirectional,
-            0,
+            proj_size,
             device,
             dtype,
             backend=backend,

@@ -28,6 +28,11 @@ cut short by a crash is kept apart from the next one by a newline.
 
 Everything a resume needs is in train_state.safetensors, so one rename replaces all of it at
 once: a crash cannot pair new optimizer state with old weights.
+
+A write that fails (a full disk, no permission, an I/O error) raises
+:class:`~glasslstm.errors.WriteError` naming the path and the free space there; the file that
+was under the real name is left as it was. What is read back is checked before use by
+:mod:`glasslstm.runfiles`.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from safetensors.torch import load as _st_load_bytes
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save_bytes
 
-from glasslstm.errors import RunDirError
+from glasslstm.errors import RunDirError, WriteError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -60,14 +65,20 @@ __all__ = [
     "save_tensors",
     "load_tensors",
     "append_jsonl",
+    "trim_metrics",
+    "make_dirs",
+    "read_json",
     "optimizer_state_to_tensors",
     "optimizer_state_from_tensors",
     "rng_state",
     "set_rng_state",
+    "check_rng_state",
     "write_config",
     "read_config",
     "save_train_state",
     "load_train_state",
+    "read_train_state_header",
+    "read_tensor_header",
 ]
 
 FORMAT_VERSION = 1
@@ -84,6 +95,8 @@ _META_KEY = "meta"  # train state metadata entry holding the JSON meta
 _MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
 
 _TRAIN_HINT = "`glasslstm train --out DIR`"
+# A resume point that cannot be used: the model in the run still loads, the run cannot go on.
+_STATE_FIX = f"restore train_state.safetensors from a copy, or train a new run with {_TRAIN_HINT}"
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -103,11 +116,23 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path) -> None:
+    """Create the folder ``path`` and its parents; a failure is a :class:`WriteError`."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(path, e) from None
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Replace `path` with `data` atomically (see the module docstring); creates parent folders."""
+    """Replace `path` with `data` atomically (see the module docstring); creates parent folders.
+
+    Any failure (a full disk, no permission) is a :class:`WriteError` naming the path and the
+    free space there; the file that was at `path` before is left as it was.
+    """
     path = Path(path)
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     while True:
         tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
         try:
@@ -119,19 +144,26 @@ def atomic_write_bytes(path, data: bytes) -> None:
             break
         except FileExistsError:
             continue
+        except OSError as e:
+            raise WriteError(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from None
         raise
-    _fsync_dir(directory)
+    try:
+        _fsync_dir(directory)
+    except OSError as e:
+        raise WriteError(path, e) from None
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -154,17 +186,42 @@ def append_jsonl(path, obj) -> None:
     if "\n" in line:  # json.dumps escapes newlines in strings; this cannot happen
         raise ValueError("a JSON line must not contain a newline")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        f.seek(0, os.SEEK_END)
-        prefix = b""
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                prefix = b"\n"
-        f.write(prefix + line.encode("utf-8") + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+    make_dirs(path.parent)
+    try:
+        with open(path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            prefix = b""
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    prefix = b"\n"
+            f.write(prefix + line.encode("utf-8") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError(path, e) from None
+
+
+def trim_metrics(path, step: int) -> int:
+    """Keep only the rows of the metrics file `path` up to `step` (a resumed run's checkpoint:
+    the rows after it will be written again); lines cut short by a crash go too. Rewritten
+    atomically, and only when something is removed. Returns the number of lines removed."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        at = row.get("step") if isinstance(row, dict) else None
+        if isinstance(at, int) and not isinstance(at, bool) and at <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -278,8 +335,7 @@ def _tensor(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     except KeyError:
         raise RunDirError(
             f"train state lacks the tensor {name!r}; the train state is damaged or from another "
-            f"program: delete train_state.* to start a fresh optimizer, or train again with "
-            f"{_TRAIN_HINT}"
+            f"program: {_STATE_FIX}"
         ) from None
 
 
@@ -333,8 +389,7 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
         if isinstance(e, RunDirError):
             raise
         raise RunDirError(
-            f"optimizer state in the train state is malformed ({e!r}); delete train_state.* to "
-            f"start a fresh optimizer, or train again with {_TRAIN_HINT}"
+            f"optimizer state in the train state is malformed ({e!r}): {_STATE_FIX}"
         ) from None
     return {"state": dict(sorted(state.items())), "param_groups": param_groups}
 
@@ -375,21 +430,21 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Restore the RNGs captured by `rng_state`. Other entries in `tensors` are ignored.
-
-    CUDA states are restored for the devices present (none if CUDA is unavailable), so a run
-    saved on a GPU machine resumes on a CPU one with the CPU streams intact.
-    """
+def _rng_states(tensors: dict[str, torch.Tensor], meta: dict):
+    """``(torch CPU state, Python state, NumPy state, CUDA devices)`` from a captured state;
+    RunDirError when an entry is missing or of the wrong kind."""
     try:
         cpu = _tensor(tensors, "rng.torch_cpu")
         py = _tensor(tensors, "rng.python")
         np_keys = _tensor(tensors, "rng.numpy_keys")
         py_meta, np_meta = meta["python"], meta["numpy"]
+        gauss_next = py_meta["gauss_next"]
+        if gauss_next is not None and not isinstance(gauss_next, float):
+            raise TypeError(f"python gauss_next is {gauss_next!r}, not a float or null")
         py_state = (
             int(py_meta["version"]),
             tuple(int(v) for v in py.tolist()),
-            py_meta["gauss_next"],
+            gauss_next,
         )
         np_state = (
             np_meta.get("bit_generator", "MT19937"),
@@ -399,11 +454,44 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
             float(np_meta["cached_gaussian"]),
         )
         n_cuda = int(meta.get("cuda_devices", 0))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise RunDirError(
-            f"RNG state in the train state is malformed ({e!r}); delete train_state.* to resume "
-            f"without it, or train again with {_TRAIN_HINT}"
+            f"RNG state in the train state is malformed ({e!r}): {_STATE_FIX}"
         ) from None
+    if cpu.dtype != torch.uint8 or cpu.dim() != 1:
+        raise RunDirError(
+            f"RNG state in the train state is malformed (rng.torch_cpu has dtype {cpu.dtype} "
+            f"and shape {tuple(cpu.shape)}, expected a 1-D uint8 tensor): {_STATE_FIX}"
+        )
+    return cpu, py_state, np_state, n_cuda
+
+
+def check_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """RunDirError unless the RNG state captured by `rng_state` can be restored: each part is
+    tried on a fresh generator of its kind (torch, Python, NumPy), never the global ones."""
+    cpu, py_state, np_state, _ = _rng_states(tensors, meta)
+    for what, restore in (
+        ("torch", lambda: torch.Generator().set_state(cpu.clone())),
+        ("python", lambda: random.Random().setstate(py_state)),
+        ("numpy", lambda: np.random.RandomState().set_state(np_state)),
+    ):
+        try:
+            restore()
+        except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+            raise RunDirError(
+                f"RNG state in the train state is malformed (the {what} generator refuses it: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}): {_STATE_FIX}"
+            ) from None
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore the RNGs captured by `rng_state`. Other entries in `tensors` are ignored.
+
+    CUDA states are restored for the devices present (none if CUDA is unavailable), so a run
+    saved on a GPU machine resumes on a CPU one with the CPU streams intact.
+    """
+    check_rng_state(tensors, meta)  # all or nothing: no global generator half restored
+    cpu, py_state, np_state, n_cuda = _rng_states(tensors, meta)
     torch.set_rng_state(cpu.to(dtype=torch.uint8, device="cpu"))
     random.setstate(py_state)
     np.random.set_state(np_state)
@@ -424,15 +512,35 @@ def write_config(run_dir, config: dict) -> None:
     )
 
 
-def _read_json(path: Path, run_dir) -> Any:
+MAX_JSON_BYTES = 256 * 2**20  # a word vocabulary of millions of tokens is far below this
+
+
+def read_json(path, fix: str) -> Any:
+    """The JSON in `path`; RunDirError naming the file and `fix` when it is too large, not
+    UTF-8, not JSON, or nested too deeply for Python's parser."""
+    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-        return json.loads(text)
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise RunDirError(
+                f"{path} is {size:,} bytes, more than any glasslstm file of its kind "
+                f"({MAX_JSON_BYTES:,}); it is damaged or foreign: {fix}"
+            )
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}); the file is damaged: {fix}") from None
+    except RecursionError:
         raise RunDirError(
-            f"{path} is not valid JSON ({e}); the file is damaged: restore it from a copy or "
-            f"train again with `glasslstm train --out {run_dir}`"
+            f"{path} is nested too deeply to read (it is not a file glasslstm wrote): {fix}"
         ) from None
+    except OSError as e:
+        raise RunDirError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _read_json(path: Path, run_dir) -> Any:
+    return read_json(
+        path, f"restore it from a copy or train again with `glasslstm train --out {run_dir}`"
+    )
 
 
 def read_config(run_dir) -> dict:
@@ -503,6 +611,59 @@ def save_train_state(run_dir, tensors: dict[str, torch.Tensor], meta: dict) -> N
     atomic_write_text(run_dir / TRAIN_STATE_JSON, payload)
 
 
+def read_tensor_header(path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A safetensors file's tensors as ``{name: (shape, dtype)}``, read from its header: no
+    tensor is loaded (dtype as safetensors names it: F32, I64, U8, ...). RunDirError when the
+    file is missing or damaged."""
+    return _read_header(Path(path))[0]
+
+
+def _read_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing; train a run with {_TRAIN_HINT} to create it")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {}
+            for name in f.keys():
+                part = f.get_slice(name)
+                shapes[name] = (tuple(part.get_shape()), str(part.get_dtype()))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _damaged(path, e) from None
+    return shapes, metadata
+
+
+def read_train_state_header(run_dir) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict]:
+    """RUN/train_state.safetensors' header, no tensor loaded: ``({name: (shape, dtype)}, meta)``
+    (dtype as safetensors names it: F32, I64, U8, ...). RunDirError when the file is missing,
+    damaged, or not a glasslstm train state."""
+    run_dir = Path(run_dir)
+    path = run_dir / TRAIN_STATE_TENSORS
+    if not path.is_file():
+        raise RunDirError(
+            f"{path} is missing, so the run in {run_dir} cannot be resumed; "
+            f"train again with `glasslstm train --out {run_dir}`"
+        )
+    shapes, header = _read_header(path)
+    return shapes, _train_state_meta(path, run_dir, header)
+
+
+def _train_state_meta(path: Path, run_dir: Path, header: dict) -> dict:
+    if header.get(_STATE_KIND_KEY) != _STATE_KIND or _META_KEY not in header:
+        raise RunDirError(
+            f"{path} is not a glasslstm train state (no {_META_KEY!r} in its metadata); "
+            f"train again with `glasslstm train --out {run_dir}`"
+        )
+    try:
+        meta = json.loads(header[_META_KEY])
+    except (json.JSONDecodeError, RecursionError) as e:
+        why = e if isinstance(e, ValueError) else ValueError("its metadata is nested too deeply")
+        raise _damaged(path, why) from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, ValueError(f"its metadata is a {type(meta).__name__}, not an object"))
+    return meta
+
+
 def load_train_state(run_dir) -> tuple[dict[str, torch.Tensor], dict]:
     """Read RUN/train_state.safetensors: ``(tensors on CPU, meta)`` as given to `save_train_state`.
 
@@ -522,13 +683,4 @@ def load_train_state(run_dir) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = _st_load_bytes(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise _damaged(path, e) from None
-    if header.get(_STATE_KIND_KEY) != _STATE_KIND or _META_KEY not in header:
-        raise RunDirError(
-            f"{path} is not a glasslstm train state (no {_META_KEY!r} in its metadata); "
-            f"train again with `glasslstm train --out {run_dir}`"
-        )
-    try:
-        meta = json.loads(header[_META_KEY])
-    except json.JSONDecodeError as e:
-        raise _damaged(path, e) from None
-    return tensors, meta
+    return tensors, _train_state_meta(path, run_dir, header)

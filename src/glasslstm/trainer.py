@@ -17,19 +17,17 @@ uninterrupted (same machine, same thread count).
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from glasslstm import __version__, rundir
+from glasslstm import __version__, options, rundir, runfiles
 from glasslstm.data import (
-    LEVELS,
     Corpus,
     Tokenizer,
     TokenStream,
@@ -39,11 +37,9 @@ from glasslstm.data import (
 )
 from glasslstm.determinism import deterministic
 from glasslstm.documents import DocumentBatches
-from glasslstm.errors import ConfigError
-from glasslstm.model import CELLS, LanguageModel, ModelConfig, config_from_dict, load_vocab
-
-PRECISIONS = ("fp32", "bf16")
-BATCHINGS = ("stream", "random", "documents")
+from glasslstm.errors import ConfigError, DataError, WriteError
+from glasslstm.interrupt import GracefulStop
+from glasslstm.model import LanguageModel, ModelConfig, config_from_dict, load_vocab
 
 LN2 = math.log(2.0)
 
@@ -103,54 +99,12 @@ class TrainConfig:
         "checkpoint",
         "deterministic",
         "precision",
+        "data",  # the same text at a new place: checked against the run's SHA-256
+        "data_dir",
     )
 
     def __post_init__(self):
-        checks = {
-            "level": self.level in LEVELS,
-            "optimizer": self.optimizer in ("adamw", "sgd"),
-            "schedule": self.schedule in ("cosine", "constant"),
-            "batching": self.batching in BATCHINGS,
-            "curriculum": self.curriculum >= 0,
-            "answer_weight": self.answer_weight > 0 and math.isfinite(self.answer_weight),
-            "chrono_init": self.chrono_init >= 0 and self.chrono_init != 1,
-            "cell": self.cell in CELLS,
-            "lr": self.lr > 0 and math.isfinite(self.lr),
-            "seq_len": self.seq_len >= 1,
-            "batch_size": self.batch_size >= 1,
-            "max_steps": self.max_steps >= 1,
-            "eval_every": self.eval_every >= 1,
-            "log_every": self.log_every >= 1,
-            "time_budget": self.time_budget >= 0,
-            "clip": self.clip >= 0,
-            "warmup": self.warmup >= 0,
-            "patience": self.patience >= 0,
-            "eval_batches": self.eval_batches >= 0,
-            "threads": self.threads >= 0,
-            "checkpoint": self.checkpoint >= 0,
-            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
-            "precision": self.precision in PRECISIONS,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                hint = {
-                    "level": LEVELS,
-                    "optimizer": ("adamw", "sgd"),
-                    "schedule": ("cosine", "constant"),
-                    "batching": BATCHINGS,
-                    "cell": CELLS,
-                    "precision": PRECISIONS,
-                }.get(key)
-                raise ConfigError(
-                    f"--{key.replace('_', '-')}={getattr(self, key)!r} is not valid"
-                    + (f"; choose one of {', '.join(hint)}" if hint else "")
-                )
-
-        if (self.curriculum or self.answers) and self.batching != "documents":
-            raise ConfigError(
-                "--curriculum and --answers act on windows of whole documents; "
-                "add --batching documents"
-            )
+        options.check_train(self)  # types and ranges: glasslstm.options.TRAIN
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(
@@ -184,6 +138,7 @@ class TrainResult:
     seconds: float
     message: str = ""
     fill_in: list = field(default_factory=list)
+    interrupted_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -216,6 +171,11 @@ def evaluate(
     Every token but the first of each row is predicted once. Short texts get fewer rows.
     Returns ``{"loss" (nats/token), "perplexity", "bpc", "tokens"}``.
     """
+    options.check(
+        {"batch_size": batch_size, "seq_len": seq_len, "max_batches": max_batches},
+        options.EVALUATION,
+        name=str,
+    )
     ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     n = ids.numel()
     if n < 2:
@@ -273,44 +233,13 @@ def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device={name!r} is not a device; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but no CUDA device is available; use --device cpu")
-    return dev
+    return options.resolve_device(name)
 
 
 def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-class _Interrupt:
-    """First Ctrl-C: finish the current step, save, stop. Second: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -343,10 +272,10 @@ def train(
     every optimizer step. ``corpus`` skips loading (for tests and notebooks). ``build_model``
     makes the model from (ModelConfig, tokenizer); benchmarks use it to put a peer LSTM inside.
     """
+    overrides = options.resolve_paths(overrides or {})  # data, data_dir, out: absolute
     if resume is not None:
         run_dir = Path(resume)
-        stored = rundir.read_config(run_dir)
-        cfg = TrainConfig.from_dict(stored["train"])
+        cfg = runfiles.read_run_config(run_dir).train
         for key, value in (overrides or {}).items():
             if key not in TrainConfig.RESUMABLE and value != getattr(cfg, key):
                 raise ConfigError(
@@ -360,12 +289,17 @@ def train(
         cfg = replace(config or TrainConfig(), **(overrides or {}))
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         _check_new_run_dir(run_dir)
+        cfg = replace(cfg, **options.resolve_paths({**asdict(cfg), "out": str(run_dir)}))
 
     device = _device(cfg.device)
+    options.check_training_memory(cfg, None, device)  # before anything is loaded or built
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with deterministic(cfg.deterministic):
-        return _train(cfg, run_dir, resume, device, progress, on_step, corpus, build_model)
+        try:
+            return _train(cfg, run_dir, resume, device, progress, on_step, corpus, build_model)
+        except WriteError as e:  # name what was kept and how to go on
+            raise e.with_hint(runfiles.after_write_error(run_dir, e)) from None
 
 
 @dataclass
@@ -394,6 +328,9 @@ class _Run:
         build_model,
     ) -> None:
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        if corpus is None and resume is not None:
+            moved = f"resume with `glasslstm train --resume {run_dir} --data NEW_PATH`"
+            corpus = runfiles.load_run_corpus(run_dir, cfg.data, cfg.data_dir, moved_fix=moved)
         corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
         tok = (
             load_vocab(run_dir)
@@ -401,6 +338,14 @@ class _Run:
             else build_tokenizer(cfg.level, corpus, min_freq=cfg.min_freq)
         )
         train_ids, self.val_ids = encode_corpus(tok, corpus)
+        if len(self.val_ids) < 2:  # found now, not after the first eval_every steps
+            raise DataError(
+                f"the validation split of {corpus.name!r} has {len(self.val_ids)} token(s); "
+                "validation needs at least 2: train on a longer text"
+            )
+        if resume is not None:  # the same text, wherever it is now
+            runfiles.check_resumed_corpus(run_dir, cfg, corpus, len(train_ids), len(self.val_ids))
+        options.check_training_memory(cfg, tok.vocab_size, device)
         self.stream = TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
         self.documents = (
             DocumentBatches(
@@ -425,10 +370,13 @@ class _Run:
         self.progress = _Progress()
         self.state: tuple[torch.Tensor, ...] | None = None  # carried across batches
         if resume is not None:
-            self.state = _load_resume_point(run_dir, self.model, self.opt, self.progress, device)
+            self.state = _load_resume_point(
+                run_dir, self.model, self.opt, self.progress, device, cfg.batch_size
+            )
             self.saved_step: int | None = self.progress.step  # the checkpoint on disk
+            rundir.trim_metrics(run_dir / "metrics.jsonl", self.progress.step)  # no duplicates
         else:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            rundir.make_dirs(run_dir)
             rundir.write_config(
                 run_dir,
                 {
@@ -440,6 +388,7 @@ class _Run:
                         "source": corpus.source,
                         "train_tokens": int(len(train_ids)),
                         "val_tokens": int(len(self.val_ids)),
+                        "sha256": runfiles.corpus_sha256(corpus),
                     },
                 },
             )
@@ -452,7 +401,9 @@ class _Run:
         step = self.progress.step
         if self.saved_step != step:
             _save_resume_point(self.run_dir, self.model, self.opt, self.progress, self.state)
-            self.model.save(self.run_dir / "model.safetensors", metadata={"step": str(step)})
+            self.model.save_weights(
+                self.run_dir / "model.safetensors", metadata={"step": str(step)}
+            )
             self.saved_step = step
 
     def log(self, record: dict) -> None:
@@ -471,7 +422,7 @@ class _Run:
         )
         if p.best_val_loss is None or res["loss"] < p.best_val_loss:
             p.best_val_loss, p.evals_since_best = res["loss"], 0
-            self.model.save(
+            self.model.save_weights(
                 self.run_dir / "best" / "model.safetensors", metadata={"step": str(p.step)}
             )
         else:
@@ -549,7 +500,7 @@ def _train(
     stopped, message, last_val = "max_steps", "", None
     window = _Window()
     run.model.train()
-    with _Interrupt() as interrupt:
+    with GracefulStop() as interrupt, bar or nullcontext():
         while p.step < cfg.max_steps:
             t_step = time.perf_counter()
             x, y, w = run.batch()
@@ -604,7 +555,7 @@ def _train(
                 stopped = "interrupted"
                 run.save()
                 message = (
-                    f"interrupted at step {p.step}; saved. Continue with "
+                    f"interrupted at step {p.step} ({interrupt.name}); saved. Continue with "
                     f"`glasslstm train --resume {run_dir}`"
                 )
                 break
@@ -627,6 +578,7 @@ def _train(
         tokens_per_s=p.tokens / max(p.seconds, 1e-9),
         seconds=p.seconds,
         message=message,
+        interrupted_by=interrupt.name,
     )
 
 
@@ -672,8 +624,8 @@ def _save_resume_point(run_dir: Path, model, opt, progress: _Progress, state) ->
     )
 
 
-def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device):
-    tensors, stored = rundir.load_train_state(run_dir)
+def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device, batch_size: int):
+    tensors, stored = runfiles.read_train_state(run_dir, model, opt, progress, batch_size)
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(weights)
     opt.load_state_dict(rundir.optimizer_state_from_tensors(tensors, stored["optimizer"]))

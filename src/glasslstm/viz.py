@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
 from pathlib import Path
+
+from glasslstm.rundir import atomic_write_bytes
 
 
 def _figure():
@@ -21,30 +24,42 @@ def save_figure(fig, path) -> Path:
     """Write ``fig`` to ``path`` (PNG) atomically — a temp file, then a rename — and close it."""
     plt = _figure()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    png = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # rare scripts
-            fig.savefig(tmp)
-        tmp.replace(path)
+            fig.savefig(png, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, png.getvalue())  # a failure: one WriteError line, the old file kept
     return path
 
 
 def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
+    """The records of a metrics.jsonl; a line cut short by a crash (or any line that is not
+    a JSON object) is skipped."""
     records: list[dict] = []
     path = Path(path)
     if not path.is_file():
         return records
-    for line in path.read_text("utf-8").splitlines():
+    for line in path.read_text("utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue
+        if isinstance(record, dict):  # anything else is not a row glasslstm wrote
+            records.append(record)
     return records
+
+
+def _plottable(step, bpc) -> bool:
+    numbers = (int, float)
+    return (
+        isinstance(step, numbers)
+        and isinstance(bpc, numbers)
+        and not isinstance(bpc, bool)
+        and math.isfinite(bpc)
+    )
 
 
 def plot_curves(metrics_path, out_png) -> Path | None:
@@ -54,7 +69,7 @@ def plot_curves(metrics_path, out_png) -> Path | None:
         split: [
             (r["step"], r["bpc"])
             for r in records
-            if r.get("split") == split and math.isfinite(r.get("bpc", math.nan))
+            if r.get("split") == split and _plottable(r.get("step"), r.get("bpc"))
         ]
         for split in ("train", "val")
     }

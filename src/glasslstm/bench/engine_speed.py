@@ -13,7 +13,8 @@ fixed random R (i.e. ``output.backward(R)``). Gradients are reset to None betwee
 the clock. After a warm-up, every repetition runs each contender once, in an order rotated per
 repetition; reported: median time, median of the per-repetition ratios torch/contender (the
 contender's speed as a fraction of torch's; > 1 is faster), GFLOP/s from the median time, and
-that as a fraction of the float32 GEMM peak measured in this run (torch.mm, 2048 x 2048).
+that as a fraction of the float32 GEMM peak measured in this run (the best of this machine's
+GEMM implementations at 2048 x 2048: :func:`glasslstm.bench.timing.gemm_peak`).
 FLOPs of forward + backward are counted as 3 x the forward GEMMs, 2*T*B*4H*(I+H).
 
     python -m glasslstm.bench.engine_speed                       # T=100 B=32 H=I in 128 512 1024
@@ -29,7 +30,7 @@ import os
 import torch
 
 import glasslstm  # noqa: E402
-from glasslstm.bench.timing import announce, command_line, median, sgemm_peak, sync, time_once  # noqa: E402
+from glasslstm.bench.timing import announce, command_line, gemm_peak, median, sync, time_once  # noqa: E402
 
 CONTENDERS = ("torch", "glass", "glass+gates", "bptt", "loop")
 DESCRIPTION = {
@@ -152,7 +153,7 @@ def bench_size(args, H: int, device, peak_gflops: float) -> dict:
 def print_table(results: list[dict]) -> None:
     print()
     print(
-        "| H | contender | median ms | min ms | speed vs torch (range) | GFLOP/s | of sgemm peak |"
+        "| H | contender | median ms | min ms | speed vs torch (range) | GFLOP/s | of GEMM peak |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|")
     for res in results:
@@ -217,17 +218,17 @@ def main(argv=None) -> int:
     info = announce(device)
     print(f"T={args.T} B={args.B} I=H in {args.sizes}, float32, 1 layer, fwd+bwd (dx included)")
 
-    peak_before = sgemm_peak(device)
+    peak_before = gemm_peak(device)
     print(
-        f"sgemm peak (torch.mm {peak_before['n']}^2, median of "
-        f"{len(peak_before['samples_s'])}): {peak_before['gflops']:.1f} GFLOP/s",
+        f"GEMM peak ({peak_before['n']}^2, best of {', '.join(peak_before['rates'])}): "
+        f"{peak_before['gflops']:.1f} GFLOP/s by {peak_before['by']}",
         flush=True,
     )
 
     results = [bench_size(args, H, device, peak_before["gflops"]) for H in args.sizes]
 
-    peak_after = sgemm_peak(device)
-    print(f"sgemm peak again at the end: {peak_after['gflops']:.1f} GFLOP/s")
+    peak_after = gemm_peak(device)
+    print(f"GEMM peak again at the end: {peak_after['gflops']:.1f} GFLOP/s")
     if hasattr(os, "getloadavg"):
         info["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
         print(f"load average (1 min) at the end: {info['loadavg_1m_at_end']}")
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
         for row in res["contenders"].values():
             row["frac_peak"] = row["gflops"] / peak
     print_table(results)
-    print(f"\nsgemm peak used for the fractions: {peak:.1f} GFLOP/s")
+    print(f"\nGEMM peak used for the fractions: {peak:.1f} GFLOP/s")
     print("max |diff| vs torch (output and dx, float32):")
     for r in results:
         diffs = ", ".join(
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
                 {
                     "command": command_line(),
                     "machine": info,
-                    "sgemm_peak": {"before": peak_before, "after": peak_after, "used": peak},
+                    "gemm_peak": {"before": peak_before, "after": peak_after, "used": peak},
                     "results": results,
                 },
                 f,

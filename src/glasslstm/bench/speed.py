@@ -8,16 +8,17 @@ Sections (each contender timed alternately with its peer inside every repetition
                also the CUDA-graphed fused module (:func:`glasslstm.ops.graphs.graphed`); on the
                CPU, when ``jax`` is installed, a jitted ``lax.scan`` LSTM (XLA) with the same
                weights — the other peer (checked against torch.nn.LSTM's output first).
-               GFLOP/s and the fraction of this machine's float32 GEMM peak (measured here).
+               GFLOP/s and the fraction of this machine's float32 GEMM peak: the best rate of
+               the GEMM implementations measured here (torch.mm, oneDNN's matmul, glasslstm's
+               blocked oneDNN micro-kernel; :func:`glasslstm.bench.timing.gemm_peak`).
 * ``train_bf16`` the same forward + backward under ``torch.autocast(dtype=torch.bfloat16)``:
                torch.nn.LSTM runs oneDNN's (cuDNN's) bf16 RNN; glasslstm keeps its state and
                gate math in float32 with bf16 matrix products on the CPU (and on a GPU runs
                wholly in float32). No GFLOP/s: the peak measured is float32's.
 * ``infer``    forward only under ``torch.no_grad()`` (and the jitted JAX forward).
 * ``step``     one token of one sequence (batch 1), state carried: torch.nn.LSTM called as
-               ``lstm(x_t, (h, c))``, glasslstm called the same way (drop-in; its C++ entry
-               point, :mod:`glasslstm.ops.ext`, built first), and :class:`glasslstm.Stream`'s
-               ``step``.
+               ``lstm(x_t, (h, c))``, glasslstm called the same way (drop-in), and
+               :class:`glasslstm.Stream`'s ``step``.
 * ``generate`` tokens/s of a char language model (``--gen-layers`` x ``--gen-hidden``, 65
                tokens), glasslstm's ``generate`` against the same model with torch.nn.LSTM inside.
 
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 import glasslstm
-from glasslstm.bench.timing import machine_info, sgemm_peak, sync, time_once
+from glasslstm.bench.timing import gemm_peak, machine_info, sync, time_once
 
 
 def _alternate(fns: dict, reps: int, device) -> dict:
@@ -184,10 +185,6 @@ def bench_infer(H: int, T: int, B: int, reps: int, device) -> dict:
 
 
 def bench_step(H: int, calls: int, device) -> dict:
-    from glasslstm.ops import ext
-
-    if device.type == "cpu":
-        ext.build()  # the drop-in call's C++ entry point, else built in the background mid-run
     torch.manual_seed(0)
     peer = torch.nn.LSTM(H, H).to(device)
     ours = glasslstm.LSTM.from_torch(peer)
@@ -207,7 +204,6 @@ def bench_step(H: int, calls: int, device) -> dict:
                 res[name] = min(res.get(name, us), us)
     out = {n: {"us": us, "speedup": res["torch.nn.LSTM"] / us} for n, us in res.items()}
     out["glasslstm Stream"]["fused"] = stream.fused
-    out["glasslstm"]["extension"] = ext.status()
     return out
 
 
@@ -249,11 +245,13 @@ def speed_bench(
 ) -> dict:
     """Run every section; returns a JSON-ready dict (see the module docstring)."""
     dev = torch.device(device)
-    peak = sgemm_peak(dev)["gflops"]
-    out = {
+    peak_info = gemm_peak(dev)
+    peak = peak_info["gflops"]
+    out: dict[str, Any] = {
         "machine": machine_info(dev),
-        "sgemm_peak_gflops": peak,
+        "gemm_peak": peak_info,
         "backend": glasslstm.ops.describe(None, device),
+        "gemm": {H: glasslstm.ops.gemm.describe(B, H) for H in sizes} if dev.type == "cpu" else {},
         "T": T,
         "B": B,
         "train": {},
@@ -279,7 +277,11 @@ def speed_bench(
 def speed_table(res: dict) -> str:
     """The figures as markdown tables."""
     lines = [
-        f"backend: {res['backend']}; sgemm peak {res['sgemm_peak_gflops']:.0f} GFLOP/s; "
+        f"CPU: {res['machine'].get('cpu')} ({res['machine'].get('cpu_flags', '')}), "
+        f"{res['machine'].get('threads')} threads",
+        *(f"H={H}: {g}" for H, g in res.get("gemm", {}).items()),
+        f"backend: {res['backend']}; GEMM peak {res['gemm_peak']['gflops']:.0f} GFLOP/s "
+        f"({res['gemm_peak']['by']}); "
         f"T={res['T']} B={res['B']} I=H; speedup = peer time / our time (> 1: faster)",
         "",
         "| section | H | contender | time | speedup vs torch | GFLOP/s (of peak) |",
@@ -302,7 +304,6 @@ def speed_table(res: dict) -> str:
             lines.append(
                 f"| step (batch 1) | {H} | {name} | {r['us']:.1f} us | {r['speedup']:.2f}x | |"
             )
-    ext = next((r["glasslstm"].get("extension") for r in res["step"].values()), None)
     gen = res["generate"]
     for name in ("torch.nn.LSTM", "glasslstm"):
         r = gen[name]
@@ -310,6 +311,4 @@ def speed_table(res: dict) -> str:
             f"| generate ({gen['model']}) | | {name} | {r['tokens_per_s']:,.0f} tokens/s "
             f"| {r['speedup']:.2f}x | |"
         )
-    if ext is not None:
-        lines += ["", f"drop-in step's C++ entry point (glasslstm.ops.ext): {ext}"]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from glasslstm import options
 from glasslstm.bench.memory import (
     INITS,
     MODELS,
@@ -22,6 +23,22 @@ from glasslstm.bench.memory import (
 )
 from glasslstm.errors import ConfigError
 from glasslstm.tasks import TASKS
+
+POSITIVE = options.integer(1)
+MEMORY_OPTIONS = {
+    "budget": POSITIVE,
+    "batch_size": POSITIVE,
+    "hidden": POSITIVE,
+    "lr": options.number(0, low_open=True),
+    "seed": options.SEED,
+}
+GRADIENT_OPTIONS = {"T": POSITIVE, "budget": POSITIVE, "hidden": POSITIVE, "seed": options.SEED}
+SPEED_OPTIONS = {
+    "T": POSITIVE,
+    "batch_size": POSITIVE,
+    "reps": POSITIVE,
+    "gen_tokens": POSITIVE,
+}
 
 
 def add_parser(sub) -> None:
@@ -78,6 +95,93 @@ def add_parser(sub) -> None:
     g.set_defaults(run=run_gradient)
 
     _add_speed(kinds)
+    _add_onnx(kinds)
+    _add_gemm(kinds)
+
+
+def _add_gemm(kinds) -> None:
+    k = kinds.add_parser(
+        "gemm",
+        help="which matrix-product implementation this machine uses, measured afresh",
+        description="Time each candidate (torch's BLAS, oneDNN's micro-kernel) for the "
+        "products of an LSTM of each hidden size, store the faster for later runs, and print "
+        "the times. Run it on a quiet machine: the choice stays until it is run again.",
+    )
+    k.add_argument("--sizes", default="128,512,1024", help="comma-separated hidden sizes (I = H)")
+    k.add_argument("--batch-size", type=int, default=32, help="rows of the batch (default: 32)")
+    k.set_defaults(run=run_gemm)
+
+
+def _add_onnx(kinds) -> None:
+    o = kinds.add_parser(
+        "onnx",
+        help="text generation with onnxruntime (exported model) beside glasslstm's Stream",
+        description=onnx_doc(),
+    )
+    o.add_argument(
+        "run_dir",
+        nargs="?",
+        metavar="RUN",
+        help="a run directory (default: a random char model of --layers x --hidden)",
+    )
+    o.add_argument("--layers", type=int, default=2, help="random model's layers (default: 2)")
+    o.add_argument("--hidden", type=int, default=256, help="random model's hidden size (256)")
+    o.add_argument("--tokens", type=int, default=300, help="tokens per timed run (default: 300)")
+    o.add_argument("--reps", type=int, default=5, help="timed repetitions (default: 5)")
+    o.add_argument("--threads", type=int, default=1, help="threads for each runtime (default: 1)")
+    _outputs(o, "onnx")
+    o.set_defaults(run=run_onnx)
+
+
+def onnx_doc() -> str:
+    from glasslstm.bench import onnx
+
+    return onnx.__doc__
+
+
+def run_onnx(args) -> int:
+    from glasslstm.bench.onnx import onnx_bench, onnx_table, random_char_model
+    from glasslstm.model import LanguageModel
+
+    if min(args.layers, args.hidden, args.tokens, args.reps, args.threads) < 1:
+        raise ConfigError("--layers, --hidden, --tokens, --reps and --threads must be >= 1")
+    if args.run_dir:
+        model = LanguageModel.load(args.run_dir)
+    else:
+        model = random_char_model(args.layers, args.hidden)
+    log = _log(args)
+    res = onnx_bench(
+        model, args.tokens, args.reps, args.threads, progress=log or (lambda line: None)
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "onnx.json").write_text(json.dumps(res, indent=2, default=str))
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(onnx_table(res))
+        print(f"\nwrote {out / 'onnx.json'}")
+    return 0
+
+
+def run_gemm(args) -> int:
+    from glasslstm.ops import gemm, native
+
+    sizes = _ints(args.sizes, "sizes")
+    options.check({"batch_size": args.batch_size}, {"batch_size": POSITIVE})
+    if not native.available():
+        raise ConfigError(f"the CPU operators are not available: {native.status()}")
+    gemm.remeasure()
+    print(f"CPU: {gemm.cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for H in sizes:
+        gemm.providers(torch.float32, args.batch_size, H, H, H)
+        gemm.bf16_pays(args.batch_size, H, H)
+    for key, d in sorted(gemm.decisions().items()):
+        times = ", ".join(f"{c} {s * 1e6:.1f} us" for c, s in d["seconds"].items())
+        print(f"{key}: {d['choice']} ({times})")
+    if gemm.busy():
+        print("note: other work held the cores; threaded products were measured but not stored")
+    return 0
 
 
 def _add_speed(kinds) -> None:
@@ -108,11 +212,9 @@ def speed_doc() -> str:
 def run_speed(args) -> int:
     from glasslstm.bench.speed import speed_bench, speed_table
 
+    options.check_args(args, SPEED_OPTIONS)
     sizes = _ints(args.sizes, "sizes")
-    if args.T < 1 or args.batch_size < 1 or args.reps < 1 or args.gen_tokens < 1:
-        raise ConfigError("--T, --batch-size, --reps and --gen-tokens must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
+    options.resolve_device(args.device)
     kw = dict(
         sizes=sizes,
         T=args.T,
@@ -158,13 +260,12 @@ def _log(args):
 
 
 def run_memory(args) -> int:
+    options.check_args(args, MEMORY_OPTIONS)
     Ts = _ints(args.T, "T")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(models) - set(MODELS)
     if unknown or not models:
         raise ConfigError(f"--models must name some of {', '.join(MODELS)}; got {args.models!r}")
-    if args.budget < 1:
-        raise ConfigError(f"--budget must be >= 1; got {args.budget}")
     try:
         runs = memory_bench(
             args.task,
@@ -201,6 +302,7 @@ def run_memory(args) -> int:
 
 
 def run_gradient(args) -> int:
+    options.check_args(args, GRADIENT_OPTIONS)
     try:
         result = gradient_bench(
             args.task,

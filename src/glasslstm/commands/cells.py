@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from glasslstm import options
 from glasslstm.data import load_corpus
 from glasslstm.errors import ConfigError, DataError
 from glasslstm.inspection.analysis import QUANTITIES, analyze
@@ -20,6 +21,12 @@ from glasslstm.model import LanguageModel
 BLOCKS = "▁▂▃▄▅▆▇█"
 SHOWN = 3  # excerpts printed (and cut) for the best cells
 WIDTH = 72  # characters per printed excerpt row
+
+OPTIONS = {  # --layer: against the model, once it is loaded
+    "top": options.integer(1),
+    "max_chars": options.integer(1),
+    "png": options.OUTFILE,
+}
 
 
 def add_parser(sub) -> None:
@@ -32,7 +39,11 @@ def add_parser(sub) -> None:
         "sentence-boundary (1 on the character ending a sentence), bracket-depth (nesting of "
         "( [ {), or any other string as a regular expression (1 on matched characters).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument(
         "--data",
         required=True,
@@ -93,13 +104,8 @@ def read_text(data: str, data_dir=None) -> tuple[str, str]:
 
 
 def run(args) -> int:
-    if args.top < 1:
-        raise ConfigError(f"--top must be >= 1; got {args.top}")
-    if args.max_chars < 1:
-        raise ConfigError(f"--max-chars must be >= 1; got {args.max_chars}")
+    options.check_args(args, OPTIONS)
     probe_function(args.probe)  # a bad regex fails before the model runs
-    if args.png and not Path(args.png).expanduser().resolve().parent.is_dir():
-        raise DataError(f"cannot write --png {args.png}: its folder does not exist")
     model = LanguageModel.load(args.run_dir, which=args.which)
     layers = None
     if args.layer is not None:

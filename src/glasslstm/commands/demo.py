@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from glasslstm import reference
+from glasslstm import options, reference
 from glasslstm.lstm import LSTM
 
 TOLERANCE = 1e-10  # float64: agreement to round-off
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    options.check_args(args, {"seed": options.SEED})
     torch.manual_seed(args.seed)
     T, B, I, H, L = 12, 3, 8, 16, 2
     ours = LSTM(I, H, num_layers=L, dtype=torch.float64)

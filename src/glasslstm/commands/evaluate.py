@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glasslstm import rundir
-from glasslstm.data import load_corpus
+from glasslstm import options, runfiles
 from glasslstm.errors import DataError
-from glasslstm.model import LanguageModel
+from glasslstm.model import LanguageModel, training_data
 from glasslstm.trainer import chars_per_token, evaluate
+
+OPTIONS = {"batch_size": options.EVALUATION["batch_size"], "seq_len": options.EVALUATION["seq_len"]}
 
 
 def add_parser(sub) -> None:
@@ -20,7 +21,11 @@ def add_parser(sub) -> None:
         "file; a corpus name (stories, shakespeare) or no --data evaluates that "
         "corpus's validation split (the run's own corpus by default).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument("--data", default=None, help="a text file, or a named corpus")
     p.add_argument("--data-dir", default=None, help="where named corpora are looked up")
     p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
@@ -33,6 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    options.check_args(args, OPTIONS)
     model = LanguageModel.load(args.run_dir, which=args.which)
     tok = model.require_tokenizer()
     if args.data and Path(args.data).is_file():
@@ -41,8 +47,15 @@ def run(args) -> int:
             raise DataError(f"{args.data} is empty (or only whitespace); nothing to evaluate")
         what = args.data
     else:
-        spec = args.data or rundir.read_config(args.run_dir)["train"].get("data")
-        corpus = load_corpus(spec, data_dir=args.data_dir)
+        # a model saved from Python records no training text: then --data must name one
+        trained_on, trained_dir = training_data(args.run_dir, required=not args.data)
+        moved = f"give it with `glasslstm eval {args.run_dir} --data PATH`"
+        corpus = runfiles.load_run_corpus(
+            args.run_dir,
+            args.data or trained_on,
+            args.data_dir or trained_dir,
+            moved_fix=moved,
+        )
         data, what = corpus.val, f"the validation split of {corpus.name}"
     ids = tok.encode_bytes(data, what=what)
     res = evaluate(

@@ -7,9 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from glasslstm import options
 from glasslstm.errors import ConfigError, DataError
 from glasslstm.inspection.common import QUANTITIES
 from glasslstm.model import LanguageModel
+
+OPTIONS = {  # --layer and --cells: against the model, once it is loaded
+    "top_k": options.integer(1),
+    "html": options.OUTFILE,
+    "png": options.OUTFILE,
+}
 
 
 def add_parser(sub) -> None:
@@ -21,7 +28,11 @@ def add_parser(sub) -> None:
         "cells, with the model's most likely next tokens. Prints a table (coloured on a terminal), "
         "or JSON; --html writes a self-contained interactive report, --png a picture.",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument("--text", help="the text to look at")
     p.add_argument(
         "--file", help="read the text from this file (UTF-8; any bytes for a byte model)"
@@ -117,8 +128,7 @@ def run(args) -> int:
     from glasslstm.inspection import analyze
     from glasslstm.inspection.terminal import render, resolve
 
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1; got {args.top_k}")
+    options.check_args(args, OPTIONS)
     cells = _parse_cells(args.cells)
     model = LanguageModel.load(args.run_dir, which=args.which)
     chosen = None

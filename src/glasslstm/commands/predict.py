@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+from glasslstm import options
 from glasslstm.model import LanguageModel
+
+OPTIONS = {"top": options.integer(1)}
 
 
 def add_parser(sub) -> None:
@@ -14,7 +17,11 @@ def add_parser(sub) -> None:
         description="The softmax over the hidden state, read out: the most "
         "likely next tokens after TEXT, and the most likely next word.",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument("text", metavar="TEXT", help='e.g. "For his contributions, brave"')
     p.add_argument("--top", type=int, default=5, help="how many tokens to list (default: 5)")
     p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
@@ -23,6 +30,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    options.check_args(args, OPTIONS)
     model = LanguageModel.load(args.run_dir, which=args.which)
     preds = model.predict_next(args.text, top=args.top)
     word = model.next_word(args.text)

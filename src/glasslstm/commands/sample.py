@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from glasslstm import options
 from glasslstm.model import LanguageModel
+
+OPTIONS = {**options.SAMPLING, "device": options.DEVICE}
 
 
 def add_parser(sub) -> None:
@@ -13,7 +16,11 @@ def add_parser(sub) -> None:
         help="generate text from a trained model",
         description="Generate text, printing it as it is produced.",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument("--prompt", default="", help="text to start from (default: a newline)")
     p.add_argument("--length", type=int, default=500, help="tokens to generate (default: 500)")
     p.add_argument(
@@ -28,11 +35,12 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--which", choices=("best", "last"), default="best", help="which saved model")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    options.check_args(args, OPTIONS)
     model = LanguageModel.load(args.run_dir, which=args.which, device=args.device)
     pieces = model.generate(
         args.prompt,

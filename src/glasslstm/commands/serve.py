@@ -18,7 +18,11 @@ def add_parser(sub) -> None:
         "to list the cells that stay on across it, and search the validation "
         "text for other spans where they do (LSTMVis's match view).",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run directory written by `glasslstm train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="a run directory (from `glasslstm train` or LanguageModel.save)",
+    )
     p.add_argument(
         "--port", type=int, default=8000, help="TCP port (default: 8000; 0: any free one)"
     )

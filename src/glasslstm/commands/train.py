@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import re
+import signal
 import sys
 from dataclasses import MISSING, fields
 from typing import Any
@@ -52,7 +53,10 @@ def add_parser(sub) -> None:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             p.add_argument(flag, type=kind, metavar=f.name.upper(), help=text)
     p.add_argument(
-        "--resume", metavar="RUN", help="continue the run in RUN (exactly where it stopped)"
+        "--resume",
+        metavar="RUN",
+        help="continue the run in RUN (exactly where it stopped); with --data, from its "
+        "training text at a new place (checked to be the same text)",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object at the end, no progress bar"
@@ -97,8 +101,8 @@ def run(args) -> int:
         print(json.dumps(report, indent=2, default=_json_default))
     else:
         _print_report(result, report)
-    if result.stopped == "interrupted":
-        return 130
+    if result.stopped == "interrupted":  # 128 + the signal, as a shell reports it
+        return 128 + int(getattr(signal, result.interrupted_by or "SIGINT"))
     return 1 if result.stopped == "diverged" else 0
 
 

@@ -42,6 +42,7 @@ from glasslstm.inspection.common import (
     resolve_layer,
     stops,
 )
+from glasslstm.rundir import atomic_write_text
 
 HEAT_CELLS = 32  # rows of each heatmap: the chosen cells, then the most informative ones
 HEAT_TOKENS = 2000  # columns: the first tokens (one pixel or more each)
@@ -248,8 +249,5 @@ def _cell_label(k: int, rank: int, chosen: list[int]) -> str:
 def write_html(analysis, path, **kwargs) -> Path:
     """Write :func:`render_html` to ``path`` (atomically: a temporary file, then a rename)."""
     path = Path(path)
-    page = render_html(analysis, **kwargs)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, "utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, render_html(analysis, **kwargs))  # a failure: one WriteError line
     return path

@@ -32,11 +32,10 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from glasslstm import rundir
 from glasslstm.data import load_corpus
 from glasslstm.errors import ConfigError, DataError
 from glasslstm.inspection.analysis import QUANTITIES, analyze
-from glasslstm.model import LanguageModel
+from glasslstm.model import LanguageModel, training_data
 
 STATIC = Path(__file__).parent / "static"
 MAX_CHARS = 2000  # typed text: one forward pass per keystroke pause stays interactive
@@ -341,10 +340,10 @@ def match_source(
         if data and Path(data).is_file():
             raw, what = Path(data).read_bytes(), data
         else:
-            train = rundir.read_config(run_dir)["train"] if run_dir is not None else {}
-            corpus = load_corpus(
-                data or train.get("data"), data_dir=data_dir or train.get("data_dir")
+            trained, trained_dir = (
+                training_data(run_dir, required=not data) if run_dir is not None else (None, None)
             )
+            corpus = load_corpus(data or trained, data_dir=data_dir or trained_dir)
             raw, what = corpus.val, f"the validation split of {corpus.name}"
         try:
             return raw.decode("utf-8"), what

@@ -3,25 +3,29 @@
 Paths (``backend=`` on :class:`glasslstm.LSTM`, or the ``GLASSLSTM_BACKEND`` environment
 variable; an explicit argument wins):
 
-* ``"auto"`` (default) — ``"fused"`` where it can run (CPU: float32/float64 and a C compiler;
-  CUDA: triton installed), else ``"bptt"``. ``$GLASSLSTM_TRITON=0`` keeps CUDA on ``"bptt"``.
-  (The Triton cell was checked on an H100: docs/benchmarks.md, *Speed on a GPU*.)
-* ``"fused"`` — :class:`~glasslstm.ops.bptt.LSTMLayerFunction` with each step's pointwise gate
-  math in one fused kernel: C on the CPU (:mod:`glasslstm.ops.cpu`), Triton on CUDA
-  (:mod:`glasslstm.ops.triton_cell`). Asking for it where it cannot run is an error that says why.
-* ``"bptt"`` — the same hand-derived backward through time with the gate math in torch ops.
+* ``"auto"`` (default) — ``"fused"`` where it can run (CPU: float32/float64 and the C++
+  operators; CUDA: triton installed), else ``"bptt"``. ``$GLASSLSTM_TRITON=0`` keeps CUDA on
+  ``"bptt"``.
+* ``"fused"`` — on the CPU, the whole layer is one PyTorch operator,
+  ``torch.ops.glasslstm.lstm_layer`` (C++: the time loop, the gate math and torch's matrix
+  products; :mod:`glasslstm.ops.native`), with its derivative ``lstm_layer_backward``
+  registered with autograd, fake implementations for ``torch.compile``/``torch.export`` and
+  vmap rules (:mod:`glasslstm.ops.library`). On CUDA, the time loop in Python with each step's
+  gate math in one Triton kernel (:mod:`glasslstm.ops.triton_cell`). Asking for it where it
+  cannot run is an error that says why.
+* ``"bptt"`` — the same hand-derived backward through time in Python with the gate math in
+  torch ops (:mod:`glasslstm.ops.bptt`).
 * ``"loop"`` — :func:`~glasslstm.ops.loop.lstm_layer_loop`: a plain torch loop that autograd
-  differentiates. Slower; use it for double backward or forward-mode AD.
+  differentiates. Slower; for forward-mode AD.
 
 Every path computes the same numbers (the tests hold them to float64 round-off against each
-other, the NumPy reference and torch.nn.LSTM).
+other, the NumPy reference and torch.nn.LSTM), and all give second derivatives.
 
 Under ``torch.autocast`` (bf16/fp16, CPU or CUDA) a layer takes its inputs and weights in
-float32 and gives float32 results, its gate math and cell state in float32 (see
-:func:`lstm_layer`). Under CPU bfloat16 autocast the fused path's matrix products take bf16
-operands with float32 accumulation (:class:`~glasslstm.ops.cpu.CpuBf16Cell`, where torch's MKL
-has ``gemm_bf16bf16f32``); elsewhere the layer runs wholly in float32. The
-``"loop"`` backend's backward is autograd's: run it outside the autocast region, as torch advises.
+float32 and gives float32 results, its gate math and cell state in float32. Under CPU bfloat16
+autocast the operator's matrix products take bf16 operands with float32 accumulation — where
+this CPU runs them faster than float32 (:func:`glasslstm.ops.gemm.bf16_pays`); elsewhere the
+layer runs wholly in float32.
 """
 
 from __future__ import annotations
@@ -30,18 +34,20 @@ import os
 
 import torch
 
-from glasslstm.ops import cpu
-from glasslstm.ops.bptt import TORCH_CELL, LSTMLayerFunction
+from glasslstm.ops import gemm, library, native
+from glasslstm.ops.bptt import lstm_layer_bptt
+from glasslstm.ops.cells import TORCH_CELL, Cell, NativeBf16Cell, NativeCell
 from glasslstm.ops.loop import lstm_layer_loop
 
 BACKENDS = ("auto", "fused", "bptt", "loop")
 ENV_VAR = "GLASSLSTM_BACKEND"
+NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 def resolve_backend(backend: str | None = None) -> str:
     """The backend name asked for (None: ``$GLASSLSTM_BACKEND``, else ``"auto"``), checked.
 
-    ``"auto"`` is settled per call by :func:`cell_for`, which sees the device and dtype.
+    ``"auto"`` is settled per call by :func:`lstm_layer`, which sees the device and dtype.
     """
     name = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"
     if name not in BACKENDS:
@@ -50,7 +56,7 @@ def resolve_backend(backend: str | None = None) -> str:
     return name
 
 
-def _triton_cell(x: torch.Tensor, forced: bool):
+def _triton_cell(x: torch.Tensor, forced: bool) -> Cell | None:
     """The Triton cell for CUDA tensors, or None; ``forced`` turns 'cannot' into an error."""
     try:
         from glasslstm.ops import triton_cell
@@ -66,19 +72,33 @@ def _triton_cell(x: torch.Tensor, forced: bool):
     return cell
 
 
-def cell_for(backend: str, x: torch.Tensor):
-    """The pointwise kernels that ``backend`` (from :func:`resolve_backend`) uses for ``x``."""
-    if backend == "bptt":
+def uses_operator(backend: str, x: torch.Tensor) -> bool:
+    """Whether ``backend`` runs ``x`` through the C++ operator (raises where ``"fused"`` was
+    asked for and cannot run)."""
+    if backend not in ("auto", "fused") or x.device.type != "cpu":
+        return False
+    if x.dtype in NATIVE_DTYPES and native.available():
+        return True
+    if backend == "fused":
+        why = native.status() if x.dtype in NATIVE_DTYPES else f"dtype {x.dtype}"
+        raise ValueError(
+            f"backend='fused' cannot run here ({why}; float32/float64 only); use backend='bptt'"
+        )
+    return False
+
+
+def cell_for(backend: str, x: torch.Tensor, bf16: bool = False) -> Cell:
+    """The per-step cell the Python loop of ``backend`` uses for ``x`` (see
+    :mod:`glasslstm.ops.cells`): Triton on CUDA for "auto"/"fused", the C++ cell on the CPU
+    where the operators are loaded (with bf16 products when ``bf16``), else torch ops."""
+    if backend == "bptt" or backend == "loop":
         return TORCH_CELL
     forced = backend == "fused"
     if x.device.type == "cpu":
-        fused = cpu.cell(x.dtype)
-        if fused is None and forced:
-            why = (
-                cpu.status() if x.dtype in cpu.SUFFIX else f"dtype {x.dtype} (float32/float64 only)"
-            )
-            raise ValueError(f"backend='fused' cannot run here ({why}); use backend='bptt'")
-        return fused or TORCH_CELL
+        if x.dtype in NATIVE_DTYPES and native.available():
+            return NativeBf16Cell() if bf16 else NativeCell()
+        uses_operator(backend, x)  # raises the reason where "fused" was forced
+        return TORCH_CELL
     if x.device.type == "cuda" and (forced or os.environ.get("GLASSLSTM_TRITON", "1") != "0"):
         return _triton_cell(x, forced) or TORCH_CELL
     if forced:
@@ -93,6 +113,8 @@ def describe(backend: str | None = None, device: str = "cpu", dtype=torch.float3
         return "loop (autograd)"
     x = torch.empty(0, device=device, dtype=dtype)
     try:
+        if uses_operator(name, x):
+            return f"{name} -> torch.ops.glasslstm.lstm_layer ({native.status()})"
         return f"{name} -> {cell_for(name, x).name} cell"
     except ValueError as e:
         return f"{name}: {e}"
@@ -105,45 +127,62 @@ def lstm_layer(backend: str, x, h0, c0, weights, batch_sizes, reverse: bool, rec
     Returns ``(y, h_n, c_n)`` and, when ``record``, also the activated gates (T, B, 4H) and the
     cell states (T, B, H), zero past each sequence's end.
     """
+    bf16 = False
     if _autocasting(x.device.type):
-        # Autocast (bf16/fp16): this layer runs in float32 with autocast off. The cell state
-        # carries its rounding through all T steps, and the fused kernels take one dtype (bf16
-        # gates from an autocast GEMM must not reach them). Results are float32.
-        x, h0, c0, weights = _up(x), _up(h0), _up(c0), tuple(_up(w) for w in weights)
-        cell = _autocast_cell(backend, x)
+        # This layer runs in float32 with autocast off: the cell state carries its rounding
+        # through all T steps. Under CPU bf16 autocast its products may take bf16 operands.
+        x, h0, c0 = _up(x), _up(h0), _up(c0)
+        weights = tuple(_up(w) for w in weights)
+        bf16 = (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and _autocast_dtype("cpu") == torch.bfloat16
+            and gemm.layer_bf16(x, weights[1])
+        )
         with torch.autocast(x.device.type, enabled=False):
-            return _layer(
-                backend,
-                _AutocastOffLayerFunction,
-                x,
-                h0,
-                c0,
-                weights,
-                batch_sizes,
-                reverse,
-                record,
-                cell,
-            )
-    return _layer(backend, LSTMLayerFunction, x, h0, c0, weights, batch_sizes, reverse, record)
+            return _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16)
+    return _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16)
 
 
-def _layer(backend, function, x, h0, c0, weights, batch_sizes, reverse, record, cell=None):
+def _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16):
     if backend == "loop":
         return lstm_layer_loop(x, h0, c0, *weights, batch_sizes, reverse, record)
-    return function.apply(
-        x,
-        h0,
-        c0,
-        *weights,
-        batch_sizes,
-        reverse,
-        record,
-        cell or cell_for(backend, x),
-        torch.is_grad_enabled(),
+    if uses_operator(backend, x):
+        return _operator_layer(x, h0, c0, weights, batch_sizes, reverse, record, bf16)
+    return lstm_layer_bptt(
+        x, h0, c0, weights, batch_sizes, reverse, record, cell_for(backend, x, bf16)
     )
 
 
-# ---- autocast support for lstm_layer (kept apart from the paths above) ----------------------
+def _operator_layer(x, h0, c0, weights, batch_sizes, reverse, record, bf16):
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    # keep what the backward needs only when one may come (a jit trace is run both ways later)
+    train = torch.jit.is_tracing() or (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, h0, c0, *weights))
+    )
+    step, big = gemm.layer_providers(x, w_hh)
+    y, h_n, c_n, gates, cs, _, _ = library.layer(
+        x,
+        h0,
+        c0,
+        w_ih,
+        w_hh,
+        b_ih,
+        b_hh,
+        w_hr,
+        batch_sizes,
+        reverse,
+        train,
+        record,
+        bf16,
+        step,
+        big,
+    )
+    return (y, h_n, c_n, gates, cs) if record else (y, h_n, c_n)
+
+
+# ---- autocast ----------------------------------------------------------------------------------
 
 
 def _autocasting(device_type: str) -> bool:
@@ -156,21 +195,6 @@ def _autocasting(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return device_type == "cuda" and torch.is_autocast_enabled()
-
-
-def _autocast_cell(backend: str, x: torch.Tensor):
-    """The bf16-GEMM cell where ``backend`` would run the C kernels on float32 CPU tensors under
-    bfloat16 autocast; else None (the layer's usual float32 cell)."""
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or _autocast_dtype("cpu") != torch.bfloat16
-        or backend == "loop"
-    ):
-        return None
-    if not isinstance(cell_for(backend, x), cpu.CpuCell):
-        return None
-    return cpu.bf16_cell()
 
 
 def _autocast_dtype(device_type: str):
@@ -186,19 +210,3 @@ def _up(t):
     if t is None or not t.is_floating_point() or t.dtype in (torch.float32, torch.float64):
         return t
     return t.float()
-
-
-class _AutocastOffLayerFunction(LSTMLayerFunction):
-    """:class:`LSTMLayerFunction` with autocast off in forward **and** backward: a backward run
-    inside an autocast region (same thread on the CPU) must not turn its GEMMs to bf16."""
-
-    @staticmethod
-    def forward(ctx, x, *args):
-        ctx.autocast_device = x.device.type
-        with torch.autocast(ctx.autocast_device, enabled=False):
-            return LSTMLayerFunction.forward(ctx, x, *args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        with torch.autocast(ctx.autocast_device, enabled=False):
-            return LSTMLayerFunction.backward(ctx, *grads)

@@ -79,6 +79,28 @@ def lstm_layer_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, revers
     return (y, h, c) + ((rec["gates"], rec["c"]) if record else ())
 
 
+def layer_gradients(inputs, need, dy, dh_n, dc_n, batch_sizes, reverse):
+    """The gradients of one LSTM layer with respect to ``inputs`` = ``(x, h0, c0, w_ih, w_hh,
+    b_ih, b_hh, w_hr)`` (None where ``need`` is false), as functions of the inputs: the layer
+    recomputed by this loop (the same numbers as the fused paths) and differentiated with a
+    graph. What a fused path's backward returns when asked for a differentiable backward
+    (``create_graph=True``: double backward)."""
+    wanted = [t for t, n in zip(inputs, need) if n]
+    with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
+        y, h_n, c_n = lstm_layer_loop(*inputs, batch_sizes, reverse, False)[:3]
+        outs, grads = [], []
+        for out, g in ((y, dy), (h_n, dh_n), (c_n, dc_n)):
+            if g is not None:
+                outs.append(out)
+                grads.append(g)
+        found = torch.autograd.grad(outs, wanted, grads, create_graph=True, allow_unused=True)
+    it = iter(found)
+    return tuple(
+        (torch.zeros_like(t) if (g := next(it)) is None else g) if n else None
+        for t, n in zip(inputs, need)
+    )
+
+
 def gru_layer_loop(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record):
     """torch.nn.GRU's cell (gate order r, z, n). Returns ``(y, h_n, recorded or None)``."""
 

@@ -6,11 +6,12 @@ The cell, in the article's notation (torch's gate order i, f, g, o; a gate row i
     i_t = σ(a_i)   f_t = σ(a_f)   N_t = g_t = tanh(a_g)   o_t = σ(a_o)
     C_t = f_t ⊙ C_{t-1} + i_t ⊙ N_t        H_t = o_t ⊙ tanh(C_t)
 
-Why this shape: on a GPU one step of :class:`~glasslstm.ops.bptt.TorchCell` is about ten small
+Why this shape: on a GPU one step of :class:`~glasslstm.ops.cells.TorchCell` is about ten small
 elementwise kernels, each a launch plus a pass over memory; here it is one launch that reads each
 input once and writes each output once. The GEMMs stay torch's (cuBLAS). :class:`TritonCell`
-meets TorchCell's in-place contract exactly, so :class:`~glasslstm.ops.bptt.LSTMLayerFunction`
-runs it unchanged (``backend="fused"`` on CUDA, see :mod:`glasslstm.ops`).
+meets the cell contract exactly (:mod:`glasslstm.ops.cells`), so
+:class:`~glasslstm.ops.bptt.LSTMLayerFunction` runs it unchanged (``backend="fused"`` on CUDA,
+see :mod:`glasslstm.ops`).
 
 Precision: float64 computes in float64; float32, bfloat16 and float16 compute in float32 (the
 low-precision types are loaded, widened, and rounded once on store). σ and tanh are written with
@@ -28,6 +29,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from glasslstm.ops.cells import Cell
 
 try:
     import triton
@@ -191,8 +194,8 @@ def launch_shape(n: int, H: int) -> tuple[int, int]:
     return block, max(1, block // 128)
 
 
-class TritonCell:
-    """:class:`~glasslstm.ops.bptt.TorchCell`'s contract, one Triton launch per call.
+class TritonCell(Cell):
+    """The :class:`~glasslstm.ops.cells.Cell` contract, one Triton launch per call.
 
     All tensors on one CUDA device (or on the CPU under ``TRITON_INTERPRET=1``) with ``dtype``;
     ``a``/``d`` rows 4H wide, the rest (n, H) views with unit column stride, any row strides.

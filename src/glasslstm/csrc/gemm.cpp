@@ -1,0 +1,264 @@
+// The matrix products of gemm.h.
+#include "gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <ctime>
+#include <stdexcept>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace glasslstm {
+
+namespace {
+
+template <typename T>
+at::Tensor view(const T *p, int64_t rows, int64_t cols, int64_t ld) {
+    auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    return at::from_blob(const_cast<T *>(p), {rows, cols}, {ld, 1}, opts);
+}
+
+// "torch": at::cpu::addmm_out on views of the raw memory (torch's BLAS; inside a parallel
+// region the BLAS runs on the calling thread)
+template <typename T>
+void torch_gemm(int64_t m, int64_t n, int64_t k, const T *A, int64_t lda, const T *B,
+                int64_t ldb, T beta, T *C, int64_t ldc, int /*threads*/) {
+    if (m <= 0 || n <= 0) return;
+    at::Tensor c = view(C, m, n, ldc);
+    if (k <= 0) {
+        if (beta == T(0)) c.zero_();
+        return;
+    }
+    at::Tensor a = view(A, m, k, lda), b = view(B, k, n, ldb);
+    if (beta == T(0))
+        at::cpu::mm_out(c, a, b);
+    else
+        at::cpu::addmm_out(c, c, a, b, beta, 1);
+}
+
+// "onednn": oneDNN's brgemm micro-kernel on column blocks of kBlockN (and row blocks of
+// kBlockM, K in chunks of kBlockK: the operands of one call stay in the core's caches), the
+// blocks shared out over the OpenMP threads with a static schedule, so that a thread keeps
+// multiplying by the same columns of B step after step (they stay in its cache).
+constexpr int64_t kBlockN = 64, kBlockM = 64, kBlockK = 512;
+
+void onednn_tile(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
+                 int64_t ldb, bool add, float *C, int64_t ldc) {
+    for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
+        const int64_t kb = std::min(kBlockK, k - k0);
+        at::native::cpublas::brgemm(m, n, kb, lda, ldb, ldc, add || k0 > 0, A + k0, B + k0 * ldb,
+                                    C, false);
+    }
+}
+
+int64_t onednn_packed_size(int64_t k, int64_t n);
+void onednn_pack(int64_t k, int64_t n, const float *B, int64_t ldb, float *out);
+void onednn_gemm_packed(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
+                        const float *Bp, float beta, float *C, int64_t ldc, int threads);
+
+void onednn_gemm(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
+                 int64_t ldb, float beta, float *C, int64_t ldc, int threads) {
+    if (m > 2 * kBlockM && k > 0 && n > 0) {
+        // many row blocks read every column block of B: packing it first pays for itself
+        std::vector<float> packed((size_t)onednn_packed_size(k, n));
+        onednn_pack(k, n, B, ldb, packed.data());
+        onednn_gemm_packed(m, n, k, A, lda, packed.data(), beta, C, ldc, threads);
+        return;
+    }
+    if (m <= 0 || n <= 0) return;
+    if (beta != 0.0f && beta != 1.0f)
+        throw std::invalid_argument("glasslstm: the oneDNN product takes beta 0 or 1");
+    if (k <= 0) {
+        if (beta == 0.0f)
+            for (int64_t i = 0; i < m; i++) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
+        return;
+    }
+    const bool add = beta != 0.0f;
+    const int64_t mb = (m + kBlockM - 1) / kBlockM, nb = (n + kBlockN - 1) / kBlockN;
+    const int64_t tiles = mb * nb;
+    auto tile = [&](int64_t t) {
+        const int64_t i0 = (t / nb) * kBlockM, j0 = (t % nb) * kBlockN;
+        onednn_tile(std::min(kBlockM, m - i0), std::min(kBlockN, n - j0), k, A + i0 * lda, lda,
+                    B + j0, ldb, add, C + i0 * ldc + j0, ldc);
+    };
+#ifdef _OPENMP
+    if (threads != 1 && tiles > 1 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) tile(t);
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < tiles; t++) tile(t);
+}
+
+// The same with B packed once: column blocks of kBlockN, each block (k x kBlockN) contiguous
+// (the last one padded). A block of B is then one stream of memory instead of k rows a page
+// apart, which is what the per-step products of a time loop read again and again.
+int64_t onednn_packed_size(int64_t k, int64_t n) { return (n + kBlockN - 1) / kBlockN * kBlockN * k; }
+
+void onednn_pack(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) {
+    const int64_t nb = (n + kBlockN - 1) / kBlockN;
+    for (int64_t j = 0; j < nb; j++) {
+        const int64_t j0 = j * kBlockN, w = std::min(kBlockN, n - j0);
+        float *blk = out + j * k * kBlockN;
+        for (int64_t r = 0; r < k; r++) {
+            std::copy(B + r * ldb + j0, B + r * ldb + j0 + w, blk + r * kBlockN);
+            std::fill(blk + r * kBlockN + w, blk + (r + 1) * kBlockN, 0.0f);
+        }
+    }
+}
+
+void onednn_gemm_packed(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
+                        const float *Bp, float beta, float *C, int64_t ldc, int threads) {
+    if (m <= 0 || n <= 0) return;
+    if (beta != 0.0f && beta != 1.0f)
+        throw std::invalid_argument("glasslstm: the oneDNN product takes beta 0 or 1");
+    const bool add = beta != 0.0f;
+    const int64_t mb = (m + kBlockM - 1) / kBlockM, nb = (n + kBlockN - 1) / kBlockN;
+    const int64_t tiles = mb * nb;
+    auto tile = [&](int64_t t) {
+        const int64_t i0 = (t / nb) * kBlockM, j = t % nb, j0 = j * kBlockN;
+        const int64_t rows = std::min(kBlockM, m - i0), cols = std::min(kBlockN, n - j0);
+        const float *blk = Bp + j * k * kBlockN;
+        for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
+            const int64_t kb = std::min(kBlockK, k - k0);
+            at::native::cpublas::brgemm(rows, cols, kb, lda, kBlockN, ldc, add || k0 > 0,
+                                        A + i0 * lda + k0, blk + k0 * kBlockN, C + i0 * ldc + j0,
+                                        false);
+        }
+    };
+#ifdef _OPENMP
+    if (threads != 1 && tiles > 1 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) tile(t);
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < tiles; t++) tile(t);
+}
+
+// bf16 operands, float32 result: torch's bf16 GEMM (brgemm without VNNI packing falls through
+// to cpublas's bf16 x bf16 -> float32 GEMM: MKL's gemm_bf16bf16f32 or oneDNN's)
+void bf16_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *A, int64_t lda, const uint16_t *B,
+               int64_t ldb, float beta, float *C, int64_t ldc, int /*threads*/) {
+    if (m <= 0 || n <= 0) return;
+    if (beta != 0.0f && beta != 1.0f)
+        throw std::invalid_argument("glasslstm: the bf16 product takes beta 0 or 1");
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, beta != 0.0f,
+                                reinterpret_cast<const at::BFloat16 *>(A),
+                                reinterpret_cast<const at::BFloat16 *>(B), C, false);
+}
+
+}  // namespace
+
+Provider provider_of(const std::string &name) {
+    if (name == "torch") return Provider::Torch;
+    if (name == "onednn") return Provider::OneDNN;
+    throw std::invalid_argument("glasslstm: unknown GEMM provider '" + name +
+                                "'; use 'torch' or 'onednn'");
+}
+
+Gemms gemms(Provider step, bool bf16) {
+    Gemms g;
+    g.f32 = step == Provider::OneDNN ? onednn_gemm : torch_gemm<float>;
+    g.f64 = torch_gemm<double>;
+    g.bf16 = bf16 ? bf16_gemm : nullptr;
+    if (step == Provider::OneDNN) {
+        g.packed.packed_size = onednn_packed_size;
+        g.packed.pack = onednn_pack;
+        g.packed.gemm_packed = onednn_gemm_packed;
+    }
+    return g;
+}
+
+void mm_into(Provider p, const at::Tensor &A, const at::Tensor &B, double beta, at::Tensor &C) {
+    if (p == Provider::OneDNN && A.scalar_type() == at::kFloat && A.stride(1) == 1 &&
+        B.stride(1) == 1 && C.stride(1) == 1) {
+        onednn_gemm(A.size(0), B.size(1), A.size(1), A.const_data_ptr<float>(), A.stride(0),
+                    B.const_data_ptr<float>(), B.stride(0), static_cast<float>(beta),
+                    C.mutable_data_ptr<float>(), C.stride(0), 0);
+        return;
+    }
+    if (beta == 0.0)
+        at::cpu::mm_out(C, A, B);
+    else
+        at::cpu::addmm_out(C, C, A, B, beta, 1);
+}
+
+at::Tensor mm(Provider p, const at::Tensor &A, const at::Tensor &B) {
+    if (p == Provider::OneDNN && A.scalar_type() == at::kFloat) {
+        at::Tensor a = A.stride(1) == 1 ? A : A.contiguous();
+        at::Tensor b = B.stride(1) == 1 ? B : B.contiguous();
+        at::Tensor c = at::empty({A.size(0), B.size(1)}, A.options());
+        mm_into(p, a, b, 0.0, c);
+        return c;
+    }
+    return at::cpu::mm(A, B);
+}
+
+at::Tensor mm_bf16(const at::Tensor &A, const at::Tensor &B) {
+    at::Tensor a = A.to(at::kBFloat16).contiguous(), b = B.to(at::kBFloat16).contiguous();
+    at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));
+    if (c.numel() == 0) return c;
+    if (a.size(1) == 0) return c.zero_();
+    bf16_gemm(a.size(0), b.size(1), a.size(1),
+              reinterpret_cast<const uint16_t *>(a.const_data_ptr<at::BFloat16>()), a.size(1),
+              reinterpret_cast<const uint16_t *>(b.const_data_ptr<at::BFloat16>()), b.size(1),
+              0.0f, c.mutable_data_ptr<float>(), c.size(1), 0);
+    return c;
+}
+
+double gemm_probe(const std::string &provider, int64_t m, int64_t n, int64_t k, int64_t reps,
+                  int64_t threads) {
+    const bool bf16 = provider == "bf16";
+    Provider p = bf16 ? Provider::Torch : provider_of(provider);
+    // Operands filled without a random generator: probing must not move the user's seed
+    // (a probe on first use would otherwise change which numbers a seeded run draws next).
+    at::Tensor a = at::arange(m * k, at::kFloat).remainder_(7.0).sub_(3.0).view({m, k});
+    at::Tensor b = at::arange(k * n, at::kFloat).remainder_(5.0).sub_(2.0).mul_(0.01).view({k, n});
+    at::Tensor c = at::zeros({m, n});
+    at::Tensor a16 = a.to(at::kBFloat16), b16 = b.to(at::kBFloat16);
+    // threads == 1: the one-thread product of a row-split loop, on this thread alone (the
+    // pool set to one thread meanwhile), timed in this thread's CPU time: what the kernel
+    // costs, whatever else the machine runs. threads == 0: the pool, timed on the wall clock.
+    const bool one = threads == 1;
+    const int saved = at::get_num_threads();
+    if (one) at::set_num_threads(1);
+    auto run = [&] {
+        if (bf16)
+            bf16_gemm(m, n, k, reinterpret_cast<const uint16_t *>(a16.const_data_ptr<at::BFloat16>()),
+                      k, reinterpret_cast<const uint16_t *>(b16.const_data_ptr<at::BFloat16>()), n,
+                      1.0f, c.mutable_data_ptr<float>(), n, one ? 1 : 0);
+        else
+            gemms(p, false).f32(m, n, k, a.const_data_ptr<float>(), k, b.const_data_ptr<float>(),
+                                n, 1.0f, c.mutable_data_ptr<float>(), n, one ? 1 : 0);
+    };
+    auto now = [&] {
+        timespec ts;
+        clock_gettime(one ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
+        return ts.tv_sec + ts.tv_nsec * 1e-9;
+    };
+    run();  // warm-up: kernels generated, operands in cache
+    double best = 1e30;
+    for (int64_t r = 0; r < std::max<int64_t>(reps, 1); r++) {
+        const double t0 = now();
+        run();
+        best = std::min(best, now() - t0);
+    }
+    if (one) at::set_num_threads(saved);
+    return best;
+}
+
+}  // namespace glasslstm

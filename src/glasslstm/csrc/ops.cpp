@@ -1,0 +1,546 @@
+// glasslstm's CPU kernels as PyTorch operators (torch.ops.glasslstm.*).
+//
+// The schemas and the CPU implementations are here; glasslstm/ops/library.py registers what
+// torch.compile, torch.export, torch.func and autograd need on top (fake implementations,
+// the derivative of lstm_layer, a vmap rule). Shapes: T steps, B rows, I input, H hidden,
+// P = proj_size or H; gates in torch's order i, f, g, o.
+//
+//   lstm_layer           one layer, one direction, forward (see lstm_layer below)
+//   lstm_layer_backward  its hand-derived backward through time
+//   lstm_step            one token through L stacked layers, state in and out (drop-in call)
+//   stream_step_         the same in place, into buffers kept between steps (Stream)
+//   linear_              a language model's output layer for one token, in place
+//   cell_forward_, cell_backward_   one step's pointwise math, in place (per-step loops, tests)
+//   mm_bf16              bf16 x bf16 -> float32 product (the per-step bf16 cell)
+//   mm                   a product by a named provider ("torch", "onednn")
+//   gemm_probe           times a product by a provider (glasslstm.ops.gemm chooses by it)
+//   isa, fp_mode         which kernels this CPU runs; the floating-point control word
+//   loop_threads         how many threads a time loop splits its rows over
+//   source_hash          the sources it was built from
+#include <ATen/EmptyTensor.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gemm.h"
+#include "kernels.h"
+
+namespace glasslstm {
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+T *ptr(const Tensor &t) {
+    return t.defined() && t.numel() ? t.data_ptr<T>() : nullptr;
+}
+template <typename T>
+const T *cptr(const std::optional<Tensor> &t) {
+    return t.has_value() && t->defined() && t->numel() ? t->data_ptr<T>() : nullptr;
+}
+
+void check_cpu_float(const Tensor &t, const char *name) {
+    TORCH_CHECK(t.device().is_cpu(), "glasslstm: ", name, " must be on the CPU");
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                "glasslstm: ", name, " must be float32 or float64, got ", t.scalar_type());
+}
+
+std::vector<int64_t> sizes_of(at::OptionalIntArrayRef batch_sizes, int64_t T, int64_t B) {
+    std::vector<int64_t> v;
+    if (!batch_sizes.has_value()) return v;
+    v.assign(batch_sizes->begin(), batch_sizes->end());
+    TORCH_CHECK((int64_t)v.size() == T, "glasslstm: batch_sizes has ", v.size(),
+                " entries for ", T, " steps");
+    for (size_t t = 0; t < v.size(); t++)
+        TORCH_CHECK(v[t] >= 0 && v[t] <= B && (t == 0 || v[t] <= v[t - 1]),
+                    "glasslstm: batch_sizes must be non-increasing values in 0..", B);
+    return v;
+}
+
+Tensor bias_of(const std::optional<Tensor> &b_ih, const std::optional<Tensor> &b_hh) {
+    if (!b_ih.has_value() || !b_ih->defined()) return Tensor();
+    return (b_hh.has_value() && b_hh->defined() ? b_ih->add(*b_hh) : *b_ih).contiguous();
+}
+
+Tensor empty0(const Tensor &like) { return at::empty({0}, like.options()); }
+
+// ---- lstm_layer -----------------------------------------------------------------------------
+// (y, h_n, c_n, gates, cs, tanh_c, rs): y (T, B, P) the outputs (zero past each row's end);
+// h_n, c_n (B, P), (B, H) each row's final state; gates (T, B, 4H) the activated gates and cs
+// (T, B, H) the cell states (zero past each row's end; cs empty unless `train` or `record`);
+// tanh_c and rs (T, B, H) tanh(C_t) and o tanh(C_t) before the projection, kept for the
+// backward (empty unless `train`; rs also without a projection). Rows are sorted longest
+// first when batch_sizes is given (the PackedSequence layout).
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_impl(
+    const Tensor &x, const Tensor &h0_, const Tensor &c0_, const Tensor &w_ih, const Tensor &w_hh,
+    const Tensor &bias, const std::optional<Tensor> &w_hr, const std::vector<int64_t> &sizes,
+    bool reverse, bool train, bool record, bool bf16, Provider step, Provider big) {
+    const int64_t Tn = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(0) / 4,
+                  P = w_hh.size(1);
+    const bool ragged = !sizes.empty(), proj = w_hr.has_value() && w_hr->defined();
+    const bool keep = train || record;
+    auto opts = x.options();
+    Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
+    Tensor y = at::empty({Tn, B, P}, opts), h_n = at::empty({B, P}, opts),
+           c_n = at::empty({B, H}, opts);
+    // x U^T for all steps at once: one large product (the bias is added in the loop)
+    Tensor x2 = x.reshape({Tn * B, I});
+    Tensor gates;
+    bf16 = bf16 && std::is_same<T, float>::value;
+    if (bf16) {
+        gates = mm_bf16(x2, w_ih.t()).view({Tn, B, 4 * H});
+    } else {
+        // a contiguous U^T pays for its copy on many rows (the BLAS's "T" product is slower)
+        Tensor u = Tn * B >= 64 ? w_ih.t().contiguous() : w_ih.t();
+        gates = mm(big, x2, u).view({Tn, B, 4 * H});
+    }
+    Tensor cs = keep ? at::empty({Tn, B, H}, opts) : at::empty({2, B, H}, opts);
+    Tensor tanh_c = train ? at::empty({Tn, B, H}, opts) : empty0(x);
+    Tensor rs;
+    if (proj)  // zero-filled when ragged: the dW_hr product reads every row
+        rs = train ? (ragged ? at::zeros({Tn, B, H}, opts) : at::empty({Tn, B, H}, opts))
+                   : at::empty({1, B, H}, opts);
+    Tensor w_t = w_hh.t().contiguous();  // (P, 4H): every step multiplies by it
+    Tensor whr_t = proj ? w_hr->t().contiguous() : Tensor();
+    Tensor w_t16 = bf16 ? w_t.to(at::kBFloat16) : Tensor();
+    ForwardArgs<T> a{};
+    a.T_ = Tn, a.B = B, a.H = H, a.P = P;
+    a.gates = ptr<T>(gates), a.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
+    a.h0 = ptr<T>(h0), a.c0 = ptr<T>(c0), a.y = ptr<T>(y);
+    a.cs = ptr<T>(cs), a.cs_ring = !keep;
+    a.tanh_c = train ? ptr<T>(tanh_c) : nullptr;
+    a.rs = proj ? ptr<T>(rs) : nullptr, a.rs_ring = proj && !train;
+    a.h_n = ptr<T>(h_n), a.c_n = ptr<T>(c_n);
+    a.w_t = ptr<T>(w_t), a.whr_t = proj ? ptr<T>(whr_t) : nullptr;
+    a.w_t16 = bf16 ? reinterpret_cast<const uint16_t *>(w_t16.data_ptr<at::BFloat16>()) : nullptr;
+    a.batch_sizes = ragged ? sizes.data() : nullptr;
+    a.reverse = reverse;
+    // rows that never run in this call (a stretch of a longer sequence: ended before it, or
+    // starting after it) keep their state; the loop writes every other row's final state
+    h_n.copy_(h0);
+    c_n.copy_(c0);
+    if (Tn > 0 && B > 0) {
+        Gemms g = gemms(step, bf16);
+        if constexpr (std::is_same<T, float>::value)
+            kernels().forward_f32(a, g);
+        else
+            kernels().forward_f64(a, g);
+    }
+    return {y, h_n, c_n, gates, keep ? cs : empty0(x), tanh_c,
+            proj && train ? rs : empty0(x)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(
+    const Tensor &x, const Tensor &h0, const Tensor &c0, const Tensor &w_ih, const Tensor &w_hh,
+    const std::optional<Tensor> &b_ih, const std::optional<Tensor> &b_hh,
+    const std::optional<Tensor> &w_hr, at::OptionalIntArrayRef batch_sizes, bool reverse,
+    bool train, bool record, bool bf16, c10::string_view step_gemm, c10::string_view big_gemm) {
+    check_cpu_float(x, "x");
+    TORCH_CHECK(x.dim() == 3, "glasslstm: x must be (T, B, I), got ", x.sizes());
+    Tensor xc = x.contiguous();
+    auto sizes = sizes_of(batch_sizes, x.size(0), x.size(1));
+    Provider step = provider_of(std::string(step_gemm)), big = provider_of(std::string(big_gemm));
+    Tensor bias = bias_of(b_ih, b_hh);
+    if (x.scalar_type() == at::kFloat)
+        return layer_impl<float>(xc, h0, c0, w_ih, w_hh, bias, w_hr, sizes, reverse, train,
+                                 record, bf16, step, big);
+    return layer_impl<double>(xc, h0, c0, w_ih, w_hh, bias, w_hr, sizes, reverse, train, record,
+                              false, step, big);
+}
+
+// ---- lstm_layer_backward ----------------------------------------------------------------------
+// Gradients (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr) (db: for b_ih and for b_hh alike); an
+// entry whose output_mask is false comes back empty.
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const std::optional<Tensor> &dy_, const std::optional<Tensor> &dh_n,
+    const std::optional<Tensor> &dc_n, const Tensor &x, const Tensor &h0_, const Tensor &c0_,
+    const Tensor &w_ih, const Tensor &w_hh, const std::optional<Tensor> &w_hr, const Tensor &y,
+    const Tensor &gates, const Tensor &cs, const Tensor &tanh_c, const Tensor &rs,
+    const std::vector<int64_t> &sizes, bool reverse, bool has_bias, std::array<bool, 7> mask,
+    bool bf16, Provider step, Provider big) {
+    const int64_t Tn = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(0) / 4,
+                  P = w_hh.size(1);
+    const bool ragged = !sizes.empty(), proj = w_hr.has_value() && w_hr->defined();
+    auto opts = x.options();
+    bf16 = bf16 && std::is_same<T, float>::value;
+    Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
+    Tensor dy = dy_.has_value() && dy_->defined() ? dy_->contiguous() : Tensor();
+    Tensor da = ragged ? at::zeros({Tn, B, 4 * H}, opts) : at::empty({Tn, B, 4 * H}, opts);
+    Tensor dhs = proj ? (ragged ? at::zeros({Tn, B, P}, opts) : at::empty({Tn, B, P}, opts))
+                      : Tensor();
+    Tensor dh = dh_n.has_value() && dh_n->defined() ? dh_n->clone(at::MemoryFormat::Contiguous)
+                                                     : at::zeros({B, P}, opts);
+    Tensor dc = dc_n.has_value() && dc_n->defined() ? dc_n->clone(at::MemoryFormat::Contiguous)
+                                                     : at::zeros({B, H}, opts);
+    Tensor db = has_bias && mask[5] ? at::empty({4 * H}, opts) : Tensor();
+    Tensor w = w_hh.contiguous();
+    Tensor whr = proj ? w_hr->contiguous() : Tensor();
+    Tensor w16 = bf16 ? w.to(at::kBFloat16) : Tensor();
+    BackwardArgs<T> a{};
+    a.T_ = Tn, a.B = B, a.H = H, a.P = P;
+    a.gates = ptr<T>(gates), a.cs = ptr<T>(cs), a.tanh_c = ptr<T>(tanh_c), a.c0 = ptr<T>(c0);
+    a.dy = dy.defined() ? ptr<T>(dy) : nullptr;
+    a.dh = ptr<T>(dh), a.dc = ptr<T>(dc), a.da = ptr<T>(da);
+    a.dhs = proj ? ptr<T>(dhs) : nullptr;
+    a.db = db.defined() ? ptr<T>(db) : nullptr;
+    a.w = ptr<T>(w), a.whr = proj ? ptr<T>(whr) : nullptr;
+    a.w16 = bf16 ? reinterpret_cast<const uint16_t *>(w16.data_ptr<at::BFloat16>()) : nullptr;
+    a.batch_sizes = ragged ? sizes.data() : nullptr;
+    a.reverse = reverse;
+    if (Tn > 0 && B > 0) {
+        Gemms g = gemms(step, bf16);
+        if constexpr (std::is_same<T, float>::value)
+            kernels().backward_f32(a, g);
+        else
+            kernels().backward_f64(a, g);
+    } else if (db.defined()) {
+        db.zero_();
+    }
+    // the weight and input gradients: one product each over all T B rows
+    auto prod = [&](const Tensor &A, const Tensor &Bm) {
+        return bf16 ? mm_bf16(A, Bm) : mm(big, A, Bm);
+    };
+    Tensor da2 = da.view({Tn * B, 4 * H});
+    Tensor dx = mask[0] ? prod(da2, w_ih).view({Tn, B, I}) : empty0(x);
+    Tensor dw_ih = mask[3] ? prod(da2.t(), x.reshape({Tn * B, I})) : empty0(x);
+    Tensor dw_hh = empty0(x);
+    if (mask[4]) {
+        // sum over t of da_t^T H_{t-1}: H_{t-1} is y at the previous step (in the direction's
+        // order) for the rows that continued from it, and h0 for the rows that started at t
+        // (y is zero there: those rows were not active at the previous step)
+        dw_hh = at::zeros({4 * H, P}, opts);
+        if (Tn > 1) {
+            Tensor d_cont = reverse ? da.narrow(0, 0, Tn - 1) : da.narrow(0, 1, Tn - 1);
+            Tensor h_prev = reverse ? y.narrow(0, 1, Tn - 1) : y.narrow(0, 0, Tn - 1);
+            if (bf16)
+                dw_hh.add_(mm_bf16(d_cont.reshape({(Tn - 1) * B, 4 * H}).t(),
+                                   h_prev.reshape({(Tn - 1) * B, P})));
+            else
+                mm_into(Provider::Torch, d_cont.reshape({(Tn - 1) * B, 4 * H}).t(),
+                        h_prev.reshape({(Tn - 1) * B, P}), 1.0, dw_hh);
+        }
+        for (int64_t s = 0; s < Tn; s++) {  // the rows starting at each step (in its order)
+            const int64_t t = reverse ? Tn - 1 - s : s;
+            const int64_t now = ragged ? sizes[t] : B;
+            const int64_t before = s == 0 ? 0 : (ragged ? sizes[reverse ? t + 1 : t - 1] : B);
+            if (now <= before) continue;
+            Tensor d_new = da[t].narrow(0, before, now - before);
+            Tensor h_new = h0.narrow(0, before, now - before);
+            if (bf16)
+                dw_hh.add_(mm_bf16(d_new.t(), h_new));
+            else
+                mm_into(Provider::Torch, d_new.t(), h_new, 1.0, dw_hh);
+        }
+    }
+    Tensor dw_hr = proj && mask[6] ? at::cpu::mm(dhs.view({Tn * B, P}).t(), rs.view({Tn * B, H}))
+                                   : empty0(x);
+    return {dx, mask[1] ? dh : empty0(x), mask[2] ? dc : empty0(x), dw_ih, dw_hh,
+            db.defined() ? db : empty0(x), dw_hr};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const std::optional<Tensor> &dy, const std::optional<Tensor> &dh_n,
+    const std::optional<Tensor> &dc_n, const Tensor &x, const Tensor &h0, const Tensor &c0,
+    const Tensor &w_ih, const Tensor &w_hh, const std::optional<Tensor> &w_hr, const Tensor &y,
+    const Tensor &gates, const Tensor &cs, const Tensor &tanh_c, const Tensor &rs,
+    at::OptionalIntArrayRef batch_sizes, bool reverse, bool has_bias,
+    std::array<bool, 7> output_mask, bool bf16, c10::string_view step_gemm,
+    c10::string_view big_gemm) {
+    check_cpu_float(x, "x");
+    TORCH_CHECK(tanh_c.numel() == cs.numel() && cs.numel() == x.size(0) * x.size(1) *
+                                                                   (w_hh.size(0) / 4),
+                "glasslstm: lstm_layer_backward needs the activations of a forward run with "
+                "train=True");
+    auto sizes = sizes_of(batch_sizes, x.size(0), x.size(1));
+    Provider step = provider_of(std::string(step_gemm)), big = provider_of(std::string(big_gemm));
+    Tensor xc = x.contiguous();
+    if (x.scalar_type() == at::kFloat)
+        return backward_impl<float>(dy, dh_n, dc_n, xc, h0, c0, w_ih, w_hh, w_hr, y, gates, cs,
+                                    tanh_c, rs, sizes, reverse, has_bias, output_mask, bf16, step,
+                                    big);
+    return backward_impl<double>(dy, dh_n, dc_n, xc, h0, c0, w_ih, w_hh, w_hr, y, gates, cs,
+                                 tanh_c, rs, sizes, reverse, has_bias, output_mask, false, step,
+                                 big);
+}
+
+// ---- the one-token step ------------------------------------------------------------------------
+// weights: one 1-D tensor holding, per layer, [U W] cut into blocks of kPanel rows, each its
+// own contiguous (in + P, kPanel) matrix, then b_ih + b_hh (4H) and W_hr^T (H, P) where the
+// layer has them (glasslstm.ops.step builds it). With weight-only int8, the panels are in
+// weights8 (int8) instead, and weights holds one scale per panel row (4H rounded up to kPanel).
+// layout: an int64 tensor of kLayout values per layer: the offsets of the panels (in weights or
+// weights8), of the bias and of W_hr^T (in weights; -1: none), the layer's input size, and the
+// offset of the int8 scales (in weights; -1: float panels). One tensor and one small table
+// instead of lists: a step is a few microseconds, and a list of tensors costs more to pass.
+constexpr int64_t kLayout = 5;
+
+template <typename T>
+void step_impl(const Tensor &x, bool x_is_proj, Tensor &h, Tensor &c, Tensor &out,
+               const Tensor &weights, const Tensor &layout, Tensor &work, bool back,
+               const std::optional<Tensor> &weights8) {
+    const int64_t L = layout.numel() / kLayout, H = c.size(-1), P = h.size(-1);
+    const int64_t *lay = layout.data_ptr<int64_t>();
+    const T *w = weights.data_ptr<T>();
+    const bool i8 = weights8.has_value() && weights8->defined();
+    const int8_t *w8 = i8 ? weights8->data_ptr<int8_t>() : nullptr;
+    constexpr int64_t kMaxLayers = 64;
+    const T *pw[kMaxLayers], *bw[kMaxLayers], *hw[kMaxLayers];
+    const int8_t *pw8[kMaxLayers];
+    const float *sc[kMaxLayers];
+    int64_t in_sizes[kMaxLayers];
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *e = lay + kLayout * l;
+        pw[l] = i8 ? nullptr : w + e[0];
+        pw8[l] = i8 ? w8 + e[0] : nullptr;
+        bw[l] = e[1] >= 0 ? w + e[1] : nullptr;
+        hw[l] = e[2] >= 0 ? w + e[2] : nullptr;
+        in_sizes[l] = e[3];
+        sc[l] = i8 ? reinterpret_cast<const float *>(w) + e[4] : nullptr;
+    }
+    StepArgs<T> s{};
+    s.L = L, s.H = H, s.P = P, s.in_sizes = in_sizes;
+    s.panels = i8 ? nullptr : pw, s.bias = bw, s.whr_t = hw;
+    s.panels8 = i8 ? pw8 : nullptr, s.scales = i8 ? sc : nullptr;
+    s.work = work.data_ptr<T>(), s.zigzag_back = back;
+    s.x = x_is_proj ? nullptr : x.data_ptr<T>();
+    s.xproj = x_is_proj ? x.data_ptr<T>() : nullptr;
+    s.h = h.data_ptr<T>(), s.c = c.data_ptr<T>(), s.out = out.data_ptr<T>();
+    if constexpr (std::is_same<T, float>::value)
+        kernels().step_f32(s);
+    else
+        kernels().step_f64(s);
+}
+
+void check_step(const Tensor &x, const Tensor &h, const Tensor &c, const Tensor &work,
+                const Tensor &weights, const Tensor &layout,
+                const std::optional<Tensor> &weights8) {
+    const int64_t L = layout.numel() / kLayout;
+    TORCH_CHECK(layout.scalar_type() == at::kLong && layout.is_contiguous() &&
+                    layout.numel() == kLayout * L && L >= 1 && L <= 64,
+                "glasslstm: step layout must be ", kLayout,
+                " int64 values per layer (1 to 64 layers)");
+    for (const Tensor *t : {&x, &h, &c, &work, &weights}) {
+        TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() &&
+                        t->scalar_type() == x.scalar_type(),
+                    "glasslstm: step buffers must be contiguous CPU tensors of one dtype");
+    }
+    const bool i8 = weights8.has_value() && weights8->defined();
+    TORCH_CHECK(!i8 || (x.scalar_type() == at::kFloat && weights8->scalar_type() == at::kChar &&
+                        weights8->is_contiguous() && weights8->device().is_cpu()),
+                "glasslstm: int8 step weights go with float32 state, contiguous, on the CPU");
+    const int64_t H = c.size(-1), P = h.size(-1), n = weights.numel();
+    const int64_t n8 = i8 ? weights8->numel() : n;
+    TORCH_CHECK(h.numel() == L * P && c.numel() == L * H && work.numel() >= step_work(H),
+                "glasslstm: step state and work buffers have the wrong size");
+    const int64_t *lay = layout.data_ptr<int64_t>();
+    const int64_t rows = (4 * H + kPanel - 1) / kPanel * kPanel;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *e = lay + kLayout * l;
+        TORCH_CHECK(e[3] >= 1 && e[0] >= 0 && e[0] + rows * (e[3] + P) <= n8 &&
+                        (e[1] < 0 || e[1] + 4 * H <= n) && (e[2] < 0 || e[2] + H * P <= n) &&
+                        (!i8 || (e[4] >= 0 && e[4] + rows <= n)),
+                    "glasslstm: step layout of layer ", l, " reaches outside the weights");
+    }
+}
+
+void stream_step_(const Tensor &x, bool x_is_proj, Tensor h, Tensor c, Tensor out,
+                  const Tensor &weights, const Tensor &layout, Tensor work, bool back,
+                  const std::optional<Tensor> &weights8) {
+    check_step(x, h, c, work, weights, layout, weights8);
+    TORCH_CHECK(x.numel() == (x_is_proj ? 4 * c.size(-1) : layout.data_ptr<int64_t>()[3]),
+                "glasslstm: step input has ", x.numel(), " values");
+    if (x.scalar_type() == at::kFloat)
+        step_impl<float>(x, x_is_proj, h, c, out, weights, layout, work, back, weights8);
+    else
+        step_impl<double>(x, x_is_proj, h, c, out, weights, layout, work, back, weights8);
+}
+
+// (output, h_n, c_n) of one token: x (1, 1, I) or (1, I); h0, c0 (L, 1, .) or (L, .) (None:
+// zeros); shaped as torch.nn.LSTM returns them. The results are made with
+// at::detail::empty_cpu (what torch.empty ends in, without a dispatch): a step is short.
+std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor &x, const std::optional<Tensor> &h0,
+                                             const std::optional<Tensor> &c0,
+                                             const Tensor &weights, const Tensor &layout,
+                                             bool back, int64_t hidden_size, int64_t out_size,
+                                             const std::optional<Tensor> &weights8) {
+    const int64_t L = layout.numel() / kLayout, H = hidden_size, P = out_size;
+    const bool three = x.dim() == 3;
+    const auto dt = x.scalar_type();
+    using Sizes = std::vector<int64_t>;
+    Tensor h = at::detail::empty_cpu(three ? Sizes{L, 1, P} : Sizes{L, P}, dt);
+    Tensor c = at::detail::empty_cpu(three ? Sizes{L, 1, H} : Sizes{L, H}, dt);
+    Tensor out = at::detail::empty_cpu(three ? Sizes{1, 1, P} : Sizes{1, P}, dt);
+    Tensor work = at::detail::empty_cpu({step_work(H)}, dt);  // per call: never shared
+    if (h0.has_value() && h0->defined()) {
+        h.copy_(h0->reshape(h.sizes()));
+        c.copy_(c0->reshape(c.sizes()));
+    } else {
+        std::memset(h.data_ptr(), 0, h.nbytes());
+        std::memset(c.data_ptr(), 0, c.nbytes());
+    }
+    Tensor xc = x.is_contiguous() ? x : x.contiguous();
+    check_step(xc, h, c, work, weights, layout, weights8);
+    TORCH_CHECK(xc.numel() == layout.data_ptr<int64_t>()[3], "glasslstm: step input has ",
+                xc.numel(), " values");
+    if (dt == at::kFloat)
+        step_impl<float>(xc, false, h, c, out, weights, layout, work, back, weights8);
+    else
+        step_impl<double>(xc, false, h, c, out, weights, layout, work, back, weights8);
+    return {out, h, c};
+}
+
+void linear_(const Tensor &w_t, const std::optional<Tensor> &bias, const Tensor &v, Tensor out,
+             const std::optional<Tensor> &scale) {
+    TORCH_CHECK(w_t.is_contiguous() && v.is_contiguous() && out.is_contiguous() &&
+                    w_t.dim() == 2 && w_t.size(0) == v.numel() && w_t.size(1) == out.numel(),
+                "glasslstm: linear_ takes W^T (k, rows), v (k), out (rows), contiguous");
+    if (w_t.scalar_type() == at::kChar) {  // weight-only int8: one scale per output row
+        TORCH_CHECK(scale.has_value() && scale->numel() == out.numel() &&
+                        out.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+                    "glasslstm: an int8 linear_ needs float32 v and out and a scale per row");
+        kernels().linear_i8(out.numel(), v.numel(), w_t.data_ptr<int8_t>(),
+                            scale->data_ptr<float>(), cptr<float>(bias), v.data_ptr<float>(),
+                            out.data_ptr<float>());
+        return;
+    }
+    if (w_t.scalar_type() == at::kFloat)
+        kernels().linear_f32(out.numel(), v.numel(), w_t.data_ptr<float>(), cptr<float>(bias),
+                             v.data_ptr<float>(), out.data_ptr<float>());
+    else
+        kernels().linear_f64(out.numel(), v.numel(), w_t.data_ptr<double>(), cptr<double>(bias),
+                             v.data_ptr<double>(), out.data_ptr<double>());
+}
+
+// one step's pointwise math in place (contract of glasslstm.ops.cells.Cell): a (n, >= 4H) rows
+// of pre-activations -> activated gates; c = f c_prev + i g; tc = tanh(c); out = o tc
+void cell_forward_(Tensor a, const Tensor &c_prev, Tensor c, Tensor tc, Tensor out) {
+    const int64_t n = c.size(0), H = c.size(1);
+    TORCH_CHECK(a.stride(1) == 1 && c_prev.stride(1) == 1 && c.stride(1) == 1 &&
+                    tc.stride(1) == 1 && out.stride(1) == 1 && c.stride(0) == tc.stride(0),
+                "glasslstm: cell_forward_ needs unit column strides (and c, tc alike)");
+    if (a.scalar_type() == at::kFloat)
+        kernels().cell_forward_f32(n, H, a.data_ptr<float>(), a.stride(0),
+                                   c_prev.data_ptr<float>(), c_prev.stride(0),
+                                   c.data_ptr<float>(), tc.data_ptr<float>(), c.stride(0),
+                                   out.data_ptr<float>(), out.stride(0));
+    else
+        kernels().cell_forward_f64(n, H, a.data_ptr<double>(), a.stride(0),
+                                   c_prev.data_ptr<double>(), c_prev.stride(0),
+                                   c.data_ptr<double>(), tc.data_ptr<double>(), c.stride(0),
+                                   out.data_ptr<double>(), out.stride(0));
+}
+
+// one step back in place: dh (n, H) the gradient reaching o tanh(c) (dy, when given, added
+// to it); dc in: from later steps, out: dL/dc_prev; d: the pre-activation gradients
+void cell_backward_(const Tensor &a, const Tensor &c_prev, const Tensor &tc, const Tensor &dh,
+                    const std::optional<Tensor> &dy, Tensor dc, Tensor d) {
+    const int64_t n = dc.size(0), H = dc.size(1);
+    Tensor y = dy.has_value() && dy->defined() ? *dy : Tensor();
+    TORCH_CHECK(!y.defined() || y.stride(0) == dh.stride(0),
+                "glasslstm: cell_backward_ reads dh and dy with one row stride");
+    TORCH_CHECK(d.stride(0) == a.stride(0), "glasslstm: d and a share their row stride");
+    if (a.scalar_type() == at::kFloat)
+        kernels().cell_backward_f32(n, H, a.data_ptr<float>(), a.stride(0),
+                                    c_prev.data_ptr<float>(), c_prev.stride(0),
+                                    tc.data_ptr<float>(), tc.stride(0), dh.data_ptr<float>(),
+                                    y.defined() ? y.data_ptr<float>() : nullptr, dh.stride(0),
+                                    dc.data_ptr<float>(), dc.stride(0), d.data_ptr<float>());
+    else
+        kernels().cell_backward_f64(n, H, a.data_ptr<double>(), a.stride(0),
+                                    c_prev.data_ptr<double>(), c_prev.stride(0),
+                                    tc.data_ptr<double>(), tc.stride(0), dh.data_ptr<double>(),
+                                    y.defined() ? y.data_ptr<double>() : nullptr, dh.stride(0),
+                                    dc.data_ptr<double>(), dc.stride(0), d.data_ptr<double>());
+}
+
+double gemm_probe_op(c10::string_view provider, int64_t m, int64_t n, int64_t k, int64_t reps,
+                     int64_t threads) {
+    return gemm_probe(std::string(provider), m, n, k, reps, threads);
+}
+
+std::string isa() { return kernels().isa; }
+// (rows per panel, values of scratch) of the one-token step for this hidden size
+std::vector<int64_t> step_sizes(int64_t H) { return {kPanel, step_work(H)}; }
+int64_t loop_threads_op(int64_t B, int64_t weight_bytes) {
+    return loop_threads(B, (size_t)weight_bytes);
+}
+// the hash of the sources this library was built from (glasslstm.ops.native rebuilds a stale one)
+std::string source_hash() {
+#ifdef GLASSLSTM_SOURCE_HASH
+#define GL_STR2(x) #x
+#define GL_STR(x) GL_STR2(x)
+    return std::string(GL_STR(GLASSLSTM_SOURCE_HASH)).substr(1);  // "h<hash>": a token
+#else
+    return "";
+#endif
+}
+int64_t fp_mode_op() { return (int64_t)fp_mode(); }
+
+}  // namespace
+
+TORCH_LIBRARY(glasslstm, m) {
+    m.def(
+        "lstm_layer(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+        "Tensor? b_hh, Tensor? w_hr, int[]? batch_sizes, bool reverse, bool train, bool record, "
+        "bool bf16, str step_gemm, str big_gemm) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)");
+    m.def(
+        "lstm_layer_backward(Tensor? dy, Tensor? dh_n, Tensor? dc_n, Tensor x, Tensor h0, "
+        "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor y, Tensor gates, Tensor cs, "
+        "Tensor tanh_c, Tensor rs, int[]? batch_sizes, bool reverse, bool has_bias, "
+        "bool[7] output_mask, bool bf16, str step_gemm, str big_gemm) -> (Tensor, Tensor, "
+        "Tensor, Tensor, Tensor, Tensor, Tensor)");
+    m.def(
+        "lstm_step(Tensor x, Tensor? h0, Tensor? c0, Tensor weights, Tensor layout, bool back, "
+        "int hidden_size, int out_size, Tensor? weights8=None) -> (Tensor, Tensor, Tensor)");
+    m.def(
+        "stream_step_(Tensor x, bool x_is_proj, Tensor(a!) h, Tensor(b!) c, Tensor(c!) out, "
+        "Tensor weights, Tensor layout, Tensor(d!) work, bool back, Tensor? weights8=None) -> ()");
+    m.def("linear_(Tensor w_t, Tensor? bias, Tensor v, Tensor(a!) out, Tensor? scale=None) -> ()");
+    m.def("cell_forward_(Tensor(a!) a, Tensor c_prev, Tensor(b!) c, Tensor(c!) tc, "
+          "Tensor(d!) out) -> ()");
+    m.def("cell_backward_(Tensor a, Tensor c_prev, Tensor tc, Tensor dh, Tensor? dy, "
+          "Tensor(a!) dc, Tensor(b!) d) -> ()");
+    m.def("mm_bf16(Tensor a, Tensor b) -> Tensor");
+    m.def("mm(Tensor a, Tensor b, str provider) -> Tensor");
+    // no tensor arguments: catch-all kernels, registered with their schemas
+    m.def("gemm_probe(str provider, int m, int n, int k, int reps, int threads) -> float",
+          &gemm_probe_op);
+    m.def("isa() -> str", &isa);
+    m.def("loop_threads(int B, int weight_bytes) -> int", &loop_threads_op);
+    m.def("step_sizes(int hidden_size) -> int[]", &step_sizes);
+    m.def("fp_mode() -> int", &fp_mode_op);
+    m.def("source_hash() -> str", &source_hash);
+}
+
+TORCH_LIBRARY_IMPL(glasslstm, CPU, m) {
+    m.impl("lstm_layer", &lstm_layer);
+    m.impl("lstm_layer_backward", &lstm_layer_backward);
+    m.impl("lstm_step", &lstm_step);
+    m.impl("stream_step_", &stream_step_);
+    m.impl("linear_", &linear_);
+    m.impl("cell_forward_", &cell_forward_);
+    m.impl("cell_backward_", &cell_backward_);
+    m.impl("mm_bf16", [](const Tensor &a, const Tensor &b) { return mm_bf16(a, b); });
+    m.impl("mm", [](const Tensor &a, const Tensor &b, c10::string_view p) {
+        return mm(provider_of(std::string(p)), a, b);
+    });
+}
+
+}  // namespace glasslstm
+
+// The module Python imports (glasslstm._C); the operators register themselves on load.
+#include <Python.h>
+static struct PyModuleDef glasslstm_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&glasslstm_module); }

@@ -1,0 +1,301 @@
+"""Which matrix-product implementation the CPU operators use, chosen by measuring.
+
+The candidates (see csrc/gemm.h) are torch's own: ``"torch"`` (torch.addmm's path: the BLAS
+torch was built with, MKL on x86) and ``"onednn"`` (oneDNN's batch-reduce GEMM micro-kernel, as
+torch exposes it, blocked and threaded by glasslstm). Which is faster depends on the CPU: MKL is
+known to take slower paths on non-Intel CPUs; oneDNN does not. So nothing assumes a vendor:
+on first use each role is timed on this machine with the shapes it will run, the faster
+candidate is kept, and the choice is cached per CPU model and torch version in
+``~/.cache/glasslstm/gemm.json``. Roles:
+
+* ``step``: the per-step recurrent products of the time loops (a few rows of h against the
+  whole recurrent weight, every step; one-thread products when the batch rows are split over
+  the threads, threaded ones otherwise);
+* ``big``: the products over all steps at once (input projection, input and weight gradients);
+* ``bf16``: whether, under ``torch.autocast("cpu", dtype=torch.bfloat16)``, bf16 products
+  (float32 result) beat float32 ones here — only then are they used.
+
+``$GLASSLSTM_GEMM`` forces a choice: ``torch`` or ``onednn`` for both roles, or
+``step=onednn,big=torch``; ``$GLASSLSTM_BF16=0`` / ``=1`` forces the bf16 decision. In
+deterministic mode (:func:`glasslstm.deterministic`) both roles take ``torch``, whatever was
+measured.
+:func:`describe` says what was chosen and why (``glasslstm bench speed`` prints it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+CANDIDATES = ("torch", "onednn")
+ROLES = ("step", "big")
+ENV = "GLASSLSTM_GEMM"
+ENV_BF16 = "GLASSLSTM_BF16"
+
+_lock = threading.Lock()
+_memory: dict[str, object] = {}
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_file() -> Path:
+    from glasslstm.data import cache_dir
+
+    return cache_dir() / "gemm.json"
+
+
+def _machine_key() -> str:
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _bucket(n: int) -> int:
+    """Sizes are measured at the next power of two (at least 16): a handful of measurements
+    cover every shape."""
+    b = 16
+    while b < n:
+        b *= 2
+    return b
+
+
+def _split_threads(B: int, H: int, P: int) -> int:
+    """How many threads the time loops split the batch rows over (1: none)."""
+    return int(torch.ops.glasslstm.loop_threads(B, 4 * H * P * 4))
+
+
+def probe(candidate: str, m: int, n: int, k: int, threads: int, reps: int = 7) -> float:
+    """Seconds per product (m x k) (k x n) by ``candidate`` (``"bf16"``: bf16 operands)."""
+    return float(torch.ops.glasslstm.gemm_probe(candidate, m, n, k, reps, threads))
+
+
+def _fastest(problem: tuple[int, int, int, int], candidates=CANDIDATES) -> tuple[str, dict]:
+    m, n, k, threads = problem
+    times = {c: probe(c, m, n, k, threads) for c in candidates}
+    return min(times, key=lambda c: times[c]), times
+
+
+def _load() -> dict:
+    try:
+        data = json.loads(_cache_file().read_text("utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(data: dict) -> None:
+    from glasslstm.rundir import atomic_write_json
+
+    try:
+        atomic_write_json(_cache_file(), data)
+    except OSError:
+        pass  # a read-only cache: measure again next time
+
+
+def busy() -> bool:
+    """Whether other work holds this machine's cores now (then a measurement of threaded
+    products is kept for this process only, not stored for the next ones)."""
+    try:
+        return os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
+def _decide(key: str, measure) -> tuple[str, dict]:
+    """The cached decision for ``key`` on this machine, or ``measure()``'s, stored (unless the
+    machine was busy while a threaded product was timed)."""
+    mkey = _machine_key()
+    with _lock:
+        full = f"{mkey} | {key}"
+        if full in _memory:
+            return _memory[full]  # type: ignore[return-value]
+        data = _load()
+        entry = data.get(mkey, {}).get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("choice"), str):
+            found = (entry["choice"], entry.get("seconds", {}))
+        else:
+            choice, seconds = measure()
+            found = (choice, seconds)
+            if key.endswith(" 1") or not busy():  # one-thread products: CPU time, robust
+                data.setdefault(mkey, {})[key] = {"choice": choice, "seconds": seconds}
+                _store(data)
+        _memory[full] = found
+        return found
+
+
+def _forced() -> dict[str, str]:
+    spec = os.environ.get(ENV, "").strip()
+    if not spec:
+        return {}
+    if spec in CANDIDATES:
+        return dict.fromkeys(ROLES, spec)
+    forced = {}
+    for part in spec.split(","):
+        role, _, name = part.partition("=")
+        role, name = role.strip(), name.strip()
+        if role not in ROLES or name not in CANDIDATES:
+            raise ValueError(
+                f"${ENV}={spec!r}: use one of {CANDIDATES}, or role=name pairs such as "
+                f"'step=onednn,big=torch' (roles: {', '.join(ROLES)})"
+            )
+        forced[role] = name
+    return forced
+
+
+def step_problem(B: int, H: int, P: int) -> tuple[int, int, int, int]:
+    """(m, n, k, threads) of a loop's per-step product, bucketed."""
+    split = _split_threads(B, H, P)
+    rows = B // split
+    return _bucket(max(rows, 1)), _bucket(4 * H), _bucket(P), 1 if split > 1 else 0
+
+
+def big_problem(H: int, I: int) -> tuple[int, int, int, int]:
+    """(m, n, k, threads) of the input projection, bucketed, on 256 rows (the time per row is
+    what matters; more rows only make the first call slower)."""
+    return 256, _bucket(4 * H), _bucket(I), 0
+
+
+def providers(dtype: torch.dtype, B: int, H: int, P: int, I: int) -> tuple[str, str]:
+    """``(step, big)``: the candidates the operators use for a layer of these sizes."""
+    # every layer call asks: answered from memory after the first time for these sizes
+    return _providers(
+        dtype,
+        B,
+        H,
+        P,
+        I,
+        torch.get_num_threads(),
+        os.environ.get(ENV, ""),
+        torch.are_deterministic_algorithms_enabled() or torch.jit.is_tracing(),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _providers(dtype, B, H, P, I, threads, env, pinned) -> tuple[str, str]:
+    forced = _forced()
+    # float64, a jit trace, deterministic mode (a measured choice could differ from run to
+    # run): torch's
+    if dtype != torch.float32 or pinned:
+        return forced.get("step", "torch"), forced.get("big", "torch")
+    sp, bp = step_problem(B, H, P), big_problem(H, I)
+    step = forced.get("step") or _decide("step {} {} {} {}".format(*sp), lambda: _fastest(sp))[0]
+    big = forced.get("big") or _decide("big {} {} {} {}".format(*bp), lambda: _fastest(bp))[0]
+    return step, big
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16, AMX; bf16 on Arm): elsewhere bf16
+    products are emulated and never pay."""
+    return bool(_bf16_flags())
+
+
+@functools.cache
+def _bf16_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"}))
+    except OSError:
+        pass
+    return ""
+
+
+def bf16_pays(B: int, H: int, P: int) -> bool:
+    """Whether bf16 products beat float32 ones here for a layer of these sizes (autocast)."""
+    env = os.environ.get(ENV_BF16)
+    if env in ("0", "1"):
+        return env == "1"
+    if torch.jit.is_tracing() or not native_bf16():
+        return False
+    return _bf16_pays(B, H, P, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=1024)
+def _bf16_pays(B: int, H: int, P: int, threads: int) -> bool:
+    problem = step_problem(B, H, P)
+
+    def measure():
+        f32, _ = _fastest(problem)
+        times = {"float32": probe(f32, *problem), "bf16": probe("bf16", *problem)}
+        return min(times, key=lambda c: times[c]), times
+
+    return _decide("bf16 {} {} {} {}".format(*problem), measure)[0] == "bf16"
+
+
+# The decisions for a layer's tensors. Under torch.compile the sizes may be symbolic: the
+# decision is then the one for a typical layer (32 rows, H = 512), made once while tracing.
+_TYPICAL = (32, 512, 512, 512)
+
+
+@torch.compiler.assume_constant_result
+def _typical_providers() -> tuple[str, str]:
+    return providers(torch.float32, *_TYPICAL)
+
+
+@torch.compiler.assume_constant_result
+def _typical_bf16() -> bool:
+    return bf16_pays(*_TYPICAL[:3])
+
+
+def layer_providers(x: torch.Tensor, w_hh: torch.Tensor) -> tuple[str, str]:
+    """:func:`providers` for a layer with input ``x`` (T, B, I) and weight ``w_hh`` (4H, P)."""
+    if torch.compiler.is_compiling():
+        return _typical_providers() if x.dtype == torch.float32 else ("torch", "torch")
+    return providers(x.dtype, x.shape[1], w_hh.shape[0] // 4, w_hh.shape[1], x.shape[2])
+
+
+def layer_bf16(x: torch.Tensor, w_hh: torch.Tensor) -> bool:
+    """:func:`bf16_pays` for a layer with input ``x`` (T, B, I) and weight ``w_hh`` (4H, P)."""
+    if torch.compiler.is_compiling():
+        return _typical_bf16()
+    return bf16_pays(x.shape[1], w_hh.shape[0] // 4, w_hh.shape[1])
+
+
+def describe(B: int = 32, H: int = 512, P: int | None = None, I: int | None = None) -> str:
+    """What the operators use for a layer of these sizes on this machine, with the times."""
+    P, I = P or H, I or H
+    step, big = providers(torch.float32, B, H, P, I)
+    lines = [
+        f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"layer B={B} H={H}: step products by {step}, large products by {big}"
+        + (f" (forced by ${ENV})" if _forced() else ""),
+        f"bf16 products under autocast: {'yes' if bf16_pays(B, H, P) else 'no (float32)'}",
+    ]
+    return "; ".join(lines)
+
+
+def forget() -> None:
+    """Drop the decisions held in this process (the cache file stays): the next layer call
+    decides again, from the file or by measuring."""
+    _memory.clear()
+    _providers.cache_clear()
+    _bf16_pays.cache_clear()
+
+
+def remeasure() -> None:
+    """Measure afresh: drop this machine's stored decisions, in the file and in memory."""
+    with _lock:
+        data = _load()
+        if data.pop(_machine_key(), None) is not None:
+            _store(data)
+    forget()
+
+
+def decisions() -> dict:
+    """Every decision made on this machine so far: {key: {"choice", "seconds"}}."""
+    return dict(_load().get(_machine_key(), {}))

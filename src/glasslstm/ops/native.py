@@ -1,0 +1,112 @@
+"""glasslstm's C++ operators (``torch.ops.glasslstm.*``): found, or built, and loaded.
+
+The sources are ``glasslstm/csrc`` (kernels.cpp: the gate math, whole time loops and the
+one-token step, compiled per instruction-set level and picked at run time; gemm.cpp: the
+matrix products through torch's own routines; ops.cpp: the operator schemas and their CPU
+implementations). ``pip install`` builds them as ``glasslstm._C`` with torch's extension
+machinery when torch is present at build time (``./dev`` installs that way). Otherwise, or
+when the installed build is of other sources (an edited checkout), the first call that needs
+them builds them with ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler; about a
+minute once, cached under ``~/.cache/glasslstm/ops-<hash>``).
+
+Nothing is built or loaded at import; :func:`load` does it on first use. Without the
+operators everything still runs on the torch path, and :func:`status` says why.
+``GLASSLSTM_NO_FUSED=1`` keeps them off.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+import threading
+
+import torch
+
+from glasslstm.ops import _build
+
+_lock = threading.Lock()
+_failure: str | None = None
+_where: str | None = None
+
+
+def _cache_dir():
+    from glasslstm.data import cache_dir  # the one place that knows where glasslstm caches
+
+    return cache_dir()
+
+
+def _installed() -> bool:
+    """Load the build that came with the package, if it is a build of these sources (checked
+    before loading: its file holds the hash; an edited checkout is built afresh instead)."""
+    global _where
+    spec = importlib.util.find_spec("glasslstm._C")
+    if spec is None or spec.origin is None:
+        return False
+    with open(spec.origin, "rb") as f:
+        if f"h{_build.source_hash()}".encode() not in f.read():
+            return False
+    importlib.import_module("glasslstm._C")
+    _where = "installed"
+    return True
+
+
+def _jit_build() -> None:
+    global _where
+    from torch.utils import cpp_extension
+
+    digest = _build.source_hash()
+    folder = _cache_dir() / f"ops-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / f"glasslstm_ops_{digest}.so").exists():
+        print(
+            "glasslstm: building the CPU operators for this machine (once; about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
+    cpp_extension.load(
+        name=f"glasslstm_ops_{digest}",
+        sources=_build.sources(),
+        extra_cflags=_build.cflags(),
+        extra_ldflags=_build.LDFLAGS,
+        build_directory=str(folder),
+        is_python_module=False,
+        verbose=False,
+    )
+    _where = str(folder)
+
+
+@functools.cache
+def load() -> bool:
+    """Load the operators (building them if needed); False where they cannot be had."""
+    global _failure
+    if os.environ.get("GLASSLSTM_NO_FUSED"):
+        _failure = "disabled by $GLASSLSTM_NO_FUSED"
+        return False
+    with _lock:
+        try:
+            if not _installed():
+                _jit_build()
+        except Exception as e:  # no compiler, no ninja, a failed build: the torch path serves
+            _failure = f"could not build the CPU operators: {str(e).strip().splitlines()[-1]}"
+            return False
+    from glasslstm.ops import library  # fake implementations, autograd, vmap
+
+    library.register()
+    return True
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the C++ operators are loaded (building them on first use). A constant for
+    torch.compile: it is called once while tracing."""
+    return load()
+
+
+def status() -> str:
+    """One line: are the CPU operators on, where from, which instruction set; or why not."""
+    if not load():
+        return f"off: {_failure}"
+    return f"on ({torch.ops.glasslstm.isa()} kernels, {_where} build)"

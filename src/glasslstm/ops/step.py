@@ -1,0 +1,208 @@
+"""The one-token step of an LSTM on the CPU: its weights in the step's layout, and the drop-in
+call ``lstm(x_t, (h, c))``.
+
+A step of one sequence is a matrix-vector product per layer, memory-bound: the C++ step
+(``torch.ops.glasslstm.lstm_step`` / ``stream_step_``) streams each layer's ``[U W]`` stored
+as panels of rows (see csrc/kernels_impl.h) and does the gate math in the same pass.
+:class:`StepWeights` keeps those copies of a module's weights and rebuilds them when a weight
+changes (an optimizer step, ``load_state_dict``, a replaced parameter): their version counters
+and storages are compared on every call.
+
+:func:`drop_in_step` is what :meth:`glasslstm.LSTM.forward` tries first for a one-token call of
+one sequence under ``torch.no_grad()``: the generation loop of code written for
+torch.nn.LSTM, through the same C++ step. Everything else (and anything it cannot take) goes
+down the general path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glasslstm.ops import native, resolve_backend
+
+DTYPES = (torch.float32, torch.float64)
+
+
+def possible(lstm, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the C++ step can run ``lstm`` (unidirectional, on the CPU, float32/64)."""
+    return (
+        device.type == "cpu"
+        and dtype in DTYPES
+        and not lstm.bidirectional
+        and resolve_backend(lstm.backend) in ("auto", "fused")
+        and native.available()
+    )
+
+
+def _panels(w: torch.Tensor, panel: int) -> torch.Tensor:
+    """(rows, k) -> (ceil(rows / panel), k, panel): each block of ``panel`` rows transposed into
+    its own contiguous matrix, rows past the end zero."""
+    rows, k = w.shape
+    n = -(-rows // panel)
+    padded = w.new_zeros(n * panel, k)
+    padded[:rows] = w
+    return padded.view(n, panel, k).transpose(1, 2).contiguous()
+
+
+class StepWeights:
+    """An LSTM's weights in the step's layout, kept current (see the module docstring).
+
+    ``lstm``: a unidirectional :class:`glasslstm.LSTM` on the CPU (float32/float64)."""
+
+    def __init__(self, lstm):
+        self.lstm = lstm
+        self.dtype = lstm.weight_hh_l0.dtype
+        self.L, self.H = lstm.num_layers, lstm.hidden_size
+        self.P = lstm.proj_size or lstm.hidden_size
+        self.panel, work = torch.ops.glasslstm.step_sizes(self.H)
+        self.work = torch.empty(work, dtype=self.dtype)  # Stream's scratch
+        # weight-only int8 panels where the module was quantized (glasslstm.quantize)
+        self.int8 = getattr(lstm, "quantized", None) == "int8" and self.dtype == torch.float32
+        self.weights8: torch.Tensor | None = None
+        self._key: list | None = None
+        self._held: list = []
+        self.back = False  # the zig-zag order of the panels, flipped by every step
+
+    def key(self) -> list:
+        """What identifies the weights as they are: each tensor forward reads (a Parameter, or
+        what pruning or a parametrization put in its place), its version counter (bumped by
+        every in-place change) and storage (a swapped ``.data``). The tensors of the last
+        refresh are held (``_held``), so a new one cannot reuse an old one's id or memory."""
+        return [(id(p), p._version, p.data_ptr()) for p in self.lstm._flat_weights]
+
+    def refresh(self) -> bool:
+        """Re-read the weights when they changed (cheap when they did not). False when they can
+        no longer run here (moved off the CPU, another dtype)."""
+        key = self.key()
+        if key == self._key:
+            return True
+        w = self.lstm.weight_hh_l0
+        if w.dtype != self.dtype or w.device.type != "cpu":
+            return False
+        # one flat tensor (every layer's panels, bias sum, W_hr^T; with int8, the panels'
+        # scales instead of the panels, which go to an int8 tensor) and a table of where each
+        # part starts: what the step operator takes
+        floats: list[torch.Tensor] = []
+        int8s: list[torch.Tensor] = []
+        layout: list[int] = []
+        sizes = {"f": 0, "i": 0}
+
+        def put(t: torch.Tensor | None, kind: str = "f") -> int:
+            if t is None:
+                return -1
+            start = sizes[kind]
+            (floats if kind == "f" else int8s).append(t.reshape(-1))
+            sizes[kind] += t.numel()
+            return start
+
+        with torch.no_grad():
+            for layer in range(self.L):
+                w_ih, w_hh, b_ih, b_hh, w_hr = self.lstm._weights(layer, 0)
+                uw = torch.cat([w_ih, w_hh], 1)
+                if self.int8:
+                    q, scale = _int8_rows(uw, self.panel)
+                    panels, scales = put(_panels(q, self.panel), "i"), put(scale)
+                else:
+                    panels, scales = put(_panels(uw, self.panel)), -1
+                bias = put(None if b_ih is None else b_ih + b_hh)
+                whr = put(None if w_hr is None else w_hr.t())
+                layout += [panels, bias, whr, w_ih.shape[1], scales]
+        self.weights = torch.cat(floats) if floats else torch.empty(1, dtype=self.dtype)
+        self.weights8 = torch.cat(int8s) if int8s else None
+        self.layout = torch.tensor(layout, dtype=torch.int64)
+        self._key = key
+        self._held = self.lstm._flat_weights
+        return True
+
+    def flip(self) -> bool:
+        """This step's panel order (and the next one's, reversed)."""
+        self.back = not self.back
+        return self.back
+
+
+def _int8_rows(w: torch.Tensor, panel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (rows, k) as int8 with one scale per row (``w ~ q * scale[:, None]``), the rows
+    padded to a multiple of ``panel`` (scale 1, values 0)."""
+    from glasslstm.quantize import int8_rows
+
+    q, scale = int8_rows(w)
+    pad = -w.shape[0] % panel
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+        scale = torch.cat([scale, scale.new_ones(pad)])
+    return q, scale
+
+
+class DropInStep:
+    """What a module keeps for its drop-in calls (built on the first one)."""
+
+    def __init__(self, lstm):
+        self.owner = id(lstm)  # a copied module's __dict__ must not reuse this plan
+        self.weights = StepWeights(lstm)
+        L, H, P, I = lstm.num_layers, lstm.hidden_size, self.weights.P, lstm.input_size
+        self.dtype, self.multi = self.weights.dtype, L > 1
+        self.x3, self.x2 = torch.Size((1, 1, I)), torch.Size((1, I))
+        self.h3, self.c3 = torch.Size((L, 1, P)), torch.Size((L, 1, H))
+        self.h2, self.c2 = torch.Size((L, P)), torch.Size((L, H))
+
+
+def drop_in_step(lstm, input, hx):
+    """``(output, (h_n, c_n))`` of a one-token call of one sequence through the C++ step, or
+    None where this call is not such a step or the step cannot take it (the general path then
+    handles it, errors included)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None  # tracers must see the general path's operators
+    plan = lstm.__dict__.get("_drop_in")
+    if plan is None or plan.owner != id(lstm):
+        if type(input) is not torch.Tensor or input.dim() not in (2, 3) or input.shape[0] != 1:
+            return None  # not a step: no plan (and no weight copies) for this module yet
+        w = lstm.weight_hh_l0
+        if not possible(lstm, w.device, w.dtype):
+            return None
+        plan = lstm._drop_in = DropInStep(lstm)
+    # what can change between calls sends them down the general path
+    if lstm.backend not in (None, "auto", "fused") or (
+        lstm.training and lstm.dropout and plan.multi
+    ):
+        return None
+    if type(input) is not torch.Tensor or input.dtype is not plan.dtype or not input.is_cpu:
+        return None
+    shape = input.shape
+    if shape == plan.x3:
+        sh, sc = plan.h3, plan.c3
+    elif shape == plan.x2:
+        sh, sc = plan.h2, plan.c2
+    else:
+        return None
+    h0 = c0 = None
+    if hx is not None:
+        if type(hx) not in (tuple, list) or len(hx) != 2:
+            return None
+        h0, c0 = hx
+        if (
+            type(h0) is not torch.Tensor
+            or type(c0) is not torch.Tensor
+            or h0.shape != sh
+            or c0.shape != sc
+            or h0.dtype is not plan.dtype
+            or c0.dtype is not plan.dtype
+            or not h0.is_cpu
+            or not c0.is_cpu
+        ):
+            return None
+    weights = plan.weights
+    if not weights.refresh():  # the weights moved or changed dtype
+        lstm._drop_in = None
+        return None
+    out, h_n, c_n = torch.ops.glasslstm.lstm_step(
+        input,
+        h0,
+        c0,
+        weights.weights,
+        weights.layout,
+        weights.flip(),
+        weights.H,
+        weights.P,
+        weights.weights8,
+    )
+    return out, (h_n, c_n)
