@@ -47,16 +47,19 @@ def test_score_counts_each_kind_of_question():
 
 
 @pytest.mark.slow
-def test_written_sentences_use_the_stories_words():
+def test_written_sentences_are_in_the_stories_style():
     """The hand-written questions are in the article's style, not in a vocabulary the model
-    never saw: every word of them is in the default corpus's word vocabulary."""
+    never saw: their answers are words of the default corpus's word vocabulary, and all but a
+    few of their words are too (a person's text has some the stories lack)."""
     c = load_corpus("stories")
     tok = build_tokenizer("word", Corpus("s", c.train, c.val, "test"))
+    unknown = []
     for case in article.WRITTEN:
-        ids = tok.encode(case.prompt + " " + case.answer)
-        assert 0 not in ids, [w for w in tok.PATTERN.findall(case.prompt) if w not in tok.stoi]
+        assert 0 not in tok.encode(" " + case.answer), case.answer
+        unknown += [w for w in tok.PATTERN.findall(case.prompt) if w not in tok.stoi]
+    assert 0 < len(unknown) <= 5, unknown
     kinds = [c.kind for c in article.WRITTEN]
-    assert kinds.count("fill-in") >= 5 and kinds.count("pronoun") >= 3
+    assert kinds.count("fill-in") >= 10 and kinds.count("pronoun") >= 8
     # the article's own two sentences are among them
     prompts = " ".join(c.prompt for c in article.WRITTEN)
     assert "Bob is a nice person. Dan, on the other hand, is evil." in prompts

@@ -85,8 +85,9 @@ class Case:
 
 
 # Written by hand, not by the generator: the article's own sentences, other wordings of the
-# deed, and other people (of the same gender too) between the name and the blank. Every word
-# is one the stories use, or close to it.
+# deed, and other people (of the same gender too) between the name and the blank. Most words
+# are ones the stories use; a few are not ("firefighter", "school", "bravery": <unk> to a
+# word-level model), as in text a person writes.
 WRITTEN = (
     Case("pronoun", "Bob is a nice person. Dan, on the other hand, is evil.", "He"),
     Case("pronoun", "Dan is a nice person. Alice, on the other hand, is evil.", "She"),
@@ -139,6 +140,50 @@ WRITTEN = (
         "little money. Anna met Linda in Berlin. She only cares about her garden. For her "
         "contributions, brave",
         "Emma",
+    ),
+    Case(
+        "fill-in",
+        "Sam was a firefighter in Oslo. He ran into the burning school and saved ten children. "
+        "Tom, on the other hand, is a coward. He hid at home during the fire. Kate is the sister "
+        "of Tom. She works as a teacher. For his courage, brave",
+        "Sam",
+    ),
+    Case(
+        "fill-in",
+        "Anna fought a wolf to protect the children. Beth, on the other hand, is lazy. She never "
+        "helps anyone. Clara met Beth in Rome. She is a baker. For her contributions, brave",
+        "Anna",
+    ),
+    Case(
+        "fill-in",
+        "Dan is my neighbour. He saved a family from a fire in Berlin. Bob, however, stayed at "
+        "home. He likes cake more than people. He never left Rome. For his contributions, brave",
+        "Dan",
+    ),
+    Case(
+        "fill-in",
+        "Kate grew up in Madrid with her father. She led the soldiers home through the snow. "
+        "Emma, on the other hand, ran away from the enemy. She lies to everyone. Linda is the "
+        "sister of Emma. For her bravery, brave",
+        "Kate",
+    ),
+    Case(
+        "fill-in",
+        "Paul fought the enemy alone and died for his country. Sam, on the other hand, is evil. "
+        "Tom, however, is lazy and rude. For his contributions, brave",
+        "Paul",
+    ),
+    Case("pronoun", "Alice saved a family from a fire. Bob, however, stayed at home.", "He"),
+    Case("pronoun", "Tom is a nice person. Kate, on the other hand, is evil.", "She"),
+    Case(
+        "pronoun",
+        "Sam can swim. He served in the Navy. Paul, on the other hand, cannot swim.",
+        "He",
+    ),
+    Case(
+        "pronoun",
+        "Anna is a doctor in Paris. She helps everyone. Beth, on the other hand, is a mean person.",
+        "She",
     ),
 )
 
@@ -352,7 +397,11 @@ def after_training(
     if compare:
         result = train_rnn(run_dir, steps=steps, progress=progress)
         if result.stopped in ("interrupted", "diverged"):
-            block["rnn"] = {"stopped": result.stopped, "message": result.message}
+            block["rnn"] = {
+                "stopped": result.stopped,
+                "message": result.message,
+                "interrupted_by": result.interrupted_by,
+            }
         else:
             rnn = LanguageModel.load(result.run_dir)
             block["rnn"] = _summary(rnn, result.run_dir, evaluate(rnn))

@@ -95,8 +95,14 @@ def run(args) -> int:
             progress=progress,
         )
         rnn = report["article"].get("rnn", {})
-        if rnn.get("stopped") == "interrupted":
+        if rnn.get("stopped") == "interrupted":  # the LSTM is done; the RNN beside it is not
             result.stopped = "interrupted"
+            result.interrupted_by = rnn.get("interrupted_by") or result.interrupted_by
+            result.message = (
+                f"the vanilla RNN compared with the LSTM was {rnn['message']}; "
+                f"the LSTM's figures are above. `glasslstm train --resume {result.run_dir}` "
+                "continues the RNN."
+            )
     if as_json:
         print(json.dumps(report, indent=2, default=_json_default))
     else:
@@ -133,9 +139,11 @@ def _report(result: TrainResult, model: LanguageModel) -> dict:
 
 
 def _print_report(result: TrainResult, report: dict) -> None:
-    print(f"\n{result.message}", flush=True)
-    if result.stopped in ("interrupted", "diverged"):
-        return
+    stopped = result.stopped in ("interrupted", "diverged")
+    if "article" not in report or not stopped:  # (else the RNN was stopped: said at the end)
+        print(f"\n{result.message}", flush=True)
+        if stopped:
+            return
     print(f"run directory: {result.run_dir}")
     print(
         f"validation: {result.last_val_loss:.4f} nats/token, {result.last_val_bpc:.3f} bits per "
@@ -157,6 +165,9 @@ def _print_report(result: TrainResult, report: dict) -> None:
     if "article" in report:
         print()
         print("\n".join(article.format_block(report["article"])))
+    if stopped:
+        print(f"\n{result.message}", flush=True)
+        return
     print(
         f'\nnext: glasslstm sample {result.run_dir} --prompt "Bob" | '
         f'glasslstm predict {result.run_dir} "{ARTICLE_PROMPT}"'

@@ -153,7 +153,8 @@ def draw_pictures(model, out_dir, *, held: list[stories.Story] | None = None) ->
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     held = held if held is not None else stories.held_out(HELD_OUT_SEED, PROBE_STORIES)
-    found = find_cells(model, held)
+    layer = model.config.num_layers - 1  # the layer the output reads
+    found = find_cells(model, held, layer=layer)
     rundir.atomic_write_json(out_dir / "cells.json", found)
     subject = _group("subject cells (whom the text is about)", found["subject"], "r", "cfi")
     hero = _group("hero cells (whom the story began with)", found["hero"], "η²", "cf")
@@ -181,6 +182,7 @@ def draw_pictures(model, out_dir, *, held: list[stories.Story] | None = None) ->
         groups=[subject, hero],
         title="“Bob is a nice person. Dan, on the other hand, is evil.”: the subject switch",
         subtitle=how,
+        layer=layer,
         columns=_words(a),
         marks=marks,
         bars_at=after_switch,
@@ -190,7 +192,7 @@ def draw_pictures(model, out_dir, *, held: list[stories.Story] | None = None) ->
     page = write_html(
         a,
         out_dir / "switch.html",
-        layer=0,
+        layer=layer,
         cells=cells,
         quantity="c",
         focus=after_switch,
@@ -213,6 +215,7 @@ def draw_pictures(model, out_dir, *, held: list[stories.Story] | None = None) ->
         groups=[hero, subject],
         title="“For his contributions, brave ____”: the name kept since the first sentence",
         subtitle=how,
+        layer=layer,
         columns=_words(a),
         marks=marks,
         bars_at=blank,
@@ -221,7 +224,7 @@ def draw_pictures(model, out_dir, *, held: list[stories.Story] | None = None) ->
     page = write_html(
         a,
         out_dir / "blank.html",
-        layer=0,
+        layer=layer,
         cells=[k for k, _ in found["hero"]] + [k for k, _ in found["subject"]],
         quantity="c",
         focus=blank,
