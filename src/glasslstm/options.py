@@ -384,17 +384,20 @@ def parameter_shapes(
     *,
     embed_size: int = 0,
     proj_size: int = 0,
+    cell: str = "lstm",
 ) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor in a LanguageModel's state_dict, without building one:
-    embedding, each LSTM layer's U, W, biases (and projection), the output layer."""
+    embedding, each layer's U, W, biases (and projection), the output layer. ``cell``: the
+    recurrent core, the LSTM (four gates' rows) or the vanilla RNN (one)."""
     out = proj_size or hidden_size
     embed = embed_size or out
+    rows = (4 if cell == "lstm" else 1) * hidden_size
     shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (vocab_size, embed)}
     for k in range(num_layers):
-        shapes[f"lstm.weight_ih_l{k}"] = (4 * hidden_size, embed if k == 0 else out)
-        shapes[f"lstm.weight_hh_l{k}"] = (4 * hidden_size, out)
-        shapes[f"lstm.bias_ih_l{k}"] = (4 * hidden_size,)
-        shapes[f"lstm.bias_hh_l{k}"] = (4 * hidden_size,)
+        shapes[f"lstm.weight_ih_l{k}"] = (rows, embed if k == 0 else out)
+        shapes[f"lstm.weight_hh_l{k}"] = (rows, out)
+        shapes[f"lstm.bias_ih_l{k}"] = (rows,)
+        shapes[f"lstm.bias_hh_l{k}"] = (rows,)
         if proj_size:
             shapes[f"lstm.weight_hr_l{k}"] = (proj_size, hidden_size)
     shapes["head.weight"] = (vocab_size, out)
@@ -441,7 +444,9 @@ def training_memory(cfg, vocab_size: int) -> MemoryEstimate:
     2.3 times this figure (H 256-1024, checkpointing on and off): the allocator's caches and
     the backward pass's temporaries come on top.
     """
-    shapes = parameter_shapes(vocab_size, cfg.hidden, cfg.layers, embed_size=cfg.embed)
+    shapes = parameter_shapes(
+        vocab_size, cfg.hidden, cfg.layers, embed_size=cfg.embed, cell=cfg.cell
+    )
     params = count_parameters(shapes, tie_weights=cfg.tie_weights)
     moments = 2 if cfg.optimizer == "adamw" else (1 if cfg.momentum else 0)
     what = "parameters, gradients and " + (

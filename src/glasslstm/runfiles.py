@@ -272,11 +272,16 @@ def read_model(run_dir, which: str = "best", device: torch.device | None = None)
     )
     m = model_config
     shapes = options.parameter_shapes(
-        m.vocab_size, m.hidden_size, m.num_layers, embed_size=m.embed_size, proj_size=m.proj_size
+        m.vocab_size,
+        m.hidden_size,
+        m.num_layers,
+        embed_size=m.embed_size,
+        proj_size=m.proj_size,
+        cell=m.cell,
     )
     of = (
-        f"config.json's model (vocab_size {m.vocab_size}, hidden_size {m.hidden_size}, "
-        f"num_layers {m.num_layers})"
+        f"config.json's model (cell {m.cell}, vocab_size {m.vocab_size}, hidden_size "
+        f"{m.hidden_size}, num_layers {m.num_layers})"
     )
     optional = ("head.weight",) if m.tie_weights else ()
     check_header(path, rundir.read_tensor_header(path), shapes, of=of, fix=fix, optional=optional)
