@@ -469,3 +469,56 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, corpus_file):
     from glasslstm.rundir import load_train_state
 
     assert load_train_state(out)[1]["step"] >= 3
+
+
+# ----------------------------------------------------------- the main job on the built-in stories
+ARTICLE_SMALL = [
+    *("--hidden", "12", "--max-steps", "6", "--curriculum", "3", "--eval-every", "6"),
+    *("--eval-batches", "1", "--batch-size", "2", "--seq-len", "32", "--threads", "1"),
+]
+
+
+@pytest.mark.slow
+def test_train_on_the_stories_reports_the_article_for_the_lstm_and_the_rnn(tmp_path, capsys):
+    out = tmp_path / "article"
+    assert main(["train", *ARTICLE_SMALL, "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    block = report["article"]
+    for name in ("lstm", "rnn"):
+        r = block[name]
+        assert r["n"] == 200 and r["n_pronoun"] >= 200 and 0 <= r["fill_in_accuracy"] <= 1
+        assert 0 <= r["pronoun_accuracy"] <= 1 and math.isfinite(r["val_loss"])
+        assert r["written"]["n"] >= 5
+    assert block["min_words"] == 30 and block["lstm"]["hidden"] == 12
+    assert (
+        abs(block["rnn"]["parameters"] - block["lstm"]["parameters"])
+        < 0.03 * block["lstm"]["parameters"]
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["level"] == "word" and config["train"]["batching"] == "documents"
+    rnn = json.loads((out / "rnn" / "config.json").read_text())
+    assert rnn["model"]["cell"] == "rnn" and rnn["train"]["max_steps"] == 6
+    assert {
+        k: v for k, v in rnn["train"].items() if k not in ("cell", "hidden", "chrono_init", "out")
+    } == {
+        k: v
+        for k, v in config["train"].items()
+        if k not in ("cell", "hidden", "chrono_init", "out")
+    }  # trained the same way
+    for key in ("switch", "blank"):
+        assert Path(block["pictures"][key]["png"]).read_bytes()[:4] == b"\x89PNG"
+        assert "<html" in Path(block["pictures"][key]["html"]).read_text()
+
+    # resumed further: the RNN is continued from its own run directory to the same step
+    assert main(["train", "--resume", str(out), "--max-steps", "8", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "vanilla RNN 1x" in text and "held-out stories" in text and "switch.png" in text
+    assert json.loads((out / "rnn" / "train_state.json").read_text())["step"] == 8
+
+
+@pytest.mark.slow
+def test_no_compare_skips_the_rnn(tmp_path, capsys):
+    out = tmp_path / "alone"
+    assert main(["train", *ARTICLE_SMALL, "--out", str(out), "--json", "--no-compare"]) == 0
+    block = json.loads(capsys.readouterr().out)["article"]
+    assert "rnn" not in block and block["lstm"]["n"] == 200 and not (out / "rnn").exists()

@@ -1,18 +1,17 @@
-"""Corpora, tokenizers and TBPTT batching (glasslstm.data, glasslstm.stories)."""
+"""Corpora, tokenizers and TBPTT batching (glasslstm.data)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from glasslstm import data, stories
+from glasslstm import data
 from glasslstm.data import (
     Corpus,
     DataError,
@@ -44,76 +43,6 @@ def _corpus(text: str | bytes) -> Corpus:
     b = text.encode() if isinstance(text, str) else text
     train, val = split_bytes(b)
     return Corpus("test", train, val, "test")
-
-
-# --------------------------------------------------------------------------- stories
-
-
-def test_stories_deterministic_per_seed_and_different_across_seeds():
-    a = stories.generate_stories(seed=3, n_stories=50)
-    assert a == stories.generate_stories(seed=3, n_stories=50)
-    assert a != stories.generate_stories(seed=4, n_stories=50)
-    assert stories.fill_in_examples(1, 5) == stories.fill_in_examples(1, 5)
-    assert stories.fill_in_examples(1, 5) != stories.fill_in_examples(2, 5)
-
-
-@pytest.mark.slow
-def test_stories_default_corpus_shape():
-    c = load_corpus(None)
-    assert c == load_corpus("stories")  # deterministic, seed 0
-    text = (c.train + c.val).decode("ascii")  # plain ASCII
-    assert 1_000_000 <= len(text) <= 2_000_000
-    paras = text.strip("\n").split("\n\n")
-    assert len(paras) == stories.DEFAULT_STORIES
-    assert all(p and "\n" not in p for p in paras)
-    names = set(stories.MALE_NAMES) | set(stories.FEMALE_NAMES)
-    firsts = {p.split()[0] for p in paras}
-    assert firsts <= names and len(firsts) >= 40  # varied names, both genders
-    assert firsts & set(stories.MALE_NAMES) and firsts & set(stories.FEMALE_NAMES)
-    # The article's structures.
-    assert "Bob" in text and "Dan, on the other hand," in text
-    assert "told me over the phone that he had served in the Navy for four long years." in text
-    assert "For his contributions, brave" in text and "For her contributions, brave" in text
-    assert load_corpus("stories", seed=1).train != c.train
-
-
-def test_stories_pronouns_agree_with_the_name():
-    text = stories.generate_stories(seed=0, n_stories=300)
-    male, female = set(stories.MALE_NAMES), set(stories.FEMALE_NAMES)
-    checked = 0
-    for para in text.strip().split("\n\n"):
-        sentences = re.split(r"(?<=\.) ", para)
-        hero = sentences[0].split()[0]
-        # Sentence 2 is about the hero and starts with a pronoun or possessive.
-        first_word = sentences[1].split()[0]
-        assert first_word in (("He", "His") if hero in male else ("She", "Her")), para
-        # The subject switches at a full stop; what follows is about the new subject.
-        m = re.search(r"\. (\w+), on the other hand, [^.]*\. (\w+) ", para)
-        assert m, para
-        other, pron = m.groups()
-        assert other != hero and other in male | female
-        if pron in ("He", "His", "She", "Her"):
-            assert pron in (("He", "His") if other in male else ("She", "Her")), para
-            checked += 1
-        blank = re.search(r"For (his|her) \w+, brave (\w+) ", para)
-        assert blank and blank.group(2) == hero
-        assert blank.group(1) == ("his" if hero in male else "her")
-    assert checked > 100
-
-
-def test_fill_in_examples_answer_was_introduced_long_before_the_blank():
-    examples = stories.fill_in_examples(seed=0, n=200)
-    assert len(examples) == 200
-    male = set(stories.MALE_NAMES)
-    corpus = stories.generate_stories(seed=0, n_stories=200)
-    for prompt, answer in examples:
-        m = re.search(r"For (his|her) (contributions|courage|service), brave$", prompt)
-        assert m, prompt
-        assert m.group(1) == ("his" if answer in male else "her")
-        assert prompt.startswith(answer + " ")
-        last = prompt.rfind(answer)
-        assert len(prompt) - (last + len(answer)) >= 100, prompt
-        assert prompt not in corpus  # disjoint seed stream
 
 
 # --------------------------------------------------------------------------- local corpora

@@ -30,7 +30,15 @@ def trained_model(**kw) -> LanguageModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("kw", [{}, {"proj_size": 8, "tie_weights": True, "dropout": 0.0}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"proj_size": 8, "tie_weights": True, "dropout": 0.0},
+        {"cell": "rnn", "tie_weights": True},  # the vanilla RNN core: one gate's rows, not four
+        {"chrono_init": 16},
+    ],
+)
 def test_save_then_load_gives_the_same_model(tmp_path, kw):
     model = trained_model(**kw)
     assert model.save(tmp_path / "run") == tmp_path / "run"

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from glasslstm import rundir
+from glasslstm import rundir, stories
 from glasslstm.config import LEVEL_DEFAULTS
 from glasslstm.data import Corpus, DataError
 from glasslstm.model import ConfigError, LanguageModel
@@ -318,6 +318,11 @@ def test_corpus_shorter_than_one_batch(tmp_path):
         ("lr", -1.0),
         ("seq_len", 0),
         ("precision", "fp8"),
+        ("batching", "paragraphs"),
+        ("cell", "gru"),
+        ("chrono_init", 1),
+        ("curriculum", -1),
+        ("answer_weight", 0.0),
     ],
 )
 def test_bad_config_values(key, value):
@@ -332,3 +337,83 @@ def test_trains_on_cuda_and_loads_on_cpu(tmp_path):
     model = LanguageModel.load(res.run_dir, device="cpu")
     assert next(model.parameters()).device.type == "cpu"
     assert len("".join(model.generate("Bob", length=5, seed=1))) == 5
+
+
+# ------------------------------------------------------------- documents, answers, other cells
+STORIES = (
+    "Bob can swim. For his courage, brave Bob was thanked.\n\n"
+    "Ann is kind. Dan, on the other hand, is evil. He lies. For her service, brave Ann was made "
+    "a hero.\n\n"
+    "Tom lives in Rome. He can sing. For his contributions, brave Tom is remembered.\n\n"
+) * 12
+STORY_CORPUS = Corpus(
+    "stories-like",
+    STORIES.encode()[: int(len(STORIES) * 0.9)],
+    STORIES.encode()[int(len(STORIES) * 0.9) :],
+    "test text",
+)
+DOCUMENTS = dict(
+    batching="documents", curriculum=6, answers=stories.ANSWERS, answer_weight=20.0, level="word"
+)
+
+
+def ctrl_c_at(k):
+    def hook(step, loss):
+        if step == k:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hook
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [DOCUMENTS, {"cell": "rnn", "hidden": 20}, {"chrono_init": 16, "forget_bias": 0.0}],
+    ids=["documents", "rnn", "chrono"],
+)
+def test_new_options_resume_exactly(tmp_path, options):
+    """Documents with a curriculum and answer weights, the vanilla RNN (a one-tensor state
+    carried across batches) and the chrono initialisation: interrupted + resumed == straight."""
+    corpus = STORY_CORPUS if options.get("level") == "word" else CORPUS
+    full = run(tmp_path, "full", corpus=corpus, max_steps=12, **options)
+    cfg = TrainConfig(**{**TINY, **options, "max_steps": 12, "out": str(tmp_path / "cut")})
+    cut = train(cfg, progress=False, corpus=corpus, on_step=ctrl_c_at(5))
+    assert cut.stopped == "interrupted" and cut.step == 5
+    train(resume=tmp_path / "cut", progress=False, corpus=corpus)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    stored = rundir.read_config(full.run_dir)
+    for key, value in options.items():
+        assert stored["train"][key] == value
+    model = LanguageModel.load(full.run_dir)
+    assert model.config.cell == options.get("cell", "lstm")
+    assert model.config.chrono_init == options.get("chrono_init", 0)
+
+
+@pytest.mark.slow
+def test_answer_weights_change_what_is_learned(tmp_path):
+    """The same run with and without answer weights: the weighted one puts more probability on
+    the answers (the blank's name) after the same number of steps."""
+    common = dict(DOCUMENTS, curriculum=0, max_steps=30, lr=1e-2, hidden=32, layers=1)
+    plain = run(tmp_path, "plain", corpus=STORY_CORPUS, **{**common, "answer_weight": 1.0})
+    heavy = run(tmp_path, "heavy", corpus=STORY_CORPUS, **common)
+    prompt = "Tom lives in Rome. He can sing. For his contributions, brave "
+    p_plain = LanguageModel.load(plain.run_dir, which="last").continuation_prob(prompt, "Tom")
+    p_heavy = LanguageModel.load(heavy.run_dir, which="last").continuation_prob(prompt, "Tom")
+    assert p_heavy > p_plain
+
+
+@pytest.mark.slow
+def test_run_directories_from_before_the_cell_options_still_load(tmp_path):
+    res = run(tmp_path, "old", max_steps=2)
+    path = res.run_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in ("cell", "chrono_init"):
+        del cfg["model"][key], cfg["train"][key]
+    for key in ("curriculum", "answers", "answer_weight"):
+        del cfg["train"][key]
+    path.write_text(json.dumps(cfg))
+    model = LanguageModel.load(res.run_dir)
+    assert model.config.cell == "lstm" and model.config.chrono_init == 0
+    more = train(resume=res.run_dir, overrides={"max_steps": 4}, progress=False, corpus=CORPUS)
+    assert more.step == 4

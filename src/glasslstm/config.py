@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from glasslstm import options
+from glasslstm import options, stories
 from glasslstm.errors import ConfigError
 
 # The names some options choose from, here so that ``--help`` lists them without importing the
@@ -69,6 +69,8 @@ class ModelConfig:
     embed_size: int = 0  # 0: the LSTM's output size, which allows tie_weights
     tie_weights: bool = False  # share the embedding with the output layer (Press & Wolf 2017)
     forget_bias: float = 1.0  # start out remembering (Jozefowicz et al. 2015)
+    chrono_init: int = 0  # >= 2: forget biases spread over 1..T_max steps (Tallec & Ollivier 2018)
+    cell: str = "lstm"  # lstm | rnn: the vanilla RNN the article compares the LSTM with
     proj_size: int = 0  # LSTMP: project H_t to this size (0: none)
     checkpoint: int = 0  # recompute in backward, S steps per segment (0: off); memory only
     # The regularised LSTM family (glasslstm.LSTM's options of the same names; all off: the
@@ -86,6 +88,16 @@ class ModelConfig:
 
     def __post_init__(self):
         options.check_fields(self, options.MODEL, name=lambda key: f"ModelConfig.{key}")
+        options.check_chrono(self.chrono_init, name="ModelConfig.chrono_init")
+        if self.cell == "rnn" and (self.proj_size or self.checkpoint or self.chrono_init):
+            raise ConfigError(
+                "proj_size, checkpoint and chrono_init are LSTM options; the rnn cell has none"
+            )
+        if self.cell == "rnn" and any(getattr(self, name) for name in FAMILY):
+            raise ConfigError(
+                f"the regularised family ({', '.join(FAMILY)}) is the LSTM's; the rnn cell has "
+                "none of it"
+            )
         if self.proj_size and self.proj_size >= self.hidden_size:
             raise ConfigError(
                 f"proj_size={self.proj_size} must be smaller than hidden_size={self.hidden_size}"
@@ -156,8 +168,13 @@ class TrainConfig:
     embed: int = 0
     tie_weights: bool = BY_LEVEL
     forget_bias: float = 1.0
+    chrono_init: int = 0
+    cell: str = "lstm"
     seq_len: int = BY_LEVEL
     batching: str = "stream"
+    curriculum: int = 0
+    answers: str = ""
+    answer_weight: float = 1.0
     batch_size: int = BY_LEVEL
     optimizer: str = "adamw"
     lr: float = BY_LEVEL
@@ -232,6 +249,8 @@ class TrainConfig:
             tie_weights=self.tie_weights,
             forget_bias=self.forget_bias,
             checkpoint=self.checkpoint,
+            chrono_init=self.chrono_init,
+            cell=self.cell,
             **{name: getattr(self, name) for name in FAMILY},
         )
 
@@ -239,6 +258,27 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         return config_from_dict(cls, d, "train")
 
+
+# How `glasslstm train` trains on the built-in stories (everything else: TrainConfig's):
+# the article's examples learned in the first run (why each value: docs/article.md).
+STORIES_RECIPE: dict[str, object] = {
+    "level": "word",  # a name is one token: the blank is one prediction, distances in words
+    "hidden": 128,  # 1 x 128 with tied embeddings: ~175,000 parameters, ~2 minutes on 2 cores
+    "layers": 1,
+    "dropout": 0.0,  # generated text, a few passes: nothing to overfit
+    "tie_weights": True,  # the output layer is the embedding: recalling a name = keeping it
+    "chrono_init": 64,  # memories of 1..64 tokens from the start (a story: 20-250 tokens)
+    "batching": "documents",  # every window starts at a story, from the zero state
+    "curriculum": 400,  # short stories first: the recall is found where it is cheap
+    "answers": stories.ANSWERS,  # the blank's name and the pronoun after a subject switch
+    "answer_weight": 50.0,  # ... count 50 times in the loss
+    "seq_len": 256,  # a whole story, and the start of the next
+    "batch_size": 16,
+    "lr": 3e-3,
+    "warmup": 30,
+    "max_steps": 700,
+    "eval_every": 100,
+}
 
 # What each training option means and its unit, as `glasslstm train --help` prints it (followed
 # by the default). Every TrainConfig field has an entry (a test checks).
@@ -267,10 +307,26 @@ TRAIN_HELP: dict[str, str] = {
     "seq_len": (
         "tokens per truncated-BPTT window (the state still flows from one window to the next)"
     ),
+    "chrono_init": (
+        "the chrono initialisation (Tallec & Ollivier 2018): forget-gate time scales spread "
+        "over 1..N tokens, for dependencies up to N tokens long (0: off; sets the biases "
+        "instead of --forget-bias)"
+    ),
+    "cell": "the recurrent cell: lstm, or rnn (a vanilla RNN, to compare with)",
     "batching": (
         "stream: the text cut into --batch-size rows read in order, state carried; random: "
-        "independent windows"
+        "independent windows; documents: windows of whole documents (paragraphs), each "
+        "starting from a zero state"
     ),
+    "curriculum": (
+        "documents batching: the first N steps train on the shortest quarter of the "
+        "documents, in windows half as long (0: off)"
+    ),
+    "answers": (
+        "documents batching: a regular expression over the text; the tokens of its last group "
+        "are answers, weighted by --answer-weight in the loss (empty: none)"
+    ),
+    "answer_weight": "how many times the loss on an answer token counts (1: like any token)",
     "batch_size": "sequences (rows) trained in parallel per step",
     "optimizer": "the optimizer: AdamW (decoupled weight decay) or SGD with momentum",
     "lr": "peak learning rate (after warm-up)",

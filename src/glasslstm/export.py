@@ -186,7 +186,7 @@ def _graph_module(model: nn.Module) -> tuple[nn.Module, LSTM, tuple, dict, list[
     )
 
 
-def weight_dtype(lstm: LSTM) -> torch.dtype:
+def weight_dtype(lstm: nn.Module) -> torch.dtype:
     """The dtype of ``lstm``'s weights (float32 or float64 where exportable)."""
     return next(lstm.parameters()).dtype
 

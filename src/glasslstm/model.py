@@ -4,6 +4,10 @@ Embedding -> glasslstm.LSTM (layers, dropout) -> dropout -> Linear -> softmax. T
 ``V H_t + b_V`` is the article's output layer; its argmax is "the" prediction (temperature 0).
 The regularised LSTM family (:data:`glasslstm.config.FAMILY`) is passed to the LSTM, except
 embedding dropout, which is done here.
+
+With ``cell="rnn"`` the recurrent core is instead a vanilla RNN (:class:`glasslstm.RNN`), the
+network the article says loses long-term dependencies: everything else is the same, so the two
+train and evaluate with the same code.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from glasslstm.config import ModelConfig, config_from_dict  # noqa: F401  (publi
 from glasslstm.data import Tokenizer, WordTokenizer
 from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
+from glasslstm.rnn import RNN
 
-State = tuple[torch.Tensor, torch.Tensor]
+# The recurrent core's state: (h, c) for the LSTM, (h,) for the vanilla RNN.
+State = tuple[torch.Tensor, ...]
+CELLS = options.CELLS
 
 
 @dataclass(frozen=True)
@@ -50,26 +57,37 @@ class LanguageModel(nn.Module):
         self.tokenizer = tokenizer
         embed = config.embed_size or config.out_size
         self.embedding = nn.Embedding(config.vocab_size, embed)
-        self.lstm = LSTM(
-            embed,
-            config.hidden_size,
-            config.num_layers,
-            batch_first=True,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
-            proj_size=config.proj_size,
-            forget_bias=config.forget_bias,
-            checkpoint=config.checkpoint,
-            layer_norm=config.layer_norm,
-            peephole=config.peephole,
-            cell_clip=config.cell_clip,
-            zoneout_c=config.zoneout_c,
-            zoneout_h=config.zoneout_h,
-            recurrent_dropout=config.recurrent_dropout,
-            # the embedded tokens (AWD-LSTM's dropouti); later layers read the outputs below
-            input_dropout=(config.input_dropout,) + (0.0,) * (config.num_layers - 1),
-            output_dropout=config.output_dropout,
-            weight_dropout=config.weight_dropout,
-        )
+        between = config.dropout if config.num_layers > 1 else 0.0
+        # The recurrent core keeps the attribute name `lstm` whatever the cell: run directories
+        # store its weights under it, and benchmarks swap torch's module in there.
+        self.lstm: LSTM | RNN
+        if config.cell == "rnn":
+            self.lstm = RNN(
+                embed, config.hidden_size, config.num_layers, batch_first=True, dropout=between
+            )
+        else:
+            self.lstm = LSTM(
+                embed,
+                config.hidden_size,
+                config.num_layers,
+                batch_first=True,
+                dropout=between,
+                proj_size=config.proj_size,
+                # the chrono initialisation sets the forget biases itself
+                forget_bias=0.0 if config.chrono_init else config.forget_bias,
+                checkpoint=config.checkpoint,
+                chrono_init=config.chrono_init,
+                layer_norm=config.layer_norm,
+                peephole=config.peephole,
+                cell_clip=config.cell_clip,
+                zoneout_c=config.zoneout_c,
+                zoneout_h=config.zoneout_h,
+                recurrent_dropout=config.recurrent_dropout,
+                # the embedded tokens (AWD-LSTM's dropouti); later layers read the outputs below
+                input_dropout=(config.input_dropout,) + (0.0,) * (config.num_layers - 1),
+                output_dropout=config.output_dropout,
+                weight_dropout=config.weight_dropout,
+            )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.out_size, config.vocab_size)  # V H_t + b_V
         if config.tie_weights:
@@ -82,12 +100,15 @@ class LanguageModel(nn.Module):
         state: State | None = None,
         targets: torch.Tensor | None = None,
         *,
+        weights: torch.Tensor | None = None,
         return_gates: bool = False,
     ):
         """``idx`` (B, T) int64 -> ``(logits (B, T, V), loss or None, state)``.
 
-        ``loss`` is the mean cross-entropy (nats per token) against ``targets`` (B, T).
-        ``state`` is the LSTM's ``(h, c)`` after the last step, to carry into the next call.
+        ``loss`` is the mean cross-entropy (nats per token) against ``targets`` (B, T); with
+        ``weights`` (B, T), the weighted mean ``sum(w * ce) / sum(w)`` (for answer weights).
+        ``state`` is the recurrent core's state after the last step, to carry into the next
+        call: ``(h, c)`` for the LSTM, ``(h,)`` for the vanilla RNN.
         With ``return_gates=True`` a fourth element, the :class:`~glasslstm.GateTrace`.
         """
         if idx.dim() != 2 or idx.dtype != torch.long:
@@ -99,12 +120,19 @@ class LanguageModel(nn.Module):
         p = self.config.embed_dropout
         if p and self.training:  # embedding dropout: a token type's whole row, 1/(1-p) kept
             x = x * _row_mask(self.embedding.weight, p)[idx]
-        out = self.lstm(x, state, return_gates=True) if return_gates else self.lstm(x, state)
-        h, state = out[0], out[1]
+        single = self.config.cell == "rnn"  # its state is h alone, not a tuple
+        hx = state[0] if single and state is not None else state
+        out = self.lstm(x, hx, return_gates=True) if return_gates else self.lstm(x, hx)
+        h, state = out[0], ((out[1],) if single else out[1])
         logits = self.head(self.drop(h))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            flat, goal = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+            if weights is None:
+                loss = F.cross_entropy(flat, goal)
+            else:
+                w = weights.reshape(-1).float()
+                loss = (F.cross_entropy(flat, goal, reduction="none") * w).sum() / w.sum()
         if return_gates:
             return logits, loss, state, out[2]
         return logits, loss, state

@@ -5,7 +5,7 @@ decides whether what it fetched can be used: config.json's sections against the 
 as the options (:mod:`glasslstm.options`), vocab.json against config.json, every weights
 file's tensor names, shapes and dtypes against the model config.json describes, read from
 the file's header before any tensor is loaded, then its values (no NaN or infinity), and the
-resume point (progress, optimizer moments, RNG states, carried LSTM state) against the model
+resume point (progress, optimizer moments, RNG states, carried recurrent state) against the model
 and optimizer it is about to be loaded into. Each problem is one
 :class:`~glasslstm.errors.RunDirError` line naming the file, the key, what was found and
 what was expected. :func:`read_model` is what :meth:`LanguageModel.load` (and so every
@@ -288,10 +288,11 @@ def read_model(run_dir, which: str = "best", device: torch.device | None = None)
         proj_size=m.proj_size,
         layer_norm=m.layer_norm,
         peephole=m.peephole,
+        cell=m.cell,
     )
     of = (
-        f"config.json's model (vocab_size {m.vocab_size}, hidden_size {m.hidden_size}, "
-        f"num_layers {m.num_layers})"
+        f"config.json's model (cell {m.cell}, vocab_size {m.vocab_size}, hidden_size "
+        f"{m.hidden_size}, num_layers {m.num_layers})"
     )
     optional = ("head.weight",) if m.tie_weights else ()
     check_header(path, rundir.read_tensor_header(path), shapes, of=of, fix=fix, optional=optional)
@@ -322,8 +323,9 @@ def read_train_state(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """RUN/train_state.safetensors, checked against what it is about to be loaded into:
     ``progress`` (a dataclass: every field present, of its type), the model's weights, the
-    optimizer's groups and moments, the RNG states, and the carried LSTM state of
-    ``batch_size`` rows. The header first, then the values. Returns ``(tensors, meta)``."""
+    optimizer's groups and moments, the RNG states, and the carried state (h and c of an LSTM,
+    h of a vanilla RNN) of ``batch_size`` rows. The header first, then the values. Returns
+    ``(tensors, meta)``."""
     run_dir = Path(run_dir)
     path = run_dir / rundir.TRAIN_STATE_TENSORS
     fix = RESTORE
@@ -344,13 +346,15 @@ def read_train_state(
     out, hidden = getattr(lstm, "proj_size", 0) or lstm.hidden_size, lstm.hidden_size
     layers = lstm.num_layers * (2 if lstm.bidirectional else 1)
     carry = {"carry.h": (layers, batch_size, out), "carry.c": (layers, batch_size, hidden)}
+    if getattr(getattr(model, "config", None), "cell", "lstm") == "rnn":
+        del carry["carry.c"]  # the vanilla RNN's state is h alone
     opt_shapes = _optimizer_shapes(path, meta["optimizer"], optimizer, fix)
     of = "the model and optimizer config.json describes"
     ours = {k: v for k, v in found.items() if k.startswith(("model.", "carry.", "state."))}
     check_header(
         path, ours, {**expected, **carry, **opt_shapes}, of=of, fix=fix, optional=tuple(carry)
     )
-    if ("carry.h" in found) != ("carry.c" in found):
+    if "carry.c" in carry and ("carry.h" in found) != ("carry.c" in found):
         raise RunDirError(f"{path}: holds only one of carry.h and carry.c; {fix}")
 
     tensors, meta = rundir.load_train_state(run_dir)

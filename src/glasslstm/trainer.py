@@ -40,6 +40,7 @@ from glasslstm.data import (
 )
 from glasslstm.determinism import deterministic
 from glasslstm.distributed import Ranks, check_resume, session
+from glasslstm.documents import DocumentBatches
 from glasslstm.errors import ConfigError, DataError, WriteError
 from glasslstm.interrupt import GracefulStop
 from glasslstm.model import LanguageModel, load_vocab
@@ -290,6 +291,20 @@ class _Run:
         self.stream = ranks.stream(  # this process's rows of each (global) batch
             TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
         )
+        self.documents = (
+            DocumentBatches(
+                train_ids,
+                tok,
+                cfg.batch_size,
+                cfg.seq_len,
+                seed=cfg.seed,
+                curriculum=cfg.curriculum,
+                answers=cfg.answers,
+                answer_weight=cfg.answer_weight,
+            )
+            if cfg.batching == "documents"
+            else None
+        )
         self.val_cpt = chars_per_token(tok, corpus.val, len(self.val_ids))
         self.train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
         self.files = dict(corpus.files)
@@ -305,7 +320,7 @@ class _Run:
         ranks.seed(cfg.seed)
         self.opt = _make_optimizer(cfg, self.model)
         self.progress = _Progress()
-        self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # carried across batches
+        self.state: tuple[torch.Tensor, ...] | None = None  # carried across batches
         if resume is not None:
             self.state = _load_resume_point(
                 run_dir, self.model, self.opt, self.progress, device, cfg.batch_size, ranks
@@ -414,10 +429,19 @@ class _Run:
         self.log({"split": "test", "step": self.progress.step, **res})
         return res
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next training batch ``(x, y)`` on the device; resets the carried state where
-        rows restart (a new pass over the stream, or independent random windows)."""
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The next training batch ``(x, y, weights)`` on the device (weights: None, or the
+        loss weight of each target); resets the carried state where rows restart (a new pass
+        over the stream, independent random windows, windows of whole documents)."""
         cfg, step = self.cfg, self.progress.step
+        if self.documents is not None:
+            self.state = None  # every row starts at a document's beginning
+            # every rank draws the same global batch and trains its own rows of it
+            x, y, w = (
+                None if t is None else self.ranks.rows(t) for t in self.documents.batch(step)
+            )
+            assert x is not None and y is not None
+            return x.to(self.device), y.to(self.device), None if w is None else w.to(self.device)
         if cfg.batching == "random":
             self.state = None  # independent windows: nothing to carry
             x, y = self.stream.random_batch(cfg.seed * 1_000_003 + step)
@@ -426,11 +450,12 @@ class _Run:
             if k == 0:
                 self.state = None  # a new pass over the stream: rows restart at their beginning
             x, y = self.stream.batch(k)
-        return x.to(self.device), y.to(self.device)
+        return x.to(self.device), y.to(self.device), None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, bool]:
-        """One optimizer step at learning rate ``lr``: ``(loss, applied)``. A step whose loss
-        or gradient norm is not finite is not applied (the run has diverged)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, w, lr: float) -> tuple[float, bool]:
+        """One optimizer step at learning rate ``lr``: ``(loss, applied)``; ``w``: None or the
+        targets' loss weights. A step whose loss or gradient norm is not finite is not applied
+        (the run has diverged)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
         # bf16: the LSTM's matrix products in bf16 (its state and gate math float32), the
@@ -438,7 +463,7 @@ class _Run:
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
         ):
-            _, loss, new_state = self.forward(x, self.state, y)
+            _, loss, new_state = self.forward(x, self.state, y, weights=w)
         loss_value = self.ranks.mean(loss.detach())  # the global batch's mean loss
         self.opt.zero_grad(set_to_none=True)
         if not math.isfinite(loss_value):
@@ -448,7 +473,7 @@ class _Run:
         if not math.isfinite(float(norm)):
             return loss_value, False
         self.opt.step()
-        self.state = (new_state[0].detach(), new_state[1].detach())
+        self.state = tuple(s.detach() for s in new_state)
         return loss_value, True
 
 
@@ -479,9 +504,9 @@ def _train(
     with GracefulStop() as interrupt, bar or nullcontext():
         while not cfg.max_steps or p.step < cfg.max_steps:
             t_step = time.perf_counter()
-            x, y = run.batch()
+            x, y, w = run.batch()
             lr = lr_at(cfg, p.step, p.seconds)
-            loss, applied = run.step(x, y, lr)
+            loss, applied = run.step(x, y, w, lr)
             if not applied:
                 stopped = "diverged"
                 message = (
@@ -590,8 +615,8 @@ def _save_resume_point(
     rng_tensors, rng_meta = rundir.rng_state()
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
-    if state is not None:
-        tensors["carry.h"], tensors["carry.c"] = state
+    if state is not None:  # (h, c) of an LSTM, (h,) of a vanilla RNN
+        tensors.update({f"carry.{k}": v for k, v in zip("hc", state)})
     meta = {**asdict(progress), "optimizer": opt_meta, "rng": rng_meta, **extra_meta}
     rundir.save_train_state(run_dir, tensors, meta)
 
@@ -606,9 +631,9 @@ def _load_resume_point(
     rundir.set_rng_state(tensors, stored["rng"])
     for key in asdict(progress):
         setattr(progress, key, stored[key])
-    state = (tensors["carry.h"], tensors["carry.c"]) if "carry.h" in tensors else None
-    state = ranks.restore(tensors, state)  # this rank's generators and rows
-    return None if state is None else (state[0].to(device), state[1].to(device))
+    carried = tuple(tensors[f"carry.{k}"] for k in "hc" if f"carry.{k}" in tensors) or None
+    state = ranks.restore(tensors, carried)  # this rank's generators and rows
+    return None if state is None else tuple(s.to(device) for s in state)
 
 
 def _write_curves(run_dir: Path) -> None:
