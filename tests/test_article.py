@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from glasslstm import article, stories
-from glasslstm.data import Corpus, build_tokenizer, load_corpus
+from glasslstm.data import build_tokenizer, load_corpus
 from glasslstm.errors import ConfigError
 from glasslstm.model import LanguageModel, ModelConfig
 
@@ -52,11 +52,11 @@ def test_written_sentences_are_in_the_stories_style():
     never saw: their answers are words of the default corpus's word vocabulary, and all but a
     few of their words are too (a person's text has some the stories lack)."""
     c = load_corpus("stories")
-    tok = build_tokenizer("word", Corpus("s", c.train, c.val, "test"))
+    tok = build_tokenizer("word", c)
     unknown = []
     for case in article.WRITTEN:
         assert 0 not in tok.encode(" " + case.answer), case.answer
-        unknown += [w for w in tok.PATTERN.findall(case.prompt) if w not in tok.stoi]
+        unknown += [w for w in tok.words(case.prompt, split=tok.split) if w not in tok.stoi]
     assert 0 < len(unknown) <= 5, unknown
     kinds = [c.kind for c in article.WRITTEN]
     assert kinds.count("fill-in") >= 10 and kinds.count("pronoun") >= 8

@@ -437,3 +437,19 @@ def test_random_batch_windows_are_deterministic_and_shifted():
     assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
     assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 15, dtype=torch.long))  # contiguous
     assert not torch.equal(stream.random_batch(8)[0], x)
+
+
+def test_the_stories_prose_splits_punctuation_at_word_level():
+    """The built-in stories are prose: at word level a name is one token wherever it stands
+    ("Bob." is "Bob" and "."), and decoding writes the punctuation back against its word."""
+    corpus = data.load_corpus("stories")
+    tok = data.build_tokenizer("word", corpus, min_freq=1)
+    assert tok.split == "words"
+    text = "Bob is a nice person. Dan, on the other hand, is evil.\nHe lies."
+    ids = tok.encode(text)
+    words = [tok.tokens[i] for i in ids]
+    assert words[:6] == ["Bob", "is", "a", "nice", "person", "."]
+    assert "<eos>" in words and words.count("Dan") == 1
+    assert tok.decode(ids) == text
+    again = data.tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert again.encode(text) == ids and again.decode(ids) == tok.decode(ids)

@@ -841,3 +841,22 @@ def test_generate_is_unchanged_by_the_stream():
             logits, _, state = model(torch.tensor([[nxt]]), state)
             logits = logits[0, -1]
     assert text == tok.decode(ids)
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_fresh_one_kept(tmp_path, capsys):
+    """A lock file left by a killed build would make every later build wait forever."""
+    import os
+    import time
+
+    from glasslstm.ops import native
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    native._clear_stale_lock(lock)
+    assert lock.exists()  # a build may be running right now: leave it
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    native._clear_stale_lock(lock)
+    assert not lock.exists()
+    assert "did not finish" in capsys.readouterr().err
+    native._clear_stale_lock(lock)  # no lock: nothing to do

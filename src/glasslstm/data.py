@@ -518,16 +518,22 @@ class WordTokenizer(_ListTokenizer):
     ``split="whitespace"`` (every vocabulary built since format 2): each line is split at
     whitespace and ends in ``<eos>``; a literal ``<unk>`` in the text is the unknown token
     (id 0), as are words outside the vocabulary. Decoding puts one space between words and
-    a newline for each ``<eos>``. ``split="regex"`` (runs saved before): words, single
-    punctuation marks and whitespace runs, each a token (``\w+|[^\w\s]|\s+``).
+    a newline for each ``<eos>``. ``split="words"`` (the built-in stories, which are prose
+    rather than a pre-tokenized corpus): the same, with each punctuation mark a token of its
+    own, so "Bob." is "Bob" and "."; decoding puts no space before closing punctuation.
+    ``split="regex"`` (runs saved before): words, single punctuation marks and whitespace
+    runs, each a token (``\w+|[^\w\s]|\s+``).
     """
 
     level = "word"
     unit = "word"
     UNK = "<unk>"
     EOS = "<eos>"
-    SPLITS = ("whitespace", "regex")
+    SPLITS = ("whitespace", "words", "regex")
     PATTERN = re.compile(r"\w+|[^\w\s]|\s+")
+    WORD = re.compile(r"<unk>|<eos>|\w+(?:['’]\w+)*|[^\w\s]")  # split="words"
+    CLOSING = set(".,;:!?)]}%'’")  # no space before these when decoding split="words"
+    OPENING = set("([{")  # nor after these
 
     def __init__(self, tokens: Iterable[str], *, split: str = "whitespace"):
         self.tokens = self.items = list(tokens)
@@ -535,7 +541,7 @@ class WordTokenizer(_ListTokenizer):
             raise ValueError(f"split must be one of {', '.join(self.SPLITS)}; got {split!r}")
         if not self.tokens or self.tokens[0] != self.UNK:
             raise ValueError(f"the first token must be {self.UNK!r}")
-        if split == "whitespace" and self.EOS not in self.tokens:
+        if split != "regex" and self.EOS not in self.tokens:
             raise ValueError(f"a whitespace-split vocabulary needs {self.EOS!r}")
         self.split = split
         self.vocab_size = len(self.tokens)
@@ -550,16 +556,16 @@ class WordTokenizer(_ListTokenizer):
         lines = text.split("\n")
         out: list[str] = []
         for k, line in enumerate(lines):
-            out.extend(line.split())
+            out.extend(line.split() if split == "whitespace" else cls.WORD.findall(line))
             if k < len(lines) - 1:
                 out.append(cls.EOS)
         return out
 
     @classmethod
     def fit(cls, text: str, min_freq: int = 2, *, split: str = "whitespace") -> WordTokenizer:
-        counts = Counter(cls.words(_as_lines(text) if split == "whitespace" else text, split=split))
+        counts = Counter(cls.words(_as_lines(text) if split != "regex" else text, split=split))
         counts.pop(cls.UNK, None)
-        special = [cls.UNK] + ([cls.EOS] if split == "whitespace" else [])
+        special = [cls.UNK] + ([cls.EOS] if split != "regex" else [])
         counts.pop(cls.EOS, None)
         kept = sorted(
             (t for t, n in counts.items() if n >= min_freq), key=lambda t: (-counts[t], t)
@@ -572,7 +578,7 @@ class WordTokenizer(_ListTokenizer):
 
     def encode_bytes(self, data: bytes, *, what: str = "text") -> np.ndarray:
         text = _decode_utf8(data, what)
-        if self.split == "whitespace":
+        if self.split != "regex":
             text = _as_lines(text)  # a file's last line ends in <eos>, newline or not
         return np.array(self.encode(text), dtype=np.int64)
 
@@ -585,6 +591,9 @@ class WordTokenizer(_ListTokenizer):
         if self.split == "regex":
             return super().decoder(after)
         line_start = not after or after[-1].isspace()
+        glue = self.split == "words"  # punctuation attaches to its word
+        if glue and after and after[-1] in self.OPENING:
+            line_start = True
 
         def piece(id: int) -> str:
             nonlocal line_start
@@ -593,8 +602,9 @@ class WordTokenizer(_ListTokenizer):
             if word == self.EOS:
                 line_start = True
                 return "\n"
-            text = word if line_start else " " + word
-            line_start = False
+            attach = line_start or (glue and word in self.CLOSING)
+            text = word if attach else " " + word
+            line_start = glue and word in self.OPENING
             return text
 
         return PieceDecoder(piece)
@@ -676,7 +686,10 @@ def build_tokenizer(level: str, corpus: Corpus, *, min_freq: int = 2) -> Tokeniz
     _decode_utf8(corpus.test, f"the test split of {corpus.name!r}")
     if level == "char":
         return CharTokenizer(sorted(set(text)), unk=True)
-    return WordTokenizer.fit(text, min_freq)
+    # The built-in stories are prose, not a pre-tokenized corpus: their punctuation is split
+    # off ("Bob." is "Bob" and "."), so a name is one token wherever it stands.
+    split = "words" if corpus.name == "stories" else "whitespace"
+    return WordTokenizer.fit(text, min_freq, split=split)
 
 
 def encode_corpus(tok: Tokenizer, corpus: Corpus) -> tuple[np.ndarray, np.ndarray]:

@@ -40,10 +40,15 @@ def token_offsets(tok: Tokenizer, ids: np.ndarray) -> tuple[str, np.ndarray]:
     """``(text, ends)``: the tokens' texts joined, and the index in it just past each token.
     (For a byte-level tokenizer, a byte outside ASCII counts as one character.)"""
     byte = tok.level == "byte"
-    pieces = ["\ufffd" if byte and i >= 128 else tok.decode([i]) for i in range(tok.vocab_size)]
-    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
-    ends = np.cumsum(lengths[ids]) if len(ids) else np.zeros(0, dtype=np.int64)
-    return "".join(pieces[i] for i in ids.tolist()), ends
+    if byte:
+        pieces = ["\ufffd" if i >= 128 else tok.decode([i]) for i in range(256)]
+        texts = [pieces[i] for i in ids.tolist()]
+    else:  # in context: a word-level token's text includes the space before it
+        piece = tok.decoder()
+        texts = [piece(i) for i in ids.tolist()]
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    ends = np.cumsum(lengths) if len(ids) else np.zeros(0, dtype=np.int64)
+    return "".join(texts), ends
 
 
 def answer_mask(text: str, ends: np.ndarray, pattern: str) -> np.ndarray:

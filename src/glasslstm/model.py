@@ -249,9 +249,11 @@ class LanguageModel(nn.Module):
         word, prob, stream = "", 1.0, None
         with self._evaluating():
             logits, state = self._prime(text)
-            if isinstance(tok, WordTokenizer) and tok.split == "whitespace":
+            if isinstance(tok, WordTokenizer) and tok.split != "regex":
                 probs = torch.softmax(logits.float(), -1)  # one token is one word
                 probs[tok.stoi[tok.EOS]] = 0.0  # the end of the line is not a word
+                if tok.split == "words":  # nor is a punctuation mark
+                    probs[[i for i, t in enumerate(tok.tokens) if not t[:1].isalnum()]] = 0.0
                 i = int(probs.argmax())
                 return tok.decode([i]), float(probs[i])
             for _ in range(max_tokens):

@@ -30,7 +30,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-WORD_PATTERN = re.compile(r"\w+|[^\w\s]|\s+")  # glasslstm's word tokenizer's split
+WORD_PATTERN = re.compile(r"\w+|[^\w\s]|\s+")  # glasslstm's word tokenizer's split="regex"
+WORDS = re.compile(r"<unk>|<eos>|\w+(?:['’]\w+)*|[^\w\s]")  # its split="words", per line
+CLOSING, OPENING = set(".,;:!?)]}%'’"), set("([{")  # split="words": punctuation's spacing
 
 
 class OnnxLanguageModel:
@@ -87,9 +89,10 @@ class OnnxLanguageModel:
         if self.level == "byte":
             return list(text.encode("utf-8", errors="surrogatepass"))
         if self.level == "word":
-            if self.word_split == "whitespace":
+            if self.word_split in ("whitespace", "words"):
                 lines = text.split("\n")
-                words = [w for k, line in enumerate(lines) for w in line.split() + ["<eos>"]]
+                cut = str.split if self.word_split == "whitespace" else WORDS.findall
+                words = [w for line in lines for w in [*cut(line), "<eos>"]]
                 words = words[:-1]  # the last line has no newline after it
             else:
                 words = WORD_PATTERN.findall(text)
@@ -107,14 +110,24 @@ class OnnxLanguageModel:
         if self.level == "byte":
             return bytes(ids).decode("utf-8", errors="replace")
         assert self.items is not None
-        if self.level == "word" and self.word_split == "whitespace":
+        if self.level == "word" and self.word_split in ("whitespace", "words"):
             out, line_start = [], True
             for i in ids:  # words one space apart; <eos> is a newline
-                word = self.items[i]
-                out.append("\n" if word == "<eos>" else word if line_start else " " + word)
-                line_start = word == "<eos>"
+                out.append(self._spaced(self.items[i], line_start))
+                line_start = self._line_start(self.items[i])
             return "".join(out)
         return "".join(self.items[i] for i in ids)
+
+    def _spaced(self, word: str, line_start: bool) -> str:
+        """A word as decoding writes it after what came before (split "whitespace"/"words")."""
+        if word == "<eos>":
+            return "\n"
+        glued = self.word_split == "words" and word in CLOSING
+        return word if line_start or glued else " " + word
+
+    def _line_start(self, word: str) -> bool:
+        """Whether the next word goes without a space before it."""
+        return word == "<eos>" or (self.word_split == "words" and word in OPENING)
 
     def start_id(self) -> int:
         """The token a prompt-less sample starts from: a newline if known, else token 0."""
@@ -154,14 +167,16 @@ class OnnxLanguageModel:
         logits, state = self.run([ids or [self.start_id()]], self.initial_state())
         last = logits[0, -1]
         decoder = codecs.getincrementaldecoder("utf-8")("replace") if self.level == "byte" else None
-        spaced = self.level == "word" and self.word_split == "whitespace"
-        line_start = not prompt or prompt[-1].isspace()
+        spaced = self.level == "word" and self.word_split in ("whitespace", "words")
+        line_start = not prompt or prompt[-1].isspace() or prompt[-1] in OPENING
         for _ in range(length):
             nxt = sample(last, temperature, top_k, top_p, rng)
-            piece = decoder.decode(bytes([nxt])) if decoder else self.decode([nxt])
             if spaced:  # words one space apart; <eos> is a newline
-                piece = piece if line_start or piece == "\n" else " " + piece
-                line_start = piece == "\n"
+                assert self.items is not None
+                piece = self._spaced(self.items[nxt], line_start)
+                line_start = self._line_start(self.items[nxt])
+            else:
+                piece = decoder.decode(bytes([nxt])) if decoder else self.decode([nxt])
             if piece:
                 yield piece
             logits, state = self.run([[nxt]], state)

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import sys
 import threading
+import time
 
 import torch
 
@@ -53,6 +54,27 @@ def _installed() -> bool:
     return True
 
 
+STALE_LOCK_S = 15 * 60  # a build takes a minute or two; a lock this old is a killed build's
+
+
+def _clear_stale_lock(lock) -> None:
+    """torch's extension builder waits for as long as its lock file exists; a build that was
+    killed (Ctrl-C, kill -9, a full disk) leaves it behind and every later import would wait
+    forever. A lock older than :data:`STALE_LOCK_S` is removed, with a note."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        print(
+            f"glasslstm: removing {lock}, left {age / 60:.0f} minutes ago by a build that did "
+            "not finish; building again",
+            file=sys.stderr,
+            flush=True,
+        )
+        lock.unlink(missing_ok=True)
+
+
 def _jit_build() -> None:
     global _where
     from torch.utils import cpp_extension
@@ -60,6 +82,7 @@ def _jit_build() -> None:
     digest = _build.source_hash()
     folder = _cache_dir() / f"ops-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(folder / "lock")
     if not (folder / f"glasslstm_ops_{digest}.so").exists():
         print(
             "glasslstm: building the CPU operators for this machine (once; about a minute)",
