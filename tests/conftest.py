@@ -77,3 +77,28 @@ def stories_run(tmp_path_factory):
     )
     train(cfg, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def article_run(tmp_path_factory):
+    """A small word-level model trained by the article's recipe on the built-in stories for a
+    few seconds, with the article's cells and pictures drawn (on 30 held-out stories)."""
+    from glasslstm import article, stories
+    from glasslstm.inspection.article import draw_pictures
+    from glasslstm.model import LanguageModel
+    from glasslstm.trainer import train
+
+    out = tmp_path_factory.mktemp("runs") / "stories"
+    cfg = article.train_config(
+        hidden=24,
+        max_steps=24,
+        curriculum=12,
+        eval_every=24,
+        eval_batches=2,
+        batch_size=4,
+        seq_len=64,
+        out=str(out),
+    )
+    train(cfg, progress=False)
+    pictures = draw_pictures(LanguageModel.load(out), out / "article", held=stories.held_out(1, 30))
+    return out, pictures

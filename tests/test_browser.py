@@ -8,14 +8,19 @@ The inspector's tests run on a small model trained on the built-in stories corpu
 article's world; conftest's ``stories_run``), served as ``glasslstm serve`` serves it.
 """
 
+import json
 import os
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from glasslstm.cli import build_parser, main
 from glasslstm.inspection import analyze
+from glasslstm.inspection.common import rgb as report_rgb
+from glasslstm.inspection.common import scale_for
 from glasslstm.inspection.spans import colour_scale
 from glasslstm.model import LanguageModel
 
@@ -437,3 +442,97 @@ def test_report_recolours_and_shows_predictions_on_hover(page, tiny_run, tmp_pat
         )
         texts.append(text)
     assert texts[0] != texts[1]
+
+
+# ------------------------------------------------------------------ the article's report pages
+
+
+def _rgb(css: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", css)[:3])
+
+
+def _close(a, b, tol=3) -> bool:
+    return all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["switch", "blank"])
+def test_article_pages_open_on_the_chosen_cells_with_an_example_analysed(page, article_run, which):
+    run, pictures = article_run
+    found = json.loads((run / "article" / "cells.json").read_text())
+    first = "subject" if which == "switch" else "hero"
+    second = "hero" if which == "switch" else "subject"
+    chosen = [k for k, _ in found[first]] + [k for k, _ in found[second]]
+    page.goto(Path(pictures[which]["html"]).as_uri())
+    page.wait_for_selector("body[data-ready='1']")
+    # the cells chosen by what they do: selected, listed first, named in the notes
+    assert page.locator("#cell").input_value() == str(chosen[0])
+    assert page.locator("body").get_attribute("data-cell") == str(chosen[0])
+    options = page.eval_on_selector_all("#cell option", "os => os.map(o => o.value)")
+    assert options[: len(chosen)] == [str(k) for k in chosen]
+    assert str(chosen[0]) in page.locator("#notes").inner_text()
+    rows = page.locator("#heat-c").get_attribute("data-rows").split(",")
+    assert rows[: len(chosen)] == [str(k) for k in chosen]
+    # an example already analysed: the event's next-word guesses, pinned as bars
+    a = analyze(LanguageModel.load(run), pictures[which]["text"], top_k=8)
+    focus = page.locator("#focus")
+    assert focus.is_visible()
+    t = int(focus.get_attribute("data-t"))
+    assert "brave" in page.locator("#focus-head").inner_text() or which == "switch"
+    bars = page.locator("#focus-bars tr").all_inner_texts()
+    assert len(bars) == 8 and shown(a.top[t][0][0]) in bars[0]
+    widths = page.eval_on_selector_all("#focus-bars .bar", "els => els.map(e => e.offsetWidth)")
+    assert widths == sorted(widths, reverse=True) and widths[0] > 0
+    # another token, clicked, is pinned instead
+    page.locator("#text .tok").nth(2).click()
+    assert page.locator("#focus").get_attribute("data-t") == "2"
+
+
+@pytest.mark.slow
+def test_report_colours_are_centred_robust_and_the_heatmaps_have_axes(page, article_run):
+    run, pictures = article_run
+    page.goto(Path(pictures["blank"]["html"]).as_uri())
+    page.wait_for_selector("body[data-ready='1']")
+    a = analyze(LanguageModel.load(run), pictures["blank"]["text"], top_k=3)
+    cell = int(page.locator("#cell").input_value())
+
+    # the text: coloured by the cell's c on the robust scale centred on 0 (the legend's ends)
+    values = a.values("c", 0)[:, cell]
+    sc = scale_for("c", values)
+    legend = page.locator("#legend").evaluate("e => ({...e.dataset})")
+    step = float(np.ptp(a.values("c", 0))) / 65535  # the layer's c travels as 16-bit integers
+    assert float(legend["centre"]) == 0 and float(legend["hi"]) == pytest.approx(
+        sc.hi, abs=4 * step + 1e-6
+    )
+    assert page.locator("#legend-hi").inner_text().startswith("≥")
+    painted = colours(page, "#text .tok")
+    for t in range(0, len(a), 7):
+        assert _close(_rgb(painted[t]), report_rgb("c", float(values[t]), sc)), t
+
+    # each heatmap: its scale over its rows, centred; axes with labels; a colour bar
+    for q in "ifgoch":
+        cv = page.locator(f"#heat-{q}")
+        d = cv.evaluate("c => ({...c.dataset, w: c.width, h: c.height})")
+        rows = [int(k) for k in d["rows"].split(",")]
+        sq = scale_for(q, a.values(q, 0)[:, rows])
+        span = float(np.ptp(a.values(q, 0)))  # bounded quantities travel as 8-bit integers
+        tol = (span / 255 if q != "c" else 4 * step) + 1e-6
+        assert float(d["centre"]) == (0.5 if q in "ifo" else 0.0)
+        assert float(d["hi"]) == pytest.approx(sq.hi, abs=tol), q
+        x0, y0, px, rh = (float(d[k]) for k in ("x0", "y0", "px", "rh"))
+        w, h = round(len(a) * px), len(rows) * rh
+        assert d["w"] > x0 + w + 30 and d["h"] > y0 + h + 30  # room for the axes and the bar
+        pixels = cv.evaluate(
+            """(c, at) => at.map(([x, y, w, h]) =>
+                Array.from(c.getContext('2d').getImageData(x, y, w, h).data))""",
+            [
+                [0, int(y0), int(x0) - 2, int(h)],
+                [int(x0), int(y0 + h) + 2, int(w), 40],
+                [int(x0 + w + 20), int(y0) + 1, 1, 1],
+                [int(x0 + w + 20), int(y0 + h) - 2, 1, 1],
+            ],
+        )
+        dark = lambda px: any(px[i] < 120 for i in range(0, len(px), 4))  # noqa: E731
+        assert dark(pixels[0]) and dark(pixels[1]), f"{q}: no cell ids or token labels drawn"
+        assert _close(pixels[2][:3], report_rgb(q, sq.hi, sq), 6), q  # the bar: high at the top
+        assert _close(pixels[3][:3], report_rgb(q, sq.lo, sq), 6), q  # ... low at the bottom

@@ -16,9 +16,10 @@ import pytest
 
 from glasslstm.cli import main
 from glasslstm.inspection import Analysis, analyze
+from glasslstm.inspection.common import default_scale, rgb, scale_for
 from glasslstm.inspection.html import render_html
 from glasslstm.inspection.pictures import plot_png
-from glasslstm.inspection.terminal import render, resolve
+from glasslstm.inspection.terminal import _ansi256, render, resolve
 from glasslstm.model import LanguageModel
 
 TEXT = 'Bob is a nice person. Dan, on the other hand, is evil. "Run," said Bob.\nBob can swim.'
@@ -117,10 +118,10 @@ def test_terminal_table_plain_and_coloured(analysis):
     lines = plain.splitlines()
     layer, cells, by_default = resolve(analysis)
     assert layer == 1 and len(cells) == 3 and by_default
-    var = analysis.values("c", 1).var(axis=0)
-    assert sorted(cells) == sorted(np.argsort(-var)[:3].tolist())  # the most variable of c
+    var = analysis.values("h", 1).var(axis=0)
+    assert sorted(cells) == sorted(np.argsort(-var)[:3].tolist())  # the most variable h
     assert lines[0].startswith(f"layer 1 (layers 0..1), cells {', '.join(map(str, cells))}")
-    assert "largest variance of c" in lines[0]
+    assert "whose h varies most" in lines[0]
     rows = [ln for ln in lines if re.match(r"\s*\d+  ", ln)]
     assert len(rows) == len(TEXT)
     assert rows[3].split()[1] == "␣" and any(r.split()[1] == "\\n" for r in rows)
@@ -135,6 +136,17 @@ def test_terminal_table_plain_and_coloured(analysis):
     coloured = render(analysis, layer=0, cells=[3, 17], color=True)
     assert "\x1b[48;5;" in coloured and coloured.count("\x1b[0m") >= len(TEXT) * 12
     assert "cells 3, 17: as asked" in coloured
+    # each cell's colours span its own robust scale: its largest |c| is at (or past) an end
+    c3 = analysis.values("c", 0)[:, 3]
+    t_max = int(np.argmax(np.abs(c3)))
+    row = [
+        ln
+        for ln in coloured.splitlines()
+        if re.match(rf"\s*{t_max}  ", re.sub(r"\x1b\[[0-9;]*m", "", ln))
+    ][0]
+    end = rgb("c", float(c3[t_max]), scale_for("c", c3))
+    assert end in ((33, 102, 172), (178, 24, 43))  # the end colours of the state scale
+    assert f"\x1b[48;5;{_ansi256(end)}m" in row
     assert re.sub(r"\x1b\[[0-9;]*m", "", coloured).count("\n") == coloured.count("\n")
 
 
@@ -202,8 +214,30 @@ def test_cli_writes_html_and_png(tiny_run, tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG_MAGIC
     doc = page.read_text("utf-8")
     data = json.loads(re.search(r'id="analysis-data">(.*?)</script>', doc, re.S).group(1))
-    assert data["default"] == {"layer": 1, "quantity": "f", "cell": 5}
+    assert data["default"] == {"layer": 1, "quantity": "f", "cell": 5, "t": None}
     assert data["T"] == len(TEXT)
+
+
+# --------------------------------------------------------------------------- colours
+
+
+def test_colour_scales_are_centred_robust_and_clipped():
+    rng = np.random.default_rng(0)
+    c = np.r_[rng.normal(0, 1, 999), 40.0]  # one outlier
+    sc = scale_for("c", c)
+    assert sc.centre == 0 and 2.0 < sc.half < 3.0  # the 98th percentile of |c|, not 40
+    assert sc.half == pytest.approx(np.percentile(np.abs(c), 98))
+    assert rgb("c", 0.0, sc) == (247, 247, 247)  # white at 0
+    assert rgb("c", 40.0, sc) == rgb("c", sc.hi, sc) == (178, 24, 43)  # clipped to the end
+    assert rgb("c", -sc.half / 2, sc) == (140, 175, 210)  # half-way to blue
+    f = np.r_[np.full(90, 0.98), np.full(10, 0.1)]
+    sf = scale_for("f", f)
+    assert sf.centre == 0.5 and sf.half == pytest.approx(0.48)  # gates: centred on half open
+    assert rgb("f", 0.5, sf) == (247, 247, 247) and rgb("f", 1.0, sf) == (179, 88, 6)
+    assert rgb("f", 0.0, sf) == (84, 39, 136)
+    assert scale_for("h", [5.0, -5.0]).half == 1.0 and scale_for("i", [1.0]).half == 0.5
+    assert default_scale("o").lo == 0 and default_scale("o").hi == 1
+    assert scale_for("c", [0.0, 0.0]).half > 0  # never a zero-width scale
 
 
 # --------------------------------------------------------------------------- HTML
@@ -265,7 +299,8 @@ def test_html_embeds_the_arrays_exactly_and_safely():
     raw = doc[start : doc.index("</script>", start)]
     assert "</" not in raw and "<!--" not in raw
     data = json.loads(raw)
-    assert data["tokens"] == tokens and data["default"] == {"layer": 0, "quantity": "g", "cell": 3}
+    assert data["tokens"] == tokens
+    assert data["default"] == {"layer": 0, "quantity": "g", "cell": 3, "t": None}
     assert data["top"][0][2][0] == "</"
     for q in "ifgoch":
         for layer in range(2):
@@ -277,10 +312,17 @@ def test_html_embeds_the_arrays_exactly_and_safely():
             np.testing.assert_allclose(got, a.gates[q][layer], atol=step / 2 + 1e-6)
             assert packed["bits"] == (16 if q == "c" else 8)
     assert html.escape("a</script><!--b ", quote=False) in doc
-    # the default cell (no cell given) is the most variable one of c in the layer
+    # the default cell (no cell given) is the one whose h varies most in the layer
     doc2 = render_html(a, layer=1)
-    want = int(np.argmax(a.gates["c"][1].astype(np.float64).var(axis=0)))
+    want = int(np.argmax(a.gates["h"][1].astype(np.float64).var(axis=0)))
     assert f'"cell":{want}' in doc2
+    # chosen cells come first, the first colours the text, and a focus token is remembered
+    doc3 = render_html(a, layer=1, cells=[6, 2], focus=4, notes="two <chosen> cells")
+    data3 = json.loads(re.search(r'id="analysis-data">(.*?)</script>', doc3, re.S).group(1))
+    assert data3["order"][1][:2] == [6, 2] and sorted(data3["order"][1]) == list(range(8))
+    assert data3["default"] == {"layer": 1, "quantity": "c", "cell": 6, "t": 4}
+    assert data3["chosen"] == {"layer": 1, "cells": [6, 2]}
+    assert "two &lt;chosen&gt; cells" in doc3 and '<option value="6" selected>6  (chosen)' in doc3
 
 
 def test_html_rejects_bad_choices():
@@ -291,6 +333,10 @@ def test_html_rejects_bad_choices():
         render_html(a, cell=8)
     with pytest.raises(ValueError, match="quantity"):
         render_html(a, quantity="z")
+    with pytest.raises(ValueError, match="cell 9"):
+        render_html(a, cells=[1, 9])
+    with pytest.raises(ValueError, match="focus 3 is out of range: the text has 3 tokens"):
+        render_html(a, focus=3)
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node to check the script")
@@ -380,7 +426,6 @@ def test_png_is_written_and_long_texts_are_cut(analysis, tmp_path):
         (["--text", "Bob", "--cells", "3,x"], "--cells must be cell numbers separated by commas"),
         (["--text", "Bob", "--top-k", "0"], "--top-k=0 is not valid; expected an int >= 1"),
         (["--text", ""], "is empty"),
-        (["--text", "Bob €"], "not in the vocabulary: '€'"),
         (["--file", "missing.txt"], "cannot read"),
     ],
 )

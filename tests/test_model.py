@@ -178,3 +178,71 @@ def test_next_word_follows_the_argmax_chain():
     greedy = "".join(model.generate("the cell", 12, temperature=0))
     assert greedy.lstrip().startswith(word)
     assert 0 < prob <= 1
+
+
+# --------------------------------------------------------------------------- the other cores
+
+
+def test_rnn_core_is_a_vanilla_rnn_with_a_one_tensor_state():
+    model = char_model(cell="rnn", num_layers=2).eval()
+    assert type(model.lstm).__name__ == "RNN" and model.lstm.num_layers == 2
+    idx = torch.randint(0, model.config.vocab_size, (2, 9))
+    whole, _, state = model(idx)
+    assert isinstance(state, tuple) and len(state) == 1 and state[0].shape == (2, 2, 32)
+    first, _, mid = model(idx[:, :5])
+    second, _, _ = model(idx[:, 5:], mid)  # the state carries like the LSTM's
+    assert torch.allclose(torch.cat([first, second], 1), whole, atol=1e-6)
+    # the recurrence is h' = tanh(x W_ih^T + h W_hh^T + b): torch's own RNN cell, by hand
+    rnn = model.lstm
+    x = model.embedding(idx[:1, :2])[0]  # (2, 32): two steps of one sequence
+    w_ih, w_hh, b_ih, b_hh = rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+    h1 = torch.tanh(x[0] @ w_ih.T + b_ih + b_hh)
+    h2 = torch.tanh(x[1] @ w_ih.T + h1 @ w_hh.T + b_ih + b_hh)
+    first_layer = torch.nn.RNN(32, 32, batch_first=True)
+    first_layer.load_state_dict(
+        {k: getattr(rnn, k) for k in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")}
+    )
+    out = first_layer(x.unsqueeze(0))[0][0]
+    assert torch.allclose(out, torch.stack([h1, h2]), atol=1e-6)
+    text = "".join(model.generate("hello", 12, temperature=0))  # streams through the RNN too
+    assert len(text) == 12
+
+
+def test_weighted_loss_is_the_weighted_mean_cross_entropy():
+    model = char_model()
+    idx = torch.randint(0, model.config.vocab_size, (2, 6))
+    tgt = torch.randint(0, model.config.vocab_size, (2, 6))
+    w = torch.ones(2, 6)
+    w[0, 3] = 50.0
+    logits, loss, _ = model(idx, targets=tgt, weights=w)
+    ce = -torch.log_softmax(logits, -1).gather(-1, tgt.unsqueeze(-1))[..., 0]
+    assert torch.allclose(loss, (ce * w).sum() / w.sum())
+    assert torch.allclose(model(idx, targets=tgt, weights=torch.ones(2, 6))[1], ce.mean())
+
+
+def test_chrono_init_spreads_the_forget_biases():
+    torch.manual_seed(0)
+    model = char_model(chrono_init=64, hidden_size=256)
+    H = 256
+    b_f = model.lstm.bias_ih_l0[H : 2 * H] + model.lstm.bias_hh_l0[H : 2 * H]
+    b_i = model.lstm.bias_ih_l0[:H] + model.lstm.bias_hh_l0[:H]
+    assert torch.allclose(b_i, -b_f)  # input bias the negative of the forget bias
+    u = b_f.exp()  # log U[1, 63]
+    assert u.min() >= 1 and u.max() <= 63 and u.max() > 40 and u.min() < 5
+    plain = char_model(forget_bias=1.0)  # without it, forget_bias acts
+    assert (plain.lstm.bias_ih_l0[32:64] > 1 - 1 / math.sqrt(32) - 1e-6).all()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"cell": "gru"}, "cell='gru' is not valid; expected one of lstm, rnn"),
+        ({"chrono_init": 1}, "chrono_init=1 is not valid.*the longest dependency in tokens, >= 2"),
+        ({"chrono_init": -3}, "chrono_init=-3 is not valid; expected an int >= 0"),
+        ({"cell": "rnn", "chrono_init": 8}, "LSTM options"),
+        ({"cell": "rnn", "proj_size": 8}, "LSTM options"),
+    ],
+)
+def test_bad_core_options(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(vocab_size=5, **kw)

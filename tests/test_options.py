@@ -41,6 +41,11 @@ def one_error_line(capsys, command: str) -> str:
         ("--threads", "1000000", "--threads=1000000 is not valid; expected an int in [0, 1024]"),
         ("--device", "foo", "--device='foo' is not valid; expected auto, cpu, cuda, cuda:N or mps"),
         ("--level", "morse", "expected one of char, word, byte"),
+        ("--cell", "gru", "--cell='gru' is not valid; expected one of lstm, rnn"),
+        ("--chrono-init", "1", "--chrono-init=1 is not valid; expected an int >= 0 (0: off"),
+        ("--answer-weight", "0", "--answer-weight=0.0 is not valid; expected a finite number > 0"),
+        ("--answers", "(unclosed", "--answers is not a regular expression"),
+        ("--curriculum", "-1", "--curriculum=-1 is not valid; expected an int >= 0"),
     ],
 )
 def test_train_options_are_refused_before_anything_starts(tmp_path, capsys, flag, value, message):
@@ -68,6 +73,19 @@ def test_train_config_from_python_gets_the_same_rules(key, value, expected):
     e = caught.value
     assert (e.key, e.found, e.expected) == (key, value, expected)
     assert str(e) == f"--{key.replace('_', '-')}={value!r} is not valid; expected {expected}"
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"cell": "rnn", "chrono_init": 8}, "--chrono-init and --checkpoint are LSTM options"),
+        ({"batching": "stream", "curriculum": 5}, "add --batching documents"),
+        ({"batching": "random", "answers": "x"}, "add --batching documents"),
+    ],
+)
+def test_options_that_must_agree(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kw)
 
 
 def test_tied_weights_need_a_matching_embedding():
@@ -236,6 +254,8 @@ def test_data_paths_are_made_absolute_and_names_stay_names(tmp_path, monkeypatch
         dict(vocab_size=11, hidden_size=8, num_layers=3, embed_size=5),
         dict(vocab_size=11, hidden_size=8, num_layers=2, proj_size=3),
         dict(vocab_size=11, hidden_size=8, num_layers=1, tie_weights=True),
+        dict(vocab_size=11, hidden_size=8, num_layers=2, layer_norm=True, peephole=True),
+        dict(vocab_size=11, hidden_size=8, num_layers=2, proj_size=3, layer_norm=True),
     ],
 )
 def test_parameter_shapes_are_the_models(kw):
@@ -246,6 +266,8 @@ def test_parameter_shapes_are_the_models(kw):
         kw["num_layers"],
         embed_size=kw.get("embed_size", 0),
         proj_size=kw.get("proj_size", 0),
+        layer_norm=kw.get("layer_norm", False),
+        peephole=kw.get("peephole", False),
     )
     assert shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = kw.get("tie_weights", False)

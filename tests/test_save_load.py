@@ -30,7 +30,15 @@ def trained_model(**kw) -> LanguageModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("kw", [{}, {"proj_size": 8, "tie_weights": True, "dropout": 0.0}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"proj_size": 8, "tie_weights": True, "dropout": 0.0},
+        {"cell": "rnn", "tie_weights": True},  # the vanilla RNN core: one gate's rows, not four
+        {"chrono_init": 16},
+    ],
+)
 def test_save_then_load_gives_the_same_model(tmp_path, kw):
     model = trained_model(**kw)
     assert model.save(tmp_path / "run") == tmp_path / "run"
@@ -98,7 +106,7 @@ def test_a_model_without_tokenizer_round_trips_and_commands_say_so(tmp_path, cap
 def test_saving_again_replaces_an_earlier_save(tmp_path):
     first = trained_model()
     first.save(tmp_path / "run")
-    tok = WordTokenizer(["<unk>", "bob", " ", "navy"])
+    tok = WordTokenizer(["<unk>", "<eos>", "bob", "navy"])
     second = LanguageModel(ModelConfig(vocab_size=4, hidden_size=8, num_layers=1), tok).eval()
     second.save(tmp_path / "run")
     loaded = LanguageModel.load(tmp_path / "run")

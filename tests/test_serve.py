@@ -3,6 +3,7 @@ arithmetic (spans.py) and prefix cache (prefix.py), and the `glasslstm serve` co
 
 import base64
 import json
+import shutil
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ from conftest import STORY
 from glasslstm.cli import build_parser, main
 from glasslstm.inspection import analyze
 from glasslstm.inspection.common import QUANTITIES
-from glasslstm.inspection.inspector import ARTICLE_EXAMPLE, HEAT_CELLS, MAX_CELLS
+from glasslstm.inspection.inspector import ARTICLE_EXAMPLE, HEAT_CELLS, MAX_CELLS, match_source
 from glasslstm.inspection.prefix import PrefixCache
 from glasslstm.inspection.server import SECURITY_HEADERS, create_app, json_depth
 from glasslstm.inspection.spans import (
@@ -314,6 +315,14 @@ def test_a_failed_batched_pass_is_reported_to_every_request_in_it(model, monkeyp
     monkeypatch.undo()
     run = cache.run(model.tokenizer.encode(texts[0]))
     close(run.values("h", 0), analyze(model, texts[0], top_k=1).values("h", 0))
+
+
+def test_characters_outside_the_vocabulary_are_the_unknown_symbol(client):
+    r = client.post("/api/analyze", json={"text": "Bob Zoë"})
+    assert r.status_code == 200, r.text
+    vocab = client.get("/api/info").json()["vocab"]
+    tokens = [vocab[i] for i in unpack(r.json()["token_ids"])]
+    assert tokens == ["B", "o", "b", " ", "\ufffd", "o", "\ufffd"]
 
 
 @pytest.mark.parametrize(
@@ -627,6 +636,28 @@ def test_informative_cells_rank_what_a_cell_remembers():
     assert informative_cells(h, ids, top=2) == ranked[:2]
     with pytest.raises(ValueError):
         informative_cells(h[:1], ids[:1])
+
+
+def test_match_text_outside_the_vocabulary_is_searched_as_unknown(tiny_run, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("Zoë and Xavier\n" * 5, encoding="utf-8")
+    with TestClient(create_app(tiny_run, data=str(other))) as c:
+        r = c.post("/api/match", json={"text": TEXT, "start": 0, "end": 3, "threshold": -2})
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["matches"], list)
+
+
+def test_a_split_file_run_searches_its_validation_file(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    train_file, valid_file = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train_file.write_text(STORY)
+    valid_file.write_text("Dan is evil.\n")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"].update(data=None, train=str(train_file), valid=str(valid_file))
+    (run / "config.json").write_text(json.dumps(cfg))
+    text, what = match_source(run)()
+    assert text == "Dan is evil.\n" and "validation split" in what
 
 
 def test_colour_scale_is_centred_and_clipped_at_robust_percentiles():

@@ -120,6 +120,13 @@ def check_exportable(model: nn.Module) -> LSTM:
             f"the language model's LSTM is a {type(lstm).__name__}, not a glasslstm.LSTM; "
             "export needs glasslstm's LSTM inside"
         )
+    if not lstm.plain_cell:
+        raise ConfigError(
+            "ONNX export maps the article's cell to ONNX's LSTM operator, which has no layer "
+            "normalisation, zoneout or clipping of the cell state itself, and the exporter does "
+            "not map peepholes; export a model trained without --layer-norm, --peephole, "
+            "--cell-clip, --zoneout-c and --zoneout-h (the dropouts are no obstacle)"
+        )
     dtype = weight_dtype(lstm)
     if dtype not in (torch.float32, torch.float64):
         raise ConfigError(
@@ -179,7 +186,7 @@ def _graph_module(model: nn.Module) -> tuple[nn.Module, LSTM, tuple, dict, list[
     )
 
 
-def weight_dtype(lstm: LSTM) -> torch.dtype:
+def weight_dtype(lstm: nn.Module) -> torch.dtype:
     """The dtype of ``lstm``'s weights (float32 or float64 where exportable)."""
     return next(lstm.parameters()).dtype
 

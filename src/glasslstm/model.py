@@ -2,11 +2,16 @@
 
 Embedding -> glasslstm.LSTM (layers, dropout) -> dropout -> Linear -> softmax. The softmax over
 ``V H_t + b_V`` is the article's output layer; its argmax is "the" prediction (temperature 0).
+The regularised LSTM family (:data:`glasslstm.config.FAMILY`) is passed to the LSTM, except
+embedding dropout, which is done here.
+
+With ``cell="rnn"`` the recurrent core is instead a vanilla RNN (:class:`glasslstm.RNN`), the
+network the article says loses long-term dependencies: everything else is the same, so the two
+train and evaluate with the same code.
 """
 
 from __future__ import annotations
 
-import codecs
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,11 +24,14 @@ from torch import nn
 
 from glasslstm import __version__, options, rundir
 from glasslstm.config import ModelConfig, config_from_dict  # noqa: F401  (public here too)
-from glasslstm.data import Tokenizer
+from glasslstm.data import Tokenizer, WordTokenizer
 from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
+from glasslstm.rnn import RNN
 
-State = tuple[torch.Tensor, torch.Tensor]
+# The recurrent core's state: (h, c) for the LSTM, (h,) for the vanilla RNN.
+State = tuple[torch.Tensor, ...]
+CELLS = options.CELLS
 
 
 @dataclass(frozen=True)
@@ -49,16 +57,37 @@ class LanguageModel(nn.Module):
         self.tokenizer = tokenizer
         embed = config.embed_size or config.out_size
         self.embedding = nn.Embedding(config.vocab_size, embed)
-        self.lstm = LSTM(
-            embed,
-            config.hidden_size,
-            config.num_layers,
-            batch_first=True,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
-            proj_size=config.proj_size,
-            forget_bias=config.forget_bias,
-            checkpoint=config.checkpoint,
-        )
+        between = config.dropout if config.num_layers > 1 else 0.0
+        # The recurrent core keeps the attribute name `lstm` whatever the cell: run directories
+        # store its weights under it, and benchmarks swap torch's module in there.
+        self.lstm: LSTM | RNN
+        if config.cell == "rnn":
+            self.lstm = RNN(
+                embed, config.hidden_size, config.num_layers, batch_first=True, dropout=between
+            )
+        else:
+            self.lstm = LSTM(
+                embed,
+                config.hidden_size,
+                config.num_layers,
+                batch_first=True,
+                dropout=between,
+                proj_size=config.proj_size,
+                # the chrono initialisation sets the forget biases itself
+                forget_bias=0.0 if config.chrono_init else config.forget_bias,
+                checkpoint=config.checkpoint,
+                chrono_init=config.chrono_init,
+                layer_norm=config.layer_norm,
+                peephole=config.peephole,
+                cell_clip=config.cell_clip,
+                zoneout_c=config.zoneout_c,
+                zoneout_h=config.zoneout_h,
+                recurrent_dropout=config.recurrent_dropout,
+                # the embedded tokens (AWD-LSTM's dropouti); later layers read the outputs below
+                input_dropout=(config.input_dropout,) + (0.0,) * (config.num_layers - 1),
+                output_dropout=config.output_dropout,
+                weight_dropout=config.weight_dropout,
+            )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.out_size, config.vocab_size)  # V H_t + b_V
         if config.tie_weights:
@@ -71,12 +100,15 @@ class LanguageModel(nn.Module):
         state: State | None = None,
         targets: torch.Tensor | None = None,
         *,
+        weights: torch.Tensor | None = None,
         return_gates: bool = False,
     ):
         """``idx`` (B, T) int64 -> ``(logits (B, T, V), loss or None, state)``.
 
-        ``loss`` is the mean cross-entropy (nats per token) against ``targets`` (B, T).
-        ``state`` is the LSTM's ``(h, c)`` after the last step, to carry into the next call.
+        ``loss`` is the mean cross-entropy (nats per token) against ``targets`` (B, T); with
+        ``weights`` (B, T), the weighted mean ``sum(w * ce) / sum(w)`` (for answer weights).
+        ``state`` is the recurrent core's state after the last step, to carry into the next
+        call: ``(h, c)`` for the LSTM, ``(h,)`` for the vanilla RNN.
         With ``return_gates=True`` a fourth element, the :class:`~glasslstm.GateTrace`.
         """
         if idx.dim() != 2 or idx.dtype != torch.long:
@@ -85,12 +117,22 @@ class LanguageModel(nn.Module):
                 f"{tuple(idx.shape)} dtype {idx.dtype}"
             )
         x = self.embedding(idx)  # (B, T, E)
-        out = self.lstm(x, state, return_gates=True) if return_gates else self.lstm(x, state)
-        h, state = out[0], out[1]
+        p = self.config.embed_dropout
+        if p and self.training:  # embedding dropout: a token type's whole row, 1/(1-p) kept
+            x = x * _row_mask(self.embedding.weight, p)[idx]
+        single = self.config.cell == "rnn"  # its state is h alone, not a tuple
+        hx = state[0] if single and state is not None else state
+        out = self.lstm(x, hx, return_gates=True) if return_gates else self.lstm(x, hx)
+        h, state = out[0], ((out[1],) if single else out[1])
         logits = self.head(self.drop(h))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            flat, goal = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+            if weights is None:
+                loss = F.cross_entropy(flat, goal)
+            else:
+                w = weights.reshape(-1).float()
+                loss = (F.cross_entropy(flat, goal, reduction="none") * w).sum() / w.sum()
         if return_gates:
             return logits, loss, state, out[2]
         return logits, loss, state
@@ -158,21 +200,21 @@ class LanguageModel(nn.Module):
         else:
             gen.manual_seed(seed)
         tok = self.require_tokenizer()
-        # Byte-level output may split a UTF-8 character across tokens: decode incrementally.
-        decoder = codecs.getincrementaldecoder("utf-8")("replace") if tok.level == "byte" else None
+        # Token by token: words get their spaces, a UTF-8 character split across byte
+        # tokens waits for its last byte.
+        decoder = tok.decoder(after=prompt)
         with self._evaluating():
             logits, state = self._prime(prompt)
             stream = self.stream(state)  # one token per step, nothing allocated
             for _ in range(length):
                 nxt = _sample(logits, temperature, top_k, top_p, gen)
-                piece = decoder.decode(bytes([nxt])) if decoder else tok.decode([nxt])
+                piece = decoder(nxt)
                 if piece:
                     yield piece
                 logits = stream.step(nxt)
-            if decoder:
-                tail = decoder.decode(b"", final=True)
-                if tail:
-                    yield tail
+            tail = decoder.flush()
+            if tail:
+                yield tail
 
     @contextmanager
     def _evaluating(self):
@@ -207,6 +249,11 @@ class LanguageModel(nn.Module):
         word, prob, stream = "", 1.0, None
         with self._evaluating():
             logits, state = self._prime(text)
+            if isinstance(tok, WordTokenizer) and tok.split == "whitespace":
+                probs = torch.softmax(logits.float(), -1)  # one token is one word
+                probs[tok.stoi[tok.EOS]] = 0.0  # the end of the line is not a word
+                i = int(probs.argmax())
+                return tok.decode([i]), float(probs[i])
             for _ in range(max_tokens):
                 probs = torch.softmax(logits.float(), -1)
                 i = int(probs.argmax())
@@ -306,6 +353,12 @@ class LanguageModel(nn.Module):
         return asdict(self.config)
 
 
+def _row_mask(weight: torch.Tensor, p: float) -> torch.Tensor:
+    """(V, 1): 0 with probability p, else 1/(1-p) — one draw per row (token type) of
+    ``weight``, the embedding dropout of Gal & Ghahramani (2016) and Merity et al. (2017)."""
+    return weight.new_empty(weight.shape[0], 1).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
 def _check_save_target(run_dir: Path) -> None:
     """Refuse a place where :meth:`LanguageModel.save` would overwrite what is not its own."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -339,6 +392,14 @@ def training_data(run_dir, *, required: bool = True) -> tuple[str | None, str | 
             "pass --data FILE to say what text to use"
         )
     return train.get("data"), train.get("data_dir")
+
+
+def training_splits(run_dir) -> dict[str, str | None]:
+    """The split files a run was trained with (``--train``, ``--valid``, ``--test``; each
+    None where not given), for the commands that read its validation or test split."""
+    train = rundir.read_config(run_dir).get("train")
+    train = train if isinstance(train, dict) else {}
+    return {split: train.get(split) for split in ("train", "valid", "test")}
 
 
 def load_vocab(run_dir) -> Tokenizer:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ LEVELS = ("char", "word", "byte")  # what a token is: a character, a word, a byt
 NAMED_CORPORA = ("stories", "shakespeare")  # --data names that need no file
 
 PRECISIONS = ("fp32", "bf16")
+CELLS = ("lstm", "rnn")  # the recurrent core: the LSTM, or the vanilla RNN to compare with
 SEED_MAX = 2**32 - 1  # numpy's seeds end here; the trainer derives batch seeds from it
 MAX_THREADS = 1024  # torch accepts far more and then crashes at exit
 
@@ -169,10 +171,29 @@ DEVICE = Rule("device")
 OUTFILE = Rule("outfile", optional=True)
 SEED = integer(0, SEED_MAX)
 PROBABILITY = number(0, 1, high_open=True)
+CHRONO = integer(0, note="0: off; else the longest dependency in tokens, >= 2")
+
+# The regularised LSTM family's options (the same in TrainConfig and ModelConfig).
+OFF_OR_PROBABILITY = number(0, 1, high_open=True, note="0: off")
+FAMILY_RULES: dict[str, Rule] = {
+    "layer_norm": FLAG,
+    "peephole": FLAG,
+    "cell_clip": number(0, note="0: no clipping"),
+    "zoneout_c": OFF_OR_PROBABILITY,
+    "zoneout_h": OFF_OR_PROBABILITY,
+    "recurrent_dropout": OFF_OR_PROBABILITY,
+    "input_dropout": OFF_OR_PROBABILITY,
+    "output_dropout": OFF_OR_PROBABILITY,
+    "weight_dropout": OFF_OR_PROBABILITY,
+    "embed_dropout": OFF_OR_PROBABILITY,
+}
 
 # TrainConfig's fields (the train command's options, config.json's "train").
 TRAIN: dict[str, Rule] = {
     "data": TEXT,
+    "train": TEXT,
+    "valid": TEXT,
+    "test": TEXT,
     "data_dir": TEXT,
     "level": choice(*LEVELS),
     "min_freq": integer(1),
@@ -182,8 +203,13 @@ TRAIN: dict[str, Rule] = {
     "embed": integer(0, note="0: the LSTM's output size"),
     "tie_weights": FLAG,
     "forget_bias": number(),
+    "chrono_init": CHRONO,
+    "cell": choice(*CELLS),
     "seq_len": integer(1),
-    "batching": choice("stream", "random"),
+    "batching": choice("stream", "random", "documents"),
+    "curriculum": integer(0, note="steps on the shortest documents first; 0: off"),
+    "answers": TEXT,
+    "answer_weight": number(0, low_open=True, note="1: every token alike"),
     "batch_size": integer(1),
     "optimizer": choice("adamw", "sgd"),
     "lr": number(0, low_open=True),
@@ -193,7 +219,7 @@ TRAIN: dict[str, Rule] = {
     "warmup": integer(0),
     "min_lr_ratio": number(0, 1),
     "clip": number(0, note="0: off"),
-    "max_steps": integer(1),
+    "max_steps": integer(0, note="0: no limit, with --time-budget"),
     "time_budget": number(0, note="seconds; 0: none"),
     "eval_every": integer(1),
     "eval_batches": integer(0, note="0: the whole split"),
@@ -203,6 +229,7 @@ TRAIN: dict[str, Rule] = {
     "device": DEVICE,
     "threads": integer(0, MAX_THREADS, note="0: torch's default"),
     "checkpoint": integer(0, note="0: off"),
+    **FAMILY_RULES,
     "deterministic": FLAG,
     "precision": choice(*PRECISIONS),
     "out": TEXT,
@@ -217,8 +244,11 @@ MODEL: dict[str, Rule] = {
     "embed_size": integer(0, note="0: the LSTM's output size"),
     "tie_weights": FLAG,
     "forget_bias": number(),
+    "chrono_init": CHRONO,
+    "cell": choice(*CELLS),
     "proj_size": integer(0, note="0: none"),
     "checkpoint": integer(0, note="0: off"),
+    **FAMILY_RULES,
 }
 
 # LanguageModel.generate and `glasslstm sample`.
@@ -273,9 +303,50 @@ def _rule_from_default(default) -> Rule | None:
     return None
 
 
+def check_chrono(value, *, name: str) -> None:
+    """chrono_init is 0 (off) or a time scale of at least 2 tokens (log U[1, T - 1] needs it)."""
+    if value == 1:
+        raise InvalidValue("chrono_init", value, CHRONO.expected(), name=name)
+
+
 def check_train(cfg) -> None:
     """A TrainConfig: each option against :data:`TRAIN`, then the ones that must agree."""
     check_fields(cfg, TRAIN)
+    if cfg.data is not None and cfg.train is not None:
+        raise ConfigError(
+            f"--data {cfg.data} and --train {cfg.train} both name the training text; give "
+            "--data (a file, or a folder with train/valid/test files) or --train FILE "
+            "[--valid FILE] [--test FILE]"
+        )
+    if cfg.train is None and (cfg.valid is not None or cfg.test is not None):
+        given = "--valid" if cfg.valid is not None else "--test"
+        raise ConfigError(f"{given} needs --train FILE (the training split) beside it")
+    if cfg.max_steps == 0 and not cfg.time_budget:
+        raise ConfigError(
+            "--max-steps 0 (no step limit) needs --time-budget SECONDS to end the run; give "
+            "one of them"
+        )
+    check_chrono(cfg.chrono_init, name=flag_name("chrono_init"))
+    if cfg.cell == "rnn" and (cfg.chrono_init or cfg.checkpoint):
+        raise ConfigError("--chrono-init and --checkpoint are LSTM options; --cell rnn has neither")
+    if (cfg.curriculum or cfg.answers) and cfg.batching != "documents":
+        raise ConfigError(
+            "--curriculum and --answers act on windows of whole documents; add --batching documents"
+        )
+    if cfg.answers:
+        try:
+            re.compile(cfg.answers)
+        except re.error as e:
+            raise ConfigError(
+                f"--answers is not a regular expression ({e}); fix the pattern"
+            ) from None
+    if cfg.cell == "rnn":
+        from glasslstm.config import FAMILY  # (config imports this module)
+
+        family = [name for name in FAMILY if getattr(cfg, name)]
+        if family:
+            flags = ", ".join("--" + name.replace("_", "-") for name in family)
+            raise ConfigError(f"{flags}: options of the LSTM; --cell rnn has none of them")
     if cfg.tie_weights and cfg.embed not in (0, cfg.hidden):
         raise ConfigError(
             f"--tie-weights needs the embedding as wide as the LSTM's output: --embed 0 or "
@@ -335,16 +406,28 @@ def resolve_data(spec: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else spec
 
 
+def resolve_file(path: str | None) -> str | None:
+    """A file option (``--train``, ``--valid``, ``--test``) as an absolute path where it exists
+    (one that does not is kept as given: loading it says so)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
 def resolve_dir(path: str | None) -> str | None:
     """A folder option (``--data-dir``, ``--out``) as an absolute path."""
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def resolve_paths(values: Mapping) -> dict:
-    """``values`` (training options) with ``data``, ``data_dir`` and ``out``, where present,
-    made absolute: a run records where its files are, not where it was started from."""
+    """``values`` (training options) with ``data``, the split files, ``data_dir`` and ``out``,
+    where present, made absolute: a run records where its files are, not where it was
+    started from."""
     out = dict(values)
-    for key, resolve in (("data", resolve_data), ("data_dir", resolve_dir), ("out", resolve_dir)):
+    resolvers = {"data": resolve_data, "data_dir": resolve_dir, "out": resolve_dir}
+    resolvers.update(dict.fromkeys(("train", "valid", "test"), resolve_file))
+    for key, resolve in resolvers.items():
         if isinstance(out.get(key), str):
             out[key] = resolve(out[key])
     return out
@@ -362,19 +445,33 @@ def parameter_shapes(
     *,
     embed_size: int = 0,
     proj_size: int = 0,
+    layer_norm: bool = False,
+    peephole: bool = False,
+    cell: str = "lstm",
 ) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor in a LanguageModel's state_dict, without building one:
-    embedding, each LSTM layer's U, W, biases (and projection), the output layer."""
+    embedding, each layer's U, W, biases (and projection; layer normalisation's gains and
+    cell bias, peephole weights), the output layer. ``cell``: the recurrent core, the LSTM
+    (four gates' rows) or the vanilla RNN (one)."""
     out = proj_size or hidden_size
     embed = embed_size or out
+    rows = (4 if cell == "lstm" else 1) * hidden_size
     shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (vocab_size, embed)}
     for k in range(num_layers):
-        shapes[f"lstm.weight_ih_l{k}"] = (4 * hidden_size, embed if k == 0 else out)
-        shapes[f"lstm.weight_hh_l{k}"] = (4 * hidden_size, out)
-        shapes[f"lstm.bias_ih_l{k}"] = (4 * hidden_size,)
-        shapes[f"lstm.bias_hh_l{k}"] = (4 * hidden_size,)
+        shapes[f"lstm.weight_ih_l{k}"] = (rows, embed if k == 0 else out)
+        shapes[f"lstm.weight_hh_l{k}"] = (rows, out)
+        shapes[f"lstm.bias_ih_l{k}"] = (rows,)
+        shapes[f"lstm.bias_hh_l{k}"] = (rows,)
         if proj_size:
             shapes[f"lstm.weight_hr_l{k}"] = (proj_size, hidden_size)
+    for k in range(num_layers):  # glasslstm.LSTM registers the family's after torch's
+        if layer_norm:
+            shapes[f"lstm.ln_weight_ih_l{k}"] = (4 * hidden_size,)
+            shapes[f"lstm.ln_weight_hh_l{k}"] = (4 * hidden_size,)
+            shapes[f"lstm.ln_weight_c_l{k}"] = (hidden_size,)
+            shapes[f"lstm.ln_bias_c_l{k}"] = (hidden_size,)
+        if peephole:
+            shapes[f"lstm.weight_ch_l{k}"] = (3 * hidden_size,)
     shapes["head.weight"] = (vocab_size, out)
     shapes["head.bias"] = (vocab_size,)
     return shapes
@@ -419,7 +516,15 @@ def training_memory(cfg, vocab_size: int) -> MemoryEstimate:
     2.3 times this figure (H 256-1024, checkpointing on and off): the allocator's caches and
     the backward pass's temporaries come on top.
     """
-    shapes = parameter_shapes(vocab_size, cfg.hidden, cfg.layers, embed_size=cfg.embed)
+    shapes = parameter_shapes(
+        vocab_size,
+        cfg.hidden,
+        cfg.layers,
+        embed_size=cfg.embed,
+        layer_norm=cfg.layer_norm,
+        peephole=cfg.peephole,
+        cell=cfg.cell,
+    )
     params = count_parameters(shapes, tie_weights=cfg.tie_weights)
     moments = 2 if cfg.optimizer == "adamw" else (1 if cfg.momentum else 0)
     what = "parameters, gradients and " + (

@@ -113,7 +113,12 @@ class Recurrent(nn.Module):
                         name = kind + _suffix(layer, direction)
                         setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                         self._flat_weights_names.append(name)
+        self._register_extra_parameters(factory)
         self.reset_parameters()
+
+    def _register_extra_parameters(self, factory: dict) -> None:
+        """A subclass's own parameters (LSTM's layer normalisation and peepholes), registered
+        after torch's so that the same seed still draws torch's weights. None here."""
 
     # ---------------------------------------------------------------- parameters
     def reset_parameters(self) -> None:
@@ -188,9 +193,13 @@ class Recurrent(nn.Module):
             **extra,
             **kwargs,
         )
-        ours.load_state_dict(module.state_dict())
+        ours._load_torch_state(module.state_dict())
         ours.train(module.training)
         return ours
+
+    def _load_torch_state(self, state: dict) -> None:
+        """A torch module's state_dict into this one (strict: the same parameters)."""
+        self.load_state_dict(state)
 
     @classmethod
     def _torch_only_kwargs(cls) -> tuple[str, ...]:
@@ -239,12 +248,25 @@ class Recurrent(nn.Module):
         return s
 
     # ---------------------------------------------------------------- forward
-    def _layer(self, backend: str, x, state, weights, batch_sizes, reverse: bool, record: bool):
-        """One layer, one direction: ``(y (T, B, out), final state (tuple), recorded)``.
+    def _layer(
+        self, backend: str, x, state, weights, batch_sizes, reverse: bool, record: bool, layer=0
+    ):
+        """One layer (number ``layer``), one direction: ``(y (T, B, out), final state (tuple),
+        recorded)``.
 
         ``state`` is a tuple of (B, ·) tensors (``h`` or ``h, c``); ``recorded`` maps each of
         ``trace_fields`` to a detached (T, B, ·) tensor when ``record``, else None."""
         raise NotImplementedError
+
+    def _layer_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """What layer ``layer`` reads of its input x (T, B, ·) in this forward pass: x itself
+        here; a subclass may drop parts of it (LSTM's input_dropout)."""
+        return x
+
+    def _layer_output(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """What leaves layer ``layer`` of its output y (T, B, D * out): y itself here; a
+        subclass may drop parts of it (LSTM's output_dropout)."""
+        return y
 
     def _run(self, input, hx, lengths, return_gates: bool):
         """The shared forward: returns ``(output, states (tuple of (L*D, B, ·)), trace)``."""
@@ -280,6 +302,7 @@ class Recurrent(nn.Module):
         finals, records = [], []
         for layer in range(self.num_layers):
             outs = []
+            layer_input = self._layer_input(layer, layer_input)
             for direction in range(D):
                 k = layer * D + direction
                 y, final, rec = self._layer(
@@ -290,11 +313,12 @@ class Recurrent(nn.Module):
                     batch_sizes,
                     bool(direction),
                     return_gates,
+                    layer,
                 )
                 outs.append(y)
                 finals.append(final)
                 records.append(rec)
-            layer_input = outs[0] if D == 1 else torch.cat(outs, dim=2)
+            layer_input = self._layer_output(layer, outs[0] if D == 1 else torch.cat(outs, dim=2))
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         output = layer_input  # (T, B, D * out)

@@ -79,7 +79,7 @@ class GRU(_SingleState):
     def _torch_class(cls) -> type[nn.Module]:
         return nn.GRU
 
-    def _layer(self, backend, x, state, weights, batch_sizes, reverse, record):
+    def _layer(self, backend, x, state, weights, batch_sizes, reverse, record, layer=0):
         w_ih, w_hh, b_ih, b_hh, _ = weights
         y, h_n, rec = gru_layer_loop(
             x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record
@@ -142,7 +142,7 @@ class RNN(_SingleState):
     def _repr_options(self) -> dict:
         return {**super()._repr_options(), "nonlinearity": "tanh"}
 
-    def _layer(self, backend, x, state, weights, batch_sizes, reverse, record):
+    def _layer(self, backend, x, state, weights, batch_sizes, reverse, record, layer=0):
         w_ih, w_hh, b_ih, b_hh, _ = weights
         y, h_n, _ = rnn_layer_loop(
             x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, record, self.nonlinearity

@@ -5,7 +5,7 @@ decides whether what it fetched can be used: config.json's sections against the 
 as the options (:mod:`glasslstm.options`), vocab.json against config.json, every weights
 file's tensor names, shapes and dtypes against the model config.json describes, read from
 the file's header before any tensor is loaded, then its values (no NaN or infinity), and the
-resume point (progress, optimizer moments, RNG states, carried LSTM state) against the model
+resume point (progress, optimizer moments, RNG states, carried recurrent state) against the model
 and optimizer it is about to be loaded into. Each problem is one
 :class:`~glasslstm.errors.RunDirError` line naming the file, the key, what was found and
 what was expected. :func:`read_model` is what :meth:`LanguageModel.load` (and so every
@@ -74,7 +74,9 @@ CORPUS = {
     "train_tokens": options.integer(0),
     "val_tokens": options.integer(0),
     "sha256": options.Rule("text", optional=True),
+    "test_tokens": options.integer(0, optional=True),
 }
+SPLIT_NAMES = ("train", "valid", "test")  # the keys of corpus.files: split -> its file
 
 # Model fields and the training options they come from; config.json's two must agree.
 _MODEL_FROM_TRAIN = {
@@ -138,6 +140,13 @@ def read_run_config(run_dir) -> RunConfig:
         expected = rule.problem(corpus.get(key))
         if expected is not None:
             raise _bad_key(path, f"corpus.{key}", corpus[key], expected, fix)
+    files = corpus.get("files", {})
+    if not isinstance(files, dict) or not all(
+        k in SPLIT_NAMES and isinstance(v, str) for k, v in files.items()
+    ):
+        raise _bad_key(
+            path, "corpus.files", files, "an object of train, valid, test -> file path", fix
+        )
     for model_key, train_key in _MODEL_FROM_TRAIN.items():
         if getattr(model, model_key) != getattr(train, train_key):
             raise RunDirError(
@@ -272,11 +281,18 @@ def read_model(run_dir, which: str = "best", device: torch.device | None = None)
     )
     m = model_config
     shapes = options.parameter_shapes(
-        m.vocab_size, m.hidden_size, m.num_layers, embed_size=m.embed_size, proj_size=m.proj_size
+        m.vocab_size,
+        m.hidden_size,
+        m.num_layers,
+        embed_size=m.embed_size,
+        proj_size=m.proj_size,
+        layer_norm=m.layer_norm,
+        peephole=m.peephole,
+        cell=m.cell,
     )
     of = (
-        f"config.json's model (vocab_size {m.vocab_size}, hidden_size {m.hidden_size}, "
-        f"num_layers {m.num_layers})"
+        f"config.json's model (cell {m.cell}, vocab_size {m.vocab_size}, hidden_size "
+        f"{m.hidden_size}, num_layers {m.num_layers})"
     )
     optional = ("head.weight",) if m.tie_weights else ()
     check_header(path, rundir.read_tensor_header(path), shapes, of=of, fix=fix, optional=optional)
@@ -307,8 +323,9 @@ def read_train_state(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """RUN/train_state.safetensors, checked against what it is about to be loaded into:
     ``progress`` (a dataclass: every field present, of its type), the model's weights, the
-    optimizer's groups and moments, the RNG states, and the carried LSTM state of
-    ``batch_size`` rows. The header first, then the values. Returns ``(tensors, meta)``."""
+    optimizer's groups and moments, the RNG states, and the carried state (h and c of an LSTM,
+    h of a vanilla RNN) of ``batch_size`` rows. The header first, then the values. Returns
+    ``(tensors, meta)``."""
     run_dir = Path(run_dir)
     path = run_dir / rundir.TRAIN_STATE_TENSORS
     fix = RESTORE
@@ -329,13 +346,15 @@ def read_train_state(
     out, hidden = getattr(lstm, "proj_size", 0) or lstm.hidden_size, lstm.hidden_size
     layers = lstm.num_layers * (2 if lstm.bidirectional else 1)
     carry = {"carry.h": (layers, batch_size, out), "carry.c": (layers, batch_size, hidden)}
+    if getattr(getattr(model, "config", None), "cell", "lstm") == "rnn":
+        del carry["carry.c"]  # the vanilla RNN's state is h alone
     opt_shapes = _optimizer_shapes(path, meta["optimizer"], optimizer, fix)
     of = "the model and optimizer config.json describes"
     ours = {k: v for k, v in found.items() if k.startswith(("model.", "carry.", "state."))}
     check_header(
         path, ours, {**expected, **carry, **opt_shapes}, of=of, fix=fix, optional=tuple(carry)
     )
-    if ("carry.h" in found) != ("carry.c" in found):
+    if "carry.c" in carry and ("carry.h" in found) != ("carry.c" in found):
         raise RunDirError(f"{path}: holds only one of carry.h and carry.c; {fix}")
 
     tensors, meta = rundir.load_train_state(run_dir)
@@ -424,22 +443,34 @@ def corpus_sha256(corpus: Corpus) -> str:
     """The SHA-256 of a corpus's whole text (both splits): what a resumed run must see again."""
     h = hashlib.sha256(corpus.train)
     h.update(corpus.val)
+    h.update(corpus.test)  # empty without a test split: the digest of earlier runs stands
     return h.hexdigest()
 
 
-def load_run_corpus(run_dir, spec: str | None, data_dir: str | None, *, moved_fix: str) -> Corpus:
-    """The corpus a run was trained on (``spec``, ``data_dir`` from its config.json); when it
-    is a path that is not there any more, a DataError that says so and how to point at its
-    new place (``moved_fix``)."""
+def load_run_corpus(
+    run_dir,
+    spec: str | None,
+    data_dir: str | None,
+    *,
+    moved_fix: str,
+    splits: Mapping[str, str | None] | None = None,
+) -> Corpus:
+    """The corpus a run was trained on (``spec``, ``data_dir``, and the split files
+    ``splits`` from its config.json); when a path is not there any more, a DataError that
+    says so and how to point at its new place (``moved_fix``)."""
+    splits = {k: v for k, v in (splits or {}).items() if v is not None}
     try:
-        return load_corpus(spec, data_dir=data_dir, seed=0)
+        return load_corpus(spec, data_dir=data_dir, seed=0, **splits)
     except DataError:
-        gone = spec is not None and not Path(spec).expanduser().exists()
-        if not gone or spec in ("stories", "shakespeare"):
+        paths = list(splits.values()) or (
+            [] if spec in (None, "stories", "shakespeare") else [spec]
+        )
+        gone = [p for p in paths if p is not None and not Path(p).expanduser().exists()]
+        if not gone:
             raise
         raise DataError(
-            f"the training text of {run_dir}, {spec}, is not there any more; if it moved, "
-            f"{moved_fix}"
+            f"the training text of {run_dir}, {', '.join(map(str, gone))}, is not there any "
+            f"more; if it moved, {moved_fix}"
         ) from None
 
 
@@ -465,10 +496,14 @@ def check_resumed_corpus(run_dir, cfg, corpus: Corpus, train_tokens: int, val_to
             "on this one"
         )
     train = stored.raw["train"]
-    if (train.get("data"), train.get("data_dir")) != (cfg.data, cfg.data_dir) or known is None:
+    places = ("data", "data_dir", *SPLIT_NAMES)
+    now = {key: getattr(cfg, key) for key in places}
+    if any(train.get(key) != value for key, value in now.items()) or known is None:
         raw = dict(stored.raw)
-        raw["train"] = {**train, "data": cfg.data, "data_dir": cfg.data_dir}
+        raw["train"] = {**train, **now}
         raw["corpus"] = {**stored.corpus, "source": corpus.source, "sha256": digest}
+        if corpus.files:
+            raw["corpus"]["files"] = corpus.files
         rundir.write_config(run_dir, raw)
 
 

@@ -16,6 +16,7 @@ uninterrupted (same machine, same thread count).
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import time
@@ -39,9 +40,11 @@ from glasslstm.data import (
 )
 from glasslstm.determinism import deterministic
 from glasslstm.distributed import Ranks, check_resume, session
+from glasslstm.documents import DocumentBatches
 from glasslstm.errors import ConfigError, DataError, WriteError
 from glasslstm.interrupt import GracefulStop
 from glasslstm.model import LanguageModel, load_vocab
+from glasslstm.progress import make_progress
 
 LN2 = math.log(2.0)
 
@@ -60,6 +63,8 @@ class TrainResult:
     message: str = ""
     fill_in: list = field(default_factory=list)
     interrupted_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
+    test: dict | None = None  # the best model on the test split: loss, bpc, perplexity, tokens
+    files: dict = field(default_factory=dict)  # split -> the file it was read from
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -150,8 +155,9 @@ def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
+    progress = 0.0  # max_steps 0: no step limit, the time budget alone
+    if cfg.max_steps:
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     if cfg.time_budget:
         progress = max(progress, min(1.0, seconds / cfg.time_budget))
     floor = cfg.lr * cfg.min_lr_ratio
@@ -165,7 +171,9 @@ def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optim
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    name = Path(cfg.data).stem if cfg.data else "stories"
+    # split files: their folder's name (wikitext-2/train.txt -> wikitext-2)
+    name = Path(cfg.train).resolve().parent.name if cfg.train else None
+    name = name or (Path(cfg.data).stem if cfg.data else "stories")
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -207,8 +215,8 @@ def train(
         cfg = replace(
             cfg, **{k: v for k, v in (overrides or {}).items() if k in TrainConfig.RESUMABLE}
         )
-    else:
-        cfg = replace(config or TrainConfig(), **(overrides or {}))
+    else:  # the level's defaults for what neither config nor overrides set
+        cfg = replace(config, **overrides) if config else TrainConfig(**overrides)
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         _check_new_run_dir(run_dir)
         cfg = replace(cfg, **options.resolve_paths({**asdict(cfg), "out": str(run_dir)}))
@@ -258,10 +266,14 @@ class _Run:
         ranks: Ranks,
     ) -> None:
         self.cfg, self.run_dir, self.device, self.ranks = cfg, run_dir, device, ranks
+        splits = {"train": cfg.train, "valid": cfg.valid, "test": cfg.test}
         if corpus is None and resume is not None:
-            moved = f"resume with `glasslstm train --resume {run_dir} --data NEW_PATH`"
-            corpus = runfiles.load_run_corpus(run_dir, cfg.data, cfg.data_dir, moved_fix=moved)
-        corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
+            flags = "--train NEW_PATH ..." if cfg.train else "--data NEW_PATH"
+            moved = f"resume with `glasslstm train --resume {run_dir} {flags}`"
+            corpus = runfiles.load_run_corpus(
+                run_dir, cfg.data, cfg.data_dir, moved_fix=moved, splits=splits
+            )
+        corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0, **splits)
         tok = (
             load_vocab(run_dir)
             if resume is not None
@@ -279,15 +291,36 @@ class _Run:
         self.stream = ranks.stream(  # this process's rows of each (global) batch
             TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
         )
+        self.documents = (
+            DocumentBatches(
+                train_ids,
+                tok,
+                cfg.batch_size,
+                cfg.seq_len,
+                seed=cfg.seed,
+                curriculum=cfg.curriculum,
+                answers=cfg.answers,
+                answer_weight=cfg.answer_weight,
+            )
+            if cfg.batching == "documents"
+            else None
+        )
         self.val_cpt = chars_per_token(tok, corpus.val, len(self.val_ids))
         self.train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
+        self.files = dict(corpus.files)
+        self.test_ids = None
+        if corpus.test:
+            what = f"the test file {corpus.files.get('test', corpus.name)!r}"
+            self.test_ids = tok.encode_bytes(corpus.test, what=what)
+            self.test_cpt = chars_per_token(tok, corpus.test, len(self.test_ids))
+            self.test_unknown = tok.unknown(corpus.test.decode("utf-8", errors="replace"))
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model_config(tok.vocab_size), tok).to(device)
         ranks.seed(cfg.seed)
         self.opt = _make_optimizer(cfg, self.model)
         self.progress = _Progress()
-        self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # carried across batches
+        self.state: tuple[torch.Tensor, ...] | None = None  # carried across batches
         if resume is not None:
             self.state = _load_resume_point(
                 run_dir, self.model, self.opt, self.progress, device, cfg.batch_size, ranks
@@ -312,6 +345,12 @@ class _Run:
                         "train_tokens": int(len(train_ids)),
                         "val_tokens": int(len(self.val_ids)),
                         "sha256": runfiles.corpus_sha256(corpus),
+                        **({"files": corpus.files} if corpus.files else {}),
+                        **(
+                            {"test_tokens": int(len(self.test_ids))}
+                            if self.test_ids is not None
+                            else {}
+                        ),
                     },
                 },
             )
@@ -370,10 +409,39 @@ class _Run:
         )
         return res
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next training batch ``(x, y)`` on the device; resets the carried state where
-        rows restart (a new pass over the stream, or independent random windows)."""
+    def score_test(self) -> dict | None:
+        """The best model (``best/``) on the test split, logged as the ``test`` row of
+        metrics.jsonl; None when the corpus has no test split."""
+        if self.test_ids is None:
+            return None
+        cfg = self.cfg
+        best = copy.deepcopy(self.model)  # the training model and its state stay as they are
+        weights = rundir.load_tensors(self.run_dir / "best" / "model.safetensors")
+        best.load_state_dict(weights, strict=not cfg.tie_weights)
+        res = evaluate(
+            best,
+            self.test_ids,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            chars_per_token=self.test_cpt,
+        )
+        res["unknown"] = self.test_unknown
+        self.log({"split": "test", "step": self.progress.step, **res})
+        return res
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The next training batch ``(x, y, weights)`` on the device (weights: None, or the
+        loss weight of each target); resets the carried state where rows restart (a new pass
+        over the stream, independent random windows, windows of whole documents)."""
         cfg, step = self.cfg, self.progress.step
+        if self.documents is not None:
+            self.state = None  # every row starts at a document's beginning
+            # every rank draws the same global batch and trains its own rows of it
+            x, y, w = (
+                None if t is None else self.ranks.rows(t) for t in self.documents.batch(step)
+            )
+            assert x is not None and y is not None
+            return x.to(self.device), y.to(self.device), None if w is None else w.to(self.device)
         if cfg.batching == "random":
             self.state = None  # independent windows: nothing to carry
             x, y = self.stream.random_batch(cfg.seed * 1_000_003 + step)
@@ -382,11 +450,12 @@ class _Run:
             if k == 0:
                 self.state = None  # a new pass over the stream: rows restart at their beginning
             x, y = self.stream.batch(k)
-        return x.to(self.device), y.to(self.device)
+        return x.to(self.device), y.to(self.device), None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, bool]:
-        """One optimizer step at learning rate ``lr``: ``(loss, applied)``. A step whose loss
-        or gradient norm is not finite is not applied (the run has diverged)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, w, lr: float) -> tuple[float, bool]:
+        """One optimizer step at learning rate ``lr``: ``(loss, applied)``; ``w``: None or the
+        targets' loss weights. A step whose loss or gradient norm is not finite is not applied
+        (the run has diverged)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
         # bf16: the LSTM's matrix products in bf16 (its state and gate math float32), the
@@ -394,7 +463,7 @@ class _Run:
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
         ):
-            _, loss, new_state = self.forward(x, self.state, y)
+            _, loss, new_state = self.forward(x, self.state, y, weights=w)
         loss_value = self.ranks.mean(loss.detach())  # the global batch's mean loss
         self.opt.zero_grad(set_to_none=True)
         if not math.isfinite(loss_value):
@@ -404,7 +473,7 @@ class _Run:
         if not math.isfinite(float(norm)):
             return loss_value, False
         self.opt.step()
-        self.state = (new_state[0].detach(), new_state[1].detach())
+        self.state = tuple(s.detach() for s in new_state)
         return loss_value, True
 
 
@@ -422,16 +491,22 @@ def _train(
     """:func:`train` once its configuration, run directory and device are settled."""
     run = _Run(cfg, run_dir, resume, device, corpus, build_model, ranks)
     p = run.progress
-    bar = _progress_bar(cfg, p.step) if progress else None
+    bar = (
+        make_progress(
+            max_steps=cfg.max_steps, time_budget=cfg.time_budget, step=p.step, seconds=p.seconds
+        )
+        if progress
+        else None
+    )
     stopped, message, last_val, stop_name = "max_steps", "", None, ""
     window = _Window()
     run.model.train()
     with GracefulStop() as interrupt, bar or nullcontext():
-        while p.step < cfg.max_steps:
+        while not cfg.max_steps or p.step < cfg.max_steps:
             t_step = time.perf_counter()
-            x, y = run.batch()
+            x, y, w = run.batch()
             lr = lr_at(cfg, p.step, p.seconds)
-            loss, applied = run.step(x, y, lr)
+            loss, applied = run.step(x, y, w, lr)
             if not applied:
                 stopped = "diverged"
                 message = (
@@ -462,11 +537,9 @@ def _train(
                     }
                 )
                 if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}", refresh=False
-                    )
+                    bar.show(loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}")
             if bar is not None:
-                bar.update(1)
+                bar.advance(p.step, p.seconds)
             out_of_time = cfg.time_budget and p.seconds >= cfg.time_budget
             if p.step % cfg.eval_every == 0 or p.step == cfg.max_steps or out_of_time:
                 last_val = run.validate()
@@ -488,8 +561,12 @@ def _train(
                 break
     if bar is not None:
         bar.close()
-    if last_val is None and stopped not in ("interrupted", "diverged"):
+    finished = stopped not in ("interrupted", "diverged")
+    if last_val is None and finished:
         last_val = run.validate()
+    # the test split is scored once, by the process that writes (no other rank reads best/
+    # while it may still be being replaced)
+    test = run.score_test() if finished and ranks.is_main else None
     if ranks.is_main:
         _write_curves(run_dir)
     if not message:
@@ -507,6 +584,8 @@ def _train(
         seconds=p.seconds,
         message=message,
         interrupted_by=stop_name,
+        test=test,
+        files=run.files,
     )
 
 
@@ -526,19 +605,6 @@ class _Window:
         return mean, tps
 
 
-def _progress_bar(cfg: TrainConfig, start: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
-        leave=True,
-    )
-
-
 def _save_resume_point(
     run_dir: Path, model, opt, progress: _Progress, state, extra: dict, extra_meta: dict
 ) -> None:
@@ -548,8 +614,8 @@ def _save_resume_point(
     rng_tensors, rng_meta = rundir.rng_state()
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
-    if state is not None:
-        tensors["carry.h"], tensors["carry.c"] = state
+    if state is not None:  # (h, c) of an LSTM, (h,) of a vanilla RNN
+        tensors.update({f"carry.{k}": v for k, v in zip("hc", state)})
     meta = {**asdict(progress), "optimizer": opt_meta, "rng": rng_meta, **extra_meta}
     rundir.save_train_state(run_dir, tensors, meta)
 
@@ -564,9 +630,9 @@ def _load_resume_point(
     rundir.set_rng_state(tensors, stored["rng"])
     for key in asdict(progress):
         setattr(progress, key, stored[key])
-    state = (tensors["carry.h"], tensors["carry.c"]) if "carry.h" in tensors else None
-    state = ranks.restore(tensors, state)  # this rank's generators and rows
-    return None if state is None else (state[0].to(device), state[1].to(device))
+    carried = tuple(tensors[f"carry.{k}"] for k in "hc" if f"carry.{k}" in tensors) or None
+    state = ranks.restore(tensors, carried)  # this rank's generators and rows
+    return None if state is None else tuple(s.to(device) for s in state)
 
 
 def _write_curves(run_dir: Path) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from glasslstm import options
-from glasslstm.config import INITS, TASKS
+from glasslstm.config import INITS, TASKS, VARIANT_MEMBERS
 from glasslstm.config import MEMORY_MODELS as MODELS
 from glasslstm.errors import ConfigError
 
@@ -21,6 +21,13 @@ MEMORY_OPTIONS = {
     "seed": options.SEED,
 }
 GRADIENT_OPTIONS = {"T": POSITIVE, "budget": POSITIVE, "hidden": POSITIVE, "seed": options.SEED}
+VARIANTS_OPTIONS = {
+    "hidden": POSITIVE,
+    "T": POSITIVE,
+    "batch_size": POSITIVE,
+    "reps": POSITIVE,
+    "threads": options.integer(0, options.MAX_THREADS, note="0: torch's default"),
+}
 SPEED_OPTIONS = {
     "T": POSITIVE,
     "batch_size": POSITIVE,
@@ -108,6 +115,7 @@ def add_parser(sub) -> None:
     g.set_defaults(run=run_gradient)
 
     _add_speed(kinds)
+    _add_variants(kinds)
     _add_onnx(kinds)
     _add_gemm(kinds)
 
@@ -291,6 +299,65 @@ def run_speed(args) -> int:
     else:
         print(speed_table(res))
         print(f"\nwrote {out / 'speed.json'}")
+    return 0
+
+
+def _add_variants(kinds) -> None:
+    v = kinds.add_parser(
+        "variants",
+        help="the regularised LSTM family: fused speed vs the plain LSTM and vs a torch loop",
+        description="For each member of the family (layer normalisation, peepholes, cell "
+        "clipping, zoneout, recurrent dropout, DropConnect, variational input/output dropout, "
+        "all together), time one training step (forward + backward of one layer, T x B x H, "
+        "input size H, training mode) of the plain fused LSTM, the member on the fused path "
+        "and the member written as a torch loop (backend='loop', autograd), alternating in "
+        "every repetition. Prints milliseconds (medians) and two ratios (medians of the "
+        "per-repetition ratios): plain time / fused time (1.00: the member costs nothing) "
+        "and loop time / fused time (> 1: the fused path is that many times faster).",
+    )
+    v.add_argument(
+        "--members",
+        default=",".join(VARIANT_MEMBERS),
+        help=f"comma-separated members to time, from {', '.join(VARIANT_MEMBERS)} "
+        "(default: all of them)",
+    )
+    v.add_argument("--hidden", type=int, default=512, help="hidden units H (default: 512)")
+    v.add_argument("--T", type=int, default=100, help="time steps per sequence (default: 100)")
+    v.add_argument("--batch-size", type=int, default=32, help="sequences per batch (default: 32)")
+    v.add_argument("--reps", type=int, default=5, help="timed repetitions (default: 5)")
+    v.add_argument(
+        "--threads", type=int, default=0, help="CPU threads torch uses (default: 0, torch's own)"
+    )
+    _outputs(v, "variants")
+    v.set_defaults(run=run_variants)
+
+
+def run_variants(args) -> int:
+    options.check_args(args, VARIANTS_OPTIONS)
+    members = [m.strip() for m in args.members.split(",") if m.strip()]
+    unknown = [m for m in members if m not in VARIANT_MEMBERS]
+    if unknown or not members:
+        raise ConfigError(
+            f"--members: unknown {unknown or members!r}; choose from {', '.join(VARIANT_MEMBERS)}"
+        )
+    import torch
+
+    from glasslstm.bench.variants import variants_bench, variants_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = _log(args)
+    res = variants_bench(
+        members, args.hidden, args.T, args.batch_size, args.reps, progress=log or (lambda s: None)
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "variants.json").write_text(json.dumps(res, indent=2, default=str))
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(variants_table(res))
+        print(f"\nwrote {out / 'variants.json'}")
     return 0
 
 

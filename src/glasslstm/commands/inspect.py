@@ -9,6 +9,7 @@ from pathlib import Path
 
 from glasslstm import options
 from glasslstm.commands import common
+from glasslstm.commands.common import unknown_note
 from glasslstm.config import QUANTITIES
 from glasslstm.errors import ConfigError, DataError
 
@@ -40,8 +41,9 @@ def add_parser(sub) -> None:
         "--cells",
         default=None,
         metavar="K,K,...",
-        help="cells to show, e.g. 3,17 (default: the 3 whose cell state varies most "
-        "over the text; in --html/--png the first one colours the text)",
+        help="cells to show, e.g. 3,17 (default: for a model `glasslstm train` trained on the "
+        "stories, the cells it found tracking the subject and the hero; else the 3 whose hidden "
+        "state varies most over the text; in --html/--png the first one colours the text)",
     )
     p.add_argument(
         "--quantity",
@@ -127,11 +129,26 @@ def run(args) -> int:
     options.check_args(args, OPTIONS)
     cells = _parse_cells(args.cells)
     model = LanguageModel.load(args.run_dir, which=args.which)
+    chosen = None
+    if cells is None:  # a stories run's subject and hero cells, if the layer is theirs
+        from glasslstm.inspection.article import load_cells
+
+        found = load_cells(args.run_dir)
+        layer = model.config.num_layers - 1 if args.layer is None else args.layer
+        chosen = found[1] if found and found[0] == layer else None
     _check_range(args.layer, cells, model.config.num_layers, model.config.hidden_size)
-    text, where = _read_text(args, model.require_tokenizer().level)
+    tok = model.require_tokenizer()
+    text, where = _read_text(args, tok.level)
+    unknown = tok.unknown(text)
+    if unknown:
+        print(unknown_note(tok, unknown, where), file=sys.stderr)
     analysis = analyze(model, text, top_k=args.top_k)
-    analysis.meta.update({"run_dir": str(args.run_dir), "which": args.which, "source": where})
-    layer, cells, by_default = resolve(analysis, args.layer, cells)
+    analysis.meta.update(
+        {"run_dir": str(args.run_dir), "which": args.which, "source": where, "unknown": unknown}
+    )
+    layer, cells, by_default = resolve(analysis, args.layer, cells or chosen)
+    if chosen and cells == chosen:
+        by_default = False
 
     written = []
     if args.html:
@@ -141,8 +158,12 @@ def run(args) -> int:
             analysis,
             args.html,
             layer=layer,
-            cell=cells[0],
+            cells=cells,
             quantity=args.quantity,
+            notes="The cells glasslstm train found tracking whom the text is about, then the "
+            "hero (RUN/article/cells.json)."
+            if chosen
+            else None,
             title=f"glasslstm inspect: {Path(args.run_dir).name} on "
             f"{'the given text' if args.file is None else Path(where).name}",
         )

@@ -1,4 +1,7 @@
-"""glasslstm train: train a language model; print validation bpc, a sample, a fill-in."""
+"""glasslstm train: train a language model; print validation bpc, a sample, a fill-in.
+
+On the built-in stories (no --data) the defaults are :data:`glasslstm.article.RECIPE`, and after
+training the article's tests and pictures follow (:func:`glasslstm.article.after_training`)."""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ import sys
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from glasslstm import options, stories
-from glasslstm.config import TRAIN_HELP, TrainConfig
+from glasslstm import options
+from glasslstm.config import LEVEL_DEFAULTS, STORIES_RECIPE, TRAIN_HELP, TrainConfig
 from glasslstm.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -29,16 +32,25 @@ def add_parser(sub) -> None:
         help="train a language model on a corpus (default: the built-in stories)",
         description="Train an LSTM language model and write it, with its checkpoints, "
         "metrics and a plot of the losses, to a run directory. Without --data it trains on "
-        "the built-in stories corpus. Every option has a default; Ctrl-C (or SIGTERM) saves "
-        "and stops, and --resume RUN continues exactly where the run stopped.",
+        "the built-in stories corpus. --data FOLDER with train/valid/test files (train.txt, "
+        "valid.txt, test.txt, wiki.train.tokens, ...) uses them as the splits; --train FILE "
+        "--valid FILE --test FILE names them. The vocabulary comes from the training split; at "
+        "the end the best model is scored on the test split. Every option has a default; some "
+        "depend on --level (shown as char/word/byte). With --time-budget and no --max-steps, "
+        "training runs for the budget. Ctrl-C (or SIGTERM) saves and stops, and --resume RUN "
+        "continues exactly where the run stopped.",
         argument_default=argparse.SUPPRESS,  # so that we know what was given explicitly
     )
     metavars = {"data": "FILE|NAME", "data_dir": "DIR", "out": "DIR"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = TRAIN_HELP[f.name]
-        if f.default is not None:  # None: the help says what happens without the option
-            text += f" (default: {f.default})"
+        if f.default is not None or f.name in LEVEL_DEFAULTS["char"]:
+            text += f" (default: {_default_text(f.name, f.default)}"
+            if f.name in STORIES_RECIPE:  # the built-in stories have their own
+                text += f"; on the built-in stories: {STORIES_RECIPE[f.name]}"
+            text += ")"
+        text = text.replace("%", "%%")  # argparse formats help strings with %
         rule = options.TRAIN[f.name]
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
@@ -66,11 +78,29 @@ def add_parser(sub) -> None:
         "on the CPU, one GPU each with CUDA); --batch-size stays the global batch, split "
         "among them. Several machines: torchrun, see docs/distributed.md (default: 1)",
     )
+    p.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on the built-in stories: also train a vanilla RNN the same way and score both "
+        "on the article's tests (default: on)",
+    )
     p.set_defaults(run=run)
 
 
+def _default_text(key: str, default) -> str:
+    """A default as --help shows it: the value, or each level's where it depends on --level."""
+    if key not in LEVEL_DEFAULTS["char"]:
+        return str(default)
+    by_level = {level: values[key] for level, values in LEVEL_DEFAULTS.items()}
+    text = ", ".join(f"{level} {value}" for level, value in by_level.items())
+    if key == "max_steps":
+        text += "; 0 with --time-budget"
+    return text
+
+
 def run(args) -> int:
-    from glasslstm import distributed
+    from glasslstm import article, distributed
     from glasslstm.model import LanguageModel
     from glasslstm.trainer import train
 
@@ -85,13 +115,31 @@ def run(args) -> int:
     if not as_json and main:
         where = f"resuming {resume}" if resume else "training"
         print(f"glasslstm: {where} ...", file=sys.stderr, flush=True)
-    result = train(
-        None if resume else TrainConfig(), resume=resume, overrides=given, progress=progress
-    )
+    on_stories = given.get("data") in (None, "stories") and not given.get("train")
+    base = article.train_config() if on_stories and not resume else TrainConfig()
+    result = train(None if resume else base, resume=resume, overrides=given, progress=progress)
     finished = result.stopped not in ("interrupted", "diverged")
     if not main:
         return _status(result)
     report = _report(result, LanguageModel.load(result.run_dir)) if finished else result.to_json()
+    if finished and report.get("corpus") == "stories":
+        if not as_json:
+            print("\nthe article's tests ...", file=sys.stderr, flush=True)
+        report["article"] = article.after_training(
+            result.run_dir,
+            steps=result.step,
+            compare=getattr(args, "compare", True),
+            progress=progress,
+        )
+        rnn = report["article"].get("rnn", {})
+        if rnn.get("stopped") == "interrupted":  # the LSTM is done; the RNN beside it is not
+            result.stopped = "interrupted"
+            result.interrupted_by = rnn.get("interrupted_by") or result.interrupted_by
+            result.message = (
+                f"the vanilla RNN compared with the LSTM was {rnn['message']}; "
+                f"the LSTM's figures are above. `glasslstm train --resume {result.run_dir}` "
+                "continues the RNN."
+            )
     if as_json:
         print(json.dumps(report, indent=2, default=_json_default))
     else:
@@ -140,47 +188,55 @@ def _report(result: TrainResult, model: LanguageModel) -> dict:
     """The result plus a sample and fill-in-the-blank predictions of the best model."""
     report = result.to_json()
     corpus = json.loads((result.run_dir / "config.json").read_text("utf-8"))["corpus"]["name"]
+    report["corpus"] = corpus
     prompt = ARTICLE_START if corpus == "stories" else ""
     report["sample_prompt"] = prompt
     report["sample"] = prompt + "".join(
         model.generate(prompt, 300, temperature=0.8, top_k=40, seed=1)
     )
     if corpus == "stories":
-        examples: list[tuple[str, str | None]] = list(stories.fill_in_examples(seed=0, n=20))
-    else:
-        examples = [(ARTICLE_PROMPT, None)]
+        return report  # the article's tests follow (article.after_training)
     fills: list[dict[str, Any]] = []
-    for prompt, answer in examples:
-        try:
-            word, prob = model.next_word(prompt)
-        except DataError:
-            continue  # the prompt has characters this corpus never had
-        fill = {"prompt": prompt, "answer": answer, "predicted": word, "prob": prob}
-        if answer is not None:
-            fill["answer_prob"] = model.continuation_prob(prompt, " " + answer)
-        fills.append(fill)
+    try:
+        word, prob = model.next_word(ARTICLE_PROMPT)
+        fills.append({"prompt": ARTICLE_PROMPT, "answer": None, "predicted": word, "prob": prob})
+    except DataError:
+        pass  # the prompt has characters this corpus never had
     report["fill_in"] = fills
-    scored = [f for f in fills if f["answer"] is not None]
-    if scored:
-        report["fill_in_accuracy"] = sum(f["predicted"] == f["answer"] for f in scored) / len(
-            scored
-        )
-        report["fill_in_answer_prob"] = sum(f["answer_prob"] for f in scored) / len(scored)
     return report
 
 
+def _level(result: TrainResult) -> str:
+    return json.loads((result.run_dir / "config.json").read_text("utf-8"))["train"]["level"]
+
+
 def _print_report(result: TrainResult, report: dict) -> None:
-    print(f"\n{result.message}", flush=True)
-    if result.stopped in ("interrupted", "diverged"):
-        return
+    from glasslstm import article
+
+    stopped = result.stopped in ("interrupted", "diverged")
+    if "article" not in report or not stopped:  # (else the RNN was stopped: said at the end)
+        print(f"\n{result.message}", flush=True)
+        if stopped:
+            return
     print(f"run directory: {result.run_dir}")
+    if result.files:
+        print("data: " + ", ".join(f"{split} {path}" for split, path in result.files.items()))
+    per = "word" if _level(result) == "word" else "token"
     print(
         f"validation: {result.last_val_loss:.4f} nats/token, {result.last_val_bpc:.3f} bits per "
         f"character (best {result.best_val_bpc:.3f}), "
-        f"perplexity {math.exp(result.last_val_loss):.2f}"
+        f"perplexity {math.exp(result.last_val_loss):.2f} per {per}"
         if math.isfinite(result.last_val_loss)
         else "validation: not run"
     )
+    if result.test is not None:
+        t = result.test
+        unknown = f"; {t['unknown']:,} unknown" if t.get("unknown") else ""
+        print(
+            f"test ({result.files.get('test', 'the test split')}, best model, {t['tokens']:,} "
+            f"tokens{unknown}): {t['loss']:.4f} nats/token, {t['bpc']:.3f} bits per character, "
+            f"perplexity {t['perplexity']:.2f} per {per}"
+        )
     print(f"speed: {result.tokens_per_s:,.0f} tokens/s over {result.seconds:.0f} s of training")
     if "sample" in report:
         print("\nsample (temperature 0.8, top-k 40):")
@@ -188,24 +244,15 @@ def _print_report(result: TrainResult, report: dict) -> None:
     fills = report.get("fill_in") or []
     if fills:
         f = fills[0]
-        tail = f["prompt"][-160:]
         print("\nfill in the blank:")
-        print(f"  ...{tail} ____")
-        verdict = (
-            ""
-            if f["answer"] is None
-            else ("  (right)" if f["predicted"] == f["answer"] else f"  (expected {f['answer']})")
-        )
-        print(f"  -> {f['predicted']!r} with probability {f['prob']:.2f}{verdict}")
-        if "fill_in_accuracy" in report:
-            n = len([x for x in fills if x["answer"] is not None])
-            names = len(stories.MALE_NAMES)
-            print(
-                f"  over {n} held-out stories (the name came 100+ characters before the blank): "
-                f"{report['fill_in_accuracy'] * n:.0f}/{n} right; the right name got probability "
-                f"{report['fill_in_answer_prob']:.3f} on average (1/{names} = {1 / names:.3f} "
-                "for a guess among the names of the right gender)"
-            )
+        print(f"  {f['prompt']} ____")
+        print(f"  -> {f['predicted']!r} with probability {f['prob']:.2f}")
+    if "article" in report:
+        print()
+        print("\n".join(article.format_block(report["article"])))
+    if stopped:
+        print(f"\n{result.message}", flush=True)
+        return
     print(
         f'\nnext: glasslstm sample {result.run_dir} --prompt "Bob" | '
         f'glasslstm predict {result.run_dir} "{ARTICLE_PROMPT}"'

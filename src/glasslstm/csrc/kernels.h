@@ -47,6 +47,33 @@ struct Gemms {
     PackedGemm packed;            // float32 only
 };
 
+// The regularised family (glasslstm.LSTM's layer_norm, peephole, cell_clip, zoneout_c/h,
+// recurrent_dropout), one step in the article's notation (a = the four gates' pre-activations):
+//
+//     a   = LN(x U^T; g_ih) + LN((H_{t-1} m_h) W^T; g_hh) + b      (LN: layer normalisation)
+//     i, f = sigmoid(a_i + p_i C_{t-1}, a_f + p_f C_{t-1})   g = tanh(a_g)
+//     C~  = clip(f C_{t-1} + i g, -clip, clip)                  o = sigmoid(a_o + p_o C~)
+//     H~  = o tanh(LN(C~; g_c, b_c))                             (then H~ W_hr^T: LSTMP)
+//     C_t = C~ + k_c (C_{t-1} - C~)      H_t = H~ + k_h (H_{t-1} - H~)       (zoneout)
+//
+// Every member is optional (null pointer, clip 0). What the backward needs of a step is kept in
+// `aux`: per (t, b) row, K values: [x^ (4H) | r^ (4H) | c^ (H) | C~ before clipping (H) |
+// 1/std of the three normalisations (3)], each section present only when used (offset -1
+// otherwise; glasslstm.ops.library.aux_width mirrors the layout).
+template <typename T>
+struct VariantArgs {
+    const T *ln_ih, *ln_hh;  // (4H) gains of the normalised input and recurrent products, or null
+    const T *ln_c, *ln_c_b;  // (H) gain and bias of the normalised cell, or null
+    const T *peep;           // (3H) peephole weights in ONNX's order i, o, f, or null
+    T clip;                  // bound on C~ (0: none)
+    const T *zc, *zh;        // (T, B, H), (T, B, P): k_c, k_h (keep probabilities), or null
+    const T *hmask;          // (B, P): m_h, the recurrent dropout mask, or null
+    T *aux;                  // (T, B, K), or (1, B, K) when aux_ring (inference), or null
+    bool aux_ring;
+    int64_t K, o_xn, o_rn, o_cn, o_cnew, o_rstd;  // row width and section offsets (-1: none)
+};
+constexpr double kLnEps = 1e-5;  // torch.nn.LayerNorm's default
+
 // One layer's time loop, forward. Shapes: T steps, B rows (sorted longest first when ragged),
 // H hidden, P = H or proj_size.
 template <typename T>
@@ -69,6 +96,7 @@ struct ForwardArgs {
     const uint16_t *w_t16;  // (P, 4H) W^T in bf16 (bf16 products), or null
     const int64_t *batch_sizes;  // (T) rows active per step, or null (all rows, all steps)
     bool reverse;
+    const VariantArgs<T> *v;     // the regularised family, or null: the article's cell
 };
 
 template <typename T>
@@ -86,6 +114,10 @@ struct BackwardArgs {
     const uint16_t *w16;  // (4H, P) W in bf16, or null
     const int64_t *batch_sizes;
     bool reverse;
+    const VariantArgs<T> *v;  // as in the forward, or null
+    T *dhw;             // (T, B, 4H): dL/d(H_{t-1} W^T), with v->ln_hh (else da is that)
+    T *dv;              // (13H): the family's parameter gradients [g_ih (4H) | g_hh (4H) |
+                        // p (3H) | g_c (H) | b_c (H)], or null
 };
 
 // The one-token step through L stacked layers (streaming inference), in place.

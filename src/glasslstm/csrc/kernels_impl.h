@@ -207,6 +207,307 @@ static void cell_backward_par(int64_t n, int64_t H, const T *a, int64_t lda, con
     }
 }
 
+// ---- the regularised family (VariantArgs in kernels.h), pointwise ------------------------------
+// Written as short passes over a row, each a loop the compiler vectorises (the row is in L1):
+// a member that is off costs nothing but the test that skips its pass.
+
+// zoneout's blend of the new value a and the previous b, b with weight k in [0, 1], as
+// torch.lerp computes it: exactly b where k = 1 (a unit that keeps its value keeps it bit for
+// bit), exactly a where k = 0
+template <typename T>
+static GL_INLINE T lerp_(T a, T b, T k) {
+    return k < T(0.5) ? a + k * (b - a) : b - (b - a) * (T(1) - k);
+}
+
+static GL_INLINE float sqrt_(float x) { return __builtin_sqrtf(x); }
+static GL_INLINE double sqrt_(double x) { return __builtin_sqrt(x); }
+
+// sums in kLanes independent partial sums (vectorised without reassociating: the same bits on
+// every run), then added in a fixed order
+constexpr int kLanes = 16;
+template <typename T>
+static GL_INLINE T sum_(int64_t n, const T *GL_RESTRICT x) {
+    T acc[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+        for (int k = 0; k < kLanes; k++) acc[k] += x[j + k];
+    T s = 0;
+    for (; j < n; j++) s += x[j];
+    for (int k = 0; k < kLanes; k++) s += acc[k];
+    return s;
+}
+// sum of (x - mu)^2
+template <typename T>
+static GL_INLINE T sumsq_(int64_t n, const T *GL_RESTRICT x, T mu) {
+    T acc[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+        for (int k = 0; k < kLanes; k++) acc[k] += (x[j + k] - mu) * (x[j + k] - mu);
+    T s = 0;
+    for (; j < n; j++) s += (x[j] - mu) * (x[j] - mu);
+    for (int k = 0; k < kLanes; k++) s += acc[k];
+    return s;
+}
+// sum of x y z (z may be null: x y)
+template <typename T>
+static GL_INLINE T dot_(int64_t n, const T *GL_RESTRICT x, const T *GL_RESTRICT y,
+                        const T *GL_RESTRICT z) {
+    T acc[kLanes] = {};
+    int64_t j = 0;
+    T s = 0;
+    if (z) {
+        for (; j + kLanes <= n; j += kLanes)
+            for (int k = 0; k < kLanes; k++) acc[k] += x[j + k] * y[j + k] * z[j + k];
+        for (; j < n; j++) s += x[j] * y[j] * z[j];
+    } else {
+        for (; j + kLanes <= n; j += kLanes)
+            for (int k = 0; k < kLanes; k++) acc[k] += x[j + k] * y[j + k];
+        for (; j < n; j++) s += x[j] * y[j];
+    }
+    for (int k = 0; k < kLanes; k++) s += acc[k];
+    return s;
+}
+
+// layer normalisation of one row: zhat = (z - mean) / sqrt(var + eps) (zhat may be z); the
+// 1/sqrt(var + eps) is returned
+template <typename T>
+static GL_INLINE T ln_row(int64_t n, const T *z, T *zhat) {
+    const T mu = sum_(n, z) / T(n);
+    const T rstd = T(1) / sqrt_(sumsq_(n, z, mu) / T(n) + T(kLnEps));
+    for (int64_t j = 0; j < n; j++) zhat[j] = (z[j] - mu) * rstd;
+    return rstd;
+}
+// its backward: dz = rstd (dzhat - mean(dzhat) - zhat mean(dzhat zhat)), where dzhat = dy g
+// (g the gain); dz may be dy
+template <typename T>
+static GL_INLINE void ln_row_backward(int64_t n, const T *dy, const T *GL_RESTRICT g,
+                                      const T *GL_RESTRICT zhat, T rstd, T *dz) {
+    const T m1 = dot_(n, dy, g, (const T *)nullptr) / T(n);
+    const T m2 = dot_(n, dy, g, zhat) / T(n);
+    for (int64_t j = 0; j < n; j++) dz[j] = rstd * (dy[j] * g[j] - m1 - zhat[j] * m2);
+}
+
+// forward of one step's rows: cell_forward's contract, plus the family. On entry the rows of
+// `a` hold the pre-activations (x U^T, normalised and scaled when ln_ih, plus H_{t-1} W^T
+// unless ln_hh: then that product is in aux's r^ section); aux (stride V.K) and kc (stride H)
+// point at these rows' entries, or are null.
+template <typename T>
+static void cell_forward_v(int64_t n, int64_t H, T *GL_RESTRICT a, int64_t lda,
+                           const T *GL_RESTRICT bias, const T *cp, int64_t ldp, T *c,
+                           int64_t ldc, T *GL_RESTRICT tc, int64_t ldt, T *GL_RESTRICT out,
+                           int64_t ldo, const VariantArgs<T> &V, T *aux, const T *kc) {
+    const int64_t H4 = 4 * H;
+    const T *pi = V.peep, *po = V.peep ? V.peep + H : nullptr, *pf = V.peep ? V.peep + 2 * H : nullptr;
+    const T v = V.clip;
+    for (int64_t b = 0; b < n; b++) {
+        T *GL_RESTRICT ai = a + b * lda;
+        T *GL_RESTRICT af = ai + H;
+        T *GL_RESTRICT ag = ai + 2 * H;
+        T *GL_RESTRICT ao = ai + 3 * H;
+        const T *GL_RESTRICT cpb = cp + b * ldp;
+        T *GL_RESTRICT cb = c + b * ldc;
+        T *GL_RESTRICT ob = out + b * ldo;
+        T *xb = aux ? aux + b * V.K : nullptr;
+        if (V.ln_hh) {  // a += g_hh LN(H_{t-1} W^T); r^ kept
+            T *GL_RESTRICT rn = xb + V.o_rn;
+            xb[V.o_rstd + 1] = ln_row(H4, rn, rn);
+            for (int64_t j = 0; j < H4; j++) ai[j] += V.ln_hh[j] * rn[j];
+        }
+        if (bias)
+            for (int64_t j = 0; j < H4; j++) ai[j] += bias[j];
+        if (pi)  // i and f see C_{t-1}
+            for (int64_t j = 0; j < H; j++) {
+                ai[j] += pi[j] * cpb[j];
+                af[j] += pf[j] * cpb[j];
+            }
+        for (int64_t j = 0; j < H; j++) {
+            T i = sigmoid_(ai[j]), f = sigmoid_(af[j]), g = tanh_(ag[j]);
+            ai[j] = i;
+            af[j] = f;
+            ag[j] = g;
+            cb[j] = f * cpb[j] + i * g;  // C~
+        }
+        if (V.o_cnew >= 0) __builtin_memcpy(xb + V.o_cnew, cb, (size_t)H * sizeof(T));
+        if (v > 0)
+            for (int64_t j = 0; j < H; j++) {  // NaN passes
+                T x = cb[j] > v ? v : cb[j];
+                cb[j] = x < -v ? -v : x;
+            }
+        if (po)  // o sees C~
+            for (int64_t j = 0; j < H; j++) ao[j] += po[j] * cb[j];
+        for (int64_t j = 0; j < H; j++) ao[j] = sigmoid_(ao[j]);
+        if (V.ln_c) {  // ob <- g_c LN(C~) + b_c (c^ kept)
+            T *GL_RESTRICT ch = xb + V.o_cn;
+            xb[V.o_rstd + 2] = ln_row(H, (const T *)cb, ch);
+            for (int64_t j = 0; j < H; j++) ob[j] = V.ln_c[j] * ch[j] + V.ln_c_b[j];
+        } else {
+            __builtin_memcpy(ob, cb, (size_t)H * sizeof(T));
+        }
+        if (tc) {
+            T *GL_RESTRICT tb = tc + b * ldt;
+            for (int64_t j = 0; j < H; j++) {
+                T t = tanh_(ob[j]);
+                tb[j] = t;
+                ob[j] = ao[j] * t;
+            }
+        } else {
+            for (int64_t j = 0; j < H; j++) ob[j] = ao[j] * tanh_(ob[j]);
+        }
+        if (kc) {  // zoneout: C_t = C~ + k (C_{t-1} - C~)
+            const T *GL_RESTRICT kb = kc + b * H;
+            for (int64_t j = 0; j < H; j++) cb[j] = lerp_(cb[j], cpb[j], kb[j]);
+        }
+    }
+}
+
+// backward of one step's rows: cell_backward's contract (dh already split by zoneout on h:
+// the gradient reaching H~), plus the family: cs (stride ldc) the rows' C_t (= C~ when it is
+// not kept in aux); dhw (stride 4H, or null) gets dL/d(H_{t-1} W^T) under ln_hh. The i slice
+// of d holds dL/dn (n = the input of the output tanh) on the way.
+template <typename T>
+static void cell_backward_v(int64_t n, int64_t H, const T *GL_RESTRICT a, int64_t lda,
+                            const T *GL_RESTRICT cp, int64_t ldp, const T *GL_RESTRICT tc,
+                            int64_t ldt, const T *GL_RESTRICT dh, const T *GL_RESTRICT dy,
+                            int64_t ldh, T *GL_RESTRICT dc, int64_t ldc, T *GL_RESTRICT d,
+                            const VariantArgs<T> &V, const T *aux, const T *kc, T *dhw) {
+    const int64_t H4 = 4 * H;
+    const T *pi = V.peep, *po = V.peep ? V.peep + H : nullptr, *pf = V.peep ? V.peep + 2 * H : nullptr;
+    const T v = V.clip;
+    for (int64_t b = 0; b < n; b++) {
+        const T *ai = a + b * lda, *af = ai + H, *ag = ai + 2 * H, *ao = ai + 3 * H;
+        const T *cpb = cp + b * ldp, *tb = tc + b * ldt, *hb = dh + b * ldh;
+        const T *yb = dy ? dy + b * ldh : nullptr;
+        const T *xb = aux ? aux + b * V.K : nullptr;
+        T *cb = dc + b * ldc;
+        T *di = d + b * lda, *df = di + H, *dg = di + 2 * H, *dO = di + 3 * H;
+        for (int64_t j = 0; j < H; j++) {  // through H~ = o tanh(n)
+            T o = ao[j], t = tb[j];
+            T dr = yb ? hb[j] + yb[j] : hb[j];
+            dO[j] = dr * t * o * (1 - o);
+            di[j] = dr * o * (1 - t * t);  // dL/dn
+        }
+        if (V.ln_c)  // dL/dC~ through n = g_c LN(C~) + b_c
+            ln_row_backward(H, (const T *)di, V.ln_c, xb + V.o_cn, xb[V.o_rstd + 2], di);
+        if (po)
+            for (int64_t j = 0; j < H; j++) di[j] += po[j] * dO[j];
+        if (kc) {  // C_t = C~ + k (C_{t-1} - C~): (1 - k) to C~, k straight to C_{t-1}
+            const T *GL_RESTRICT kb = kc + b * H;
+            for (int64_t j = 0; j < H; j++) {
+                T g = cb[j];
+                di[j] += (1 - kb[j]) * g;
+                cb[j] = kb[j] * g;
+            }
+        } else {
+            for (int64_t j = 0; j < H; j++) {
+                di[j] += cb[j];
+                cb[j] = 0;
+            }
+        }
+        if (v > 0) {  // no gradient through a clipped entry (NaN passes)
+            const T *GL_RESTRICT cn = xb + V.o_cnew;
+            for (int64_t j = 0; j < H; j++) di[j] = (cn[j] > v || cn[j] < -v) ? T(0) : di[j];
+        }
+        for (int64_t j = 0; j < H; j++) {  // through C~ = f C_{t-1} + i g
+            T i = ai[j], f = af[j], g = ag[j], dcn = di[j];
+            di[j] = dcn * g * i * (1 - i);
+            df[j] = dcn * cpb[j] * f * (1 - f);
+            dg[j] = dcn * i * (1 - g * g);
+            cb[j] += dcn * f;
+        }
+        if (pi)
+            for (int64_t j = 0; j < H; j++) cb[j] += pi[j] * di[j] + pf[j] * df[j];
+        if (V.ln_hh)
+            ln_row_backward(H4, (const T *)di, V.ln_hh, xb + V.o_rn, xb[V.o_rstd + 1],
+                            dhw + b * H4);
+    }
+}
+
+// acc += what one step's rows give the family's parameters (BackwardArgs::dv's layout):
+// d the pre-activation gradients (stride 4H), g (+ gy) the gradient reaching H~ (stride ldg),
+// c~ the rows' new cells after clipping (from aux, else cs), cp the previous cells
+template <typename T>
+static void variant_sums(int64_t n, int64_t H, const T *d, const T *gates, const T *tc,
+                         const T *g, const T *gy, int64_t ldg, const T *cp, int64_t ldp,
+                         const T *cs, const VariantArgs<T> &V, const T *aux, T *GL_RESTRICT acc) {
+    const int64_t H4 = 4 * H;
+    T *GL_RESTRICT a_ih = acc, *GL_RESTRICT a_hh = acc + H4, *GL_RESTRICT a_p = acc + 2 * H4;
+    T *GL_RESTRICT a_gc = a_p + 3 * H, *GL_RESTRICT a_bc = a_gc + H;
+    for (int64_t b = 0; b < n; b++) {
+        const T *GL_RESTRICT db = d + b * H4;
+        const T *xb = aux ? aux + b * V.K : nullptr;
+        if (V.ln_ih)
+            for (int64_t j = 0; j < H4; j++) a_ih[j] += db[j] * xb[V.o_xn + j];
+        if (V.ln_hh)
+            for (int64_t j = 0; j < H4; j++) a_hh[j] += db[j] * xb[V.o_rn + j];
+        if (V.peep) {  // p_i, p_o, p_f
+            const T *GL_RESTRICT cpb = cp + b * ldp;
+            const T *GL_RESTRICT cnb = V.o_cnew >= 0 ? xb + V.o_cnew : cs + b * H;
+            const T v = V.clip;
+            for (int64_t j = 0; j < H; j++) {
+                T cn = cnb[j];
+                if (v > 0) cn = cn > v ? v : (cn < -v ? -v : cn);
+                a_p[j] += db[j] * cpb[j];
+                a_p[H + j] += db[3 * H + j] * cn;
+                a_p[2 * H + j] += db[H + j] * cpb[j];
+            }
+        }
+        if (V.ln_c) {  // dL/dn = (g + gy) o (1 - tanh(n)^2), recomputed
+            const T *GL_RESTRICT ob = gates + b * H4 + 3 * H, *GL_RESTRICT tb = tc + b * H;
+            const T *GL_RESTRICT gb = g + b * ldg, *GL_RESTRICT yb = gy ? gy + b * ldg : nullptr;
+            const T *GL_RESTRICT ch = xb + V.o_cn;
+            for (int64_t j = 0; j < H; j++) {
+                T dn = (yb ? gb[j] + yb[j] : gb[j]) * ob[j] * (1 - tb[j] * tb[j]);
+                a_gc[j] += dn * ch[j];
+                a_bc[j] += dn;
+            }
+        }
+    }
+}
+
+template <typename T>
+static void cell_forward_v_par(int64_t n, int64_t H, T *a, int64_t lda, const T *bias,
+                               const T *cp, int64_t ldp, T *c, int64_t ldc, T *tc, int64_t ldt,
+                               T *out, int64_t ldo, const VariantArgs<T> &V, T *aux,
+                               const T *kc) {
+    int nt = cell_threads(n, H);
+    if (nt <= 1) {
+        cell_forward_v(n, H, a, lda, bias, cp, ldp, c, ldc, tc, ldt, out, ldo, V, aux, kc);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t k = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t r0 = n * id / k, r1 = n * (id + 1) / k;
+        if (r0 < r1)
+            cell_forward_v(r1 - r0, H, a + r0 * lda, lda, bias, cp + r0 * ldp, ldp,
+                           c + r0 * ldc, ldc, tc ? tc + r0 * ldt : nullptr, ldt, out + r0 * ldo,
+                           ldo, V, aux ? aux + r0 * V.K : nullptr, kc ? kc + r0 * H : nullptr);
+    }
+}
+
+template <typename T>
+static void cell_backward_v_par(int64_t n, int64_t H, const T *a, int64_t lda, const T *cp,
+                                int64_t ldp, const T *tc, int64_t ldt, const T *dh,
+                                const T *dy, int64_t ldh, T *dc, int64_t ldc, T *d,
+                                const VariantArgs<T> &V, const T *aux, const T *kc, T *dhw) {
+    int nt = cell_threads(n, H);
+    if (nt <= 1) {
+        cell_backward_v(n, H, a, lda, cp, ldp, tc, ldt, dh, dy, ldh, dc, ldc, d, V, aux, kc, dhw);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t k = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t r0 = n * id / k, r1 = n * (id + 1) / k;
+        if (r0 < r1)
+            cell_backward_v(r1 - r0, H, a + r0 * lda, lda, cp + r0 * ldp, ldp, tc + r0 * ldt,
+                            ldt, dh + r0 * ldh, dy ? dy + r0 * ldh : nullptr, ldh,
+                            dc + r0 * ldc, ldc, d + r0 * lda, V,
+                            aux ? aux + r0 * V.K : nullptr, kc ? kc + r0 * H : nullptr,
+                            dhw ? dhw + r0 * 4 * H : nullptr);
+    }
+}
+
 // ---- denormals ----------------------------------------------------------------------------
 // Flushed to zero for the duration of a time loop. Gradients that vanish along a long
 // sequence (the vanishing gradient itself) pass through float32's denormal range, where x86
@@ -352,6 +653,9 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &
     const int64_t Tn = A.T_, B = A.B, H = A.H, P = A.P, H4 = 4 * H;
     const bool bf16 = A.w_t16 != nullptr && sizeof(T) == sizeof(float);
     uint16_t *h16 = bf16 ? new uint16_t[(size_t)((r1 - r0) * P)] : nullptr;
+    const VariantArgs<T> *V = A.v;
+    const int64_t K = V ? V->K : 0;
+    T *hm = V && V->hmask ? new T[(size_t)((r1 - r0) * P)] : nullptr;  // H_{t-1} m_h
     int64_t active_before = 0;  // rows active at the previous step (in processing order)
     for (int64_t s = 0; s < Tn; s++) {
         const int64_t t = A.reverse ? Tn - 1 - s : s;
@@ -371,17 +675,32 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &
             if (!A.cs_ring) __builtin_memset(ct + k0 * H, 0, (size_t)((r1 - k0) * H) * sizeof(T));
         }
         if (n <= 0) continue;
-        // a[rows] += H_{t-1} W^T, in up to two row blocks: continuing rows, starting rows
+        T *auxt = V && V->aux ? V->aux + (V->aux_ring ? 0 : t) * B * K : nullptr;
+        if (V && V->ln_ih)  // a = g_ih LN(x U^T), x^ kept
+            for (int64_t b = r0; b < e; b++) {
+                T *ab = a + b * H4, *xn = auxt + b * K + V->o_xn;
+                auxt[b * K + V->o_rstd] = ln_row(H4, (const T *)ab, xn);
+                for (int64_t j = 0; j < H4; j++) ab[j] = V->ln_ih[j] * xn[j];
+            }
+        // a[rows] += H_{t-1} W^T (with ln_hh: into aux, normalised by the cell), in up to two
+        // row blocks: continuing rows, starting rows
         for (int blk = 0; blk < 2; blk++) {
             const int64_t b0 = blk == 0 ? r0 : split, b1 = blk == 0 ? split : e;
             if (b1 <= b0) continue;
             const T *hp = blk == 0 ? yp + b0 * P : A.h0 + b0 * P;
+            if (hm) {  // recurrent dropout: H_{t-1} m_h
+                for (int64_t k = 0; k < (b1 - b0) * P; k++) hm[k] = hp[k] * V->hmask[b0 * P + k];
+                hp = hm;
+            }
+            const bool sep = V && V->ln_hh;
+            T *dst = sep ? auxt + b0 * K + V->o_rn : a + b0 * H4;
+            const int64_t ldd = sep ? K : H4;
             if (bf16) {
                 to_bf16((b1 - b0) * P, (const float *)hp, h16);
-                G.bf16(b1 - b0, H4, P, h16, P, A.w_t16, H4, 1.0f, (float *)(a + b0 * H4), H4,
+                G.bf16(b1 - b0, H4, P, h16, P, A.w_t16, H4, sep ? 0.0f : 1.0f, (float *)dst, ldd,
                        threads);
             } else {
-                product(G, PK.w, b1 - b0, H4, P, hp, P, A.w_t, H4, T(1), a + b0 * H4, H4,
+                product(G, PK.w, b1 - b0, H4, P, hp, P, A.w_t, H4, T(sep ? 0 : 1), dst, ldd,
                         threads);
             }
         }
@@ -393,13 +712,29 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &
             const int64_t b0 = blk == 0 ? r0 : split, b1 = blk == 0 ? split : e;
             if (b1 <= b0) continue;
             const T *cpb = blk == 0 ? cp + b0 * H : A.c0 + b0 * H;
-            auto cell = threads == 1 ? cell_forward<T> : cell_forward_par<T>;
-            cell(b1 - b0, H, a + b0 * H4, H4, A.bias, cpb, H, ct + b0 * H, H,
-                 tc ? tc + b0 * H : nullptr, H, dst + b0 * ldo, ldo);
+            if (V) {
+                auto cell = threads == 1 ? cell_forward_v<T> : cell_forward_v_par<T>;
+                cell(b1 - b0, H, a + b0 * H4, H4, A.bias, cpb, H, ct + b0 * H, H,
+                     tc ? tc + b0 * H : nullptr, H, dst + b0 * ldo, ldo, *V,
+                     auxt ? auxt + b0 * K : nullptr, V->zc ? V->zc + (t * B + b0) * H : nullptr);
+            } else {
+                auto cell = threads == 1 ? cell_forward<T> : cell_forward_par<T>;
+                cell(b1 - b0, H, a + b0 * H4, H4, A.bias, cpb, H, ct + b0 * H, H,
+                     tc ? tc + b0 * H : nullptr, H, dst + b0 * ldo, ldo);
+            }
         }
         if (A.rs)
             product(G, PK.whr, n, P, H, dst + r0 * H, H, A.whr_t, P, T(0), yt + r0 * P, P,
                     threads);
+        if (V && V->zh)  // zoneout: H_t = H~ + k (H_{t-1} - H~)
+            for (int blk = 0; blk < 2; blk++) {
+                const int64_t b0 = blk == 0 ? r0 : split, b1 = blk == 0 ? split : e;
+                if (b1 <= b0) continue;
+                const T *hp = blk == 0 ? yp + b0 * P : A.h0 + b0 * P;
+                const T *kb = V->zh + (t * B + b0) * P;
+                T *yb = yt + b0 * P;
+                for (int64_t k = 0; k < (b1 - b0) * P; k++) yb[k] = lerp_(yb[k], hp[k], kb[k]);
+            }
         // rows whose last step this is: their final state
         const int64_t next = s + 1 < Tn ? (A.batch_sizes ? A.batch_sizes[A.reverse ? t - 1 : t + 1] : B) : 0;
         const int64_t f0 = A.reverse ? r0 : (next > r0 ? (next < e ? next : e) : r0);
@@ -410,6 +745,7 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &
         }
     }
     delete[] h16;
+    delete[] hm;
 }
 
 template <typename T>
@@ -450,12 +786,17 @@ static void col_sums(int64_t n, int64_t k, const T *GL_RESTRICT M, T *GL_RESTRIC
 
 template <typename T>
 static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, const Packed &PK, int64_t r0,
-                          int64_t r1, T *db, int threads) {
+                          int64_t r1, T *db, T *dv, int threads) {
     const int64_t Tn = A.T_, B = A.B, H = A.H, P = A.P, H4 = 4 * H;
     const bool bf16 = A.w16 != nullptr && sizeof(T) == sizeof(float);
     uint16_t *d16 = bf16 ? new uint16_t[(size_t)((r1 - r0) * H4)] : nullptr;
     T *dr = A.whr ? new T[(size_t)((r1 - r0) * H)] : nullptr;
     T *dhr = A.dh + r0 * P, *dcr = A.dc + r0 * H;
+    const VariantArgs<T> *V = A.v;
+    const int64_t K = V ? V->K : 0;
+    // zoneout on h: the gradient reaching H~, and the part that goes straight to H_{t-1}
+    T *zg = V && V->zh ? new T[(size_t)((r1 - r0) * P)] : nullptr;
+    T *zcarry = V && V->zh ? new T[(size_t)((r1 - r0) * P)] : nullptr;
     for (int64_t s = 0; s < Tn; s++) {
         const int64_t t = A.reverse ? s : Tn - 1 - s;
         const int64_t nb = A.batch_sizes ? A.batch_sizes[t] : B;
@@ -470,11 +811,22 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, const Packed
         const T *dyt = A.dy ? A.dy + (t * B + r0) * P : nullptr;
         const T *g = dhr, *gy = dyt;
         int64_t ldg = P;
-        if (A.whr) {  // through the projection: dL/dr = dL/dH_t W_hr
-            if (dyt)
-                for (int64_t j = 0; j < n * P; j++) dhr[j] += dyt[j];
-            __builtin_memcpy(A.dhs + (t * B + r0) * P, dhr, (size_t)(n * P) * sizeof(T));
-            product(G, PK.whr, n, H, P, dhr, P, A.whr, H, T(0), dr, H, threads);
+        if (zg) {  // H_t = H~ + k (H_{t-1} - H~)
+            const T *kb = V->zh + (t * B + r0) * P;
+            for (int64_t j = 0; j < n * P; j++) {
+                T tot = dyt ? dhr[j] + dyt[j] : dhr[j];
+                zg[j] = (1 - kb[j]) * tot;
+                zcarry[j] = kb[j] * tot;
+            }
+            g = zg;
+            gy = nullptr;
+        }
+        if (A.whr) {  // through the projection: dL/dr = dL/dH~ W_hr
+            T *gh = zg ? zg : dhr;
+            if (gy)
+                for (int64_t j = 0; j < n * P; j++) gh[j] += gy[j];
+            __builtin_memcpy(A.dhs + (t * B + r0) * P, gh, (size_t)(n * P) * sizeof(T));
+            product(G, PK.whr, n, H, P, gh, P, A.whr, H, T(0), dr, H, threads);
             g = dr;
             gy = nullptr;
             ldg = H;
@@ -482,45 +834,78 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, const Packed
         T *d = A.da + (t * B + r0) * H4;
         const T *gt = A.gates + (t * B + r0) * H4;
         const T *tct = A.tanh_c + (t * B + r0) * H;
-        auto cell = threads == 1 ? cell_backward<T> : cell_backward_par<T>;
+        const T *auxt = V && V->aux ? V->aux + t * B * K : nullptr;
+        T *dhwt = A.dhw ? A.dhw + (t * B + r0) * H4 : nullptr;
         for (int blk = 0; blk < 2; blk++) {
             const int64_t b0 = blk == 0 ? r0 : split, b1 = blk == 0 ? split : e;
             if (b1 <= b0) continue;
             const int64_t o = b0 - r0;
             const T *cpb = blk == 0 ? cprev + b0 * H : A.c0 + b0 * H;
-            cell(b1 - b0, H, gt + o * H4, H4, cpb, H, tct + o * H, H, g + o * ldg,
-                 gy ? gy + o * P : nullptr, ldg, dcr + o * H, H, d + o * H4);
+            if (V) {
+                auto cell = threads == 1 ? cell_backward_v<T> : cell_backward_v_par<T>;
+                cell(b1 - b0, H, gt + o * H4, H4, cpb, H, tct + o * H, H, g + o * ldg,
+                     gy ? gy + o * P : nullptr, ldg, dcr + o * H, H, d + o * H4, *V,
+                     auxt ? auxt + b0 * K : nullptr, V->zc ? V->zc + (t * B + b0) * H : nullptr,
+                     dhwt ? dhwt + o * H4 : nullptr);
+                if (dv)
+                    variant_sums(b1 - b0, H, (const T *)(d + o * H4), gt + o * H4, tct + o * H,
+                                 g + o * ldg, gy ? gy + o * P : nullptr, ldg, cpb, H,
+                                 A.cs + (t * B + b0) * H, *V, auxt ? auxt + b0 * K : nullptr, dv);
+            } else {
+                auto cell = threads == 1 ? cell_backward<T> : cell_backward_par<T>;
+                cell(b1 - b0, H, gt + o * H4, H4, cpb, H, tct + o * H, H, g + o * ldg,
+                     gy ? gy + o * P : nullptr, ldg, dcr + o * H, H, d + o * H4);
+            }
         }
         if (db) col_sums(n, H4, d, db);  // while d is in cache
+        if (dhwt && !V->ln_hh)  // d itself multiplies W (and is turned into dL/d(x U^T) below)
+            __builtin_memcpy(dhwt, d, (size_t)(n * H4) * sizeof(T));
+        const T *dw_src = dhwt ? dhwt : d;  // what multiplies W
         if (bf16) {  // dL/dH_{t-1} = d W
-            to_bf16(n * H4, (const float *)d, d16);
+            to_bf16(n * H4, (const float *)dw_src, d16);
             G.bf16(n, P, H4, d16, H4, A.w16, P, 0.0f, (float *)dhr, P, threads);
         } else {
-            product(G, PK.w, n, P, H4, d, H4, A.w, P, T(0), dhr, P, threads);
+            product(G, PK.w, n, P, H4, dw_src, H4, A.w, P, T(0), dhr, P, threads);
         }
+        if (V && V->hmask)  // the product read H_{t-1} m_h
+            for (int64_t j = 0; j < n * P; j++) dhr[j] *= V->hmask[r0 * P + j];
+        if (zcarry)
+            for (int64_t j = 0; j < n * P; j++) dhr[j] += zcarry[j];
+        if (V && V->ln_ih)  // da -> dL/d(x U^T) through the input product's normalisation
+            for (int64_t b = r0; b < e; b++) {
+                T *db_ = A.da + (t * B + b) * H4;
+                const T *xb = auxt + b * K;
+                ln_row_backward(H4, (const T *)db_, V->ln_ih, xb + V->o_xn, xb[V->o_rstd], db_);
+            }
     }
     delete[] d16;
     delete[] dr;
+    delete[] zg;
+    delete[] zcarry;
 }
 
 // db: the bias gradient, summed as each step's rows are made (a share's partial sums, then the
 // shares in order: the same bits on every run with the same threads)
 template <typename T>
 static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
-    const int64_t B = A.B, H4 = 4 * A.H;
+    const int64_t B = A.B, H4 = 4 * A.H, NV = 13 * A.H;
     int nt = row_threads(B, (size_t)(H4 * A.P + (A.whr ? A.H * A.P : 0)) * sizeof(T));
     if (A.db) __builtin_memset(A.db, 0, (size_t)H4 * sizeof(T));
+    if (A.dv) __builtin_memset(A.dv, 0, (size_t)NV * sizeof(T));
     Packed PK;  // W (4H x P) and W_hr (P x H), packed once for all steps
     if (!A.w16 && A.T_ > 1) pack_weights(G, PK, H4, A.P, A.w, A.P, A.H, A.whr);
     if (nt > 1) {
         T *parts = A.db ? new T[(size_t)(nt * H4)]() : nullptr;
+        T *vparts = A.dv ? new T[(size_t)(nt * NV)]() : nullptr;
 #pragma omp parallel num_threads(nt)
         {
             int64_t k = omp_get_num_threads(), id = omp_get_thread_num();
             int64_t r0 = B * id / k, r1 = B * (id + 1) / k;
             unsigned int fp;
             fp_begin(&fp);
-            if (r0 < r1) backward_rows(A, G, PK, r0, r1, parts ? parts + id * H4 : nullptr, 1);
+            if (r0 < r1)
+                backward_rows(A, G, PK, r0, r1, parts ? parts + id * H4 : nullptr,
+                              vparts ? vparts + id * NV : nullptr, 1);
             fp_end(fp);
         }
         if (parts) {
@@ -528,11 +913,16 @@ static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
                 for (int64_t j = 0; j < H4; j++) A.db[j] += parts[k * H4 + j];
             delete[] parts;
         }
+        if (vparts) {
+            for (int k = 0; k < nt; k++)
+                for (int64_t j = 0; j < NV; j++) A.dv[j] += vparts[k * NV + j];
+            delete[] vparts;
+        }
         return;
     }
     FtzState ftz;
     ftz_begin(ftz, A.T_);
-    backward_rows(A, G, PK, 0, B, A.db, 0);
+    backward_rows(A, G, PK, 0, B, A.db, A.dv, 0);
     ftz_end(ftz);
 }
 

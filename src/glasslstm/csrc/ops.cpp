@@ -73,18 +73,107 @@ Tensor bias_of(const std::optional<Tensor> &b_ih, const std::optional<Tensor> &b
 
 Tensor empty0(const Tensor &like) { return at::empty({0}, like.options()); }
 
+// ---- the regularised family (kernels.h: VariantArgs) ------------------------------------------
+// The operators' optional arguments ln_ih, ln_hh, ln_c, ln_c_bias, peephole, zoneout_c,
+// zoneout_h, h_mask, cell_clip, checked and laid out for the kernels. Zoneout masks may be any
+// shape that broadcasts to (T, B, H) / (T, B, P) (a scalar z in evaluation: the expectation).
+struct Variant {
+    Tensor ln_ih, ln_hh, ln_c, ln_c_b, peep, zc, zh, hmask;
+    double clip = 0;
+    bool any() const {
+        return ln_ih.defined() || ln_hh.defined() || ln_c.defined() || peep.defined() ||
+               zc.defined() || zh.defined() || hmask.defined() || clip > 0;
+    }
+    bool ln() const { return ln_ih.defined() || ln_hh.defined() || ln_c.defined(); }
+};
+
+// aux's row: [x^ (4H) | r^ (4H) | c^ (H) | C~ before clipping (H) | 1/std x 3], each section
+// only when used (glasslstm.ops.library.aux_width computes the same width)
+struct AuxLayout {
+    int64_t K = 0, o_xn = -1, o_rn = -1, o_cn = -1, o_cnew = -1, o_rstd = -1;
+};
+AuxLayout aux_layout(const Variant &v, int64_t H) {
+    AuxLayout l;
+    auto take = [&](bool used, int64_t n, int64_t &off) {
+        if (used) off = l.K, l.K += n;
+    };
+    take(v.ln_ih.defined(), 4 * H, l.o_xn);
+    take(v.ln_hh.defined(), 4 * H, l.o_rn);
+    take(v.ln_c.defined(), H, l.o_cn);
+    take(v.clip > 0 || v.zc.defined(), H, l.o_cnew);
+    take(v.ln(), 3, l.o_rstd);
+    return l;
+}
+
+Tensor opt(const std::optional<Tensor> &t) {
+    return t.has_value() && t->defined() ? *t : Tensor();
+}
+
+Variant variant_of(const Tensor &x, int64_t Tn, int64_t B, int64_t H, int64_t P,
+                   const std::optional<Tensor> &ln_ih, const std::optional<Tensor> &ln_hh,
+                   const std::optional<Tensor> &ln_c, const std::optional<Tensor> &ln_c_bias,
+                   const std::optional<Tensor> &peephole, const std::optional<Tensor> &zoneout_c,
+                   const std::optional<Tensor> &zoneout_h, const std::optional<Tensor> &h_mask,
+                   double cell_clip) {
+    Variant v;
+    auto vec = [&](const std::optional<Tensor> &t, int64_t n, const char *name) {
+        Tensor u = opt(t);
+        if (!u.defined()) return u;
+        TORCH_CHECK(u.numel() == n && u.scalar_type() == x.scalar_type() && u.device().is_cpu(),
+                    "glasslstm: ", name, " must hold ", n, " values of the input's dtype");
+        return u.reshape({n}).contiguous();
+    };
+    auto mask = [&](const std::optional<Tensor> &t, std::vector<int64_t> shape, const char *name) {
+        Tensor u = opt(t);
+        if (!u.defined()) return u;
+        TORCH_CHECK(u.scalar_type() == x.scalar_type() && u.device().is_cpu(), "glasslstm: ",
+                    name, " must be of the input's dtype, on the CPU");
+        return u.expand(shape).contiguous();
+    };
+    v.ln_ih = vec(ln_ih, 4 * H, "ln_ih");
+    v.ln_hh = vec(ln_hh, 4 * H, "ln_hh");
+    v.ln_c = vec(ln_c, H, "ln_c");
+    v.ln_c_b = vec(ln_c_bias, H, "ln_c_bias");
+    TORCH_CHECK(v.ln_c.defined() == v.ln_c_b.defined(),
+                "glasslstm: ln_c and ln_c_bias go together");
+    v.peep = vec(peephole, 3 * H, "peephole");
+    v.zc = mask(zoneout_c, {Tn, B, H}, "zoneout_c");
+    v.zh = mask(zoneout_h, {Tn, B, P}, "zoneout_h");
+    v.hmask = mask(h_mask, {B, P}, "h_mask");
+    TORCH_CHECK(cell_clip >= 0, "glasslstm: cell_clip must be >= 0 (0: no clipping)");
+    v.clip = cell_clip;
+    return v;
+}
+
+template <typename T>
+VariantArgs<T> variant_args(const Variant &v, const AuxLayout &l, const Tensor &aux, bool ring) {
+    VariantArgs<T> a{};
+    a.ln_ih = ptr<T>(v.ln_ih), a.ln_hh = ptr<T>(v.ln_hh);
+    a.ln_c = ptr<T>(v.ln_c), a.ln_c_b = ptr<T>(v.ln_c_b), a.peep = ptr<T>(v.peep);
+    a.clip = (T)v.clip;
+    a.zc = ptr<T>(v.zc), a.zh = ptr<T>(v.zh), a.hmask = ptr<T>(v.hmask);
+    a.aux = l.K ? ptr<T>(aux) : nullptr, a.aux_ring = ring;
+    a.K = l.K, a.o_xn = l.o_xn, a.o_rn = l.o_rn, a.o_cn = l.o_cn, a.o_cnew = l.o_cnew;
+    a.o_rstd = l.o_rstd;
+    return a;
+}
+
 // ---- lstm_layer -----------------------------------------------------------------------------
-// (y, h_n, c_n, gates, cs, tanh_c, rs): y (T, B, P) the outputs (zero past each row's end);
+// (y, h_n, c_n, gates, cs, tanh_c, rs, aux): y (T, B, P) the outputs (zero past each row's end);
 // h_n, c_n (B, P), (B, H) each row's final state; gates (T, B, 4H) the activated gates and cs
 // (T, B, H) the cell states (zero past each row's end; cs empty unless `train` or `record`);
 // tanh_c and rs (T, B, H) tanh(C_t) and o tanh(C_t) before the projection, kept for the
-// backward (empty unless `train`; rs also without a projection). Rows are sorted longest
-// first when batch_sizes is given (the PackedSequence layout).
+// backward (empty unless `train`; rs also without a projection); aux (T, B, K) what the
+// regularised family's backward needs (empty unless `train` and the family is used). Rows are
+// sorted longest first when batch_sizes is given (the PackedSequence layout).
+using Layer8 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_impl(
+Layer8 layer_impl(
     const Tensor &x, const Tensor &h0_, const Tensor &c0_, const Tensor &w_ih, const Tensor &w_hh,
     const Tensor &bias, const std::optional<Tensor> &w_hr, const std::vector<int64_t> &sizes,
-    bool reverse, bool train, bool record, bool bf16, Provider step, Provider big) {
+    bool reverse, bool train, bool record, bool bf16, Provider step, Provider big,
+    const Variant &var) {
     const int64_t Tn = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(0) / 4,
                   P = w_hh.size(1);
     const bool ragged = !sizes.empty(), proj = w_hr.has_value() && w_hr->defined();
@@ -125,6 +214,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_impl(
     a.w_t16 = bf16 ? reinterpret_cast<const uint16_t *>(w_t16.data_ptr<at::BFloat16>()) : nullptr;
     a.batch_sizes = ragged ? sizes.data() : nullptr;
     a.reverse = reverse;
+    const bool fam = var.any();
+    const AuxLayout lay = aux_layout(var, H);
+    Tensor aux = lay.K ? at::empty({train ? Tn : 1, B, lay.K}, opts) : empty0(x);
+    VariantArgs<T> va = variant_args<T>(var, lay, aux, !train);
+    a.v = fam ? &va : nullptr;
     // rows that never run in this call (a stretch of a longer sequence: ended before it, or
     // starting after it) keep their state; the loop writes every other row's final state
     h_n.copy_(h0);
@@ -137,38 +231,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_impl(
             kernels().forward_f64(a, g);
     }
     return {y, h_n, c_n, gates, keep ? cs : empty0(x), tanh_c,
-            proj && train ? rs : empty0(x)};
+            proj && train ? rs : empty0(x), train ? aux : empty0(x)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(
+Layer8 lstm_layer(
     const Tensor &x, const Tensor &h0, const Tensor &c0, const Tensor &w_ih, const Tensor &w_hh,
     const std::optional<Tensor> &b_ih, const std::optional<Tensor> &b_hh,
     const std::optional<Tensor> &w_hr, at::OptionalIntArrayRef batch_sizes, bool reverse,
-    bool train, bool record, bool bf16, c10::string_view step_gemm, c10::string_view big_gemm) {
+    bool train, bool record, bool bf16, c10::string_view step_gemm, c10::string_view big_gemm,
+    const std::optional<Tensor> &ln_ih, const std::optional<Tensor> &ln_hh,
+    const std::optional<Tensor> &ln_c, const std::optional<Tensor> &ln_c_bias,
+    const std::optional<Tensor> &peephole, const std::optional<Tensor> &zoneout_c,
+    const std::optional<Tensor> &zoneout_h, const std::optional<Tensor> &h_mask,
+    double cell_clip) {
     check_cpu_float(x, "x");
     TORCH_CHECK(x.dim() == 3, "glasslstm: x must be (T, B, I), got ", x.sizes());
     Tensor xc = x.contiguous();
     auto sizes = sizes_of(batch_sizes, x.size(0), x.size(1));
     Provider step = provider_of(std::string(step_gemm)), big = provider_of(std::string(big_gemm));
     Tensor bias = bias_of(b_ih, b_hh);
+    Variant var = variant_of(x, x.size(0), x.size(1), w_hh.size(0) / 4, w_hh.size(1), ln_ih,
+                             ln_hh, ln_c, ln_c_bias, peephole, zoneout_c, zoneout_h, h_mask,
+                             cell_clip);
     if (x.scalar_type() == at::kFloat)
         return layer_impl<float>(xc, h0, c0, w_ih, w_hh, bias, w_hr, sizes, reverse, train,
-                                 record, bf16, step, big);
+                                 record, bf16, step, big, var);
     return layer_impl<double>(xc, h0, c0, w_ih, w_hh, bias, w_hr, sizes, reverse, train, record,
-                              false, step, big);
+                              false, step, big, var);
 }
 
 // ---- lstm_layer_backward ----------------------------------------------------------------------
 // Gradients (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr) (db: for b_ih and for b_hh alike); an
-// entry whose output_mask is false comes back empty.
+// entry whose output_mask is false comes back empty. Then those of the family's parameters
+// (dln_ih, dln_hh, dln_c, dln_c_bias, dpeephole), empty where the parameter was not given.
+using Grads12 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                           Tensor, Tensor, Tensor, Tensor>;
+
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+Grads12 backward_impl(
     const std::optional<Tensor> &dy_, const std::optional<Tensor> &dh_n,
     const std::optional<Tensor> &dc_n, const Tensor &x, const Tensor &h0_, const Tensor &c0_,
     const Tensor &w_ih, const Tensor &w_hh, const std::optional<Tensor> &w_hr, const Tensor &y,
     const Tensor &gates, const Tensor &cs, const Tensor &tanh_c, const Tensor &rs,
     const std::vector<int64_t> &sizes, bool reverse, bool has_bias, std::array<bool, 7> mask,
-    bool bf16, Provider step, Provider big) {
+    bool bf16, Provider step, Provider big, const Variant &var, const Tensor &aux) {
     const int64_t Tn = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(0) / 4,
                   P = w_hh.size(1);
     const bool ragged = !sizes.empty(), proj = w_hr.has_value() && w_hr->defined();
@@ -198,14 +304,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
     a.w16 = bf16 ? reinterpret_cast<const uint16_t *>(w16.data_ptr<at::BFloat16>()) : nullptr;
     a.batch_sizes = ragged ? sizes.data() : nullptr;
     a.reverse = reverse;
+    const AuxLayout lay = aux_layout(var, H);
+    TORCH_CHECK(aux.numel() == Tn * B * lay.K,
+                "glasslstm: lstm_layer_backward needs the aux of a forward run with train=True "
+                "and the same regularisation");
+    Tensor auxc = aux.contiguous();
+    VariantArgs<T> va = variant_args<T>(var, lay, auxc, false);
+    const bool fam = var.any();
+    a.v = fam ? &va : nullptr;
+    // dL/d(H_{t-1} W^T) apart from da where da becomes dL/d(x U^T) (layer normalisation)
+    Tensor dhw = var.ln_ih.defined() || var.ln_hh.defined()
+                     ? (ragged ? at::zeros({Tn, B, 4 * H}, opts) : at::empty({Tn, B, 4 * H}, opts))
+                     : Tensor();
+    Tensor dv = fam && (var.ln() || var.peep.defined()) ? at::empty({13 * H}, opts) : Tensor();
+    a.dhw = dhw.defined() ? ptr<T>(dhw) : nullptr;
+    a.dv = dv.defined() ? ptr<T>(dv) : nullptr;
     if (Tn > 0 && B > 0) {
         Gemms g = gemms(step, bf16);
         if constexpr (std::is_same<T, float>::value)
             kernels().backward_f32(a, g);
         else
             kernels().backward_f64(a, g);
-    } else if (db.defined()) {
-        db.zero_();
+    } else {
+        if (db.defined()) db.zero_();
+        if (dv.defined()) dv.zero_();
     }
     // the weight and input gradients: one product each over all T B rows
     auto prod = [&](const Tensor &A, const Tensor &Bm) {
@@ -218,11 +340,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
     if (mask[4]) {
         // sum over t of da_t^T H_{t-1}: H_{t-1} is y at the previous step (in the direction's
         // order) for the rows that continued from it, and h0 for the rows that started at t
-        // (y is zero there: those rows were not active at the previous step)
+        // (y is zero there: those rows were not active at the previous step). With recurrent
+        // dropout the product read H_{t-1} m_h.
         dw_hh = at::zeros({4 * H, P}, opts);
+        const Tensor &dr = dhw.defined() ? dhw : da;
         if (Tn > 1) {
-            Tensor d_cont = reverse ? da.narrow(0, 0, Tn - 1) : da.narrow(0, 1, Tn - 1);
+            Tensor d_cont = reverse ? dr.narrow(0, 0, Tn - 1) : dr.narrow(0, 1, Tn - 1);
             Tensor h_prev = reverse ? y.narrow(0, 1, Tn - 1) : y.narrow(0, 0, Tn - 1);
+            if (var.hmask.defined()) h_prev = h_prev.mul(var.hmask);
             if (bf16)
                 dw_hh.add_(mm_bf16(d_cont.reshape({(Tn - 1) * B, 4 * H}).t(),
                                    h_prev.reshape({(Tn - 1) * B, P})));
@@ -235,8 +360,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
             const int64_t now = ragged ? sizes[t] : B;
             const int64_t before = s == 0 ? 0 : (ragged ? sizes[reverse ? t + 1 : t - 1] : B);
             if (now <= before) continue;
-            Tensor d_new = da[t].narrow(0, before, now - before);
+            Tensor d_new = dr[t].narrow(0, before, now - before);
             Tensor h_new = h0.narrow(0, before, now - before);
+            if (var.hmask.defined()) h_new = h_new.mul(var.hmask.narrow(0, before, now - before));
             if (bf16)
                 dw_hh.add_(mm_bf16(d_new.t(), h_new));
             else
@@ -245,18 +371,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
     }
     Tensor dw_hr = proj && mask[6] ? at::cpu::mm(dhs.view({Tn * B, P}).t(), rs.view({Tn * B, H}))
                                    : empty0(x);
+    // dv: [g_ih (4H) | g_hh (4H) | p (3H) | g_c (H) | b_c (H)]
+    auto part = [&](const Tensor &given, int64_t off, int64_t n) {
+        return given.defined() ? dv.narrow(0, off, n).clone() : empty0(x);
+    };
     return {dx, mask[1] ? dh : empty0(x), mask[2] ? dc : empty0(x), dw_ih, dw_hh,
-            db.defined() ? db : empty0(x), dw_hr};
+            db.defined() ? db : empty0(x), dw_hr, part(var.ln_ih, 0, 4 * H),
+            part(var.ln_hh, 4 * H, 4 * H), part(var.ln_c, 11 * H, H),
+            part(var.ln_c_b, 12 * H, H), part(var.peep, 8 * H, 3 * H)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+Grads12 lstm_layer_backward(
     const std::optional<Tensor> &dy, const std::optional<Tensor> &dh_n,
     const std::optional<Tensor> &dc_n, const Tensor &x, const Tensor &h0, const Tensor &c0,
     const Tensor &w_ih, const Tensor &w_hh, const std::optional<Tensor> &w_hr, const Tensor &y,
     const Tensor &gates, const Tensor &cs, const Tensor &tanh_c, const Tensor &rs,
     at::OptionalIntArrayRef batch_sizes, bool reverse, bool has_bias,
     std::array<bool, 7> output_mask, bool bf16, c10::string_view step_gemm,
-    c10::string_view big_gemm) {
+    c10::string_view big_gemm, const std::optional<Tensor> &aux,
+    const std::optional<Tensor> &ln_ih, const std::optional<Tensor> &ln_hh,
+    const std::optional<Tensor> &ln_c, const std::optional<Tensor> &ln_c_bias,
+    const std::optional<Tensor> &peephole, const std::optional<Tensor> &zoneout_c,
+    const std::optional<Tensor> &zoneout_h, const std::optional<Tensor> &h_mask,
+    double cell_clip) {
     check_cpu_float(x, "x");
     TORCH_CHECK(tanh_c.numel() == cs.numel() && cs.numel() == x.size(0) * x.size(1) *
                                                                    (w_hh.size(0) / 4),
@@ -265,13 +402,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     auto sizes = sizes_of(batch_sizes, x.size(0), x.size(1));
     Provider step = provider_of(std::string(step_gemm)), big = provider_of(std::string(big_gemm));
     Tensor xc = x.contiguous();
+    Variant var = variant_of(x, x.size(0), x.size(1), w_hh.size(0) / 4, w_hh.size(1), ln_ih,
+                             ln_hh, ln_c, ln_c_bias, peephole, zoneout_c, zoneout_h, h_mask,
+                             cell_clip);
+    Tensor aux_t = opt(aux).defined() ? *aux : empty0(x);
     if (x.scalar_type() == at::kFloat)
         return backward_impl<float>(dy, dh_n, dc_n, xc, h0, c0, w_ih, w_hh, w_hr, y, gates, cs,
                                     tanh_c, rs, sizes, reverse, has_bias, output_mask, bf16, step,
-                                    big);
+                                    big, var, aux_t);
     return backward_impl<double>(dy, dh_n, dc_n, xc, h0, c0, w_ih, w_hh, w_hr, y, gates, cs,
                                  tanh_c, rs, sizes, reverse, has_bias, output_mask, false, step,
-                                 big);
+                                 big, var, aux_t);
 }
 
 // ---- the one-token step ------------------------------------------------------------------------
@@ -493,14 +634,20 @@ TORCH_LIBRARY(glasslstm, m) {
     m.def(
         "lstm_layer(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
         "Tensor? b_hh, Tensor? w_hr, int[]? batch_sizes, bool reverse, bool train, bool record, "
-        "bool bf16, str step_gemm, str big_gemm) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-        "Tensor, Tensor)");
+        "bool bf16, str step_gemm, str big_gemm, Tensor? ln_ih=None, Tensor? ln_hh=None, "
+        "Tensor? ln_c=None, Tensor? ln_c_bias=None, Tensor? peephole=None, "
+        "Tensor? zoneout_c=None, Tensor? zoneout_h=None, Tensor? h_mask=None, "
+        "float cell_clip=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
     m.def(
         "lstm_layer_backward(Tensor? dy, Tensor? dh_n, Tensor? dc_n, Tensor x, Tensor h0, "
         "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor y, Tensor gates, Tensor cs, "
         "Tensor tanh_c, Tensor rs, int[]? batch_sizes, bool reverse, bool has_bias, "
-        "bool[7] output_mask, bool bf16, str step_gemm, str big_gemm) -> (Tensor, Tensor, "
-        "Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool[7] output_mask, bool bf16, str step_gemm, str big_gemm, Tensor? aux=None, "
+        "Tensor? ln_ih=None, Tensor? ln_hh=None, Tensor? ln_c=None, Tensor? ln_c_bias=None, "
+        "Tensor? peephole=None, Tensor? zoneout_c=None, Tensor? zoneout_h=None, "
+        "Tensor? h_mask=None, float cell_clip=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def(
         "lstm_step(Tensor x, Tensor? h0, Tensor? c0, Tensor weights, Tensor layout, bool back, "
         "int hidden_size, int out_size, Tensor? weights8=None) -> (Tensor, Tensor, Tensor)");

@@ -2,13 +2,20 @@
 
 The page shows the text with each token coloured by a chosen quantity (any gate, c or h) of a
 chosen layer and cell, the model's next-token guesses on hover, heatmaps (time x cells) of
-every gate of the chosen layer, and the gate saturation table. The arrays travel inside the
+every gate of the chosen layer, with their axes (tokens, cell ids) and colour bars, and the gate
+saturation table. It opens on the most informative cells (or the ones given: e.g. the cells
+that track the subject), and with ``focus`` on one token's guesses already shown. Colours are
+diverging and centred (0.5 for gates, 0 for N_t, C_t and H_t), clipped at the 98th percentile of
+the distance from the centre over what is shown: the text by the selected cell over the text,
+each heatmap over its rows. The arrays travel inside the
 page as JSON with base64-packed 8-bit (16-bit for the unbounded cell state) values, so a text
 of ~5,000 tokens with 2 x 256 cells stays a file of a few tens of MB at most. No torch here.
 
 Stable hooks for scripts and browser tests: ``select#layer``, ``select#quantity``,
 ``select#cell``, tokens as ``<span class="tok" data-t="t">`` inside ``#text``, the hover box
-``#tooltip``, canvases ``#heat-i`` ... ``#heat-h``, table ``#saturation``; ``body`` carries
+``#tooltip``, canvases ``#heat-i`` ... ``#heat-h`` (each with ``data-lo``/``data-centre``/
+``data-hi``: its colour scale, and ``data-rows``: its cells), the legend ``#legend`` with
+``#legend-lo``/``#legend-hi``, table ``#saturation``; ``body`` carries
 ``data-layer``/``data-quantity``/``data-cell`` of the current choice and ``data-ready="1"``
 once the script has run.
 """
@@ -25,18 +32,22 @@ from pathlib import Path
 import numpy as np
 
 from glasslstm.inspection.common import (
+    CENTRE,
     EXPLAIN,
     GATES,
     NAMES,
     QUANTITIES,
+    ROBUST,
+    informative_cells,
     resolve_layer,
-    top_variance_cells,
+    stops,
 )
 from glasslstm.rundir import atomic_write_text
 
-HEAT_CELLS = 64  # rows of each heatmap: the most variable cells (of c) of the layer
+HEAT_CELLS = 32  # rows of each heatmap: the chosen cells, then the most informative ones
 HEAT_TOKENS = 2000  # columns: the first tokens (one pixel or more each)
 GLOSSARY_ORDER = ("f", "i", "g", "c", "o", "h")  # the order the article introduces them
+HEAT_ORDER = ("c", "f", "i", "g", "o", "h")  # the memory and the gate that keeps it first
 
 
 def _template() -> str:
@@ -119,20 +130,32 @@ def render_html(
     *,
     layer: int | None = None,
     cell: int | None = None,
+    cells: list[int] | None = None,
     quantity: str = "c",
     title: str | None = None,
+    focus: int | None = None,
+    notes: str | None = None,
 ) -> str:
-    """The report as one HTML string. ``layer`` defaults to the last, ``cell`` to the cell of
-    ``layer`` with the largest variance of c over the text; ``quantity`` (i f g o c h) is the
-    one the text is coloured by at first. All three can be changed on the page."""
+    """The report as one HTML string. ``layer`` defaults to the last. ``cells``: the cells of
+    ``layer`` to show first (top rows of the heatmaps, first in the cell list; default: none,
+    the most informative ones, :func:`informative_cells`, come first); ``cell``, the one the
+    text is coloured by at first, defaults to the first of them. ``quantity`` (i f g o c h) is
+    the one the text is coloured by at first; all three can be changed on the page. ``focus``:
+    a token whose next-token guesses the page opens with. ``notes``: a paragraph shown under
+    the title (what the chosen cells are)."""
     n_layers, size = analysis.num_layers, analysis.hidden_size
     layer = resolve_layer(analysis, layer, quantity)
-    order = [top_variance_cells(analysis.values("c", k), size) for k in range(n_layers)]
+    chosen = list(dict.fromkeys(int(k) for k in cells or ()))
+    for k in chosen + ([] if cell is None else [cell]):
+        if not 0 <= k < size:
+            raise ValueError(
+                f"cell {k} is out of range: each layer has {size} cells (0..{size - 1})"
+            )
+    order = [informative_cells(analysis, k, size) for k in range(n_layers)]
+    order[layer] = chosen + [k for k in order[layer] if k not in chosen]
     cell = order[layer][0] if cell is None else cell
-    if not 0 <= cell < size:
-        raise ValueError(
-            f"cell {cell} is out of range: each layer has {size} cells (0..{size - 1})"
-        )
+    if focus is not None and not 0 <= focus < len(analysis):
+        raise ValueError(f"focus {focus} is out of range: the text has {len(analysis)} tokens")
     T = len(analysis)
     title = title or "glasslstm inspect"
 
@@ -148,8 +171,14 @@ def render_html(
         ],
         "arrays": {q: [_pack(a, bounded=q != "c") for a in analysis.gates[q]] for q in QUANTITIES},
         "order": order,
-        "default": {"layer": layer, "quantity": quantity, "cell": cell},
+        "chosen": {"layer": layer, "cells": chosen},
+        "default": {"layer": layer, "quantity": quantity, "cell": cell, "t": focus},
         "heat": {"cells": min(HEAT_CELLS, size), "tokens": HEAT_TOKENS},
+        "scale": {
+            "robust": ROBUST,
+            "centre": CENTRE,
+            "stops": {q: stops(q) for q in QUANTITIES},
+        },
         "names": NAMES,
         "explain": EXPLAIN,
     }
@@ -170,12 +199,13 @@ def render_html(
         f'<div class="heat" data-q="{q}"><figure><figcaption><b>{q}: {html.escape(NAMES[q])}</b>'
         f' — {html.escape(EXPLAIN[q])}</figcaption><div class="scroll">'
         f'<canvas id="heat-{q}" width="1" height="1"></canvas></div></figure></div>'
-        for q in ("i", "f", "g", "o", "c", "h")
+        for q in HEAT_ORDER
     )
     meta = (
         f"{T:,} {analysis.level}-level tokens · {n_layers} layer{'s' if n_layers > 1 else ''}"
         f" of {size} cells"
     )
+    rank = {k: r for r, k in enumerate(order[layer])}
     if analysis.truncated:
         meta += f" · the text was cut to its first {T:,} tokens"
     parts = {
@@ -196,12 +226,9 @@ def render_html(
         + _options(QUANTITIES, [f"{q} — {NAMES[q]}" for q in QUANTITIES], quantity)
         + "</select>",
         "cell_select": '<select id="cell">'
-        + _options(
-            order[layer],
-            [f"{k}  (#{r + 1} by variance of c)" for r, k in enumerate(order[layer])],
-            cell,
-        )
+        + _options(order[layer], [_cell_label(k, rank[k], chosen) for k in order[layer]], cell)
         + "</select>",
+        "notes": html.escape(notes or ""),
         "tokens": tokens,
         "glossary": glossary,
         "heatmaps": heatmaps,
@@ -212,6 +239,11 @@ def render_html(
     }
     # One pass over the template: text put in is never scanned for placeholders again.
     return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m.group(1)], _template())
+
+
+def _cell_label(k: int, rank: int, chosen: list[int]) -> str:
+    """How a cell is listed (the page's script writes the same)."""
+    return f"{k}  (chosen)" if k in chosen else f"{k}  (#{rank + 1 - len(chosen)} by change of h)"
 
 
 def write_html(analysis, path, **kwargs) -> Path:

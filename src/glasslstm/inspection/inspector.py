@@ -25,7 +25,7 @@ from glasslstm.inspection.spans import (
     informative_cells,
     pattern_cells,
 )
-from glasslstm.model import LanguageModel, training_data
+from glasslstm.model import LanguageModel, training_data, training_splits
 
 MAX_CHARS = 2000  # typed text: one forward pass per keystroke pause stays interactive
 MATCH_CHARS = 20_000  # the match text is analysed once; h and c of every step stay in memory
@@ -465,7 +465,10 @@ def match_source(
             trained, trained_dir = (
                 training_data(run_dir, required=not data) if run_dir is not None else (None, None)
             )
-            corpus = load_corpus(data or trained, data_dir=data_dir or trained_dir)
+            # a run trained on split files: its validation file
+            own = training_splits(run_dir) if run_dir is not None and not data else {}
+            splits = {k: v for k, v in own.items() if v is not None}
+            corpus = load_corpus(data or trained, data_dir=data_dir or trained_dir, **splits)
             raw, what = corpus.val, f"the validation split of {corpus.name}"
         try:
             return raw.decode("utf-8"), what

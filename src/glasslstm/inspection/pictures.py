@@ -1,32 +1,38 @@
-"""The PNG view of an Analysis (matplotlib): the text as coloured boxes for one quantity of one
-cell, and heatmaps (time x cells) of every gate of one layer, for READMEs and papers.
+"""The PNG views of an Analysis (matplotlib), for READMEs and papers.
 
-Readable at the default size for up to :data:`MAX_TOKENS` tokens; a longer text is cut and the
-title says so. No torch here.
+:func:`plot_png`: the text as coloured boxes for one quantity of one cell, and heatmaps (time x
+cells) of every gate of one layer; readable at the default size for up to :data:`MAX_TOKENS`
+tokens (a longer text is cut and the title says so). :func:`plot_event`: chosen groups of cells
+around an event of the text (their cell state and forget gate, the words along the time axis,
+marks at the event) and the model's next-word bars at one token: the article's pictures.
+
+Colours are diverging and centred (:mod:`glasslstm.inspection.common`): 0.5 for the gates, 0
+for N_t, C_t and H_t, the ends at a robust percentile, with a colour bar. No torch here.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
+from dataclasses import dataclass
 
 import numpy as np
 
 from glasslstm.inspection.common import (
     GATES,
-    MID,
     NAMES,
-    NEG,
-    POS,
-    SEQ0,
-    SEQ1,
+    ROBUST,
+    Scale,
+    informative_cells,
     is_dark,
     resolve_layer,
     rgb,
-    top_variance_cells,
+    scale_for,
+    stops,
 )
 
 MAX_TOKENS = 200  # more than this and the boxes get too small to read
-MAX_CELLS = 64  # rows of each heatmap: the most variable cells (of c) of the layer
+MAX_CELLS = 64  # rows of each heatmap: the most informative cells of the layer
 LINE_CHARS = 100  # characters per line of the coloured text
 FIG_WIDTH = 12.0  # inches, at 100 dpi
 HEAT_GRID = (("i", "f"), ("g", "o"), ("c", "h"))
@@ -35,10 +41,27 @@ HEAT_GRID = (("i", "f"), ("g", "o"), ("c", "h"))
 def _cmap(quantity: str):
     from matplotlib.colors import LinearSegmentedColormap
 
-    stops = [SEQ0, SEQ1] if quantity in GATES else [NEG, MID, POS]
     return LinearSegmentedColormap.from_list(
-        f"glasslstm_{quantity}", [tuple(x / 255 for x in c) for c in stops]
+        f"glasslstm_{quantity}", [tuple(x / 255 for x in c) for c in stops(quantity)]
     )
+
+
+def _scale_words(scale: Scale) -> str:
+    low, high = ("shut", "open") if scale.quantity in GATES else ("−", "+")
+    return (
+        f"{scale.lo:.3g} ({low}) → {scale.centre:g} → {scale.hi:.3g} ({high}), "
+        f"clipped at the {ROBUST:g}th percentile"
+    )
+
+
+def _colorbar(fig, im, ax, scale: Scale, label: str):
+    """A colour bar with the scale's ends and centre as ticks (the ends mean "or beyond")."""
+    bar = fig.colorbar(im, ax=ax, fraction=0.035, pad=0.01)
+    bar.set_ticks([scale.lo, scale.centre, scale.hi])
+    bar.set_ticklabels([f"≤{scale.lo:.2g}", f"{scale.centre:g}", f"≥{scale.hi:.2g}"])
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label(label, fontsize=8)
+    return bar
 
 
 def _box_text(token: str) -> str:
@@ -88,16 +111,17 @@ def plot_png(
     """Write the figure to ``path`` (PNG, atomically) and return what it shows:
     ``{"path", "layer", "cell", "quantity", "tokens", "of_tokens", "cells", "of_cells"}``.
 
-    ``layer`` defaults to the last, ``cell`` (the one the text is coloured by) to the cell of
-    ``layer`` with the largest variance of c over the text. Heatmap rows are the ``max_cells``
-    most variable cells of c (plus ``cell``), columns the first ``max_tokens`` tokens.
+    ``layer`` defaults to the last, ``cell`` (the one the text is coloured by) to the most
+    informative cell of ``layer`` (:func:`informative_cells`). Heatmap rows are the
+    ``max_cells`` most informative cells (plus ``cell``), columns the first ``max_tokens``
+    tokens; each heatmap has its own robust scale over what it shows.
     """
     from glasslstm.viz import _figure, save_figure
 
     n_layers, size = analysis.num_layers, analysis.hidden_size
     layer = resolve_layer(analysis, layer, quantity)
     T = min(len(analysis), max_tokens)
-    rows = top_variance_cells(analysis.values("c", layer)[:T], min(max_cells, size))
+    rows = informative_cells(analysis, layer, min(max_cells, size))
     cell = rows[0] if cell is None else cell
     if not 0 <= cell < size:
         raise ValueError(
@@ -127,11 +151,14 @@ def plot_png(
     # ---- the text, one box per token, coloured by the chosen quantity of the chosen cell
     ax = fig.add_subplot(grid[0, :])
     values = analysis.values(quantity, layer)
+    text_scale = (
+        scale_for(quantity, values[:T, cell]) if cell < values.shape[1] else Scale(quantity, 0, 1)
+    )
     ax_w_in = FIG_WIDTH * (0.97 - 0.05)
     fontsize = min(14.0, 72 * ax_w_in / LINE_CHARS / 0.602 * 0.92)  # DejaVu Sans Mono: 0.602 em
     for tok, (line, col, width) in zip(range(T), places):
         v = float(values[tok, cell]) if cell < values.shape[1] else math.nan
-        colour = rgb(quantity, v) if math.isfinite(v) else (220, 220, 220)
+        colour = rgb(quantity, v, text_scale) if math.isfinite(v) else (220, 220, 220)
         ax.add_patch(
             plt.Rectangle(
                 (col, line + 0.08), width, 0.84, linewidth=0, facecolor=[x / 255 for x in colour]
@@ -150,17 +177,10 @@ def plot_png(
     ax.set_xlim(0, LINE_CHARS)
     ax.set_ylim(n_lines, 0)
     ax.axis("off")
-    scale = (
-        "white 0 → green 1"
-        if quantity in GATES
-        else "tanh(c): blue −1 → white 0 → red +1"
-        if quantity == "c"
-        else "blue −1 → white 0 → red +1"
-    )
     ax.set_title(
         f"the text coloured by {quantity} ({NAMES[quantity]}) of cell {cell}, "
-        f"layer {layer} ({scale})",
-        fontsize=11,
+        f"layer {layer}: {_scale_words(text_scale)}",
+        fontsize=10,
         loc="left",
     )
 
@@ -171,11 +191,9 @@ def plot_png(
             a = analysis.values(q, layer)[:T].astype(np.float64)
             cols = [k for k in rows if k < a.shape[1]]  # h may be projected (fewer columns)
             img = a[:, cols].T
-            if q == "c":
-                img = np.tanh(img)
-            lo = 0.0 if q in GATES else -1.0
+            sc = scale_for(q, img)
             im = ax.imshow(
-                img, aspect="auto", interpolation="nearest", cmap=_cmap(q), vmin=lo, vmax=1.0
+                img, aspect="auto", interpolation="nearest", cmap=_cmap(q), vmin=sc.lo, vmax=sc.hi
             )
             if cell in cols:
                 k = cols.index(cell)
@@ -184,9 +202,7 @@ def plot_png(
                         (-0.5, k - 0.5), T, 1, fill=False, linewidth=1.0, edgecolor="black"
                     )
                 )
-            ax.set_title(
-                f"{q}: {NAMES[q]}{' (as tanh c)' if q == 'c' else ''}", fontsize=10, loc="left"
-            )
+            ax.set_title(f"{q}: {NAMES[q]}", fontsize=10, loc="left")
             if T <= 60:
                 ax.set_xticks(
                     range(T),
@@ -201,13 +217,13 @@ def plot_png(
                 ax.set_ylabel("cell", fontsize=9)
             if r == len(HEAT_GRID) - 1:
                 ax.set_xlabel("token (time →)", fontsize=9)
-            fig.colorbar(im, ax=ax, fraction=0.035, pad=0.01).ax.tick_params(labelsize=7)
+            _colorbar(fig, im, ax, sc, q)
 
     cut = f"the first {T} of {len(analysis)} tokens" if T < len(analysis) else f"{T} tokens"
     rows_note = (
-        f"the {len(rows)} most variable cells of {size}"
+        f"the {len(rows)} cells of {size} whose h varies most"
         if len(rows) < size
-        else f"all {size} cells, most variable first"
+        else f"all {size} cells, h varying most first"
     )
     fig.suptitle(
         title
@@ -228,4 +244,148 @@ def plot_png(
         "of_tokens": len(analysis),
         "cells": len(rows),
         "of_cells": size,
+    }
+
+
+# --------------------------------------------------------------------------- event pictures
+
+
+@dataclass(frozen=True)
+class CellGroup:
+    """Cells that :func:`plot_event` shows together, and why: ``title`` says what they do,
+    ``labels`` (one per cell) how strongly (e.g. "cell 12  r = +0.91")."""
+
+    title: str
+    cells: tuple[int, ...]
+    labels: tuple[str, ...]
+    quantities: tuple[str, ...] = ("c", "f")  # a heatmap each, in this order
+
+
+def _word(token: str) -> str:
+    return _box_text(token).replace(" ", "␣").strip() or "␣"
+
+
+def plot_event(
+    analysis,
+    path,
+    *,
+    groups: list[CellGroup],
+    title: str,
+    subtitle: str = "",
+    layer: int = 0,
+    columns: list[int] | None = None,
+    marks: tuple[tuple[int, str], ...] = (),
+    bars_at: int | None = None,
+    answer: str | None = None,
+    top: int = 8,
+) -> dict:
+    """Write the article-style picture of an event to ``path`` (PNG, atomically).
+
+    For each group and each of its ``quantities``, a heatmap: rows the group's cells (labelled),
+    columns the tokens ``columns`` (default: every token; e.g. the words without the spaces
+    between them), each value the quantity after reading that token, on a diverging robust
+    scale with its colour bar. ``marks``: ``(token index, label)`` pairs drawn as a line just
+    before that token in every heatmap (the full stop, "on the other hand"). ``bars_at``: a token
+    whose next-token distribution (its ``top`` guesses, ``answer`` in another colour) is drawn
+    beside the heatmaps; its column (or the last shown before it) is framed. Returns what it
+    drew: ``{"path", "columns", "cells", "scales", "bars"}``.
+    """
+    from glasslstm.viz import _figure, save_figure
+
+    layer = resolve_layer(analysis, layer, "c")
+    cols = list(range(len(analysis))) if columns is None else list(columns)
+    if not cols or not groups:
+        raise ValueError("plot_event needs at least one column and one group of cells")
+    labels = [_word(analysis.tokens[t]) for t in cols]
+    where = {t: k for k, t in enumerate(cols)}
+
+    shown_before = [k for k, t in enumerate(cols) if bars_at is not None and t <= bars_at]
+    framed = shown_before[-1] if shown_before else None
+
+    plt = _figure()
+    panels = [(g, q) for g in groups for q in g.quantities]
+    n_rows = len(panels)
+    heights = [0.55 + 0.24 * len(g.cells) for g, _ in panels]
+    fig_w = max(10.0, min(20.0, 2.6 + 0.2 * len(cols) + (3.2 if bars_at is not None else 0)))
+    fig_h = 1.75 + sum(heights) + 0.75 * n_rows + 0.3
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=110)
+    right = 0.74 if bars_at is not None else 0.96
+    grid = fig.add_gridspec(
+        n_rows,
+        1,
+        height_ratios=heights,
+        left=1.55 / fig_w,
+        right=right,
+        top=1 - 1.55 / fig_h,
+        bottom=0.75 / fig_h,
+        hspace=0.75 / (sum(heights) / n_rows),
+    )
+    scales: dict[str, dict] = {}
+    axes = []
+    for row, (g, q) in enumerate(panels):
+        ax = fig.add_subplot(grid[row, 0])
+        axes.append(ax)
+        img = analysis.values(q, layer)[cols][:, list(g.cells)].astype(np.float64).T
+        sc = scale_for(q, img)
+        scales[f"{g.title}:{q}"] = sc.to_json()
+        im = ax.imshow(
+            img, aspect="auto", interpolation="nearest", cmap=_cmap(q), vmin=sc.lo, vmax=sc.hi
+        )
+        ax.set_yticks(range(len(g.cells)), g.labels, fontsize=8)
+        ax.set_xticks(range(len(cols)), labels, fontsize=8, rotation=90)
+        ax.set_title(f"{NAMES[q]} of the {g.title}", fontsize=10, loc="left")
+        for m, (t, text) in enumerate(marks):
+            if t not in where:
+                continue
+            ax.axvline(where[t] - 0.5, color="black", lw=1.4)
+            if row == 0:  # the marks' names, staggered, above the first heatmap
+                ax.annotate(
+                    text,
+                    (where[t] - 0.5, -0.5),
+                    xytext=(0, 18 + 13 * (m % 2)),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=9,
+                    arrowprops={"arrowstyle": "-", "color": "black", "lw": 0.8},
+                )
+        if framed is not None:
+            ax.add_patch(
+                plt.Rectangle(
+                    (framed - 0.5, -0.5), 1, len(g.cells), fill=False, lw=2.0, edgecolor="black"
+                )
+            )
+        _colorbar(fig, im, ax, sc, q)
+    axes[-1].set_xlabel("the text, one column per word (the state after reading it)", fontsize=9)
+
+    drawn_bars = []
+    if bars_at is not None:
+        bax = fig.add_axes([0.80, 0.75 / fig_h + 0.1, 0.17, 0.6 - 0.75 / fig_h])
+        guesses = analysis.top[bars_at][:top]
+        words = [_word(w) for w, _ in guesses][::-1]
+        probs = [p for _, p in guesses][::-1]
+        colours = [
+            "#b35806" if answer is not None and _word(w) == answer else "#9e9e9e"
+            for w, _ in guesses
+        ][::-1]
+        bax.barh(range(len(words)), probs, color=colours)
+        bax.set_yticks(range(len(words)), words, fontsize=9)
+        bax.set_xlim(0, 1)
+        bax.set_xlabel("probability", fontsize=9)
+        for y, p in enumerate(probs):
+            bax.text(min(p + 0.02, 0.8), y, f"{p:.1%}", va="center", fontsize=8)
+        before = "".join(analysis.tokens[max(0, bars_at - 6) : bars_at + 1]).strip()
+        bax.set_title(f"next word after\n“…{before}”", fontsize=10, loc="left")
+        drawn_bars = [[w, round(float(p), 4)] for w, p in guesses]
+
+    fig.suptitle(title, fontsize=13, x=0.01, ha="left", y=1 - 0.2 / fig_h, va="top")
+    if subtitle:
+        wrapped = textwrap.fill(subtitle, width=int(fig_w * 15))
+        fig.text(0.01, 1 - 0.5 / fig_h, wrapped, fontsize=9, color="#333333", va="top")
+    path = save_figure(fig, path)
+    return {
+        "path": str(path),
+        "columns": [analysis.tokens[t] for t in cols],
+        "cells": {g.title: list(g.cells) for g in groups},
+        "scales": scales,
+        "bars": drawn_bars,
     }

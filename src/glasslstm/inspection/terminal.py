@@ -10,10 +10,12 @@ import math
 from glasslstm.inspection.common import (
     NAMES,
     QUANTITIES,
+    ROBUST,
+    informative_cells,
     is_dark,
     printable,
     rgb,
-    top_variance_cells,
+    scale_for,
 )
 
 DEFAULT_CELLS = 3
@@ -27,8 +29,8 @@ DIM = "\x1b[2m"
 
 def resolve(analysis, layer: int | None = None, cells=None) -> tuple[int, list[int], bool]:
     """``(layer, cells, chosen_by_default)``: layer defaults to the last, cells to the
-    :data:`DEFAULT_CELLS` with the largest variance of c over the text. Raises ``ValueError``
-    naming the valid range for a bad index."""
+    :data:`DEFAULT_CELLS` most informative ones (:func:`informative_cells`). Raises
+    ``ValueError`` naming the valid range for a bad index."""
     n_layers, size = analysis.num_layers, analysis.hidden_size
     if layer is None:
         layer = n_layers - 1
@@ -39,7 +41,7 @@ def resolve(analysis, layer: int | None = None, cells=None) -> tuple[int, list[i
         )
     if cells is None or len(cells) == 0:
         n = min(DEFAULT_CELLS, size)
-        return layer, top_variance_cells(analysis.values("c", layer), n), True
+        return layer, informative_cells(analysis, layer, n), True
     bad = [k for k in cells if not 0 <= k < size]
     if bad:
         raise ValueError(
@@ -87,13 +89,14 @@ def render(
     One row per token: the token (space as '␣', newline as '\\n'), f i g o c h of each chosen
     cell of ``layer`` after reading it, the ``top_k`` most likely next tokens with their
     probabilities (default: all that the Analysis holds), and the probability given to the token
-    that actually came next. ``color=True`` adds ANSI colours (value as background colour: gates
-    white->green over [0, 1]; g, h and tanh(c) blue->white->red over [-1, 1]).
+    that actually came next. ``color=True`` adds ANSI colours (the value as background colour, on
+    a diverging scale per cell and quantity: gates purple (shut) -> white (0.5) -> orange (open),
+    g, c, h blue (-) -> white (0) -> red (+), clipped at the 98th percentile of the distance).
     """
     layer, cells, by_default = resolve(analysis, layer, cells)
     n_layers = analysis.num_layers
     why = (
-        f"the {len(cells)} with the largest variance of c over this text (choose with --cells)"
+        f"the {len(cells)} whose h varies most over this text (choose with --cells)"
         if by_default
         else "as asked"
     )
@@ -103,14 +106,21 @@ def render(
     ]
     if color:
         lines.append(
-            "  colours: gates f, i, o white (0) -> green (1); "
-            "g, h, tanh(c) blue (-1) -> white (0) -> red (+1)"
+            "  colours, per cell: gates f, i, o purple (shut) -> white (0.5) -> orange (open); "
+            f"g, c, h blue (-) -> white (0) -> red (+); the ends at the {ROBUST:g}th "
+            "percentile of the distance from the middle"
         )
     if analysis.truncated:
         lines.append(f"  (the text was cut to its first {len(analysis)} tokens)")
 
     values = {q: analysis.values(q, layer) for q in QUANTITIES}
     h_size = values["h"].shape[1]  # smaller than c's with a projection
+    scales = {
+        (q, k): scale_for(q, values[q][:, k])
+        for q in QUANTITIES
+        for k in cells
+        if k < values[q].shape[1]
+    }
     tok_w = max(5, min(MAX_TOKEN_WIDTH, max(len(printable(t)) for t in analysis.tokens)))
     t_w = len(str(len(analysis) - 1))
     block = " ".join(f"{q:>{VALUE_W}}" for q in ORDER)  # one cell: 6 values + gaps
@@ -134,7 +144,7 @@ def render(
                     parts.append(f"{'-':>{VALUE_W}}")
                     continue
                 v = float(values[q][t, cell])
-                parts.append(_paint(_num(v), rgb(q, v)) if color else _num(v))
+                parts.append(_paint(_num(v), rgb(q, v, scales[q, cell])) if color else _num(v))
             row += " │ " + " ".join(parts)
         guesses = "  ".join(f"{_short(s, 8):<{guess_w}} {p:4.0%}" for s, p in analysis.top[t][:k])
         p_next = analysis.target_prob[t]

@@ -18,6 +18,10 @@ variable; an explicit argument wins):
 * ``"loop"`` — :func:`~glasslstm.ops.loop.lstm_layer_loop`: a plain torch loop that autograd
   differentiates. Slower; for forward-mode AD.
 
+The regularised family (layer normalisation, peepholes, zoneout, recurrent dropout, cell
+clipping: :mod:`glasslstm.ops.variant`) runs in the C++ operator, with its hand-derived
+backward; where the operator does not run (``"bptt"``, CUDA) it runs in the autograd loop.
+
 Every path computes the same numbers (the tests hold them to float64 round-off against each
 other, the NumPy reference and torch.nn.LSTM), and all give second derivatives.
 
@@ -38,6 +42,7 @@ from glasslstm.ops import gemm, library, native
 from glasslstm.ops.bptt import lstm_layer_bptt
 from glasslstm.ops.cells import TORCH_CELL, Cell, NativeBf16Cell, NativeCell
 from glasslstm.ops.loop import lstm_layer_loop
+from glasslstm.ops.variant import Variant
 
 BACKENDS = ("auto", "fused", "bptt", "loop")
 ENV_VAR = "GLASSLSTM_BACKEND"
@@ -120,19 +125,37 @@ def describe(backend: str | None = None, device: str = "cpu", dtype=torch.float3
         return f"{name}: {e}"
 
 
-def lstm_layer(backend: str, x, h0, c0, weights, batch_sizes, reverse: bool, record: bool):
+def lstm_layer(
+    backend: str,
+    x,
+    h0,
+    c0,
+    weights,
+    batch_sizes,
+    reverse: bool,
+    record: bool,
+    variant: Variant | None = None,
+):
     """Run one layer in one direction on ``backend`` (a name from :func:`resolve_backend`).
 
-    ``weights`` is ``(w_ih, w_hh, b_ih, b_hh, w_hr)`` (biases and ``w_hr`` may be None).
-    Returns ``(y, h_n, c_n)`` and, when ``record``, also the activated gates (T, B, 4H) and the
-    cell states (T, B, H), zero past each sequence's end.
+    ``weights`` is ``(w_ih, w_hh, b_ih, b_hh, w_hr)`` (biases and ``w_hr`` may be None);
+    ``variant`` the regularised family's part of the layer (:class:`~glasslstm.ops.variant.
+    Variant`), or None. Returns ``(y, h_n, c_n)`` and, when ``record``, also the activated
+    gates (T, B, 4H) and the cell states (T, B, H), zero past each sequence's end.
+
+    The family runs in the C++ operator where the operator runs (the CPU, ``"auto"`` and
+    ``"fused"``) and in the autograd loop everywhere else.
     """
+    if variant is not None and not variant.active():
+        variant = None
     bf16 = False
     if _autocasting(x.device.type):
         # This layer runs in float32 with autocast off: the cell state carries its rounding
         # through all T steps. Under CPU bf16 autocast its products may take bf16 operands.
         x, h0, c0 = _up(x), _up(h0), _up(c0)
         weights = tuple(_up(w) for w in weights)
+        if variant is not None:
+            variant = variant._replace(**{k: _up(getattr(variant, k)) for k in variant._fields[:8]})
         bf16 = (
             x.device.type == "cpu"
             and x.dtype == torch.float32
@@ -140,29 +163,30 @@ def lstm_layer(backend: str, x, h0, c0, weights, batch_sizes, reverse: bool, rec
             and gemm.layer_bf16(x, weights[1])
         )
         with torch.autocast(x.device.type, enabled=False):
-            return _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16)
-    return _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16)
+            return _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16, variant)
+    return _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16, variant)
 
 
-def _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16):
-    if backend == "loop":
-        return lstm_layer_loop(x, h0, c0, *weights, batch_sizes, reverse, record)
+def _layer(backend, x, h0, c0, weights, batch_sizes, reverse, record, bf16, variant):
     if uses_operator(backend, x):
-        return _operator_layer(x, h0, c0, weights, batch_sizes, reverse, record, bf16)
+        return _operator_layer(x, h0, c0, weights, batch_sizes, reverse, record, bf16, variant)
+    if backend == "loop" or variant is not None:  # the family outside the operator: autograd
+        return lstm_layer_loop(x, h0, c0, *weights, batch_sizes, reverse, record, variant)
     return lstm_layer_bptt(
         x, h0, c0, weights, batch_sizes, reverse, record, cell_for(backend, x, bf16)
     )
 
 
-def _operator_layer(x, h0, c0, weights, batch_sizes, reverse, record, bf16):
+def _operator_layer(x, h0, c0, weights, batch_sizes, reverse, record, bf16, variant):
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    v = variant or Variant()
     # keep what the backward needs only when one may come (a jit trace is run both ways later)
     train = torch.jit.is_tracing() or (
         torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (x, h0, c0, *weights))
+        and any(t is not None and t.requires_grad for t in (x, h0, c0, *weights, *v.tensors))
     )
     step, big = gemm.layer_providers(x, w_hh)
-    y, h_n, c_n, gates, cs, _, _ = library.layer(
+    out = library.layer(
         x,
         h0,
         c0,
@@ -178,7 +202,10 @@ def _operator_layer(x, h0, c0, weights, batch_sizes, reverse, record, bf16):
         bf16,
         step,
         big,
+        *v.tensors,
+        float(v.cell_clip),
     )
+    y, h_n, c_n, gates, cs = out[:5]
     return (y, h_n, c_n, gates, cs) if record else (y, h_n, c_n)
 
 

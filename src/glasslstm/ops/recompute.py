@@ -43,8 +43,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 # layer(x (t, B, ·), state (tuple of (B, ·)), params (tuple), batch_sizes (t ints) or None,
-#       extras: bool) -> (y (t, B, ·), *final state, *extras (t, B, ·) when extras)
-Layer = Callable[[torch.Tensor, tuple, tuple, Sequence[int] | None, bool], tuple]
+#       extras: bool, *timed (t, ·, ·))
+#   -> (y (t, B, ·), *final state, *extras (t, B, ·) when extras)
+Layer = Callable[..., tuple]
 
 
 def checkpointed(
@@ -56,9 +57,10 @@ def checkpointed(
     batch_sizes: Sequence[int] | None,
     reverse: bool,
     extras: bool,
+    timed: tuple = (),
 ) -> tuple:
-    """``layer(x, state, params, batch_sizes, extras)`` run ``steps`` time steps at a time
-    with checkpointing; returns what that call returns, for the whole sequence.
+    """``layer(x, state, params, batch_sizes, extras, *timed)`` run ``steps`` time steps at a
+    time with checkpointing; returns what that call returns, for the whole sequence.
 
     ``layer`` runs one layer in one direction over a stretch of time: from ``x`` (t, B, ·), the
     initial ``state`` (a tuple of (B, ·) tensors), its parameters ``params`` (a tuple of
@@ -67,7 +69,9 @@ def checkpointed(
     returns ``(y, *final_state)`` and, when ``extras``, after them tensors (t, B, ·) that are
     not differentiated (e.g. recorded gates): made in forward only, concatenated over time
     like ``y``. ``reverse``: the layer runs from the last step to the first, so the segments do
-    too, each handing its final state to the segment before it in time.
+    too, each handing its final state to the segment before it in time. ``timed``: constants
+    with time first (T, ·, ·) that the layer reads step by step (zoneout's masks), each segment
+    given its own steps of them.
 
     Where checkpointing cannot save anything (``steps`` is 0 or covers the whole sequence, or
     gradients are off) this is the plain call. The result supports one backward pass, not
@@ -75,8 +79,8 @@ def checkpointed(
     """
     T = x.shape[0]
     if steps <= 0 or steps >= T or not torch.is_grad_enabled():
-        return layer(x, state, params, batch_sizes, extras)
-    plan = _Plan(layer, steps, batch_sizes, reverse, extras, len(state), len(params))
+        return layer(x, state, params, batch_sizes, extras, *timed)
+    plan = _Plan(layer, steps, batch_sizes, reverse, extras, len(state), len(params), timed)
     return _Segments.apply(plan, x, *state, *params)
 
 
@@ -88,6 +92,11 @@ class _Plan(NamedTuple):
     extras: bool
     n_state: int
     n_params: int
+    timed: tuple = ()
+
+    def call(self, x, state, params, sizes, extras, a: int, b: int) -> tuple:
+        """The layer on steps [a, b)."""
+        return self.layer(x, state, params, sizes, extras, *(m[a:b] for m in self.timed))
 
     def segments(self, T: int, B: int) -> list[tuple[int, int, Sequence[int] | None]]:
         """``(start, stop, batch_sizes)`` of each segment, in the order the layer runs them."""
@@ -116,7 +125,7 @@ class _Segments(torch.autograd.Function):
         )
         for a, b, sizes in segments:  # grad mode is off in here: nothing is recorded
             starts.extend(state)
-            res = plan.layer(x[a:b], state, params, sizes, plan.extras)
+            res = plan.call(x[a:b], state, params, sizes, plan.extras, a, b)
             state = tuple(res[1 : 1 + n])
             pieces = (res[0],) + tuple(res[1 + n :])
             if timed is None:
@@ -156,7 +165,7 @@ class _Segments(torch.autograd.Function):
                     None if p is None else p.detach().requires_grad_(need_params[i])
                     for i, p in enumerate(params)
                 )
-                res = plan.layer(xs, sts, ps, sizes, False)  # this segment's activations again
+                res = plan.call(xs, sts, ps, sizes, False, a, b)  # the segment's activations again
             outs, douts = [], []
             for out, d in zip(res[: 1 + n], (None if dy is None else dy[a:b], *dstate)):
                 if d is not None and out.requires_grad:

@@ -29,6 +29,7 @@ def possible(lstm, device: torch.device, dtype: torch.dtype) -> bool:
         device.type == "cpu"
         and dtype in DTYPES
         and not lstm.bidirectional
+        and getattr(lstm, "plain_cell", True)  # the step has the article's cell only
         and resolve_backend(lstm.backend) in ("auto", "fused")
         and native.available()
     )
@@ -161,8 +162,10 @@ def drop_in_step(lstm, input, hx):
             return None
         plan = lstm._drop_in = DropInStep(lstm)
     # what can change between calls sends them down the general path
-    if lstm.backend not in (None, "auto", "fused") or (
-        lstm.training and lstm.dropout and plan.multi
+    if (
+        lstm.backend not in (None, "auto", "fused")
+        or not lstm.plain_cell
+        or (lstm.training and ((lstm.dropout and plan.multi) or lstm.draws_masks))
     ):
         return None
     if type(input) is not torch.Tensor or input.dtype is not plan.dtype or not input.is_cpu:

@@ -40,28 +40,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The stories' grammar: the same names and sentences as the built-in corpus (private there,
-# shared within the package so the two never drift apart).
+# The stories' grammar: the same names and sentences as the built-in corpus, so the two never
+# drift apart.
 from ..stories import (
-    _BRANCHES,
-    _CITIES,
-    _CLOSE_OPEN,
-    _HERO_DEED,
-    _HERO_INTRO,
-    _HERO_MORE,
-    _JOBS,
-    _KIN,
-    _OTHER_MORE,
-    _PLACES,
-    _PRONOUNS,
-    _RELATIVES,
-    _SECOND_INTRO,
-    _SECOND_MORE,
-    _SKILLS,
-    _SWITCH,
-    _YEARS,
+    CHOICES,
+    CLOSE_OPEN,
     FEMALE_NAMES,
+    HERO_DEED,
+    HERO_INTRO,
+    HERO_MORE,
+    KIN,
     MALE_NAMES,
+    OTHER_MORE,
+    PRONOUNS,
+    SECOND_INTRO,
+    SECOND_MORE,
+    SWITCH,
 )
 from .base import check_batch_size, check_T
 
@@ -80,15 +74,6 @@ SECOND_PROB = 0.3  # chance an episode adds a second distractor, as in the stori
 MIN_FILL = min(FILLERS)
 
 _TOKEN = re.compile(r"\{\w+\}|\w+|[^\w\s]")  # placeholders, words, single punctuation marks
-_CHOICES = {
-    "city": _CITIES,
-    "job": _JOBS,
-    "skill": _SKILLS,
-    "rel": _RELATIVES,
-    "branch": _BRANCHES,
-    "years": _YEARS,
-    "place": _PLACES,
-}
 _NAME, _OTHER = -1, -2  # slots in a compiled template: the sentence's person, the other person
 
 
@@ -102,19 +87,19 @@ class _Grammar:
 
     def __init__(self):
         groups = {
-            "intro": _HERO_INTRO,
-            "more": _HERO_MORE + _HERO_DEED,
-            "switch": _SWITCH,
-            "other_more": _OTHER_MORE,
-            "second_intro": _SECOND_INTRO,
-            "second_more": _SECOND_MORE,
+            "intro": HERO_INTRO,
+            "more": HERO_MORE + HERO_DEED,
+            "switch": SWITCH,
+            "other_more": OTHER_MORE,
+            "second_intro": SECOND_INTRO,
+            "second_more": SECOND_MORE,
             # the article's "For his contributions, brave" keeps its weight by repetition
-            "close": tuple(t for t, w in _CLOSE_OPEN for _ in range(w)),
+            "close": tuple(t for t, w in CLOSE_OPEN for _ in range(w)),
         }
         words = {w for texts in FILLERS.values() for t in texts for w in _words(t)}
-        words |= {w for opts in _CHOICES.values() for o in opts for w in _words(o)}
-        words |= {w for kin in _KIN.values() for k in kin for w in _words(k)}
-        words |= {w for p in _PRONOUNS.values() for w in p.values()}
+        words |= {w for opts in CHOICES.values() for o in opts for w in _words(o)}
+        words |= {w for kin in KIN.values() for k in kin for w in _words(k)}
+        words |= {w for p in PRONOUNS.values() for w in p.values()}
         words |= {w for ts in groups.values() for t in ts for w in _words(t) if w[0] != "{"}
         clash = words & set(NAMES)
         if clash:  # a name that is also an ordinary word would make the task ambiguous
@@ -149,10 +134,10 @@ class _Grammar:
                 parts.append(_NAME)
             elif key == "other":
                 parts.append(_OTHER)
-            elif key in _PRONOUNS[g]:
-                parts.extend(self.ids[x] for x in _words(_PRONOUNS[g][key]))
+            elif key in PRONOUNS[g]:
+                parts.extend(self.ids[x] for x in _words(PRONOUNS[g][key]))
             else:
-                options = _KIN[g] if key == "kin" else _CHOICES[key]
+                options = KIN[g] if key == "kin" else CHOICES[key]
                 parts.append(tuple(tuple(self.ids[x] for x in _words(o)) for o in options))
         return parts
 
