@@ -120,14 +120,23 @@ class Ranks:
         dist.all_reduce(t)
         return t.item() / self.world
 
-    def agree(self, seconds: float, signum: int) -> tuple[float, int]:
-        """After a step: its time (the slowest rank's) and the stop signal any rank received
-        (0: none), the same on every rank, so that all stop after the same step."""
+    def slowest(self, seconds: float) -> float:
+        """A step's time as every rank counts it: the slowest rank's (``--time-budget`` and the
+        learning-rate schedule read it, so it must be the same everywhere)."""
         if self.world == 1:
-            return seconds, signum
-        t = torch.tensor([seconds, float(signum)], dtype=torch.float64, device=self.device)
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t[0].item(), int(t[1].item())
+        return t.item()
+
+    def stop_signal(self, signum: int) -> int:
+        """The stop signal any rank has received (0: none), the same on every rank, so that
+        all stop after the same step."""
+        if self.world == 1:
+            return signum
+        t = torch.tensor([signum], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def sum(self, total: float, count: int) -> tuple[float, int]:
         """Validation: the loss sum and token count over all ranks' rows."""

@@ -516,11 +516,9 @@ def _train(
                     "Lower --lr or keep --clip on, then resume or train again."
                 )
                 break
-            # every rank takes the same time (the slowest's) and stop signal for the step
-            seconds, stop = ranks.agree(time.perf_counter() - t_step, interrupt.signum)
             p.step += 1
             p.tokens += x.numel() * ranks.world
-            p.seconds += seconds
+            p.seconds += ranks.slowest(time.perf_counter() - t_step)  # the same on every rank
             window.add(loss, x.numel() * ranks.world)
             if on_step is not None:
                 on_step(p.step, loss)
@@ -552,6 +550,7 @@ def _train(
             if out_of_time:
                 stopped = "time_budget"
                 break
+            stop = ranks.stop_signal(interrupt.signum)  # any rank's: all stop after this step
             if stop:
                 stopped, stop_name = "interrupted", signal.Signals(stop).name
                 run.save()
