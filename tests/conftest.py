@@ -53,3 +53,27 @@ def tiny_run(tmp_path_factory):
     )
     train(cfg, progress=False, corpus=Corpus("tiny", text[:cut], text[cut:], "test"))
     return out
+
+
+@pytest.fixture(scope="session")
+def stories_run(tmp_path_factory):
+    """A small model trained for a few seconds on the built-in stories corpus (the article's
+    world): a real run directory whose validation split is the stories' (the match text)."""
+    from glasslstm.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "stories"
+    cfg = TrainConfig(
+        hidden=48,
+        layers=2,
+        dropout=0.0,
+        seq_len=32,
+        batch_size=32,
+        max_steps=80,  # enough for cells that single out full stops, commas, "his"
+        eval_every=80,
+        eval_batches=2,
+        warmup=10,
+        lr=2e-2,
+        out=str(out),
+    )
+    train(cfg, progress=False)
+    return out

@@ -326,6 +326,13 @@ def test_cells_cli_missing_file_and_unknown_characters(tiny_run, tmp_path, capsy
     assert "is neither a named corpus" in capsys.readouterr().err
     odd = tmp_path / "odd.txt"
     odd.write_text('Bob said "zzz" ~ 42.', encoding="utf-8")
-    assert main(["cells", str(tiny_run), "--data", str(odd)]) == 2
+    assert main(["cells", str(tiny_run), "--data", str(odd)]) == 0  # read with <unk>
+    chars = set(tiny_run_vocab(tiny_run))
+    unknown = sum(c not in chars for c in odd.read_text())
+    assert unknown > 0
     err = capsys.readouterr().err
-    assert str(odd) in err and "not in the vocabulary" in err
+    assert f"{unknown} characters of {odd} not in the model's vocabulary" in err
+
+
+def tiny_run_vocab(run_dir) -> list[str]:
+    return json.loads((run_dir / "vocab.json").read_text())["chars"]

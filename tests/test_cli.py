@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from glasslstm.cli import main
+from glasslstm.model import LanguageModel
 
 TEXT = (
     "Bob is a nice person. Dan, on the other hand, is evil. Bob can swim. "
@@ -135,7 +136,7 @@ def test_predict_json_and_table(trained, capsys):
     assert "after 'Bob is'" in text and "most likely next word" in text
 
 
-def test_predict_and_sample_with_int8_weights(trained, capsys):
+def test_predict_sample_and_eval_with_int8_weights(trained, capsys):
     """--quantize int8 runs the model with int8-rounded weights: close to float32's answer,
     not the same numbers."""
     out, _ = trained
@@ -147,6 +148,11 @@ def test_predict_and_sample_with_int8_weights(trained, capsys):
     f32, i8 = results[False], results[True]
     assert [t["prob"] for t in f32] != [t["prob"] for t in i8]
     assert abs(f32[0]["prob"] - i8[0]["prob"]) < 0.05
+    bpc = {}
+    for extra in ([], ["--quantize", "int8"]):
+        assert main(["eval", str(out), "--json", *extra]) == 0
+        bpc[bool(extra)] = json.loads(capsys.readouterr().out)["bpc"]
+    assert bpc[True] != bpc[False] and abs(bpc[True] - bpc[False]) < 0.1
     args = ["sample", str(out), "--length", "40", "--temperature", "0", "--quantize", "int8"]
     assert main(args) == 0
     assert len(capsys.readouterr().out) >= 40
@@ -191,11 +197,153 @@ def test_newer_or_older_format_version(trained, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_prompt_outside_the_vocabulary(trained, capsys):
+def test_prompt_outside_the_vocabulary_is_read_as_unknown(trained, capsys):
     out, _ = trained
-    assert main(["predict", str(out), "Zoë"]) == 2
+    assert main(["predict", str(out), "Zoë", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["unknown"] == 2 and len(res["next"]) == 5  # Z and ë; o is known
+    assert main(["predict", str(out), "Zoë"]) == 0
     err = capsys.readouterr().err
-    assert "not in the vocabulary" in err and "'Z'" in err
+    assert "2 characters of TEXT not in the model's vocabulary" in err
+
+
+def test_eval_and_inspect_read_any_text_and_count_the_unknown(trained, tmp_path, capsys):
+    out, _ = trained
+    chars = set(json.loads((out / "vocab.json").read_text())["chars"])
+    text = "Zoë says: ¡hola! " * 20 + TEXT[:300]
+    other = tmp_path / "other.txt"
+    other.write_text(text)
+    unknown = sum(c not in chars for c in text)
+    assert unknown >= 20
+    assert main(["eval", str(out), "--data", str(other), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["unknown"] == unknown and res["tokens"] > 0 and math.isfinite(res["loss"])
+    assert main(["eval", str(out), "--data", str(other)]) == 0
+    assert f"unknown    {unknown:,} characters not in the vocabulary" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--file", str(other), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["meta"]["unknown"] == unknown
+    assert f"{unknown:,} characters of {other} not in the model's vocabulary" in captured.err
+
+
+def test_a_run_directory_from_before_vocab_format_2_still_loads(trained, capsys):
+    """vocab.json and config.json as an earlier glasslstm wrote them: a char vocabulary
+    without an unknown symbol, a train section without the split files."""
+    out, _ = trained
+    chars = json.loads((out / "vocab.json").read_text())["chars"] + ["~"]  # one per token
+    old_vocab = {"format_version": 1, "level": "char", "vocab_size": len(chars), "chars": chars}
+    (out / "vocab.json").write_text(json.dumps(old_vocab))
+    cfg = json.loads((out / "config.json").read_text())
+    for key in ("train", "valid", "test"):
+        del cfg["train"][key]
+    (out / "config.json").write_text(json.dumps(cfg))
+    model = LanguageModel.load(out)
+    assert model.tokenizer.chars == chars and not model.tokenizer.unk
+    assert main(["eval", str(out), "--json"]) == 0  # its own validation split
+    assert json.loads(capsys.readouterr().out)["unknown"] == 0
+    assert main(["predict", str(out), "Bob is"]) == 0
+    assert main(["sample", str(out), "--length", "20", "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(out), "Zoë"]) == 2  # no unknown symbol: one line naming it
+    err = capsys.readouterr().err
+    assert "'Z'" in err and "train again" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--resume", str(out), "--max-steps", "22", "--quiet"]) == 0
+
+
+WORDS = (
+    " = Bob = \n \n Bob is a nice person . Dan , on the other hand , is <unk> . \n"
+    " He served in the Navy for four long years . \n"
+) * 30
+
+
+@pytest.fixture
+def split_folder(tmp_path):
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    (folder / "wiki.train.tokens").write_text(WORDS)
+    (folder / "wiki.valid.tokens").write_text(WORDS[:600])
+    (folder / "wiki.test.tokens").write_text(" Dan is a brave person . \n" + WORDS[:500])
+    return folder
+
+
+def test_train_on_a_split_folder_scores_the_test_split(tmp_path, split_folder, capsys):
+    out = tmp_path / "w"
+    args = ["train", "--data", str(split_folder), "--level", "word", *SMALL]
+    assert main([*args, "--max-steps", "10", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["files"] == {
+        split: str(split_folder / f"wiki.{split}.tokens") for split in ("train", "valid", "test")
+    }
+    test = report["test"]
+    assert {"loss", "bpc", "perplexity", "tokens"} <= set(test)
+    assert test["perplexity"] == pytest.approx(math.exp(test["loss"]))
+    assert test["unknown"] == 1  # "brave" is not in the training file
+    # words decoded with one space between them, whole lines ended by a newline
+    sample = report["sample"]
+    vocab = set(json.loads((out / "vocab.json").read_text())["tokens"])
+    assert sample.split() and set(sample.split()) <= vocab and "  " not in sample
+    # eval scores the run's own test split, as training did at its end
+    small_eval = ["--batch-size", "4", "--seq-len", "16"]
+    assert main(["eval", str(out), "--split", "test", *small_eval, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["loss"] == pytest.approx(test["loss"], rel=1e-5)
+    assert res["tokens"] == test["tokens"] and "wiki.test.tokens" in res["data"]
+    assert main(["eval", str(out), "--split", "test"]) == 0
+    assert "per word" in capsys.readouterr().out
+
+
+def test_train_human_report_names_the_files_and_the_test_figures(tmp_path, split_folder, capsys):
+    train_file, test_file = split_folder / "wiki.train.tokens", split_folder / "wiki.test.tokens"
+    args = ["train", "--train", str(train_file), "--test", str(test_file), "--level", "word"]
+    assert main([*args, *SMALL, "--max-steps", "4", "--out", str(tmp_path / "h")]) == 0
+    text = capsys.readouterr().out
+    assert f"data: train {train_file}, test {test_file}" in text
+    assert re.search(r"validation: .* perplexity [\d.]+ per word", text)
+    assert re.search(
+        rf"test \({test_file}, best model, [\d,]+ tokens; 1 unknown\): .*bits per "
+        r"character, perplexity [\d.]+ per word",
+        text,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["train", "--data", "{d}"],
+            r"ambiguous: 2 files for the train split \(train\.txt, "
+            r"wiki\.train\.tokens\)",
+        ),
+        (["train", "--data", "{d}", "--train", "{d}/train.txt"], "both name the training text"),
+        (["train", "--test", "{d}/valid.txt"], "--test needs --train"),
+        (["train", "--max-steps", "0"], "needs --time-budget"),
+        (["eval", "{run}", "--split", "test"], "has no test split"),
+        (["eval", "{run}", "--split", "test", "--data", "{d}/valid.txt"], "evaluated whole"),
+    ],
+)
+def test_split_problems_are_one_line(tmp_path, trained, capsys, args, message):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for name in ("train.txt", "wiki.train.tokens", "valid.txt"):
+        (d / name).write_text(TEXT)
+    run_dir, _ = trained
+    args = [a.replace("{d}", str(d)).replace("{run}", str(run_dir)) for a in args]
+    out = ["--out", str(tmp_path / "r")] if args[0] == "train" else []
+    assert main([*args, *out]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and re.search(message, errors[0]) and "Traceback" not in err
+
+
+def test_train_help_says_each_levels_defaults(capsys):
+    from glasslstm.config import LEVEL_DEFAULTS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key in LEVEL_DEFAULTS["word"]:
+        by_level = ", ".join(f"{level} {v[key]}" for level, v in LEVEL_DEFAULTS.items())
+        assert f"(default: {by_level}" in text, key
 
 
 @pytest.mark.parametrize(
@@ -309,7 +457,8 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, corpus_file):
         stdout=subprocess.PIPE,
     )
     seen = b""
-    while b"3/100000" not in seen:  # tqdm's progress line: three steps done
+    # the progress lines (stderr is not a terminal): three steps done
+    while max(map(int, re.findall(rb"step (\d+)/100000", seen)), default=0) < 3:
         chunk = proc.stderr.read1(4096)
         assert chunk, f"train exited early: {seen.decode(errors='replace')}"
         seen += chunk

@@ -153,6 +153,70 @@ def test_folder_of_txt_files_sorted_and_joined_with_a_blank_line(isolated):
         load_corpus(str(empty))
 
 
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("train.txt", "valid.txt", "test.txt"),
+        ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+        ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"),
+        ("train.txt", "validation.txt", "test.txt"),
+        ("train.txt", "dev.txt", "test.txt"),
+    ],
+)
+def test_a_folder_of_split_files_is_read_as_those_splits(isolated, names):
+    d = isolated / "corpus"
+    d.mkdir()
+    texts = [b"the training text\n" * 3, b"the validation text\n", b"the test text\n"]
+    for name, text in zip(names, texts):
+        (d / name).write_bytes(text)
+    (d / "README.txt").write_text("about this corpus")  # not a split: left alone
+    c = load_corpus(str(d))
+    assert (c.train, c.val, c.test) == tuple(texts)  # each file as it is, never joined
+    assert c.files == {
+        split: str((d / name).resolve()) for split, name in zip(("train", "valid", "test"), names)
+    }
+    assert data.find_split_files(d) == {
+        split: d / name for split, name in zip(("train", "valid", "test"), names)
+    }
+
+
+def test_split_files_named_one_by_one(isolated):
+    train = isolated / "tr.txt"
+    train.write_text("".join(f"line {i}\n" for i in range(100)))
+    (isolated / "te.txt").write_text("held out\n")
+    c = load_corpus(train=str(train), test=str(isolated / "te.txt"))
+    # no validation file: the last 10% of the training file
+    assert c.train + c.val == train.read_bytes() and len(c.val) < len(c.train) / 5
+    assert c.test == b"held out\n" and set(c.files) == {"train", "test"}
+    assert "last 10%" in c.source
+    with pytest.raises(DataError, match="both name the text"):
+        load_corpus("stories", train=str(train))
+    with pytest.raises(DataError, match="need --train"):
+        load_corpus(test=str(isolated / "te.txt"))
+    with pytest.raises(DataError, match=r"the valid file .*nope\.txt.* does not exist"):
+        load_corpus(train=str(train), valid=str(isolated / "nope.txt"))
+
+
+@pytest.mark.parametrize(
+    "names, problem",
+    [
+        (("train.txt", "wiki.train.tokens", "valid.txt"), r"2 files for the train split"),
+        (("valid.txt", "test.txt"), r"no training file"),
+        (("train_test.txt", "valid.txt"), r"names more than one split"),
+    ],
+)
+def test_an_ambiguous_folder_is_one_line_naming_the_files(isolated, names, problem):
+    d = isolated / "corpus"
+    d.mkdir()
+    for name in names:
+        (d / name).write_text("some text\n")
+    with pytest.raises(DataError, match=problem) as e:
+        load_corpus(str(d))
+    msg = str(e.value)
+    assert "\n" not in msg and "--train FILE" in msg
+    assert all(name in msg for name in names if name != "valid.txt" or "no training" in msg)
+
+
 @pytest.mark.parametrize("content", [b"", b"  \n\t\n  "])
 def test_empty_or_whitespace_file_is_an_error(isolated, content):
     f = isolated / "e.txt"
@@ -298,41 +362,75 @@ def test_byte_level_round_trips_arbitrary_bytes():
     assert tok.token_str(32) == "␣" and tok.token_str(10) == "\\n" and tok.token_str(65) == "A"
 
 
-def test_char_level_round_trip_and_vocab_covers_val():
+def test_char_vocabulary_is_the_training_splits_and_the_rest_is_unknown():
     c = _corpus("abc abc abc abc abc\nplus é and ☃ only in val: zq")
-    assert "z" in c.val.decode()
+    assert "z" in c.val.decode() and "z" not in c.train.decode()
     tok = build_tokenizer("char", c)
-    assert tok.level == "char" and tok.chars == sorted(set((c.train + c.val).decode()))
-    for split in (c.train, c.val):
-        ids = tok.encode_bytes(split)
-        assert ids.dtype == np.int64 and tok.decode(ids) == split.decode()
+    assert tok.level == "char" and tok.chars == sorted(set(c.train.decode()))
+    assert tok.vocab_size == len(tok.chars) + 1 and tok.token_str(0) == "<unk>"
+    ids = tok.encode_bytes(c.train)
+    assert ids.dtype == np.int64 and 0 not in ids and tok.decode(ids) == c.train.decode()
+    val = c.val.decode()
+    unseen = [ch for ch in val if ch not in tok.chars]
+    assert unseen and tok.unknown(val) == len(unseen)
+    val_ids = tok.encode_bytes(c.val)
+    assert list(val_ids).count(0) == len(unseen)  # each unseen character is the unknown symbol
+    assert tok.decode(val_ids) == "".join("\ufffd" if ch in unseen else ch for ch in val)
+    assert tok.encode("zab") == [0, *tok.encode("ab")]  # a prompt with any character works
     assert tok.decode(torch.tensor(tok.encode("cab\n"))) == "cab\n"
     assert tok.token_str(tok.encode(" ")[0]) == "␣" and tok.token_str(tok.encode("\n")[0]) == "\\n"
 
 
-def test_char_level_unknown_prompt_characters_are_named():
-    tok = build_tokenizer("char", _corpus("hello world, hello there\n"))
-    with pytest.raises(DataError) as e:
-        tok.encode("hello XYZ!")
-    msg = str(e.value)
-    assert "'X'" in msg and "'Y'" in msg and "'!'" in msg and "'h'" not in msg
-    assert f"vocabulary of {tok.vocab_size} characters" in msg
-    with pytest.raises(DataError, match="'Q'"):
-        tok.encode_bytes(b"hello Q", what="the prompt file")
+def test_word_level_follows_the_ptb_wikitext_conventions():
+    train = " = Valkyria = \n\n Bob is a nice <unk> . Dan is evil .\nBob   is\ta <unk>\n"
+    c = Corpus("w", train.encode(), b"Bob is nice\nDan is a Rare person .", "test")
+    tok = build_tokenizer("word", c, min_freq=1)
+    assert tok.tokens[:2] == ["<unk>", "<eos>"]
+    assert "<" not in tok.stoi and "unk" not in tok.stoi  # <unk> is one token, the unknown one
+    assert not any(t.isspace() for t in tok.tokens)  # no whitespace tokens
+    ids = tok.encode_bytes(c.train)
+    words = [tok.tokens[i] for i in ids]
+    expected = "= Valkyria = <eos> <eos> Bob is a nice <unk> . Dan is evil . <eos> "
+    assert words == (expected + "Bob is a <unk> <eos>").split()
+    # the last line of a split ends in <eos> with or without a newline; unseen words are <unk>
+    val = [tok.tokens[i] for i in tok.encode_bytes(c.val)]
+    assert val == "Bob is nice <eos> Dan is a <unk> <unk> . <eos>".split()
+    assert tok.unknown(c.val.decode()) == 2  # Rare, person (not the literal <unk>s)
+    assert tok.unknown("a <unk> b") == 1
+    # decoded with one space between words and a newline per <eos>
+    assert tok.decode(tok.encode("Bob is evil .\nDan is nice")) == "Bob is evil .\nDan is nice"
+    assert tok.decode(tok.encode("  Bob  is\n\n Dan ")) == "Bob is\n\nDan"
+    # a prompt's continuation: a space before the first word unless the prompt ends in one
+    for after, first in (("Bob is", " evil"), ("Bob is ", "evil"), ("", "evil"), ("x\n", "evil")):
+        dec = tok.decoder(after=after)
+        assert dec(tok.stoi["evil"]) + dec(tok.stoi["."]) + dec(1) + dec(tok.stoi["Dan"]) == (
+            first + " .\nDan"
+        )
+    rare = build_tokenizer("word", c, min_freq=2)
+    assert "Valkyria" not in rare.stoi and "Bob" in rare.stoi
+    assert rare.vocab_size < tok.vocab_size
 
 
-def test_word_level_round_trip_and_unk():
-    text = "Bob is a nice person. Dan, on the other hand, is evil.\n\n" * 3 + "Rare word here.\n"
-    c = Corpus("w", text.encode(), b"Bob is evil.\n\n", "test")
-    tok = build_tokenizer("word", c, min_freq=2)
-    assert tok.tokens[0] == "<unk>" and "Bob" in tok.stoi and "Rare" not in tok.stoi
-    known = "Dan is a nice person.\n\nBob, on the other hand, is evil."
-    assert tok.decode(tok.encode(known)) == known
-    ids = tok.encode("Bob is a Rare person.")
-    assert ids.count(0) == 1 and tok.decode(ids) == "Bob is a <unk> person."
-    assert tok.decode(tok.encode_bytes(c.val)) == "Bob is evil.\n\n"
-    assert tok.token_str(tok.stoi["\n\n"]) == "\\n\\n"
-    assert build_tokenizer("word", c, min_freq=1).vocab_size > tok.vocab_size
+def test_tokenizers_of_earlier_runs_still_load_and_behave_as_before():
+    """vocab.json as glasslstm wrote it before format 2: char without an unknown symbol,
+    word split by a regex into words, punctuation and whitespace runs."""
+    char = tokenizer_from_dict(
+        {"format_version": 1, "level": "char", "vocab_size": 4, "chars": [" ", "a", "b", "c"]}
+    )
+    assert char.vocab_size == 4 and char.encode("cab a") == [3, 1, 2, 0, 1]
+    assert char.decode([3, 1, 2]) == "cab" and char.unknown("abz!") == 2
+    with pytest.raises(DataError, match=r"'z'.*train again"):
+        char.encode("abz")
+    with pytest.raises(DataError, match=r"'!'"):
+        char.encode_bytes(b"ab!", what="the file")
+    tokens = ["<unk>", " ", "Bob", "is", ".", "\n\n"]
+    word = tokenizer_from_dict(
+        {"format_version": 1, "level": "word", "vocab_size": 6, "tokens": tokens}
+    )
+    assert word.split == "regex"
+    assert word.encode("Bob is.\n\nBob") == [2, 1, 3, 4, 5, 2]
+    assert word.decode(word.encode("Bob is Dan.")) == "Bob is <unk>."
+    assert word.to_dict()["format_version"] == data.FORMAT_VERSION and "split" not in word.to_dict()
 
 
 @pytest.mark.parametrize("level", data.LEVELS)
@@ -358,6 +456,14 @@ def test_tokenizer_from_dict_rejects_bad_input():
         tokenizer_from_dict({"format_version": 1, "level": "char"})
     with pytest.raises(DataError, match="vocab_size"):
         tokenizer_from_dict({"format_version": 1, "level": "char", "chars": ["a"], "vocab_size": 2})
+    with pytest.raises(DataError, match="split"):
+        tokenizer_from_dict({"format_version": 2, "level": "word", "tokens": ["<unk>", "<eos>"]})
+    with pytest.raises(DataError, match="<eos>"):
+        tokenizer_from_dict(
+            {"format_version": 2, "level": "word", "tokens": ["<unk>"], "split": "whitespace"}
+        )
+    with pytest.raises(DataError, match="unk"):
+        tokenizer_from_dict({"format_version": 2, "level": "char", "chars": ["a"], "unk": "yes"})
     with pytest.raises(DataError, match="unknown level"):
         build_tokenizer("sentencepiece", _corpus("abc"))
 

@@ -224,3 +224,22 @@ def test_bench_onnx_prints_both_runtimes(tmp_path, capsys):
         for who in ("glasslstm (LMStream)", "onnxruntime"):
             assert res[section][who][unit] > 0
     assert res["model"] == "1x8 char LM, 65 tokens" and res["threads"] == 1
+
+
+@pytest.mark.slow
+def test_onnx_generate_reads_word_and_char_vocabularies_as_glasslstm_does(tmp_path):
+    from glasslstm.data import CharTokenizer, WordTokenizer
+
+    words = "Bob is a nice person .\nDan , on the other hand , is <unk> .\n" * 3
+    for tok in (WordTokenizer.fit(words, 1), CharTokenizer(sorted(set(words)), unk=True)):
+        torch.manual_seed(0)
+        cfg = glasslstm.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=1)
+        model = glasslstm.LanguageModel(cfg, tok)
+        path = to_onnx(model, tmp_path / f"{tok.level}.onnx")
+        lm = onnx_generate.OnnxLanguageModel(path)
+        prompt = "Dan is a Zorro\nBob"  # a line break, and a word (characters) not known
+        assert lm.encode(prompt) == tok.encode(prompt)
+        ids = tok.encode(words)
+        assert lm.decode(ids) == tok.decode(ids)
+        want = "".join(model.generate(prompt, 30, temperature=0))
+        assert "".join(lm.generate(prompt, 30, temperature=0)) == want

@@ -375,6 +375,17 @@ def test_both_gemm_providers_give_torchs_products():
     assert gemm.probe("onednn", 16, 64, 32, threads=1) > 0
 
 
+def test_a_build_is_keyed_by_the_torch_it_is_compiled_against(monkeypatch):
+    """Another torch (an upgrade, another environment sharing the cache) never loads a build
+    made for this one: the build's hash changes with torch's version."""
+    from glasslstm.ops import _build
+
+    here = _build.source_hash()
+    assert here == _build.source_hash()
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert _build.source_hash() != here
+
+
 def test_a_gemm_probe_leaves_the_random_stream_alone():
     """Probes run on first use, in the middle of a seeded run: they must not draw numbers."""
     torch.manual_seed(5)

@@ -321,7 +321,7 @@ def test_a_validation_split_under_two_tokens_is_refused_before_any_step(tmp_path
 
 def test_a_validation_split_under_two_tokens_from_the_command_line(tmp_path, capsys):
     text = tmp_path / "one-word-tail.txt"
-    text.write_text("ab " * 40 + "x" * 40)  # the last tenth is one word
+    text.write_text("ab " * 40 + "\n" + " " * 20)  # the last tenth: blanks, one <eos>
     out = tmp_path / "r"
     argv = ["train", "--data", str(text), "--level", "word", "--min-freq", "1"]
     assert main([*argv, "--batch-size", "1", "--seq-len", "4", "--out", str(out)]) == 2

@@ -98,7 +98,7 @@ def test_a_model_without_tokenizer_round_trips_and_commands_say_so(tmp_path, cap
 def test_saving_again_replaces_an_earlier_save(tmp_path):
     first = trained_model()
     first.save(tmp_path / "run")
-    tok = WordTokenizer(["<unk>", "bob", " ", "navy"])
+    tok = WordTokenizer(["<unk>", "<eos>", "bob", "navy"])
     second = LanguageModel(ModelConfig(vocab_size=4, hidden_size=8, num_layers=1), tok).eval()
     second.save(tmp_path / "run")
     loaded = LanguageModel.load(tmp_path / "run")

@@ -6,14 +6,16 @@ import json
 import math
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
 
 from glasslstm import rundir
+from glasslstm.config import LEVEL_DEFAULTS
 from glasslstm.data import Corpus, DataError
 from glasslstm.model import ConfigError, LanguageModel
-from glasslstm.trainer import TrainConfig, lr_at, train
+from glasslstm.trainer import TrainConfig, evaluate, lr_at, train
 
 TEXT = (
     "Bob is a nice person. Dan, on the other hand, is evil. Bob can swim. "
@@ -166,6 +168,99 @@ def test_time_budget_stops_early_and_still_saves(tmp_path):
     assert res.stopped == "time_budget" and res.step == 1
     assert rundir.load_train_state(res.run_dir)[1]["step"] == 1
     assert math.isfinite(res.last_val_loss)
+
+
+def test_a_time_budget_without_max_steps_trains_for_the_budget(tmp_path):
+    res = run(tmp_path, "budget", time_budget=1e-6)  # no --max-steps: the budget alone
+    assert res.stopped == "time_budget" and res.step == 1
+    cfg = TrainConfig(time_budget=100.0, warmup=0)
+    assert cfg.max_steps == 0  # no step limit
+    assert lr_at(cfg, 100_000, 0.0) == cfg.lr  # steps alone do not anneal it
+    floor = cfg.lr * cfg.min_lr_ratio
+    assert lr_at(cfg, 10, 50.0) == pytest.approx((cfg.lr + floor) / 2)
+    assert lr_at(cfg, 10, 100.0) == pytest.approx(floor)
+    assert TrainConfig(time_budget=100.0, max_steps=7).max_steps == 7
+    with pytest.raises(ConfigError, match=r"--max-steps 0 .*needs --time-budget"):
+        TrainConfig(max_steps=0)
+
+
+def test_options_left_out_take_their_levels_defaults():
+    for level, defaults in LEVEL_DEFAULTS.items():
+        cfg = TrainConfig(level=level)
+        assert {key: getattr(cfg, key) for key in defaults} == defaults, level
+    assert LEVEL_DEFAULTS["word"] != LEVEL_DEFAULTS["char"]
+    word = TrainConfig(level="word", hidden=64, tie_weights=False)  # what is given wins
+    assert (word.hidden, word.tie_weights) == (64, False)
+    assert word.seq_len == LEVEL_DEFAULTS["word"]["seq_len"]
+    with pytest.raises(ConfigError, match="--level='bpe' is not valid"):
+        TrainConfig(level="bpe")
+
+
+def test_split_options_are_checked_together():
+    with pytest.raises(ConfigError, match="both name the training text"):
+        TrainConfig(data="a.txt", train="b.txt")
+    with pytest.raises(ConfigError, match="--test needs --train"):
+        TrainConfig(test="t.txt")
+    with pytest.raises(ConfigError, match="--valid needs --train"):
+        TrainConfig(valid="v.txt", test="t.txt")
+
+
+def test_split_files_are_used_as_such_and_the_best_model_is_scored_on_test(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text(TEXT)
+    (folder / "valid.txt").write_text(TEXT[:500])
+    test_text = "Zed is new here. " + TEXT[:400]  # Z: a character training never had
+    (folder / "test.txt").write_text(test_text)
+    cfg = TrainConfig(**{**TINY, "max_steps": 16}, data=str(folder), out=str(tmp_path / "r"))
+    res = train(cfg, progress=False)
+    files = {s: str((folder / f"{s}.txt").resolve()) for s in ("train", "valid", "test")}
+    assert res.files == files
+    config = json.loads((res.run_dir / "config.json").read_text())
+    assert config["corpus"]["files"] == files
+    assert config["corpus"]["val_tokens"] == 500  # the validation file, not a cut of train
+    assert config["corpus"]["test_tokens"] == len(test_text)
+    # the vocabulary is the training split's: Z is the unknown symbol
+    model = LanguageModel.load(res.run_dir)  # the best model
+    tok = model.tokenizer
+    assert "Z" not in tok.chars and sorted(set(TEXT)) == tok.chars
+    assert res.test["unknown"] == test_text.count("Z") == 1
+    # the figures are the best model's on the test file, also in metrics.jsonl
+    ids = tok.encode_bytes(test_text.encode())
+    expected = evaluate(model, ids, batch_size=TINY["batch_size"], seq_len=TINY["seq_len"])
+    assert res.test["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert res.test["bpc"] == pytest.approx(expected["loss"] / math.log(2), rel=1e-5)
+    assert res.test["perplexity"] == pytest.approx(math.exp(expected["loss"]), rel=1e-5)
+    assert res.test["tokens"] == expected["tokens"]
+    rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r["split"] == "test"] == [{"split": "test", "step": 16, **res.test}]
+
+
+@pytest.mark.slow
+def test_a_split_file_run_resumes_from_its_files_new_place(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    for name, text in (("a.txt", TEXT), ("b.txt", TEXT[:300]), ("c.txt", TEXT[:200])):
+        (old / name).write_text(text)
+    files = {"train": old / "a.txt", "valid": old / "b.txt", "test": old / "c.txt"}
+    cfg = TrainConfig(**{**TINY, "max_steps": 4}, **{k: str(v) for k, v in files.items()})
+    first = train(replace(cfg, out=str(tmp_path / "r")), progress=False)
+    old.rename(new)
+    with pytest.raises(DataError, match=r"is not there any more.*--train NEW_PATH"):
+        train(resume=first.run_dir, overrides={"max_steps": 8}, progress=False)
+    moved = {k: str(new / v.name) for k, v in files.items()}
+    res = train(resume=first.run_dir, overrides={"max_steps": 8, **moved}, progress=False)
+    assert res.step == 8 and res.files == moved and res.test["tokens"] > 0
+    config = json.loads((first.run_dir / "config.json").read_text())
+    assert config["corpus"]["files"] == moved and config["train"]["test"] == moved["test"]
+    (new / "c.txt").write_text(TEXT[:201])  # another test text: not the run's corpus
+    with pytest.raises(DataError, match="SHA-256 differs"):
+        train(resume=first.run_dir, overrides={"max_steps": 9}, progress=False)
+
+
+def test_no_test_split_no_test_figures(tmp_path):
+    res = run(tmp_path, "plain", max_steps=2)
+    assert res.test is None and res.files == {}
 
 
 def test_early_stopping_when_validation_stops_improving(tmp_path):

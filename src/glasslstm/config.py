@@ -9,6 +9,7 @@ without importing torch. Each field's comment is its meaning and unit; ``glassls
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 from glasslstm import options
 from glasslstm.errors import ConfigError
@@ -104,6 +105,37 @@ class ModelConfig:
         return config_from_dict(cls, d, "model")
 
 
+# A good run of each level on a 2-core machine in a few minutes to an hour: the value of
+# every TrainConfig field left at BY_LEVEL. Char and byte: 2x256 reaches a good stories model
+# in minutes; AdamW at 2e-3 is the sweet spot for char LSTMs of this size. Word (PTB /
+# WikiText-style text): the output layer tied to the embedding (Press & Wolf 2017; half the
+# parameters of a large vocabulary) and strong dropout, as small word corpora overfit within
+# a few passes; windows of 35 words, as in the literature.
+LEVEL_DEFAULTS: dict[str, dict[str, object]] = {
+    "char": {
+        "hidden": 256,
+        "dropout": 0.1,
+        "tie_weights": False,
+        "seq_len": 128,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "max_steps": 600,
+    },
+    "word": {
+        "hidden": 256,
+        "dropout": 0.5,
+        "tie_weights": True,
+        "seq_len": 35,
+        "batch_size": 32,
+        "lr": 3e-3,
+        "max_steps": 1000,
+    },
+}
+LEVEL_DEFAULTS["byte"] = dict(LEVEL_DEFAULTS["char"])
+# The default of the fields above: TrainConfig replaces it with the level's value.
+BY_LEVEL: Any = None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run: the data, the model, the optimisation, where it is written.
@@ -112,27 +144,30 @@ class TrainConfig:
     (:data:`glasslstm.options.TRAIN`)."""
 
     data: str | None = None
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
     data_dir: str | None = None
     level: str = "char"
     min_freq: int = 2
-    hidden: int = 256
+    hidden: int = BY_LEVEL
     layers: int = 2
-    dropout: float = 0.1
+    dropout: float = BY_LEVEL
     embed: int = 0
-    tie_weights: bool = False
+    tie_weights: bool = BY_LEVEL
     forget_bias: float = 1.0
-    seq_len: int = 128
+    seq_len: int = BY_LEVEL
     batching: str = "stream"
-    batch_size: int = 32
+    batch_size: int = BY_LEVEL
     optimizer: str = "adamw"
-    lr: float = 2e-3
+    lr: float = BY_LEVEL
     weight_decay: float = 0.01
     momentum: float = 0.9
     schedule: str = "cosine"
     warmup: int = 50
     min_lr_ratio: float = 0.1
     clip: float = 1.0
-    max_steps: int = 600
+    max_steps: int = BY_LEVEL
     time_budget: float = 0.0
     eval_every: int = 100
     eval_batches: int = 0
@@ -170,10 +205,21 @@ class TrainConfig:
         "deterministic",
         "precision",
         "data",  # the same text at a new place: checked against the run's SHA-256
+        "train",
+        "valid",
+        "test",
         "data_dir",
     )
 
     def __post_init__(self):
+        # BY_LEVEL: the level's default (max_steps: no limit when there is a time budget;
+        # a time budget that is not a number is refused by the check below)
+        defaults = dict(LEVEL_DEFAULTS.get(self.level, {}))
+        if self.time_budget:
+            defaults["max_steps"] = 0
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         options.check_train(self)  # types and ranges: glasslstm.options.TRAIN
 
     def model_config(self, vocab_size: int) -> ModelConfig:
@@ -198,9 +244,13 @@ class TrainConfig:
 # by the default). Every TrainConfig field has an entry (a test checks).
 TRAIN_HELP: dict[str, str] = {
     "data": (
-        "the text: a UTF-8 file or a named corpus (stories, shakespeare); by default the built-"
-        "in stories corpus (generated, no download)"
+        "the text: a UTF-8 file, a named corpus (stories, shakespeare), or a folder (with "
+        "train/valid/test files such as train.txt or wiki.train.tokens: used as the splits); "
+        "by default the built-in stories corpus (generated, no download)"
     ),
+    "train": "the training split's file (instead of --data)",
+    "valid": "the validation split's file (by default the last 10% of --train)",
+    "test": "the test split's file: the best model is scored on it at the end",
     "data_dir": "a folder where named corpora are looked for first (by default the cache folder)",
     "level": "what one token is: a character, a word, or a byte of UTF-8",
     "min_freq": "word level: words seen fewer times than this in training become <unk>",
@@ -232,7 +282,7 @@ TRAIN_HELP: dict[str, str] = {
     "warmup": "steps of linear learning-rate warm-up from 0",
     "min_lr_ratio": "where the cosine schedule ends, as a fraction of --lr",
     "clip": "largest gradient norm; larger gradients are scaled down to it (0: off)",
-    "max_steps": "optimizer steps to train for",
+    "max_steps": "optimizer steps to train for (0: no limit, with --time-budget)",
     "time_budget": "seconds of training after which the run stops and saves (0: no limit)",
     "eval_every": "steps between validations (each also saves a checkpoint)",
     "eval_batches": "validation batches per evaluation (0: the whole validation split)",

@@ -1,6 +1,7 @@
 """Corpora, tokenizers (char / word / byte) and batching for truncated BPTT.
 
-Data flows: ``load_corpus(spec) -> Corpus`` (raw bytes, split 90/10) ->
+Data flows: ``load_corpus(spec) -> Corpus`` (raw bytes: the train, validation and, where
+given, test splits; one text is split 90/10) ->
 ``build_tokenizer(level, corpus) -> Tokenizer`` (saved with the model as ``vocab.json`` via
 ``to_dict``) -> ``encode_corpus`` -> ``TokenStream(ids, batch_size, seq_len)`` -> ``batch(k)``.
 
@@ -10,14 +11,15 @@ and the fix; the CLI prints it without a traceback.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import re
 import urllib.request
 import warnings
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +43,24 @@ __all__ = [
     "build_tokenizer",
     "cache_dir",
     "encode_corpus",
+    "find_split_files",
     "load_corpus",
     "split_bytes",
     "tokenizer_from_dict",
 ]
 
 TRAIN_FRACTION = 0.9  # nanoGPT's split: first 90% train, last 10% validation
-FORMAT_VERSION = 1  # of the tokenizer dict (vocab.json); bump on incompatible changes
+# Of the tokenizer dict (vocab.json); bump on incompatible changes. 2: char level reserves an
+# unknown symbol, word level splits lines at whitespace with an end-of-line token. Version 1
+# dicts still load, with version 1's behaviour.
+FORMAT_VERSION = 2
+SPLITS = ("train", "valid", "test")
+# The words that name a split in a file name (wiki.train.tokens, ptb.valid.txt, dev.txt).
+SPLIT_WORDS = {
+    "train": ("train",),
+    "valid": ("valid", "validation", "val", "dev"),
+    "test": ("test",),
+}
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -59,12 +72,14 @@ DOWNLOAD_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True)
 class Corpus:
-    """Raw text of a corpus, already split: ``train + val`` is the whole text."""
+    """Raw text of a corpus, already split into training, validation and (optional) test."""
 
     name: str  # "stories", "shakespeare", or the path
     train: bytes  # raw bytes of the training split
     val: bytes  # raw bytes of the validation split
     source: str  # human description: where it came from
+    test: bytes = b""  # raw bytes of the test split (empty: none)
+    files: dict[str, str] = field(default_factory=dict)  # split -> the file it was read from
 
 
 # --------------------------------------------------------------------------- corpora
@@ -81,36 +96,65 @@ def split_bytes(data: bytes, fraction: float = TRAIN_FRACTION) -> tuple[bytes, b
 
 
 def load_corpus(
-    spec: str | None = None, *, data_dir: str | os.PathLike | None = None, seed: int = 0
+    spec: str | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    train: str | os.PathLike | None = None,
+    valid: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
 ) -> Corpus:
-    """Load a corpus by name or path and split it 90/10 (deterministically).
+    """Load a corpus by name, path or split files.
 
     ``spec``: ``None`` or ``"stories"`` (the built-in generated stories, deterministic in
     ``seed``), ``"shakespeare"`` (tiny-shakespeare: looked up in ``data_dir``, then
-    ``$GLASSLSTM_DATA``, then the cache dir, downloaded into the cache if absent), or a path
-    to a UTF-8 text file or a folder of ``.txt`` files (sorted by name, joined with a blank
-    line). The names win over a file of the same name: write ``./stories`` for the file.
+    ``$GLASSLSTM_DATA``, then the cache dir, downloaded into the cache if absent), a path to
+    a UTF-8 text file, or a folder. A folder that holds split files (``train.txt``,
+    ``valid.txt``, ``test.txt``, ``wiki.train.tokens``, ...: :func:`find_split_files`) is
+    read as those splits; any other folder's ``.txt`` files are joined (sorted by name, a
+    blank line between). One text is split 90/10 into training and validation. The names
+    win over a file of the same name: write ``./stories`` for the file.
+
+    ``train``, ``valid``, ``test`` (instead of ``spec``): the splits' files. Without
+    ``valid`` the last 10% of ``train`` is the validation split; without ``test`` there is
+    none.
     """
+    if train is not None or valid is not None or test is not None:
+        if spec is not None:
+            raise DataError(
+                "--data and --train/--valid/--test both name the text; give either --data "
+                "(a file or folder) or the split files"
+            )
+        if train is None:
+            raise DataError("--valid and --test need --train FILE (the training split)")
+        named = {"train": train, "valid": valid, "test": test}
+        return _split_files_corpus(
+            str(train), {k: Path(v).expanduser() for k, v in named.items() if v is not None}
+        )
     if spec is None or spec == "stories":
         text = stories.generate_stories(seed).encode("ascii")
-        train, val = split_bytes(text)
+        tr, val = split_bytes(text)
         return Corpus(
             "stories",
-            train,
+            tr,
             val,
             f"generated by glasslstm.stories (seed {seed}, {stories.DEFAULT_STORIES} stories)",
         )
     if spec == "shakespeare":
         data, source = _shakespeare(data_dir)
-        train, val = split_bytes(data)
-        return Corpus("shakespeare", train, val, source)
+        tr, val = split_bytes(data)
+        return Corpus("shakespeare", tr, val, source)
     path = Path(spec).expanduser()
     if path.is_dir():
+        splits = find_split_files(path)
+        if splits:
+            return _split_files_corpus(str(spec), splits)
         files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
         if not files:
             raise DataError(
                 f"folder {str(path)!r} has no .txt files; put the training text in "
-                "one or more UTF-8 .txt files there, or pass a file instead"
+                "one or more UTF-8 .txt files there (or train.txt, valid.txt and test.txt), "
+                "or pass a file instead"
             )
         parts = [_read(p) for p in files]
         # One blank line between files: each part ends in exactly one more "\n" than needed.
@@ -127,8 +171,80 @@ def load_corpus(
         )
     if not data.strip():
         raise DataError(f"{spec!r} is empty or only whitespace; give it some text to learn from")
-    train, val = split_bytes(data)
-    return Corpus(str(spec), train, val, source)
+    tr, val = split_bytes(data)
+    return Corpus(str(spec), tr, val, source)
+
+
+def _split_role(name: str) -> list[str]:
+    """The splits a file name names: ``wiki.valid.tokens`` -> ["valid"]."""
+    words = set(re.split(r"[._\-\s]+", name.lower()))
+    return [role for role, names in SPLIT_WORDS.items() if words & set(names)]
+
+
+def find_split_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """The split files in ``folder``, ``{"train": path, "valid": path, "test": path}``: the
+    regular, non-hidden files whose name has ``train``, ``valid`` (or ``validation``,
+    ``val``, ``dev``) or ``test`` as a word (``train.txt``, ``wiki.train.tokens``,
+    ``ptb.valid.txt``). Empty when there are none. A DataError naming the files when the
+    layout is ambiguous (two files for one split, one file naming two) or incomplete (no
+    training file; validation or test alone is not a layout)."""
+    folder = Path(folder)
+    found: dict[str, list[Path]] = {role: [] for role in SPLITS}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        roles = _split_role(p.name)
+        if len(roles) > 1:
+            raise DataError(
+                f"folder {str(folder)!r}: {p.name!r} names more than one split "
+                f"({', '.join(roles)}); rename it, or name the files with --train FILE "
+                "--valid FILE --test FILE"
+            )
+        if roles:
+            found[roles[0]].append(p)
+    if not any(found.values()):
+        return {}
+    for role, paths in found.items():
+        if len(paths) > 1:
+            raise DataError(
+                f"folder {str(folder)!r} is ambiguous: {len(paths)} files for the {role} split "
+                f"({', '.join(p.name for p in paths)}); keep one, or name the files with "
+                "--train FILE --valid FILE --test FILE"
+            )
+    if not found["train"]:
+        have = ", ".join(p.name for paths in found.values() for p in paths)
+        raise DataError(
+            f"folder {str(folder)!r} has {have} but no training file (train.txt, or a name "
+            "with 'train' in it); add one, or name the files with --train FILE --valid FILE "
+            "--test FILE"
+        )
+    return {role: paths[0] for role, paths in found.items() if paths}
+
+
+def _split_files_corpus(name: str, paths: dict[str, Path]) -> Corpus:
+    """A corpus whose splits are files: each read as it is, never joined with another."""
+    texts = {}
+    for role, path in paths.items():
+        if not path.is_file():
+            raise DataError(
+                f"the {role} file {str(path)!r} does not exist (or is not a file); "
+                f"pass an existing UTF-8 text file as --{role}"
+            )
+        texts[role] = _read(path)
+        if not texts[role].strip():
+            raise DataError(
+                f"the {role} file {str(path)!r} is empty or only whitespace; give it some text"
+            )
+    files = {role: str(path.resolve()) for role, path in paths.items()}
+    if "valid" in texts:
+        tr, val = texts["train"], texts["valid"]
+        source = f"split files: train {files['train']}, valid {files['valid']}"
+    else:
+        tr, val = split_bytes(texts["train"])
+        source = f"split files: train {files['train']} (its last 10% for validation)"
+    if "test" in files:
+        source += f", test {files['test']}"
+    return Corpus(name, tr, val, source, test=texts.get("test", b""), files=files)
 
 
 def _read(path: Path) -> bytes:
@@ -241,13 +357,16 @@ class Tokenizer:
     """Maps text to token ids and back. Subclasses: char, word, byte.
 
     ``encode(text) -> list[int]`` for prompts; ``encode_bytes(data, what=) -> np.ndarray``
-    (int64, 1-D) for a whole corpus split; ``decode(ids) -> str``; ``to_dict()`` is JSON-able
+    (int64, 1-D) for a whole corpus split; ``decode(ids) -> str``; ``decoder(after)`` decodes
+    one id at a time (generation); ``unknown(text)``: how many of the text's characters
+    (words, at word level) are outside the vocabulary; ``to_dict()`` is JSON-able
     (``vocab.json``) and ``tokenizer_from_dict`` reads it back; ``token_str(id)`` is one token
     in printable form (space as '␣', newline as '\\n').
     """
 
     level: str
     vocab_size: int
+    unit = "character"  # what unknown() counts
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -256,10 +375,24 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids) -> str:
+        dec = self.decoder()
+        return "".join(dec(i) for i in _ids_list(ids)) + dec.flush()
+
+    def decoder(self, after: str = "") -> PieceDecoder:
+        """Text of one id at a time, for a stream of generated tokens that continues
+        ``after`` (the prompt): ``dec(id) -> str``, then ``dec.flush()`` at the end."""
+        return PieceDecoder(self._piece)
+
+    def _piece(self, id: int) -> str:
         raise NotImplementedError
 
     def token_str(self, id: int) -> str:
         raise NotImplementedError
+
+    def unknown(self, text: str) -> int:
+        """How many characters (words, at word level) of ``text`` have no token of their
+        own and are read as the unknown symbol."""
+        return 0
 
     def to_dict(self) -> dict:
         return {
@@ -279,17 +412,28 @@ class Tokenizer:
             raise ValueError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
 
 
+class PieceDecoder:
+    """Decodes a stream of token ids one at a time: ``piece(id)`` maps one id to its text."""
+
+    def __init__(self, piece: Callable[[int], str]):
+        self.piece = piece
+
+    def __call__(self, id: int) -> str:
+        return self.piece(id)
+
+    def flush(self) -> str:
+        """What is still held back at the end of the stream (a partial UTF-8 character)."""
+        return ""
+
+
 class _ListTokenizer(Tokenizer):
     """A vocabulary that is a list of strings (``self.items``): token id i is items[i]."""
 
     items: list[str]
 
-    def decode(self, ids) -> str:
-        out = []
-        for i in _ids_list(ids):
-            self._check_id(i)
-            out.append(self.items[i])
-        return "".join(out)
+    def _piece(self, id: int) -> str:
+        self._check_id(id)
+        return self.items[id]
 
     def token_str(self, id: int) -> str:
         self._check_id(id)
@@ -297,86 +441,172 @@ class _ListTokenizer(Tokenizer):
 
 
 class CharTokenizer(_ListTokenizer):
-    """One token per Unicode character; the vocabulary is the sorted set of characters."""
+    """One token per Unicode character of the training text (sorted).
+
+    With ``unk`` (every vocabulary built since format 2), id 0 is the unknown symbol: a
+    character the training text did not have is read as it (and decoded as U+FFFD), so any
+    text can be evaluated or inspected; ``chars[i]`` is then id ``i + 1``. Without it (runs
+    saved before), an unknown character is an error naming it.
+    """
 
     level = "char"
+    UNK = "<unk>"  # how the unknown symbol is shown (token_str)
+    UNK_TEXT = "\ufffd"  # what it decodes to: Unicode's replacement character
 
-    def __init__(self, chars: Iterable[str]):
-        self.chars = self.items = list(chars)
-        self.vocab_size = len(self.chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
+    def __init__(self, chars: Iterable[str], *, unk: bool = False):
+        self.chars = list(chars)
+        self.unk = unk
+        self.offset = 1 if unk else 0
+        self.items = ([self.UNK_TEXT] if unk else []) + self.chars
+        self.vocab_size = len(self.items)
+        self.stoi = {c: i + self.offset for i, c in enumerate(self.chars)}
         # Sorted code points -> vectorised lookup of a whole corpus with searchsorted.
-        self._order = np.argsort(np.array([ord(c) for c in self.chars], dtype=np.int64))
-        self._codes = np.array([ord(c) for c in self.chars], dtype=np.int64)[self._order]
+        codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        self._order = np.argsort(codes) + self.offset
+        self._codes = codes[np.argsort(codes)]
 
     def _unknown(self, unknown: Iterable[str], what: str) -> DataError:
         shown = ", ".join(repr(c) for c in sorted(set(unknown))[:20])
         return DataError(
             f"{what} has characters that are not in the vocabulary: {shown}. The model was trained "
-            f"on a vocabulary of {self.vocab_size} characters; remove these characters, or "
-            "train on text that contains them (or use --level byte)"
+            f"on a vocabulary of {self.vocab_size} characters (saved by an earlier glasslstm, "
+            "without an unknown symbol); remove these characters, or train again (a new run "
+            "reads unknown characters as its unknown symbol), or use --level byte"
         )
 
     def encode(self, text: str) -> list[int]:
+        if self.unk:
+            get = self.stoi.get
+            return [get(c, 0) for c in text]
         try:
             return [self.stoi[c] for c in text]
         except KeyError:
             raise self._unknown((c for c in text if c not in self.stoi), "the prompt") from None
 
-    def encode_bytes(self, data: bytes, *, what: str = "text") -> np.ndarray:
-        text = _decode_utf8(data, what)
+    def _lookup(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, unknown)``: each character's id, and which are not in the vocabulary."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         if not len(self._codes):
-            if len(codes):
-                raise self._unknown(text, what)
-            return codes
+            return np.zeros_like(codes), np.ones(codes.shape, dtype=bool)
         pos = np.minimum(np.searchsorted(self._codes, codes), len(self._codes) - 1)
         bad = self._codes[pos] != codes
-        if bad.any():
-            raise self._unknown((chr(c) for c in np.unique(codes[bad])), what)
-        return self._order[pos].astype(np.int64)
+        return np.where(bad, 0, self._order[pos]).astype(np.int64), bad
+
+    def encode_bytes(self, data: bytes, *, what: str = "text") -> np.ndarray:
+        text = _decode_utf8(data, what)
+        ids, bad = self._lookup(text)
+        if bad.any() and not self.unk:
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)[bad]
+            raise self._unknown((chr(c) for c in np.unique(codes)), what)
+        return ids
+
+    def unknown(self, text: str) -> int:
+        return int(self._lookup(text)[1].sum())
+
+    def token_str(self, id: int) -> str:
+        if self.unk and id == 0:
+            return self.UNK
+        return super().token_str(id)
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "chars": self.chars}
+        return {**super().to_dict(), "chars": self.chars, "unk": self.unk}
 
 
 class WordTokenizer(_ListTokenizer):
-    """Words, single punctuation marks and whitespace runs, each a token.
+    r"""Words as in the PTB and WikiText literature (pytorch/examples' word_language_model).
 
-    Text is split with the regex ``\\w+|[^\\w\\s]|\\s+``: whitespace runs (" ", "\\n\\n") are
-    tokens of their own, so ``decode(encode(text)) == text`` for text whose tokens are all in
-    the vocabulary. Tokens outside the vocabulary become ``<unk>`` (id 0).
+    ``split="whitespace"`` (every vocabulary built since format 2): each line is split at
+    whitespace and ends in ``<eos>``; a literal ``<unk>`` in the text is the unknown token
+    (id 0), as are words outside the vocabulary. Decoding puts one space between words and
+    a newline for each ``<eos>``. ``split="regex"`` (runs saved before): words, single
+    punctuation marks and whitespace runs, each a token (``\w+|[^\w\s]|\s+``).
     """
 
     level = "word"
+    unit = "word"
     UNK = "<unk>"
+    EOS = "<eos>"
+    SPLITS = ("whitespace", "regex")
     PATTERN = re.compile(r"\w+|[^\w\s]|\s+")
 
-    def __init__(self, tokens: Iterable[str]):
+    def __init__(self, tokens: Iterable[str], *, split: str = "whitespace"):
         self.tokens = self.items = list(tokens)
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {', '.join(self.SPLITS)}; got {split!r}")
         if not self.tokens or self.tokens[0] != self.UNK:
             raise ValueError(f"the first token must be {self.UNK!r}")
+        if split == "whitespace" and self.EOS not in self.tokens:
+            raise ValueError(f"a whitespace-split vocabulary needs {self.EOS!r}")
+        self.split = split
         self.vocab_size = len(self.tokens)
         self.stoi = {t: i for i, t in enumerate(self.tokens)}
 
     @classmethod
-    def fit(cls, text: str, min_freq: int = 2) -> WordTokenizer:
-        counts = Counter(cls.PATTERN.findall(text))
+    def words(cls, text: str, *, split: str = "whitespace") -> list[str]:
+        """The tokens of ``text``: whitespace-separated words with ``<eos>`` for each
+        newline (``split="whitespace"``), or the regex's matches."""
+        if split == "regex":
+            return cls.PATTERN.findall(text)
+        lines = text.split("\n")
+        out: list[str] = []
+        for k, line in enumerate(lines):
+            out.extend(line.split())
+            if k < len(lines) - 1:
+                out.append(cls.EOS)
+        return out
+
+    @classmethod
+    def fit(cls, text: str, min_freq: int = 2, *, split: str = "whitespace") -> WordTokenizer:
+        counts = Counter(cls.words(_as_lines(text) if split == "whitespace" else text, split=split))
         counts.pop(cls.UNK, None)
+        special = [cls.UNK] + ([cls.EOS] if split == "whitespace" else [])
+        counts.pop(cls.EOS, None)
         kept = sorted(
             (t for t, n in counts.items() if n >= min_freq), key=lambda t: (-counts[t], t)
         )
-        return cls([cls.UNK, *kept])
+        return cls([*special, *kept], split=split)
 
     def encode(self, text: str) -> list[int]:
         get = self.stoi.get
-        return [get(t, 0) for t in self.PATTERN.findall(text)]
+        return [get(t, 0) for t in self.words(text, split=self.split)]
 
     def encode_bytes(self, data: bytes, *, what: str = "text") -> np.ndarray:
-        return np.array(self.encode(_decode_utf8(data, what)), dtype=np.int64)
+        text = _decode_utf8(data, what)
+        if self.split == "whitespace":
+            text = _as_lines(text)  # a file's last line ends in <eos>, newline or not
+        return np.array(self.encode(text), dtype=np.int64)
+
+    def unknown(self, text: str) -> int:
+        return sum(
+            1 for t in self.words(text, split=self.split) if t not in self.stoi and t != self.UNK
+        )
+
+    def decoder(self, after: str = "") -> PieceDecoder:
+        if self.split == "regex":
+            return super().decoder(after)
+        line_start = not after or after[-1].isspace()
+
+        def piece(id: int) -> str:
+            nonlocal line_start
+            self._check_id(id)
+            word = self.tokens[id]
+            if word == self.EOS:
+                line_start = True
+                return "\n"
+            text = word if line_start else " " + word
+            line_start = False
+            return text
+
+        return PieceDecoder(piece)
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "tokens": self.tokens}
+        extra = {"split": self.split} if self.split != "regex" else {}
+        return {**super().to_dict(), "tokens": self.tokens, **extra}
+
+
+def _as_lines(text: str) -> str:
+    """``text`` ending in a newline (a file's last line is a line, with or without one)."""
+    return text if not text or text.endswith("\n") else text + "\n"
 
 
 class ByteTokenizer(Tokenizer):
@@ -397,6 +627,9 @@ class ByteTokenizer(Tokenizer):
             self._check_id(i)
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def decoder(self, after: str = "") -> PieceDecoder:
+        return _ByteDecoder(self)
+
     def token_str(self, id: int) -> str:
         self._check_id(id)
         if id == 0x20:
@@ -406,38 +639,58 @@ class ByteTokenizer(Tokenizer):
         return {9: "\\t", 10: "\\n", 13: "\\r"}.get(id, f"\\x{id:02x}")
 
 
-def build_tokenizer(level: str, corpus: Corpus, *, min_freq: int = 2) -> Tokenizer:
-    """Fit a tokenizer on ``corpus``.
+class _ByteDecoder(PieceDecoder):
+    """Bytes to text as they come: a UTF-8 character split across tokens waits for its end."""
 
-    char: the sorted set of characters of train *and* val (so validation never fails);
-    word: tokens seen at least ``min_freq`` times in train, plus ``<unk>``; byte: fixed 256.
-    Char and word levels need UTF-8: invalid bytes raise :class:`DataError` with the offset.
+    def __init__(self, tok: ByteTokenizer):
+        self.tok = tok
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        super().__init__(self._piece)
+
+    def _piece(self, id: int) -> str:
+        self.tok._check_id(id)
+        return self.utf8.decode(bytes([id]))
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+def build_tokenizer(level: str, corpus: Corpus, *, min_freq: int = 2) -> Tokenizer:
+    """Fit a tokenizer on the training split of ``corpus`` (the validation and test splits
+    are read with it as they are: what they have that training had not is unknown).
+
+    char: the sorted set of the training text's characters, plus the unknown symbol (id 0);
+    word: words seen at least ``min_freq`` times in training, plus ``<unk>`` and ``<eos>``;
+    byte: fixed 256. Char and word levels need UTF-8: invalid bytes raise
+    :class:`DataError` with the offset.
     """
     if level == "byte":
         return ByteTokenizer()
+    if level not in LEVELS:
+        raise DataError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    if min_freq < 1:
+        raise ValueError(f"min_freq must be at least 1, got {min_freq}")
+    text = _decode_utf8(corpus.train, f"the training split of {corpus.name!r}")
+    # fail early on the other splits too, with their own offsets
+    _decode_utf8(corpus.val, f"the validation split of {corpus.name!r}")
+    _decode_utf8(corpus.test, f"the test split of {corpus.name!r}")
     if level == "char":
-        text = _decode_utf8(corpus.train + corpus.val, f"corpus {corpus.name!r}")
-        return CharTokenizer(sorted(set(text)))
-    if level == "word":
-        if min_freq < 1:
-            raise ValueError(f"min_freq must be at least 1, got {min_freq}")
-        _decode_utf8(
-            corpus.train + corpus.val, f"corpus {corpus.name!r}"
-        )  # fail early, whole-file offsets
-        return WordTokenizer.fit(corpus.train.decode("utf-8"), min_freq)
-    raise DataError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+        return CharTokenizer(sorted(set(text)), unk=True)
+    return WordTokenizer.fit(text, min_freq)
 
 
 def encode_corpus(tok: Tokenizer, corpus: Corpus) -> tuple[np.ndarray, np.ndarray]:
     """``(train_ids, val_ids)``: each split encoded with ``tok`` (int64, 1-D)."""
     return (
         tok.encode_bytes(corpus.train, what=f"the training split of {corpus.name!r}"),
-        tok.encode_bytes(
-            corpus.val,
-            what=f"the validation split of {corpus.name!r} "
-            f"(which starts at byte {len(corpus.train)})",
-        ),
+        tok.encode_bytes(corpus.val, what=_val_what(corpus)),
     )
+
+
+def _val_what(corpus: Corpus) -> str:
+    if "valid" in corpus.files:
+        return f"the validation file {corpus.files['valid']!r}"
+    return f"the validation split of {corpus.name!r} (which starts at byte {len(corpus.train)})"
 
 
 def tokenizer_from_dict(d: dict) -> Tokenizer:
@@ -464,7 +717,10 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
                 or len(set(chars)) != len(chars)
             ):
                 raise DataError("vocabulary 'chars' must be distinct single characters")
-            tok = CharTokenizer(chars)
+            unk = d["unk"] if version >= 2 else False  # format 1 had no unknown symbol
+            if not isinstance(unk, bool):
+                raise DataError(f"vocabulary 'unk' must be true or false, got {unk!r}")
+            tok = CharTokenizer(chars, unk=unk)
         elif level == "word":
             tokens = d["tokens"]
             if (
@@ -473,7 +729,13 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
                 or len(set(tokens)) != len(tokens)
             ):
                 raise DataError("vocabulary 'tokens' must be distinct non-empty strings")
-            tok = WordTokenizer(tokens)
+            split = d["split"] if version >= 2 else "regex"  # format 1 split with a regex
+            if split not in WordTokenizer.SPLITS:
+                raise DataError(
+                    f"vocabulary 'split' must be one of {', '.join(WordTokenizer.SPLITS)}, "
+                    f"got {split!r}"
+                )
+            tok = WordTokenizer(tokens, split=split)
         else:
             raise DataError(f"vocabulary has unknown level {level!r}; known: {', '.join(LEVELS)}")
     except (KeyError, TypeError, ValueError) as e:

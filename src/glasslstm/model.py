@@ -8,7 +8,6 @@ embedding dropout, which is done here.
 
 from __future__ import annotations
 
-import codecs
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from torch import nn
 
 from glasslstm import __version__, options, rundir
 from glasslstm.config import ModelConfig, config_from_dict  # noqa: F401  (public here too)
-from glasslstm.data import Tokenizer
+from glasslstm.data import Tokenizer, WordTokenizer
 from glasslstm.errors import ConfigError
 from glasslstm.lstm import LSTM
 
@@ -173,21 +172,21 @@ class LanguageModel(nn.Module):
         else:
             gen.manual_seed(seed)
         tok = self.require_tokenizer()
-        # Byte-level output may split a UTF-8 character across tokens: decode incrementally.
-        decoder = codecs.getincrementaldecoder("utf-8")("replace") if tok.level == "byte" else None
+        # Token by token: words get their spaces, a UTF-8 character split across byte
+        # tokens waits for its last byte.
+        decoder = tok.decoder(after=prompt)
         with self._evaluating():
             logits, state = self._prime(prompt)
             stream = self.stream(state)  # one token per step, nothing allocated
             for _ in range(length):
                 nxt = _sample(logits, temperature, top_k, top_p, gen)
-                piece = decoder.decode(bytes([nxt])) if decoder else tok.decode([nxt])
+                piece = decoder(nxt)
                 if piece:
                     yield piece
                 logits = stream.step(nxt)
-            if decoder:
-                tail = decoder.decode(b"", final=True)
-                if tail:
-                    yield tail
+            tail = decoder.flush()
+            if tail:
+                yield tail
 
     @contextmanager
     def _evaluating(self):
@@ -222,6 +221,11 @@ class LanguageModel(nn.Module):
         word, prob, stream = "", 1.0, None
         with self._evaluating():
             logits, state = self._prime(text)
+            if isinstance(tok, WordTokenizer) and tok.split == "whitespace":
+                probs = torch.softmax(logits.float(), -1)  # one token is one word
+                probs[tok.stoi[tok.EOS]] = 0.0  # the end of the line is not a word
+                i = int(probs.argmax())
+                return tok.decode([i]), float(probs[i])
             for _ in range(max_tokens):
                 probs = torch.softmax(logits.float(), -1)
                 i = int(probs.argmax())
@@ -360,6 +364,14 @@ def training_data(run_dir, *, required: bool = True) -> tuple[str | None, str | 
             "pass --data FILE to say what text to use"
         )
     return train.get("data"), train.get("data_dir")
+
+
+def training_splits(run_dir) -> dict[str, str | None]:
+    """The split files a run was trained with (``--train``, ``--valid``, ``--test``; each
+    None where not given), for the commands that read its validation or test split."""
+    train = rundir.read_config(run_dir).get("train")
+    train = train if isinstance(train, dict) else {}
+    return {split: train.get(split) for split in ("train", "valid", "test")}
 
 
 def load_vocab(run_dir) -> Tokenizer:

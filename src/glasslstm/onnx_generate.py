@@ -65,8 +65,15 @@ class OnnxLanguageModel:
         vocab = json.loads(meta["glasslstm.vocab"])
         self.level = vocab["level"]
         self.vocab_size = int(vocab["vocab_size"])
-        self.items = vocab.get("chars") or vocab.get("tokens")  # None for byte level
-        self.stoi = {t: i for i, t in enumerate(self.items)} if self.items else {}
+        # vocab.json's format (glasslstm's data.py): char level may reserve id 0 for unknown
+        # characters; word level splits at whitespace with <eos> per line, or (format 1)
+        # with a regex
+        self.char_unk = self.level == "char" and bool(vocab.get("unk"))
+        self.word_split = vocab.get("split", "regex")
+        items = vocab.get("chars") or vocab.get("tokens")  # None for byte level
+        self.items = (["\ufffd"] if self.char_unk else []) + items if items else None
+        offset = 1 if self.char_unk else 0
+        self.stoi = {t: i + offset for i, t in enumerate(items)} if items else {}
         layers = config["num_layers"] * config["num_directions"]
         self._state_shapes = (
             (layers, config["proj_size"] or config["hidden_size"]),
@@ -80,7 +87,15 @@ class OnnxLanguageModel:
         if self.level == "byte":
             return list(text.encode("utf-8", errors="surrogatepass"))
         if self.level == "word":
-            return [self.stoi.get(t, 0) for t in WORD_PATTERN.findall(text)]  # 0 is <unk>
+            if self.word_split == "whitespace":
+                lines = text.split("\n")
+                words = [w for k, line in enumerate(lines) for w in line.split() + ["<eos>"]]
+                words = words[:-1]  # the last line has no newline after it
+            else:
+                words = WORD_PATTERN.findall(text)
+            return [self.stoi.get(t, 0) for t in words]  # 0 is <unk>
+        if self.char_unk:
+            return [self.stoi.get(c, 0) for c in text]  # 0 is the unknown symbol
         unknown = sorted({c for c in text if c not in self.stoi})
         if unknown:
             raise ValueError(
@@ -92,6 +107,13 @@ class OnnxLanguageModel:
         if self.level == "byte":
             return bytes(ids).decode("utf-8", errors="replace")
         assert self.items is not None
+        if self.level == "word" and self.word_split == "whitespace":
+            out, line_start = [], True
+            for i in ids:  # words one space apart; <eos> is a newline
+                word = self.items[i]
+                out.append("\n" if word == "<eos>" else word if line_start else " " + word)
+                line_start = word == "<eos>"
+            return "".join(out)
         return "".join(self.items[i] for i in ids)
 
     def start_id(self) -> int:
@@ -132,9 +154,14 @@ class OnnxLanguageModel:
         logits, state = self.run([ids or [self.start_id()]], self.initial_state())
         last = logits[0, -1]
         decoder = codecs.getincrementaldecoder("utf-8")("replace") if self.level == "byte" else None
+        spaced = self.level == "word" and self.word_split == "whitespace"
+        line_start = not prompt or prompt[-1].isspace()
         for _ in range(length):
             nxt = sample(last, temperature, top_k, top_p, rng)
             piece = decoder.decode(bytes([nxt])) if decoder else self.decode([nxt])
+            if spaced:  # words one space apart; <eos> is a newline
+                piece = piece if line_start or piece == "\n" else " " + piece
+                line_start = piece == "\n"
             if piece:
                 yield piece
             logits, state = self.run([[nxt]], state)

@@ -188,6 +188,9 @@ FAMILY_RULES: dict[str, Rule] = {
 # TrainConfig's fields (the train command's options, config.json's "train").
 TRAIN: dict[str, Rule] = {
     "data": TEXT,
+    "train": TEXT,
+    "valid": TEXT,
+    "test": TEXT,
     "data_dir": TEXT,
     "level": choice(*LEVELS),
     "min_freq": integer(1),
@@ -208,7 +211,7 @@ TRAIN: dict[str, Rule] = {
     "warmup": integer(0),
     "min_lr_ratio": number(0, 1),
     "clip": number(0, note="0: off"),
-    "max_steps": integer(1),
+    "max_steps": integer(0, note="0: no limit, with --time-budget"),
     "time_budget": number(0, note="seconds; 0: none"),
     "eval_every": integer(1),
     "eval_batches": integer(0, note="0: the whole split"),
@@ -293,6 +296,20 @@ def _rule_from_default(default) -> Rule | None:
 def check_train(cfg) -> None:
     """A TrainConfig: each option against :data:`TRAIN`, then the ones that must agree."""
     check_fields(cfg, TRAIN)
+    if cfg.data is not None and cfg.train is not None:
+        raise ConfigError(
+            f"--data {cfg.data} and --train {cfg.train} both name the training text; give "
+            "--data (a file, or a folder with train/valid/test files) or --train FILE "
+            "[--valid FILE] [--test FILE]"
+        )
+    if cfg.train is None and (cfg.valid is not None or cfg.test is not None):
+        given = "--valid" if cfg.valid is not None else "--test"
+        raise ConfigError(f"{given} needs --train FILE (the training split) beside it")
+    if cfg.max_steps == 0 and not cfg.time_budget:
+        raise ConfigError(
+            "--max-steps 0 (no step limit) needs --time-budget SECONDS to end the run; give "
+            "one of them"
+        )
     if cfg.tie_weights and cfg.embed not in (0, cfg.hidden):
         raise ConfigError(
             f"--tie-weights needs the embedding as wide as the LSTM's output: --embed 0 or "
@@ -352,16 +369,28 @@ def resolve_data(spec: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else spec
 
 
+def resolve_file(path: str | None) -> str | None:
+    """A file option (``--train``, ``--valid``, ``--test``) as an absolute path where it exists
+    (one that does not is kept as given: loading it says so)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
 def resolve_dir(path: str | None) -> str | None:
     """A folder option (``--data-dir``, ``--out``) as an absolute path."""
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def resolve_paths(values: Mapping) -> dict:
-    """``values`` (training options) with ``data``, ``data_dir`` and ``out``, where present,
-    made absolute: a run records where its files are, not where it was started from."""
+    """``values`` (training options) with ``data``, the split files, ``data_dir`` and ``out``,
+    where present, made absolute: a run records where its files are, not where it was
+    started from."""
     out = dict(values)
-    for key, resolve in (("data", resolve_data), ("data_dir", resolve_dir), ("out", resolve_dir)):
+    resolvers = {"data": resolve_data, "data_dir": resolve_dir, "out": resolve_dir}
+    resolvers.update(dict.fromkeys(("train", "valid", "test"), resolve_file))
+    for key, resolve in resolvers.items():
         if isinstance(out.get(key), str):
             out[key] = resolve(out[key])
     return out

@@ -74,7 +74,9 @@ CORPUS = {
     "train_tokens": options.integer(0),
     "val_tokens": options.integer(0),
     "sha256": options.Rule("text", optional=True),
+    "test_tokens": options.integer(0, optional=True),
 }
+SPLIT_NAMES = ("train", "valid", "test")  # the keys of corpus.files: split -> its file
 
 # Model fields and the training options they come from; config.json's two must agree.
 _MODEL_FROM_TRAIN = {
@@ -138,6 +140,13 @@ def read_run_config(run_dir) -> RunConfig:
         expected = rule.problem(corpus.get(key))
         if expected is not None:
             raise _bad_key(path, f"corpus.{key}", corpus[key], expected, fix)
+    files = corpus.get("files", {})
+    if not isinstance(files, dict) or not all(
+        k in SPLIT_NAMES and isinstance(v, str) for k, v in files.items()
+    ):
+        raise _bad_key(
+            path, "corpus.files", files, "an object of train, valid, test -> file path", fix
+        )
     for model_key, train_key in _MODEL_FROM_TRAIN.items():
         if getattr(model, model_key) != getattr(train, train_key):
             raise RunDirError(
@@ -430,22 +439,34 @@ def corpus_sha256(corpus: Corpus) -> str:
     """The SHA-256 of a corpus's whole text (both splits): what a resumed run must see again."""
     h = hashlib.sha256(corpus.train)
     h.update(corpus.val)
+    h.update(corpus.test)  # empty without a test split: the digest of earlier runs stands
     return h.hexdigest()
 
 
-def load_run_corpus(run_dir, spec: str | None, data_dir: str | None, *, moved_fix: str) -> Corpus:
-    """The corpus a run was trained on (``spec``, ``data_dir`` from its config.json); when it
-    is a path that is not there any more, a DataError that says so and how to point at its
-    new place (``moved_fix``)."""
+def load_run_corpus(
+    run_dir,
+    spec: str | None,
+    data_dir: str | None,
+    *,
+    moved_fix: str,
+    splits: Mapping[str, str | None] | None = None,
+) -> Corpus:
+    """The corpus a run was trained on (``spec``, ``data_dir``, and the split files
+    ``splits`` from its config.json); when a path is not there any more, a DataError that
+    says so and how to point at its new place (``moved_fix``)."""
+    splits = {k: v for k, v in (splits or {}).items() if v is not None}
     try:
-        return load_corpus(spec, data_dir=data_dir, seed=0)
+        return load_corpus(spec, data_dir=data_dir, seed=0, **splits)
     except DataError:
-        gone = spec is not None and not Path(spec).expanduser().exists()
-        if not gone or spec in ("stories", "shakespeare"):
+        paths = list(splits.values()) or (
+            [] if spec in (None, "stories", "shakespeare") else [spec]
+        )
+        gone = [p for p in paths if p is not None and not Path(p).expanduser().exists()]
+        if not gone:
             raise
         raise DataError(
-            f"the training text of {run_dir}, {spec}, is not there any more; if it moved, "
-            f"{moved_fix}"
+            f"the training text of {run_dir}, {', '.join(map(str, gone))}, is not there any "
+            f"more; if it moved, {moved_fix}"
         ) from None
 
 
@@ -471,10 +492,14 @@ def check_resumed_corpus(run_dir, cfg, corpus: Corpus, train_tokens: int, val_to
             "on this one"
         )
     train = stored.raw["train"]
-    if (train.get("data"), train.get("data_dir")) != (cfg.data, cfg.data_dir) or known is None:
+    places = ("data", "data_dir", *SPLIT_NAMES)
+    now = {key: getattr(cfg, key) for key in places}
+    if any(train.get(key) != value for key, value in now.items()) or known is None:
         raw = dict(stored.raw)
-        raw["train"] = {**train, "data": cfg.data, "data_dir": cfg.data_dir}
+        raw["train"] = {**train, **now}
         raw["corpus"] = {**stored.corpus, "source": corpus.source, "sha256": digest}
+        if corpus.files:
+            raw["corpus"]["files"] = corpus.files
         rundir.write_config(run_dir, raw)
 
 

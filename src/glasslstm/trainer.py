@@ -16,7 +16,9 @@ uninterrupted (same machine, same thread count).
 
 from __future__ import annotations
 
+import copy
 import math
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -37,9 +39,11 @@ from glasslstm.data import (
     load_corpus,
 )
 from glasslstm.determinism import deterministic
+from glasslstm.distributed import Ranks, check_resume, session
 from glasslstm.errors import ConfigError, DataError, WriteError
 from glasslstm.interrupt import GracefulStop
 from glasslstm.model import LanguageModel, load_vocab
+from glasslstm.progress import make_progress
 
 LN2 = math.log(2.0)
 
@@ -58,6 +62,8 @@ class TrainResult:
     message: str = ""
     fill_in: list = field(default_factory=list)
     interrupted_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
+    test: dict | None = None  # the best model on the test split: loss, bpc, perplexity, tokens
+    files: dict = field(default_factory=dict)  # split -> the file it was read from
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -84,10 +90,13 @@ def evaluate(
     seq_len: int = 128,
     max_batches: int = 0,
     chars_per_token: float = 1.0,
+    ranks: Ranks | None = None,
 ) -> dict:
     """Mean next-token loss over the stream ``ids`` with the state carried along each row.
 
     Every token but the first of each row is predicted once. Short texts get fewer rows.
+    ``ranks``: in distributed training, each process evaluates its share of the rows and the
+    sums are added (every process gets the same result).
     Returns ``{"loss" (nats/token), "perplexity", "bpc", "tokens"}``.
     """
     options.check(
@@ -101,13 +110,14 @@ def evaluate(
         raise ConfigError(f"need at least 2 tokens to evaluate; got {n}")
     rows = max(1, min(batch_size, n // (seq_len + 1)))
     cols = n // rows
-    grid = ids[: rows * cols].view(rows, cols).to(model.device)
+    ranks = ranks or Ranks()
+    grid = ranks.eval_rows(ids[: rows * cols].view(rows, cols)).to(model.device)
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
     try:
         for k, start in enumerate(range(0, cols - 1, seq_len)):
-            if max_batches and k >= max_batches:
+            if (max_batches and k >= max_batches) or not len(grid):
                 break
             x = grid[:, start : min(start + seq_len, cols - 1)]
             y = grid[:, start + 1 : start + 1 + x.shape[1]]
@@ -120,6 +130,7 @@ def evaluate(
             count += y.numel()
     finally:
         model.train(was_training)
+    total, count = ranks.sum(total, count)
     loss = total / count
     return {
         "loss": loss,
@@ -143,16 +154,13 @@ def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
+    progress = 0.0  # max_steps 0: no step limit, the time budget alone
+    if cfg.max_steps:
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     if cfg.time_budget:
         progress = max(progress, min(1.0, seconds / cfg.time_budget))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _device(name: str) -> torch.device:
-    return options.resolve_device(name)
 
 
 def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optimizer:
@@ -162,7 +170,9 @@ def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optim
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    name = Path(cfg.data).stem if cfg.data else "stories"
+    # split files: their folder's name (wikitext-2/train.txt -> wikitext-2)
+    name = Path(cfg.train).resolve().parent.name if cfg.train else None
+    name = name or (Path(cfg.data).stem if cfg.data else "stories")
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -204,21 +214,28 @@ def train(
         cfg = replace(
             cfg, **{k: v for k, v in (overrides or {}).items() if k in TrainConfig.RESUMABLE}
         )
-    else:
-        cfg = replace(config or TrainConfig(), **(overrides or {}))
+    else:  # the level's defaults for what neither config nor overrides set
+        cfg = replace(config, **overrides) if config else TrainConfig(**overrides)
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         _check_new_run_dir(run_dir)
         cfg = replace(cfg, **options.resolve_paths({**asdict(cfg), "out": str(run_dir)}))
 
-    device = _device(cfg.device)
-    options.check_training_memory(cfg, None, device)  # before anything is loaded or built
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    with deterministic(cfg.deterministic):
-        try:
-            return _train(cfg, run_dir, resume, device, progress, on_step, corpus, build_model)
-        except WriteError as e:  # name what was kept and how to go on
-            raise e.with_hint(runfiles.after_write_error(run_dir, e)) from None
+    # One process, or this one's place among those torchrun started (glasslstm.distributed).
+    with session(cfg.device, cfg.batch_size) as ranks:
+        device = ranks.device
+        options.check_training_memory(cfg, None, device)  # before anything is loaded or built
+        if resume is not None:
+            check_resume(run_dir, ranks.world)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        with deterministic(cfg.deterministic):
+            try:
+                return _train(
+                    cfg, run_dir, resume, device, progress and ranks.is_main, on_step, corpus,
+                    build_model, ranks,
+                )  # fmt: skip
+            except WriteError as e:  # name what was kept and how to go on
+                raise e.with_hint(runfiles.after_write_error(run_dir, e)) from None
 
 
 @dataclass
@@ -245,12 +262,17 @@ class _Run:
         device: torch.device,
         corpus: Corpus | None,
         build_model,
+        ranks: Ranks,
     ) -> None:
-        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.cfg, self.run_dir, self.device, self.ranks = cfg, run_dir, device, ranks
+        splits = {"train": cfg.train, "valid": cfg.valid, "test": cfg.test}
         if corpus is None and resume is not None:
-            moved = f"resume with `glasslstm train --resume {run_dir} --data NEW_PATH`"
-            corpus = runfiles.load_run_corpus(run_dir, cfg.data, cfg.data_dir, moved_fix=moved)
-        corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0)
+            flags = "--train NEW_PATH ..." if cfg.train else "--data NEW_PATH"
+            moved = f"resume with `glasslstm train --resume {run_dir} {flags}`"
+            corpus = runfiles.load_run_corpus(
+                run_dir, cfg.data, cfg.data_dir, moved_fix=moved, splits=splits
+            )
+        corpus = corpus or load_corpus(cfg.data, data_dir=cfg.data_dir, seed=0, **splits)
         tok = (
             load_vocab(run_dir)
             if resume is not None
@@ -265,21 +287,35 @@ class _Run:
         if resume is not None:  # the same text, wherever it is now
             runfiles.check_resumed_corpus(run_dir, cfg, corpus, len(train_ids), len(self.val_ids))
         options.check_training_memory(cfg, tok.vocab_size, device)
-        self.stream = TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
+        self.stream = ranks.stream(  # this process's rows of each (global) batch
+            TokenStream(train_ids, cfg.batch_size, cfg.seq_len, what="the training split")
+        )
         self.val_cpt = chars_per_token(tok, corpus.val, len(self.val_ids))
         self.train_cpt = chars_per_token(tok, corpus.train, len(train_ids))
+        self.files = dict(corpus.files)
+        self.test_ids = None
+        if corpus.test:
+            what = f"the test file {corpus.files.get('test', corpus.name)!r}"
+            self.test_ids = tok.encode_bytes(corpus.test, what=what)
+            self.test_cpt = chars_per_token(tok, corpus.test, len(self.test_ids))
+            self.test_unknown = tok.unknown(corpus.test.decode("utf-8", errors="replace"))
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model_config(tok.vocab_size), tok).to(device)
+        ranks.seed(cfg.seed)
         self.opt = _make_optimizer(cfg, self.model)
         self.progress = _Progress()
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # carried across batches
         if resume is not None:
             self.state = _load_resume_point(
-                run_dir, self.model, self.opt, self.progress, device, cfg.batch_size
+                run_dir, self.model, self.opt, self.progress, device, cfg.batch_size, ranks
             )
             self.saved_step: int | None = self.progress.step  # the checkpoint on disk
-            rundir.trim_metrics(run_dir / "metrics.jsonl", self.progress.step)  # no duplicates
+            if ranks.is_main:
+                rundir.trim_metrics(run_dir / "metrics.jsonl", self.progress.step)  # no dups
+        elif not ranks.is_main:  # rank 0 alone writes the run directory (below)
+            self.saved_step = None
+            self.save()  # its share of rank 0's step-0 save (a collective step)
         else:
             rundir.make_dirs(run_dir)
             rundir.write_config(
@@ -294,25 +330,37 @@ class _Run:
                         "train_tokens": int(len(train_ids)),
                         "val_tokens": int(len(self.val_ids)),
                         "sha256": runfiles.corpus_sha256(corpus),
+                        **({"files": corpus.files} if corpus.files else {}),
+                        **(
+                            {"test_tokens": int(len(self.test_ids))}
+                            if self.test_ids is not None
+                            else {}
+                        ),
                     },
                 },
             )
             rundir.atomic_write_json(run_dir / "vocab.json", tok.to_dict())
             self.saved_step = None
             self.save()  # step 0: a run that fails at once still leaves a loadable directory
+        self.forward = ranks.wrap(self.model)  # DDP around the model when there are ranks
 
     def save(self) -> None:
         """The resume point and the latest weights, for the current step (once per step)."""
         step = self.progress.step
         if self.saved_step != step:
-            _save_resume_point(self.run_dir, self.model, self.opt, self.progress, self.state)
-            self.model.save_weights(
-                self.run_dir / "model.safetensors", metadata={"step": str(step)}
-            )
+            state, extra, meta = self.ranks.for_save(self.state)  # all ranks' share, on rank 0
+            if self.ranks.is_main:
+                _save_resume_point(
+                    self.run_dir, self.model, self.opt, self.progress, state, extra, meta
+                )
+                self.model.save_weights(
+                    self.run_dir / "model.safetensors", metadata={"step": str(step)}
+                )
             self.saved_step = step
 
     def log(self, record: dict) -> None:
-        rundir.append_jsonl(self.run_dir / "metrics.jsonl", record)
+        if self.ranks.is_main:
+            rundir.append_jsonl(self.run_dir / "metrics.jsonl", record)
 
     def validate(self) -> dict:
         """Evaluate on the validation split; keep the model as best/ when it improved."""
@@ -324,12 +372,14 @@ class _Run:
             seq_len=cfg.seq_len,
             max_batches=cfg.eval_batches,
             chars_per_token=self.val_cpt,
+            ranks=self.ranks,
         )
         if p.best_val_loss is None or res["loss"] < p.best_val_loss:
             p.best_val_loss, p.evals_since_best = res["loss"], 0
-            self.model.save_weights(
-                self.run_dir / "best" / "model.safetensors", metadata={"step": str(p.step)}
-            )
+            if self.ranks.is_main:
+                self.model.save_weights(
+                    self.run_dir / "best" / "model.safetensors", metadata={"step": str(p.step)}
+                )
         else:
             p.evals_since_best += 1
         self.log(
@@ -342,6 +392,26 @@ class _Run:
                 "seconds": round(p.seconds, 3),
             }
         )
+        return res
+
+    def score_test(self) -> dict | None:
+        """The best model (``best/``) on the test split, logged as the ``test`` row of
+        metrics.jsonl; None when the corpus has no test split."""
+        if self.test_ids is None:
+            return None
+        cfg = self.cfg
+        best = copy.deepcopy(self.model)  # the training model and its state stay as they are
+        weights = rundir.load_tensors(self.run_dir / "best" / "model.safetensors")
+        best.load_state_dict(weights, strict=not cfg.tie_weights)
+        res = evaluate(
+            best,
+            self.test_ids,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            chars_per_token=self.test_cpt,
+        )
+        res["unknown"] = self.test_unknown
+        self.log({"split": "test", "step": self.progress.step, **res})
         return res
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,8 +438,8 @@ class _Run:
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
         ):
-            _, loss, new_state = self.model(x, self.state, y)
-        loss_value = loss.detach().item()
+            _, loss, new_state = self.forward(x, self.state, y)
+        loss_value = self.ranks.mean(loss.detach())  # the global batch's mean loss
         self.opt.zero_grad(set_to_none=True)
         if not math.isfinite(loss_value):
             return loss_value, False
@@ -391,16 +461,23 @@ def _train(
     on_step,
     corpus: Corpus | None,
     build_model,
+    ranks: Ranks,
 ) -> TrainResult:
     """:func:`train` once its configuration, run directory and device are settled."""
-    run = _Run(cfg, run_dir, resume, device, corpus, build_model)
+    run = _Run(cfg, run_dir, resume, device, corpus, build_model, ranks)
     p = run.progress
-    bar = _progress_bar(cfg, p.step) if progress else None
-    stopped, message, last_val = "max_steps", "", None
+    bar = (
+        make_progress(
+            max_steps=cfg.max_steps, time_budget=cfg.time_budget, step=p.step, seconds=p.seconds
+        )
+        if progress
+        else None
+    )
+    stopped, message, last_val, stop_name = "max_steps", "", None, ""
     window = _Window()
     run.model.train()
     with GracefulStop() as interrupt, bar or nullcontext():
-        while p.step < cfg.max_steps:
+        while not cfg.max_steps or p.step < cfg.max_steps:
             t_step = time.perf_counter()
             x, y = run.batch()
             lr = lr_at(cfg, p.step, p.seconds)
@@ -414,10 +491,12 @@ def _train(
                     "Lower --lr or keep --clip on, then resume or train again."
                 )
                 break
+            # every rank takes the same time (the slowest's) and stop signal for the step
+            seconds, stop = ranks.agree(time.perf_counter() - t_step, interrupt.signum)
             p.step += 1
-            p.tokens += x.numel()
-            p.seconds += time.perf_counter() - t_step
-            window.add(loss, x.numel())
+            p.tokens += x.numel() * ranks.world
+            p.seconds += seconds
+            window.add(loss, x.numel() * ranks.world)
             if on_step is not None:
                 on_step(p.step, loss)
             if p.step % cfg.log_every == 0 or p.step == cfg.max_steps:
@@ -435,11 +514,9 @@ def _train(
                     }
                 )
                 if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}", refresh=False
-                    )
+                    bar.show(loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}")
             if bar is not None:
-                bar.update(1)
+                bar.advance(p.step, p.seconds)
             out_of_time = cfg.time_budget and p.seconds >= cfg.time_budget
             if p.step % cfg.eval_every == 0 or p.step == cfg.max_steps or out_of_time:
                 last_val = run.validate()
@@ -450,19 +527,24 @@ def _train(
             if out_of_time:
                 stopped = "time_budget"
                 break
-            if interrupt.requested:
-                stopped = "interrupted"
+            if stop:
+                stopped, stop_name = "interrupted", signal.Signals(stop).name
                 run.save()
                 message = (
-                    f"interrupted at step {p.step} ({interrupt.name}); saved. Continue with "
+                    f"interrupted at step {p.step} ({stop_name}); saved. Continue with "
                     f"`glasslstm train --resume {run_dir}`"
                 )
                 break
     if bar is not None:
         bar.close()
-    if last_val is None and stopped not in ("interrupted", "diverged"):
+    finished = stopped not in ("interrupted", "diverged")
+    if last_val is None and finished:
         last_val = run.validate()
-    _write_curves(run_dir)
+    # the test split is scored once, by the process that writes (no other rank reads best/
+    # while it may still be being replaced)
+    test = run.score_test() if finished and ranks.is_main else None
+    if ranks.is_main:
+        _write_curves(run_dir)
     if not message:
         message = f"stopped: {stopped} at step {p.step}"
     best = math.nan if p.best_val_loss is None else p.best_val_loss
@@ -477,7 +559,9 @@ def _train(
         tokens_per_s=p.tokens / max(p.seconds, 1e-9),
         seconds=p.seconds,
         message=message,
-        interrupted_by=interrupt.name,
+        interrupted_by=stop_name,
+        test=test,
+        files=run.files,
     )
 
 
@@ -497,33 +581,24 @@ class _Window:
         return mean, tps
 
 
-def _progress_bar(cfg: TrainConfig, start: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
-        leave=True,
-    )
-
-
-def _save_resume_point(run_dir: Path, model, opt, progress: _Progress, state) -> None:
+def _save_resume_point(
+    run_dir: Path, model, opt, progress: _Progress, state, extra: dict, extra_meta: dict
+) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(extra)  # distributed runs: each rank's random generators
     opt_tensors, opt_meta = rundir.optimizer_state_to_tensors(opt.state_dict())
     rng_tensors, rng_meta = rundir.rng_state()
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
     if state is not None:
         tensors["carry.h"], tensors["carry.c"] = state
-    rundir.save_train_state(
-        run_dir, tensors, {**asdict(progress), "optimizer": opt_meta, "rng": rng_meta}
-    )
+    meta = {**asdict(progress), "optimizer": opt_meta, "rng": rng_meta, **extra_meta}
+    rundir.save_train_state(run_dir, tensors, meta)
 
 
-def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device, batch_size: int):
+def _load_resume_point(
+    run_dir: Path, model, opt, progress: _Progress, device, batch_size: int, ranks: Ranks
+):
     tensors, stored = runfiles.read_train_state(run_dir, model, opt, progress, batch_size)
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(weights)
@@ -531,9 +606,9 @@ def _load_resume_point(run_dir: Path, model, opt, progress: _Progress, device, b
     rundir.set_rng_state(tensors, stored["rng"])
     for key in asdict(progress):
         setattr(progress, key, stored[key])
-    if "carry.h" in tensors:
-        return tensors["carry.h"].to(device), tensors["carry.c"].to(device)
-    return None
+    state = (tensors["carry.h"], tensors["carry.c"]) if "carry.h" in tensors else None
+    state = ranks.restore(tensors, state)  # this rank's generators and rows
+    return None if state is None else (state[0].to(device), state[1].to(device))
 
 
 def _write_curves(run_dir: Path) -> None:

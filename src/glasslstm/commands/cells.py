@@ -13,6 +13,7 @@ from pathlib import Path
 
 from glasslstm import options
 from glasslstm.commands import common
+from glasslstm.commands.common import unknown_note
 from glasslstm.config import PROBES, QUANTITIES
 from glasslstm.errors import ConfigError, DataError
 
@@ -119,9 +120,11 @@ def run(args) -> int:
     text, what = read_text(args.data, args.data_dir)
     cut = len(text) > args.max_chars
     text = text[: args.max_chars]
-    model.require_tokenizer().encode_bytes(
-        text.encode("utf-8"), what=what
-    )  # names the file on a bad char
+    tok = model.require_tokenizer()
+    tok.encode_bytes(text.encode("utf-8"), what=what)  # a vocabulary without <unk>: names the file
+    unknown = tok.unknown(text)
+    if unknown:
+        print(unknown_note(tok, unknown, what), file=sys.stderr)
     analysis = analyze(model, text, top_k=1)
     report = find_cells(
         analysis, args.probe, quantity=args.quantity, layers=layers, excerpts=min(SHOWN, args.top)

@@ -1,6 +1,12 @@
-"""Options several commands share: the run directory, which weights, int8 inference."""
+"""What several commands share: the run directory, which weights, int8 inference, the note
+about text the vocabulary lacks."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from glasslstm.data import Tokenizer
 
 RUN_HELP = "a run directory (from `glasslstm train` or LanguageModel.save)"
 
@@ -40,3 +46,12 @@ def load_model(args, **kwargs):
 
         quantize(model, args.quantize)
     return model
+
+
+def unknown_note(tok: Tokenizer, unknown: int, where: str) -> str:
+    """The note that ``unknown`` characters (words) of ``where`` have no token of their own."""
+    s = "" if unknown == 1 else "s"
+    return (
+        f"glasslstm: note: {unknown:,} {tok.unit}{s} of {where} not in the model's vocabulary, "
+        "read as its unknown symbol"
+    )

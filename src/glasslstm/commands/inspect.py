@@ -9,6 +9,7 @@ from pathlib import Path
 
 from glasslstm import options
 from glasslstm.commands import common
+from glasslstm.commands.common import unknown_note
 from glasslstm.config import QUANTITIES
 from glasslstm.errors import ConfigError, DataError
 
@@ -128,9 +129,15 @@ def run(args) -> int:
     cells = _parse_cells(args.cells)
     model = LanguageModel.load(args.run_dir, which=args.which)
     _check_range(args.layer, cells, model.config.num_layers, model.config.hidden_size)
-    text, where = _read_text(args, model.require_tokenizer().level)
+    tok = model.require_tokenizer()
+    text, where = _read_text(args, tok.level)
+    unknown = tok.unknown(text)
+    if unknown:
+        print(unknown_note(tok, unknown, where), file=sys.stderr)
     analysis = analyze(model, text, top_k=args.top_k)
-    analysis.meta.update({"run_dir": str(args.run_dir), "which": args.which, "source": where})
+    analysis.meta.update(
+        {"run_dir": str(args.run_dir), "which": args.which, "source": where, "unknown": unknown}
+    )
     layer, cells, by_default = resolve(analysis, args.layer, cells)
 
     written = []

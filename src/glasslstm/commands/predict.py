@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from glasslstm import options
 from glasslstm.commands import common
+from glasslstm.commands.common import unknown_note
 
 OPTIONS = {"top": options.integer(1)}
 
@@ -29,18 +31,23 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     options.check_args(args, OPTIONS)
     model = common.load_model(args)
+    tok = model.require_tokenizer()
     preds = model.predict_next(args.text, top=args.top)
-    word = model.next_word(args.text) if model.require_tokenizer().level != "word" else None
+    word = model.next_word(args.text) if tok.level != "word" else None
+    unknown = tok.unknown(args.text)
     if args.json:
         out = {
             "text": args.text,
-            "level": model.require_tokenizer().level,
+            "level": tok.level,
+            "unknown": unknown,
             "next": [{"token": p.text, "prob": p.prob} for p in preds],
         }
         if word is not None:
             out["next_word"] = {"word": word[0], "prob": word[1]}
         print(json.dumps(out, indent=2))
         return 0
+    if unknown:
+        print(unknown_note(tok, unknown, "TEXT"), file=sys.stderr)
     print(f"after {args.text!r}:")
     width = max(len(p.token) for p in preds)
     for p in preds:

@@ -11,8 +11,8 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from glasslstm import options, stories
-from glasslstm.config import TRAIN_HELP, TrainConfig
-from glasslstm.errors import DataError
+from glasslstm.config import LEVEL_DEFAULTS, TRAIN_HELP, TrainConfig
+from glasslstm.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from glasslstm.model import LanguageModel
@@ -29,16 +29,22 @@ def add_parser(sub) -> None:
         help="train a language model on a corpus (default: the built-in stories)",
         description="Train an LSTM language model and write it, with its checkpoints, "
         "metrics and a plot of the losses, to a run directory. Without --data it trains on "
-        "the built-in stories corpus. Every option has a default; Ctrl-C (or SIGTERM) saves "
-        "and stops, and --resume RUN continues exactly where the run stopped.",
+        "the built-in stories corpus. --data FOLDER with train/valid/test files (train.txt, "
+        "valid.txt, test.txt, wiki.train.tokens, ...) uses them as the splits; --train FILE "
+        "--valid FILE --test FILE names them. The vocabulary comes from the training split; at "
+        "the end the best model is scored on the test split. Every option has a default; some "
+        "depend on --level (shown as char/word/byte). With --time-budget and no --max-steps, "
+        "training runs for the budget. Ctrl-C (or SIGTERM) saves and stops, and --resume RUN "
+        "continues exactly where the run stopped.",
         argument_default=argparse.SUPPRESS,  # so that we know what was given explicitly
     )
     metavars = {"data": "FILE|NAME", "data_dir": "DIR", "out": "DIR"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = TRAIN_HELP[f.name]
-        if f.default is not None:  # None: the help says what happens without the option
-            text += f" (default: {f.default})"
+        if f.default is not None or f.name in LEVEL_DEFAULTS["char"]:
+            text += f" (default: {_default_text(f.name, f.default)})"
+        text = text.replace("%", "%%")  # argparse formats help strings with %
         rule = options.TRAIN[f.name]
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
@@ -58,10 +64,30 @@ def add_parser(sub) -> None:
         "--json", action="store_true", help="print one JSON object at the end, no progress bar"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine (data parallel: torchrun's agent, gloo "
+        "on the CPU, one GPU each with CUDA); --batch-size stays the global batch, split "
+        "among them. Several machines: torchrun, see docs/distributed.md (default: 1)",
+    )
     p.set_defaults(run=run)
 
 
+def _default_text(key: str, default) -> str:
+    """A default as --help shows it: the value, or each level's where it depends on --level."""
+    if key not in LEVEL_DEFAULTS["char"]:
+        return str(default)
+    by_level = {level: values[key] for level, values in LEVEL_DEFAULTS.items()}
+    text = ", ".join(f"{level} {value}" for level, value in by_level.items())
+    if key == "max_steps":
+        text += "; 0 with --time-budget"
+    return text
+
+
 def run(args) -> int:
+    from glasslstm import distributed
     from glasslstm.model import LanguageModel
     from glasslstm.trainer import train
 
@@ -69,21 +95,56 @@ def run(args) -> int:
     as_json = getattr(args, "json", False)
     progress = not (as_json or getattr(args, "quiet", False))
     resume = getattr(args, "resume", None)
-    if not as_json:
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc != 1:
+        return _launch(args, given, nproc)
+    main = distributed.rank() == 0  # under torchrun, rank 0 alone prints
+    if not as_json and main:
         where = f"resuming {resume}" if resume else "training"
         print(f"glasslstm: {where} ...", file=sys.stderr, flush=True)
-    result = train(
-        None if resume else TrainConfig(), resume=resume, overrides=given, progress=progress
-    )
+    result = train(None, resume=resume, overrides=given, progress=progress)
     finished = result.stopped not in ("interrupted", "diverged")
+    if not main:
+        return _status(result)
     report = _report(result, LanguageModel.load(result.run_dir)) if finished else result.to_json()
     if as_json:
         print(json.dumps(report, indent=2, default=_json_default))
     else:
         _print_report(result, report)
+    return _status(result)
+
+
+def _status(result: TrainResult) -> int:
+    """The exit status: 0, 1 when diverged, 128 + the signal when interrupted."""
     if result.stopped == "interrupted":  # 128 + the signal, as a shell reports it
         return 128 + int(getattr(signal, result.interrupted_by or "SIGINT"))
     return 1 if result.stopped == "diverged" else 0
+
+
+def _launch(args, given: dict, nproc: int) -> int:
+    """``--nproc N``: the same command as N processes under torchrun's agent. What can be
+    checked before they start is (one line, nothing started)."""
+    from glasslstm import distributed, runfiles
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be a positive number of processes; got {nproc}")
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        distributed.check_resume(resume, nproc)
+        distributed.check_batch(runfiles.read_run_config(resume).train.batch_size, nproc)
+    else:
+        distributed.check_batch(given.get("batch_size", TrainConfig.batch_size), nproc)
+    argv = []
+    for name, value in given.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    if resume is not None:
+        argv += ["--resume", str(resume)]
+    argv += [flag for flag in ("--json", "--quiet") if getattr(args, flag[2:], False)]
+    return distributed.launch(nproc, argv)
 
 
 def _json_default(x):
@@ -123,18 +184,33 @@ def _report(result: TrainResult, model: LanguageModel) -> dict:
     return report
 
 
+def _level(result: TrainResult) -> str:
+    return json.loads((result.run_dir / "config.json").read_text("utf-8"))["train"]["level"]
+
+
 def _print_report(result: TrainResult, report: dict) -> None:
     print(f"\n{result.message}", flush=True)
     if result.stopped in ("interrupted", "diverged"):
         return
     print(f"run directory: {result.run_dir}")
+    if result.files:
+        print("data: " + ", ".join(f"{split} {path}" for split, path in result.files.items()))
+    per = "word" if _level(result) == "word" else "token"
     print(
         f"validation: {result.last_val_loss:.4f} nats/token, {result.last_val_bpc:.3f} bits per "
         f"character (best {result.best_val_bpc:.3f}), "
-        f"perplexity {math.exp(result.last_val_loss):.2f}"
+        f"perplexity {math.exp(result.last_val_loss):.2f} per {per}"
         if math.isfinite(result.last_val_loss)
         else "validation: not run"
     )
+    if result.test is not None:
+        t = result.test
+        unknown = f"; {t['unknown']:,} unknown" if t.get("unknown") else ""
+        print(
+            f"test ({result.files.get('test', 'the test split')}, best model, {t['tokens']:,} "
+            f"tokens{unknown}): {t['loss']:.4f} nats/token, {t['bpc']:.3f} bits per character, "
+            f"perplexity {t['perplexity']:.2f} per {per}"
+        )
     print(f"speed: {result.tokens_per_s:,.0f} tokens/s over {result.seconds:.0f} s of training")
     if "sample" in report:
         print("\nsample (temperature 0.8, top-k 40):")

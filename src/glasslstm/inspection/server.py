@@ -1,361 +1,158 @@
-"""The web inspector behind ``glasslstm serve``: a Starlette app over :func:`analyze`.
+"""The web inspector behind ``glasslstm serve``: a Starlette app over
+:class:`~glasslstm.inspection.inspector.Inspector`.
 
 Routes (JSON in, JSON out; every error is ``{"error": message}`` with a 4xx/5xx status, never a
 traceback):
 
 - ``GET  /``              the page (``static/index.html`` + ``app.js`` + ``style.css``)
-- ``GET  /api/info``      the model: level, layers, cells, quantities, the input cap
-- ``POST /api/analyze``   ``{text, layer=0, quantities=[...], top_k=10}`` -> tokens, the chosen
-  layer's gates ``(T, H)`` per quantity, top-k next tokens at every position, and ``next``: the
-  distribution after the last token
+- ``GET  /api/info``      the model (level, layers, cells, quantities, the input cap), the
+  example text the page opens with, and each layer's most informative cells
+- ``POST /api/analyze``   ``{text, layer=0, quantity="h", cells=[informative], top_k=10}`` ->
+  ``token_ids`` (their texts: /api/info's ``vocab``); ``values``: the quantity of the layer
+  for those cells, ``(T, len(cells))`` float16 as base64; ``scale``: their colour scale;
+  ``guess_ids``/``guess_probs``: the 3 likeliest next tokens after each token;
+  ``target_prob``; ``next``: the ``top_k`` likeliest tokens after the last one. Only what the
+  page shows: other cells, layers and quantities are fetched when chosen.
 - ``POST /api/cells_on``  ``{text, layer, start, end, threshold=0.5, quantity="h"}`` -> the cells
   whose value stays above ``threshold`` at every token of the span ``[start, end)``
-- ``POST /api/match``     the same (or ``cells=[...]``) -> spans of the match text (the run's
-  validation split by default) where those cells are all on, best first (LSTMVis's match view,
-  Strobelt et al. 2017)
+- ``POST /api/match``     the same (or ``cells=[...]``, ``length``) plus ``pattern_cells=5``,
+  ``tolerance=1`` -> spans of the match text (the run's validation split by default) where the
+  span's most distinctive on-cells are on together (all but ``tolerance`` of them), best first
+  (LSTMVis's match view, Strobelt et al. 2017)
+
+Who may talk to it: only requests whose ``Host`` is a name the server was started under
+(loopback names unless ``--host`` says otherwise; a page on another site that re-points its
+own name at 127.0.0.1 -- DNS rebinding -- is refused), with no ``Origin`` or the server's own
+(a page on another site cannot post to it), and POST bodies only as ``application/json`` (a
+cross-site form cannot send that without the browser asking first). Every response carries a
+Content-Security-Policy (scripts, styles and connections from this server only, no framing)
+and X-Content-Type-Options, X-Frame-Options and Referrer-Policy. Bodies are parsed under limits
+of size and nesting depth.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-from dataclasses import dataclass
+import re
 from pathlib import Path
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from glasslstm.data import load_corpus
-from glasslstm.errors import ConfigError, DataError
-from glasslstm.inspection.analysis import QUANTITIES, analyze
-from glasslstm.model import LanguageModel, training_data
+from glasslstm import rundir
+from glasslstm.errors import GlassLSTMError, RunDirError
+from glasslstm.inspection.inspector import (
+    CACHE_MB,
+    MATCH_CHARS,
+    MAX_CHARS,
+    Inspector,
+    RequestError,
+    match_source,
+)
+from glasslstm.model import LanguageModel
 
 STATIC = Path(__file__).parent / "static"
-MAX_CHARS = 2000  # typed text: one forward pass per keystroke pause stays interactive
-MATCH_CHARS = 20_000  # the match text is analysed once; h and c of every step stay in memory
-MAX_TOP_K = 50
-ON_QUANTITIES = ("h", "c")  # "on" means the state is high: LSTMVis thresholds h (c also works)
-CONTEXT_CHARS = 40  # excerpt around a match, each side
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+MAX_DEPTH = 8  # the API's bodies nest 2 deep; 20,000 nested "[" must not reach the parser
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "cross-origin-opener-policy": "same-origin",
+    "cross-origin-resource-policy": "same-origin",
+}
 log = logging.getLogger("glasslstm.serve")
 
-
-class RequestError(Exception):
-    """A bad request; ``message`` is shown to the user as it is."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
+__all__ = ["LOOPBACK_HOSTS", "create_app", "json_depth", "load_model"]
 
 
-# ------------------------------------------------------------------------ the math, in NumPy
-def cells_on(values: np.ndarray, start: int, end: int, threshold: float) -> list[dict]:
-    """Cells of ``values`` ``(T, H)`` above ``threshold`` at every step of ``[start, end)``,
-    strongest (highest minimum) first, as ``{"cell", "min", "mean"}``."""
-    span = values[start:end]  # (L, H)
-    on = np.flatnonzero((span > threshold).all(0))
-    lo, mean = span.min(0), span.mean(0)
-    on = on[np.argsort(-lo[on], kind="stable")]
-    return [
-        {"cell": int(c), "min": round(float(lo[c]), 4), "mean": round(float(mean[c]), 4)}
-        for c in on
-    ]
+# ------------------------------------------------------------------------ guards
+class SecurityHeaders:
+    """ASGI middleware: :data:`SECURITY_HEADERS` on every HTTP response (errors included), and
+    ``Cache-Control: no-store`` on the API's (its answers depend on what was sent)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        api = scope.get("path", "").startswith("/api/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for k, v in SECURITY_HEADERS.items():
+                    headers[k] = v
+                if api:
+                    headers["cache-control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
-def find_matches(
-    values: np.ndarray, cells: list[int], threshold: float, length: int, top: int = 10
-) -> list[dict]:
-    """Maximal spans of ``values`` ``(T, H)`` where every cell in ``cells`` is above ``threshold``.
+class SameOrigin:
+    """ASGI middleware: a request that carries an ``Origin`` other than the server's own (the
+    scheme and the ``Host`` it was sent to) gets 403. Browsers send ``Origin`` with every POST
+    and every cross-site request; tools that send none (curl, scripts) are let through."""
 
-    Score (in (0, 1], best first) = length similarity ``min(L, length) / max(L, length)`` times
-    precision ``len(cells) / (cells on across the whole span)``: a span of the query's length in
-    which only the selected cells are on scores 1 (LSTMVis ranks matches the same way: by length
-    and by how few other cells join in).
-    """
-    all_on = (values[:, cells] > threshold).all(1)  # (T,)
-    edges = np.diff(np.concatenate([[0], all_on.astype(np.int8), [0]]))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    lens = ends - starts
-    sim = np.minimum(lens, length) / np.maximum(lens, length)
-    best: list[dict] = []
-    # precision <= 1, so a span's score is at most its length similarity: visit spans in that
-    # order and stop once no later one can enter the top list.
-    for j in np.argsort(-sim, kind="stable"):
-        if len(best) >= top and sim[j] <= best[-1]["score"]:
-            break
-        a, b = int(starts[j]), int(ends[j])
-        n_on = int((values[a:b] > threshold).all(0).sum())
-        score = float(sim[j]) * len(cells) / n_on
-        best.append({"start": a, "end": b, "score": round(score, 4), "cells_on": n_on})
-        best.sort(key=lambda m: (-m["score"], m["start"]))
-        del best[top:]
-    return best
+    def __init__(self, app: ASGIApp):
+        self.app = app
 
-
-# ------------------------------------------------------------------------ the inspector
-@dataclass
-class _MatchText:
-    """The analysed match text: tokens, character offsets, and h and c of every layer."""
-
-    source: str
-    tokens: list[str]
-    offsets: np.ndarray  # (T + 1,) character offset of each token
-    gates: dict[str, np.ndarray]  # q -> (layers, T, H) for q in ON_QUANTITIES
-    truncated: bool
-
-    @property
-    def text(self) -> str:
-        return "".join(self.tokens)
-
-
-class Inspector:
-    """The model plus what the routes share: a lock (one forward pass at a time) and the lazily
-    analysed match text. Each method takes a request's JSON body and returns the reply's."""
-
-    def __init__(
-        self,
-        model: LanguageModel,
-        *,
-        max_chars: int = MAX_CHARS,
-        match_source=None,
-        match_chars: int = MATCH_CHARS,
-        name: str = "",
-    ):
-        if max_chars < 1:
-            raise ConfigError(f"max_chars must be >= 1; got {max_chars}")
-        self.model, self.max_chars, self.match_chars, self.name = (
-            model,
-            max_chars,
-            match_chars,
-            name,
-        )
-        self._match_source = match_source  # None, or () -> (text, description)
-        self._match: _MatchText | None = None
-        self._lock = threading.Lock()
-        cfg = model.config
-        self.num_layers, self.hidden_size = cfg.num_layers, cfg.hidden_size
-
-    # -- request fields
-    def _text(self, body: dict) -> str:
-        text = body.get("text")
-        if not isinstance(text, str):
-            raise RequestError(400, "send the text to look at as a string field 'text'")
-        if len(text) > self.max_chars:
-            raise RequestError(
-                413,
-                f"the text has {len(text):,} characters; the inspector takes at "
-                f"most {self.max_chars:,} (shorten it, or restart "
-                "`glasslstm serve` with a larger --max-chars)",
-            )
-        if not text:
-            raise RequestError(400, "the text is empty; type at least one character")
-        return text
-
-    def _int(self, body: dict, key: str, default: int | None, lo: int, hi: int) -> int:
-        v = body.get(key, default)
-        if v is None or isinstance(v, bool) or not isinstance(v, int):
-            raise RequestError(400, f"{key!r} must be an integer; got {v!r}")
-        if not lo <= v <= hi:
-            raise RequestError(400, f"{key!r} must be in {lo}..{hi}; got {v}")
-        return v
-
-    def _layer(self, body: dict) -> int:
-        return self._int(body, "layer", 0, 0, self.num_layers - 1)
-
-    def _threshold(self, body: dict) -> float:
-        v = body.get("threshold", 0.5)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-            raise RequestError(400, f"'threshold' must be a number; got {v!r}")
-        return float(v)
-
-    def _on_quantity(self, body: dict) -> str:
-        q = body.get("quantity", "h")
-        if q not in ON_QUANTITIES:
-            raise RequestError(
-                400, f"'quantity' must be one of {', '.join(ON_QUANTITIES)}; got {q!r}"
-            )
-        return q
-
-    def _analyze(self, text: str, top_k: int = 1):
-        with self._lock:
-            return analyze(self.model, text, top_k=top_k)
-
-    def _span(self, body: dict, n_tokens: int) -> tuple[int, int]:
-        start = self._int(body, "start", None, 0, n_tokens - 1)
-        end = self._int(body, "end", None, start + 1, n_tokens)
-        return start, end
-
-    # -- routes
-    def info(self) -> dict:
-        tok = self.model.require_tokenizer()
-        return {
-            "name": self.name,
-            "level": tok.level,
-            "vocab_size": tok.vocab_size,
-            "num_layers": self.num_layers,
-            "hidden_size": self.hidden_size,
-            "quantities": list(QUANTITIES),
-            "on_quantities": list(ON_QUANTITIES),
-            "max_chars": self.max_chars,
-            "match": self._match_source is not None,
-        }
-
-    def analyze(self, body: dict) -> dict:
-        text = self._text(body)
-        layer = self._layer(body)
-        top_k = self._int(body, "top_k", 10, 1, MAX_TOP_K)
-        wanted = body.get("quantities", list(QUANTITIES))
-        if not isinstance(wanted, list) or not wanted or any(q not in QUANTITIES for q in wanted):
-            raise RequestError(
-                400, f"'quantities' must be a list drawn from {', '.join(QUANTITIES)}"
-            )
-        a = self._analyze(text, top_k)
-        top = [[{"token": t, "prob": round(p, 4)} for t, p in row] for row in a.top]
-        return {
-            "text": a.text,
-            "tokens": a.tokens,
-            "level": a.level,
-            "layer": layer,
-            "num_layers": a.num_layers,
-            "hidden_size": a.hidden_size,
-            "gates": {q: np.round(a.values(q, layer), 4).tolist() for q in dict.fromkeys(wanted)},
-            "top": top,
-            "next": top[-1],
-            "target_prob": [None if np.isnan(p) else round(float(p), 4) for p in a.target_prob],
-        }
-
-    def cells_on(self, body: dict) -> dict:
-        text, layer = self._text(body), self._layer(body)
-        threshold, q = self._threshold(body), self._on_quantity(body)
-        a = self._analyze(text)
-        start, end = self._span(body, len(a))
-        return {
-            "layer": layer,
-            "quantity": q,
-            "threshold": threshold,
-            "start": start,
-            "end": end,
-            "span": "".join(a.tokens[start:end]),
-            "cells": cells_on(a.values(q, layer), start, end, threshold),
-        }
-
-    def match(self, body: dict) -> dict:
-        threshold, q, layer = self._threshold(body), self._on_quantity(body), self._layer(body)
-        cells = body.get("cells")
-        if cells is None:
-            found = self.cells_on(body)
-            cells, length = [c["cell"] for c in found["cells"]], found["end"] - found["start"]
-            if not cells:
-                raise RequestError(
-                    400,
-                    f"no cell stays above {threshold:g} across the span; lower "
-                    "the threshold or select a shorter span",
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            origin = request.headers.get("origin")
+            own = f"{scope.get('scheme', 'http')}://{request.headers.get('host', '')}".lower()
+            if origin is not None and origin.lower() != own:
+                response = _error(
+                    403,
+                    f"requests from {origin} are refused: only pages served by this "
+                    "inspector may use it",
                 )
-        else:
-            if (
-                not isinstance(cells, list)
-                or not cells
-                or any(
-                    isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.hidden_size
-                    for c in cells
-                )
-            ):
-                raise RequestError(
-                    400,
-                    f"'cells' must be a non-empty list of cell numbers in "
-                    f"0..{self.hidden_size - 1}",
-                )
-            length = self._int(body, "length", 1, 1, self.match_chars)
-        top = self._int(body, "top", 10, 1, 100)
-        m = self.match_text()
-        matches = find_matches(m.gates[q][layer], sorted(set(cells)), threshold, length, top)
-        text = m.text
-        for f in matches:
-            a, b = int(m.offsets[f["start"]]), int(m.offsets[f["end"]])
-            f.update(
-                before=text[max(0, a - CONTEXT_CHARS) : a],
-                span=text[a:b],
-                after=text[b : b + CONTEXT_CHARS],
-            )
-        return {
-            "cells": sorted(set(cells)),
-            "length": length,
-            "layer": layer,
-            "quantity": q,
-            "threshold": threshold,
-            "source": m.source,
-            "searched_tokens": len(m.tokens),
-            "searched_truncated": m.truncated,
-            "matches": matches,
-        }
-
-    def match_text(self) -> _MatchText:
-        """The match text, analysed on first use (a few seconds for a large model)."""
-        if self._match_source is None:
-            raise RequestError(
-                400,
-                "there is no text to search: start `glasslstm serve` on a run "
-                "directory, or give --data",
-            )
-        with self._lock:
-            if self._match is None:
-                text, source = self._match_source()
-                if not text:
-                    raise DataError(f"the match text ({source}) is empty")
-                cut = text[: self.match_chars]
-                a = analyze(self.model, cut, top_k=1, max_tokens=self.match_chars)
-                offsets = np.concatenate([[0], np.cumsum([len(t) for t in a.tokens])])
-                self._match = _MatchText(
-                    source,
-                    a.tokens,
-                    offsets,
-                    {q: a.gates[q] for q in ON_QUANTITIES},
-                    len(cut) < len(text) or a.truncated,
-                )
-            return self._match
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
-def match_source(
-    run_dir=None,
-    *,
-    val_text: str | None = None,
-    data: str | None = None,
-    data_dir: str | None = None,
-):
-    """A loader ``() -> (text, description)`` for the match text, or None when there is none:
-    ``val_text`` as given; else ``data`` (a text file, whole; a corpus name, its validation
-    split); else the run's own corpus's validation split."""
-    if val_text is not None:
-        return lambda: (val_text, "the given text")
-    if data is None and run_dir is None:
-        return None
-
-    def load():
-        if data and Path(data).is_file():
-            raw, what = Path(data).read_bytes(), data
-        else:
-            trained, trained_dir = (
-                training_data(run_dir, required=not data) if run_dir is not None else (None, None)
-            )
-            corpus = load_corpus(data or trained, data_dir=data_dir or trained_dir)
-            raw, what = corpus.val, f"the validation split of {corpus.name}"
-        try:
-            return raw.decode("utf-8"), what
-        except UnicodeDecodeError as e:
-            raise DataError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-    return load
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
-# ------------------------------------------------------------------------ the app
+def json_depth(body: bytes) -> int:
+    """How deep the brackets of a JSON document nest (brackets inside strings do not count)."""
+    a = np.frombuffer(_JSON_STRING.sub(b'""', body), dtype=np.uint8)
+    if not a.size:
+        return 0
+    opens = (a == ord("[")) | (a == ord("{"))
+    closes = (a == ord("]")) | (a == ord("}"))
+    return int((np.cumsum(opens, dtype=np.int64) - np.cumsum(closes, dtype=np.int64)).max())
+
+
 async def _json_body(request: Request, limit: int) -> dict:
-    """The request's JSON object, read up to ``limit`` bytes (so a huge body is refused early)."""
+    """The request's JSON object: ``application/json`` only, read up to ``limit`` bytes (a huge
+    body is refused early), nested at most :data:`MAX_DEPTH` deep."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(
+            415,
+            f"send the request body as JSON with Content-Type: application/json "
+            f"(got {kind or 'no content type'!s})",
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"the request is too large ({int(declared):,} bytes)")
@@ -364,15 +161,18 @@ async def _json_body(request: Request, limit: int) -> dict:
         body += chunk
         if len(body) > limit:
             raise RequestError(413, "the request is too large")
+    if json_depth(bytes(body)) > MAX_DEPTH:
+        raise RequestError(400, f"the request body nests deeper than {MAX_DEPTH} levels")
     try:
         data = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RequestError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise RequestError(400, "the request body must be a JSON object")
     return data
 
 
+# ------------------------------------------------------------------------ errors
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -393,9 +193,62 @@ async def _on_http_error(request, exc: Exception):
     return _error(exc.status_code, str(exc.detail))
 
 
-async def _on_crash(request, exc: Exception):
-    log.error("glasslstm serve: %s failed", request.url.path, exc_info=exc)  # the log keeps it
+def _crash(path: str, exc: Exception) -> JSONResponse:
+    log.error("glasslstm serve: %s failed", path, exc_info=exc)  # the log keeps the traceback
     return _error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
+
+
+async def _on_crash(request, exc: Exception):
+    return _crash(request.url.path, exc)
+
+
+async def _answer(request: Request, method, *args) -> JSONResponse:
+    """``method(*args)`` in a worker thread, as JSON. A crash is answered here (inside the
+    middleware, so the reply carries the security headers); user errors go to their handlers."""
+    try:
+        return JSONResponse(await run_in_threadpool(method, *args))
+    except (RequestError, ValueError):
+        raise
+    except Exception as exc:
+        return _crash(request.url.path, exc)
+
+
+# ------------------------------------------------------------------------ the app
+def load_model(run_dir, which: str = "best") -> LanguageModel:
+    """``LanguageModel.load`` with every way a run directory can be broken as one RunDirError
+    line (naming the directory and what was wrong), never a traceback from deep inside."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise RunDirError(
+            f"{path} {what}: give a run directory written by `glasslstm train --out DIR`"
+        )
+    try:
+        return LanguageModel.load(path, which=which)
+    except GlassLSTMError as e:
+        if str(path) in str(e):
+            raise
+        raise RunDirError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as e:
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise RunDirError(
+            f"{path} cannot be loaded ({type(e).__name__}: {detail or 'no detail'}): its files "
+            "are damaged or from another program; restore them, or train again with "
+            "`glasslstm train --out DIR`"
+        ) from None
+    except OSError as e:
+        raise RunDirError(f"{path} cannot be read: {e.strerror or e}") from None
+
+
+def _stories_run(run_dir: Path) -> bool:
+    """Whether the run was trained on the built-in stories corpus (the article's world)."""
+    try:
+        train = rundir.read_config(run_dir).get("train")
+    except (ValueError, AttributeError, OSError):
+        return False
+    # a directory written by LanguageModel.save records no training data: not known to be stories
+    return isinstance(train, dict) and train.get("data") in (None, "stories")
 
 
 def create_app(
@@ -406,37 +259,49 @@ def create_app(
     data: str | None = None,
     data_dir: str | None = None,
     match_chars: int = MATCH_CHARS,
+    cache_mb: float = CACHE_MB,
     which: str = "best",
+    quantize: str | None = None,
+    allowed_hosts=LOOPBACK_HOSTS,
 ) -> Starlette:
     """The inspector app for a run directory (or a loaded :class:`LanguageModel`).
 
     ``max_chars`` caps the typed text. The match view searches ``val_text`` if given, else
-    ``data`` (see :func:`match_source`), else the run's validation split, cut to
-    ``match_chars`` characters and analysed once, on the first match request.
+    ``data`` (see :func:`~glasslstm.inspection.inspector.match_source`), else the run's
+    validation split, cut to ``match_chars`` characters and analysed once, when first needed.
+    ``cache_mb`` bounds the prefix cache (:mod:`glasslstm.inspection.prefix`).
+    ``allowed_hosts``: the names (``Host`` headers, without the port) it answers to.
+    ``quantize``: "int8" rounds the model's weights to int8 (:mod:`glasslstm.quantize`) first.
     """
     if isinstance(run_dir_or_model, LanguageModel):
-        model, run_dir, name = run_dir_or_model.eval(), None, "model"
+        model, run_dir, name, stories = run_dir_or_model.eval(), None, "model", True
     else:
         run_dir = Path(run_dir_or_model)
-        model, name = LanguageModel.load(run_dir, which=which), run_dir.name
+        model, name = load_model(run_dir, which=which), run_dir.name
+        stories = _stories_run(run_dir)
+    if quantize:
+        from glasslstm.quantize import quantize as quantize_model
+
+        quantize_model(model, quantize)
     insp = Inspector(
         model,
         max_chars=max_chars,
         match_chars=match_chars,
+        cache_mb=cache_mb,
         name=name,
         match_source=match_source(run_dir, val_text=val_text, data=data, data_dir=data_dir),
+        article_first=stories,
     )
     limit = 12 * max_chars + 65_536  # JSON may escape a character as 12 bytes (a surrogate pair)
 
     def post(method):
         async def endpoint(request: Request) -> JSONResponse:
-            body = await _json_body(request, limit)
-            return JSONResponse(await run_in_threadpool(method, body))
+            return await _answer(request, method, await _json_body(request, limit))
 
         return endpoint
 
     async def info(request: Request) -> JSONResponse:
-        return JSONResponse(insp.info())
+        return await _answer(request, insp.info)
 
     async def index(request: Request) -> FileResponse:
         return FileResponse(STATIC / "index.html")
@@ -449,6 +314,11 @@ def create_app(
             Route("/api/cells_on", post(insp.cells_on), methods=["POST"]),
             Route("/api/match", post(insp.match), methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)),
+            Middleware(SameOrigin),
         ],
         exception_handlers={
             RequestError: _on_request_error,

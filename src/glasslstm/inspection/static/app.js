@@ -1,15 +1,31 @@
 // glasslstm inspector: type text, watch the next-token distribution and the gates; select a
-// span, list the cells that stay on across it, and find where else they do (LSTMVis's match).
-// Talks to the JSON API of glasslstm/inspect/server.py. No framework, no build step.
+// span, list the cells that stay on across it, and find where else they are (LSTMVis's match).
+// Talks to the JSON API of glasslstm/inspection/server.py. No framework, no build step.
+//
+// The page opens on the server's example text, already analysed, with the layer's most
+// informative cells as the heatmap's rows. Each analysis carries only what is on screen: one
+// quantity of one layer for the heatmap's cells; another layer, quantity or cell is fetched
+// when chosen.
+//
+// Hooks for tests and tools: #next[data-text] is the text of the last analysis shown;
+// body[data-ready="1"] once the first one is; tokens are #tokens .tok[data-t][data-v]; the
+// heatmap's rows #heat-y .tick[data-cell], its columns #heat-x .tick[data-t]; the colour bar's
+// ends #colorbar-ticks .tick[data-v].
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const DEBOUNCE_MS = 200;
-const UNIT = new Set(["i", "f", "o"]);                    // sigmoid gates live in [0, 1]
-const NAMES = { i: "input gate", f: "forget gate", g: "candidate N", o: "output gate",
-                c: "cell state C", h: "hidden state H" };
+const NAMES = { i: "input gate i_t", f: "forget gate f_t", g: "new information N_t",
+                o: "output gate o_t", c: "cell state C_t", h: "hidden state H_t" };
+// Diverging colours (ColorBrewer RdBu, as glasslstm's other views): blue below the centre,
+// near-white at it, red above.
+const NEG = [33, 102, 172], MID = [247, 247, 247], POS = [178, 24, 43];
 
-const state = { info: null, data: null, seq: 0, timer: null, sel: null, anchor: null, dragging: false };
+const state = {
+  info: null, data: null, seq: 0, timer: null,
+  cells: [], cell: 0,                      // the heatmap's rows; the cell that colours the text
+  sel: null, anchor: null, dragging: false,
+};
 
 // ------------------------------------------------------------------ talking to the server
 function showError(msg) { $("error").textContent = msg; $("error").hidden = !msg; }
@@ -28,54 +44,94 @@ async function api(path, body) {
   return data;
 }
 
+function half(b) {                         // IEEE float16 bits -> number
+  const sign = b & 0x8000 ? -1 : 1, e = (b >> 10) & 0x1f, f = b & 0x3ff;
+  if (e === 0) return sign * f * 2 ** -24;
+  if (e === 31) return f ? NaN : sign * Infinity;
+  return sign * (1 + f / 1024) * 2 ** (e - 15);
+}
+
+function unpack(p) {                       // {shape, dtype, data: base64 little-endian}
+  const bin = atob(p.data), bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  const view = new DataView(bytes.buffer);
+  if (p.dtype === "float16") {
+    const out = new Float32Array(bytes.length / 2);
+    for (let i = 0; i < out.length; i++) out[i] = half(view.getUint16(2 * i, true));
+    return out;
+  }
+  const out = p.dtype === "int32" ? new Int32Array(bytes.length / 4) : new Float32Array(bytes.length / 4);
+  for (let i = 0; i < out.length; i++) out[i] = p.dtype === "int32" ? view.getInt32(4 * i, true) : view.getFloat32(4 * i, true);
+  return out;
+}
+
 // ------------------------------------------------------------------ display helpers
-function show(tok) {                                       // a token, visible
+function show(tok) {                       // a token, visible
   return tok.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5").replace(/^ $/, "\u2423");
 }
 function pct(p) { return (100 * p).toFixed(p < 0.1 ? 1 : 0) + "%"; }
+function ordinal(n) { return n + (n % 10 === 1 && n % 100 !== 11 ? "st" : n % 10 === 2 && n % 100 !== 12 ? "nd" : n % 10 === 3 && n % 100 !== 13 ? "rd" : "th"); }
+function fmt(v) { return Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2); }
 
-function colour(v, q, scale) {                             // white -> blue (and -> red below 0)
-  if (UNIT.has(q)) return `rgba(30, 136, 229, ${Math.max(0, Math.min(1, v)).toFixed(3)})`;
-  const a = Math.min(1, Math.abs(v) / scale);
-  return v >= 0 ? `rgba(30, 136, 229, ${a.toFixed(3)})` : `rgba(229, 57, 53, ${a.toFixed(3)})`;
+function rgb(v, scale) {                   // the colour of a value on the diverging scale
+  if (!Number.isFinite(v)) return MID;
+  const x = Math.max(-1, Math.min(1, (v - scale.centre) / scale.half));
+  const end = x < 0 ? NEG : POS, a = Math.abs(x);
+  return MID.map((m, i) => Math.round(m + (end[i] - m) * a));
 }
-function scaleOf(values, q) {                              // c is unbounded: scale by its max |c|
-  if (q !== "c") return 1;
-  let m = 1e-6;
-  for (const row of values) for (const v of row) m = Math.max(m, Math.abs(v));
-  return m;
-}
+function css(c) { return `rgb(${c[0]}, ${c[1]}, ${c[2]})`; }
+function dark(c) { return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] < 140; }
+
+function value(t, row) { const d = state.data; return d.values[t * d.cells.length + row]; }
+function rowOf(cell) { return state.data ? state.data.cells.indexOf(cell) : -1; }
 
 // ------------------------------------------------------------------ analysis
 function scheduleAnalyze() {
   clearTimeout(state.timer);
+  updateCount();
+  state.timer = setTimeout(analyzeNow, DEBOUNCE_MS);
+}
+function updateCount() {
   const n = $("text").value.length, cap = state.info ? state.info.max_chars : 0;
   $("count").textContent = cap ? `${n} / ${cap} characters` : "";
-  state.timer = setTimeout(analyzeNow, DEBOUNCE_MS);
+}
+
+function wantedCells() {                   // the heatmap's rows, the selected cell among them
+  let cells = state.cells.slice();
+  if (!cells.includes(state.cell)) cells = [state.cell, ...cells];
+  return cells.slice(0, state.info.max_cells);
 }
 
 async function analyzeNow() {
+  clearTimeout(state.timer);
   const text = $("text").value, seq = ++state.seq;
   if (!text) {
     state.data = null; renderAll(); showError(""); document.body.classList.remove("stale");
     $("next").dataset.text = ""; return;
   }
   try {
-    const data = await api("/api/analyze", {
-      text, layer: +$("layer").value || 0, quantities: [$("quantity").value], top_k: 10 });
-    if (seq !== state.seq) return;                        // a newer request is on its way
-    state.data = data;
+    const r = await api("/api/analyze", {
+      text, layer: +$("layer").value, quantity: $("quantity").value, cells: wantedCells(), top_k: 10 });
+    if (seq !== state.seq) return;         // a newer request is on its way
+    r.tokens = Array.from(unpack(r.token_ids), (i) => state.info.vocab[i]);
+    r.values = unpack(r.values);
+    r.guess_ids = unpack(r.guess_ids);
+    r.guess_probs = unpack(r.guess_probs);
+    r.target_prob = unpack(r.target_prob);
+    state.data = r;
+    state.cells = r.cells.slice();
     document.body.classList.remove("stale");
-    if (state.sel && state.sel.end > data.tokens.length) clearSelection();
+    if (state.sel && state.sel.end > r.tokens.length) clearSelection();
     showError("");
     renderAll();
-    $("next").dataset.text = data.text;                    // tests and tools wait on this
+    $("next").dataset.text = r.text;       // tests and tools wait on this
+    document.body.dataset.ready = "1";
   } catch (e) {
     if (seq === state.seq) { showError(e.message); document.body.classList.add("stale"); }
   }
 }
 
-function renderAll() { renderNext(); renderTokens(); renderHeatmap(); renderSpan(); }
+function renderAll() { renderNext(); renderCellControls(); renderTokens(); renderHeatmap(); renderSpan(); }
 
 function renderNext() {
   const box = $("next");
@@ -93,64 +149,136 @@ function renderNext() {
   }
 }
 
-function currentValues() {
-  const d = state.data, q = $("quantity").value;
-  return d && d.gates[q] ? d.gates[q] : null;
-}
-
-function currentCell() {
-  const h = state.info ? state.info.hidden_size : 1;
-  let c = Math.floor(+$("cell").value || 0);
-  c = Math.max(0, Math.min(h - 1, c));
-  if (String(c) !== $("cell").value) $("cell").value = c;
-  return c;
+function renderCellControls() {
+  $("cell").value = state.cell;
+  $("cells-shown").value = state.cells.join(", ");
 }
 
 function renderTokens() {
-  const box = $("tokens"), d = state.data, vals = currentValues();
+  const box = $("tokens"), d = state.data;
   box.replaceChildren();
-  if (!d || !vals) return;
-  const q = $("quantity").value, cell = currentCell(), scale = scaleOf(vals, q);
-  $("legend").textContent = `${NAMES[q]}, cell ${cell}` + (q === "c" ? ` (|c| up to ${scale.toFixed(2)})` : "");
+  if (!d) { $("legend").textContent = ""; return; }
+  const q = d.quantity, row = rowOf(state.cell);
+  $("legend").textContent = `text coloured by ${NAMES[q]} of cell ${state.cell} in layer ${d.layer}`;
   d.tokens.forEach((tok, t) => {
-    const span = document.createElement("span");
-    const v = vals[t][cell];
+    const span = document.createElement("span"), v = value(t, row), c = rgb(v, d.scale);
     span.className = "tok";
     span.dataset.t = t;
     span.dataset.v = v;
     span.textContent = tok === "\n" ? "\u21b5\n" : tok;
-    span.style.backgroundColor = colour(v, q, scale);
-    span.title = `token ${t} ${JSON.stringify(tok)}: ${q}[${cell}] = ${v}`;
+    span.style.backgroundColor = css(c);
+    span.style.color = dark(c) ? "#fff" : "#000";
+    span.title = `token ${t} ${JSON.stringify(tok)}: ${q}[${state.cell}] = ${fmt(v)}`;
     if (state.sel && t >= state.sel.start && t < state.sel.end) span.classList.add("sel");
     box.appendChild(span);
   });
 }
 
-function renderHeatmap() {
-  const cv = $("heatmap"), d = state.data, vals = currentValues();
-  if (!d || !vals) { cv.width = cv.height = 0; return; }
-  const T = d.tokens.length, H = vals[0].length, q = $("quantity").value, scale = scaleOf(vals, q);
-  const w = Math.max(2, Math.min(12, Math.floor(720 / T))), h = Math.max(1, Math.min(8, Math.floor(256 / H)));
-  cv.width = T * w; cv.height = H * h;
-  cv.dataset.w = w; cv.dataset.h = h;
-  const g = cv.getContext("2d");
-  g.fillStyle = "#fff"; g.fillRect(0, 0, cv.width, cv.height);
-  for (let t = 0; t < T; t++) for (let k = 0; k < H; k++) {
-    g.fillStyle = colour(vals[t][k], q, scale);
-    g.fillRect(t * w, k * h, w, h);
-  }
-  g.strokeStyle = "#ff9800"; g.lineWidth = 1;
-  g.strokeRect(0.5, currentCell() * h + 0.5, cv.width - 1, Math.max(1, h - 1));
-  if (state.sel) g.strokeRect(state.sel.start * w + 0.5, 0.5, (state.sel.end - state.sel.start) * w - 1, cv.height - 1);
+// ------------------------------------------------------------------ the heatmap and its axes
+function niceStep(minTokens) {             // 1, 2, 5, 10, 20, 50, ... >= minTokens
+  for (let p = 1; ; p *= 10) for (const m of [1, 2, 5]) if (m * p >= minTokens) return m * p;
 }
 
-function showTokenInfo(t) {
+function renderHeatmap() {
+  const cv = $("heatmap"), d = state.data, ys = $("heat-y"), xs = $("heat-x");
+  ys.replaceChildren(); xs.replaceChildren(); $("colorbar-ticks").replaceChildren();
+  if (!d) { cv.width = cv.height = 0; $("heat-title").textContent = ""; return; }
+  const T = d.tokens.length, K = d.cells.length;
+  const w = Math.max(2, Math.min(14, Math.floor(900 / T))), h = Math.max(6, Math.min(16, Math.floor(320 / K)));
+  cv.width = T * w; cv.height = K * h;
+  cv.dataset.w = w; cv.dataset.h = h;
+  const g = cv.getContext("2d"), img = g.createImageData(cv.width, cv.height);
+  for (let k = 0; k < K; k++) for (let t = 0; t < T; t++) {
+    const c = rgb(value(t, k), d.scale);
+    for (let y = k * h; y < (k + 1) * h; y++) for (let x = t * w; x < (t + 1) * w; x++) {
+      const o = 4 * (y * cv.width + x);
+      img.data[o] = c[0]; img.data[o + 1] = c[1]; img.data[o + 2] = c[2]; img.data[o + 3] = 255;
+    }
+  }
+  g.putImageData(img, 0, 0);
+  g.strokeStyle = "#000"; g.lineWidth = 1;
+  const row = rowOf(state.cell);
+  if (row >= 0) g.strokeRect(0.5, row * h + 0.5, cv.width - 1, h - 1);
+  if (state.sel) { g.strokeStyle = "#ff9800"; g.strokeRect(state.sel.start * w + 0.5, 0.5, (state.sel.end - state.sel.start) * w - 1, cv.height - 1); }
+
+  // y axis: one label per row where they fit, the selected cell always
+  const every = Math.max(1, Math.ceil(12 / h));
+  ys.style.height = cv.height + "px";
+  d.cells.forEach((cell, k) => {
+    if (k % every && cell !== state.cell) return;
+    const tick = document.createElement("span");
+    tick.className = "tick" + (cell === state.cell ? " current" : "");
+    tick.dataset.cell = cell;
+    tick.textContent = cell;
+    tick.style.top = (k * h + h / 2) + "px";
+    ys.appendChild(tick);
+  });
+  // x axis: every token's text where there is room, else positions at a round step
+  xs.style.width = cv.width + "px";
+  const labelTokens = w >= 10, step = labelTokens ? 1 : niceStep(Math.ceil(48 / w));
+  for (let t = 0; t < T; t += step) {
+    const tick = document.createElement("span");
+    tick.className = "tick" + (labelTokens ? " token" : "");
+    tick.dataset.t = t;
+    tick.textContent = labelTokens ? show(d.tokens[t]) : t;
+    tick.title = `token ${t}: ${JSON.stringify(d.tokens[t])}`;
+    tick.style.left = (t * w + w / 2) + "px";
+    xs.appendChild(tick);
+  }
+  const informative = arraysEqual(d.cells, informativeCells(d.layer));
+  $("heat-title").textContent = `${NAMES[d.quantity]} (${d.quantity}) in layer ${d.layer}: ` +
+    `${K} cells (rows) over ${T} tokens (columns)` +
+    (informative ? `, the layer's most informative first (${state.info.informative.measure}, on ${state.info.informative.source})` : "");
+  renderColorbar(d);
+}
+
+function renderColorbar(d) {
+  const s = d.scale, cv = $("colorbar-canvas"), g = cv.getContext("2d");
+  for (let x = 0; x < cv.width; x++) {
+    g.fillStyle = css(rgb(s.min + (s.max - s.min) * (x + 0.5) / cv.width, s));
+    g.fillRect(x, 0, 1, cv.height);
+  }
+  const ticks = $("colorbar-ticks");
+  for (const [v, where] of [[s.min, 0], [s.centre, 50], [s.max, 100]]) {
+    const tick = document.createElement("span");
+    tick.className = "tick";
+    tick.dataset.v = v;
+    tick.textContent = (where === 0 && s.clipped > 0 ? "\u2264 " : where === 100 && s.clipped > 0 ? "\u2265 " : "") + fmt(v);
+    tick.style.left = where + "%";
+    ticks.appendChild(tick);
+  }
+  $("colorbar-caption").textContent = `${d.quantity}: centred on ${s.centre} (white), ` +
+    `blue below, red above; the ends are the ${ordinal(s.percentiles[0])}/${ordinal(s.percentiles[1])} ` +
+    `percentiles of the values shown (${(100 * s.clipped).toFixed(1)}% of them clipped)`;
+}
+
+function informativeCells(layer) { return state.info.informative.layers[layer].map((c) => c.cell); }
+function arraysEqual(a, b) { return a.length === b.length && a.every((x, i) => x === b[i]); }
+
+function showTokenInfo(t, row) {
   const d = state.data;
-  if (!d || !d.top[t]) return;
-  const guesses = d.top[t].slice(0, 5).map((g) => `${show(g.token)} ${pct(g.prob)}`).join("  ");
+  if (!d || !(t >= 0 && t < d.tokens.length)) return;
+  const vocab = state.info.vocab, n = d.guess_ids.length / d.tokens.length, parts = [];
+  for (let j = 0; j < n; j++) parts.push(`${show(vocab[d.guess_ids[t * n + j]])} ${pct(d.guess_probs[t * n + j])}`);
   const target = d.target_prob[t];
-  $("tok-info").textContent = `after token ${t} ${JSON.stringify(d.tokens[t])}: ${guesses}` +
-    (target === null ? "" : `   (actual next ${JSON.stringify(d.tokens[t + 1])}: ${pct(target)})`);
+  const cell = row === undefined ? "" : `   cell ${d.cells[row]}: ${d.quantity} = ${fmt(value(t, row))}`;
+  $("tok-info").textContent = `after token ${t} ${JSON.stringify(d.tokens[t])}: ${parts.join("  ")}` +
+    (Number.isFinite(target) ? `   (actual next ${JSON.stringify(d.tokens[t + 1])}: ${pct(target)})` : "") + cell;
+}
+
+function heatCell(ev) {
+  const cv = $("heatmap"), r = cv.getBoundingClientRect();
+  return {
+    t: Math.floor((ev.clientX - r.left) * (cv.width / r.width) / (+cv.dataset.w || 1)),
+    row: Math.floor((ev.clientY - r.top) * (cv.height / r.height) / (+cv.dataset.h || 1)),
+  };
+}
+
+function chooseCell(cell, quantity) {      // colour the text by `cell`; fetch if not on screen
+  state.cell = cell;
+  const refetch = (quantity && quantity !== $("quantity").value) || rowOf(cell) < 0;
+  if (quantity) $("quantity").value = quantity;
+  if (refetch) analyzeNow(); else { renderCellControls(); renderTokens(); renderHeatmap(); }
 }
 
 // ------------------------------------------------------------------ span selection
@@ -177,11 +305,17 @@ function tokenIndex(ev) {
   return el ? +el.dataset.t : null;
 }
 
+function number(id, what, lo) {
+  const v = Number($(id).value);
+  if (!Number.isInteger(v) || v < lo) throw new Error(`${what} must be a whole number >= ${lo}`);
+  return v;
+}
+
 function spanRequest() {
   if (!state.data || !state.sel) throw new Error("select a span of tokens first (click, shift-click or drag over the text)");
   const threshold = parseFloat($("threshold").value);
   if (!Number.isFinite(threshold)) throw new Error("the threshold must be a number, e.g. 0.5");
-  return { text: state.data.text, layer: +$("layer").value || 0, start: state.sel.start,
+  return { text: state.data.text, layer: state.data.layer, start: state.sel.start,
            end: state.sel.end, threshold, quantity: $("on-quantity").value };
 }
 
@@ -203,12 +337,8 @@ async function cellsOn() {
       li.dataset.cell = c.cell;
       b.type = "button";
       b.textContent = `cell ${c.cell} \u00b7 min ${c.min} \u00b7 mean ${c.mean}`;
-      b.title = "show this cell in the gate view";
-      b.addEventListener("click", () => {
-        $("cell").value = c.cell;
-        if ($("quantity").value !== r.quantity) { $("quantity").value = r.quantity; analyzeNow(); }
-        else { renderTokens(); renderHeatmap(); }
-      });
+      b.title = "colour the text by this cell";
+      b.addEventListener("click", () => chooseCell(c.cell, r.quantity));
       li.appendChild(b);
       ul.appendChild(li);
     }
@@ -217,12 +347,16 @@ async function cellsOn() {
 
 async function match() {
   try {
-    $("match-info").textContent = "searching\u2026 (the first search analyses the match text)";
-    const r = await api("/api/match", spanRequest());
+    const body = { ...spanRequest(), pattern_cells: number("pattern-cells", "pattern cells", 1),
+                   tolerance: number("tolerance", "the tolerance", 0) };
+    $("match-info").textContent = "searching\u2026";
+    const r = await api("/api/match", body);
     showError("");
     $("match-info").textContent = `${r.matches.length} spans of ${r.source}` +
-      ` (${r.searched_tokens} tokens${r.searched_truncated ? ", cut" : ""}) where cells ` +
-      `${r.cells.join(", ")} are all above ${r.threshold}:`;
+      ` (${r.searched_tokens} tokens${r.searched_truncated ? ", cut" : ""}) where at least ` +
+      `${r.need} of cells ${r.cells.join(", ")} are above ${r.threshold} at every token ` +
+      `(the ${r.cells.length} of the span's ${r.cells_on_span} on-cells that are on least often ` +
+      `there; tolerance ${r.tolerance}):`;
     const ol = $("matches");
     ol.replaceChildren();
     for (const m of r.matches) {
@@ -231,8 +365,8 @@ async function match() {
       li.className = "match";
       score.className = "score";
       score.textContent = `${m.score.toFixed(2)}`;
-      score.title = `tokens ${m.start}..${m.end}; ${m.cells_on} cells on across it`;
-      const flat = (s) => s.replace(/\n/g, "\u21b5");         // one line per match
+      score.title = `tokens ${m.start}..${m.end}; on average ${(100 * m.coverage).toFixed(0)}% of the pattern's cells on`;
+      const flat = (s) => s.replace(/\n/g, "\u21b5");   // one line per match
       mark.textContent = flat(m.span);
       li.append(score, "\u2026" + flat(m.before), mark, flat(m.after) + "\u2026");
       ol.appendChild(li);
@@ -241,6 +375,11 @@ async function match() {
 }
 
 // ------------------------------------------------------------------ wiring
+function resetCells() {
+  state.cells = informativeCells(+$("layer").value);
+  state.cell = state.cells[0];
+}
+
 async function init() {
   try {
     state.info = await api("/api/info");
@@ -248,16 +387,34 @@ async function init() {
   const info = state.info;
   $("model").textContent = `${info.name} \u00b7 ${info.level} level \u00b7 ${info.num_layers} \u00d7 ${info.hidden_size} cells`;
   for (let k = 0; k < info.num_layers; k++) $("layer").add(new Option(`${k}`, k));
-  for (const q of info.quantities) $("quantity").add(new Option(`${q}: ${NAMES[q] || q}`, q, false, q === "h"));
+  $("layer").value = info.num_layers - 1;  // the last layer: what the prediction reads
+  for (const q of info.quantities) $("quantity").add(new Option(`${q}: ${NAMES[q] || q}`, q));
   $("quantity").value = "h";
   $("cell").max = info.hidden_size - 1;
+  $("pattern-cells").value = info.pattern_cells;
+  $("tolerance").value = info.tolerance;
   $("match").disabled = !info.match;
-  if (!info.match) $("match").title = "no match text: start glasslstm serve on a run directory or with --data";
+  if (!info.match) $("match").title = info.match_error || "no match text: start glasslstm serve on a run directory or with --data";
+  resetCells();
 
   $("text").addEventListener("input", scheduleAnalyze);
-  $("layer").addEventListener("change", analyzeNow);
+  $("layer").addEventListener("change", () => { resetCells(); analyzeNow(); });
   $("quantity").addEventListener("change", analyzeNow);
-  $("cell").addEventListener("input", () => { renderTokens(); renderHeatmap(); });
+  $("cell").addEventListener("change", () => {
+    const c = Math.floor(Number($("cell").value));
+    if (!(c >= 0 && c < info.hidden_size)) { showError(`the cell must be a number in 0..${info.hidden_size - 1}`); return; }
+    chooseCell(c);
+  });
+  $("cells-shown").addEventListener("change", () => {
+    const parts = $("cells-shown").value.split(/[\s,]+/).filter(Boolean).map(Number);
+    if (!parts.length || parts.some((c) => !Number.isInteger(c) || c < 0 || c >= info.hidden_size)) {
+      showError(`list cells as numbers in 0..${info.hidden_size - 1} separated by commas`); return;
+    }
+    state.cells = [...new Set(parts)].slice(0, info.max_cells);
+    if (!state.cells.includes(state.cell)) state.cell = state.cells[0];
+    analyzeNow();
+  });
+  $("informative").addEventListener("click", () => { resetCells(); analyzeNow(); });
   $("cells-on").addEventListener("click", cellsOn);
   $("match").addEventListener("click", match);
 
@@ -276,14 +433,18 @@ async function init() {
     if (state.dragging) select(state.anchor, t);
   });
   document.addEventListener("mouseup", () => { state.dragging = false; });
-  $("heatmap").addEventListener("click", (ev) => {
-    const cv = $("heatmap"), r = cv.getBoundingClientRect();
-    const k = Math.floor((ev.clientY - r.top) * (cv.height / r.height) / (+cv.dataset.h || 1));
-    const t = Math.floor((ev.clientX - r.left) * (cv.width / r.width) / (+cv.dataset.w || 1));
-    $("cell").value = k;
-    renderTokens(); renderHeatmap(); showTokenInfo(t);
+  $("heatmap").addEventListener("mousemove", (ev) => {
+    const { t, row } = heatCell(ev);
+    if (state.data && row >= 0 && row < state.data.cells.length) showTokenInfo(t, row);
   });
-  scheduleAnalyze();
+  $("heatmap").addEventListener("click", (ev) => {
+    const { row } = heatCell(ev);
+    if (state.data && row >= 0 && row < state.data.cells.length) chooseCell(state.data.cells[row]);
+  });
+
+  $("text").value = info.example;          // never an empty page: the example, analysed
+  updateCount();
+  analyzeNow();
 }
 
 document.addEventListener("DOMContentLoaded", init);
