@@ -358,7 +358,7 @@ class LanguageModel(nn.Module):
 def _row_mask(weight: torch.Tensor, p: float) -> torch.Tensor:
     """(V, 1): 0 with probability p, else 1/(1-p) — one draw per row (token type) of
     ``weight``, the embedding dropout of Gal & Ghahramani (2016) and Merity et al. (2017)."""
-    return weight.new_empty(weight.shape[0], 1).bernoulli_(1.0 - p).div_(1.0 - p)
+    return weight.new_empty(weight.shape[0], 1).uniform_().ge_(p).div_(1.0 - p)
 
 
 def _check_save_target(run_dir: Path) -> None:
