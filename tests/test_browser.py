@@ -186,11 +186,9 @@ def centre(locator):
 def test_errors_are_shown_as_messages(page, server):
     page.goto(server)
     page.wait_for_function("document.querySelectorAll('#layer option').length === 2")
-    page.locator("#text").fill("Bob is Zed")
     error = page.locator("#error")
-    error.wait_for(state="visible")
-    assert "not in the vocabulary" in error.inner_text() and "'Z'" in error.inner_text()
     page.locator("#text").fill("Bob " * 60)
+    error.wait_for(state="visible")
     page.wait_for_function("document.querySelector('#error').textContent.includes('at most 200')")
     page.locator("#text").fill("Bob")
     wait_analysed(page, "Bob")
