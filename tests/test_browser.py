@@ -386,11 +386,9 @@ def test_span_cells_on(page, server):
 def test_errors_are_shown_as_messages(page, server):
     url, insp = server
     open_page(page, url)
-    page.locator("#text").fill("Bob is Zed \u00e9")
     error = page.locator("#error")
-    error.wait_for(state="visible")
-    assert "not in the vocabulary" in error.inner_text() and "'\u00e9'" in error.inner_text()
     page.locator("#text").fill("Bob " * 520)
+    error.wait_for(state="visible")
     page.wait_for_function("document.querySelector('#error').textContent.includes('at most 2,000')")
     page.locator("#text").fill("Bob")
     wait_analysed(page, "Bob")
