@@ -118,7 +118,11 @@ def analyze(
     target[-1] = np.nan
     # LanguageModel's LSTM is batch_first: each field is (L, B=1, T, size) -> (L, T, size)
     gates = {q: trace[q][:, 0].float().cpu().numpy() for q in QUANTITIES}
-    tokens = [tok.decode([i]) for i in ids]
+    if tok.level == "word":  # in context: a word's text includes the space before it
+        piece = tok.decoder()
+        tokens = [piece(i) for i in ids]
+    else:
+        tokens = [tok.decode([i]) for i in ids]
     return Analysis(
         text="".join(tokens),
         tokens=tokens,
