@@ -69,7 +69,12 @@ class StepWeights:
         what pruning or a parametrization put in its place), its version counter (bumped by
         every in-place change) and storage (a swapped ``.data``). The tensors of the last
         refresh are held (``_held``), so a new one cannot reuse an old one's id or memory."""
-        return [(id(p), p._version, p.data_ptr()) for p in self.lstm._flat_weights]
+        params, names = self.lstm._parameters, self.lstm._flat_weights_names
+        try:  # registered Parameters: a plain dict lookup each (the one-token call's hot path)
+            tensors = [params[name] for name in names]
+        except KeyError:  # a weight that pruning or a parametrization recomputes: forward's
+            tensors = self.lstm._flat_weights
+        return [(id(p), p._version, p.data_ptr()) for p in tensors]
 
     def refresh(self) -> bool:
         """Re-read the weights when they changed (cheap when they did not). False when they can
@@ -112,7 +117,7 @@ class StepWeights:
         self.weights8 = torch.cat(int8s) if int8s else None
         self.layout = torch.tensor(layout, dtype=torch.int64)
         self._key = key
-        self._held = self.lstm._flat_weights
+        self._held = self.lstm._flat_weights  # kept alive: their ids and memory stay theirs
         return True
 
     def flip(self) -> bool:
