@@ -175,8 +175,16 @@ def test_cli_json_round_trip(tiny_run, capsys):
     T = len(TEXT)
     assert {"text", "tokens", "gates", "top", "target_prob", "saturation", "selection"} <= set(out)
     assert out["text"] == TEXT and len(out["tokens"]) == T and out["level"] == "char"
-    for q in "ifgoch":
-        assert np.asarray(out["gates"][q]).shape == (2, T, 32)
+    cells = out["selection"]["cells"]
+    a = analyze(LanguageModel.load(tiny_run), TEXT)
+    for q in "ifgoch":  # the shown layer's and cells' values
+        got = np.asarray(out["gates"][q])
+        assert got.shape == (T, len(cells))
+        np.testing.assert_allclose(got, a.gates[q][1][:, cells], atol=1e-4)
+    assert main(["inspect", str(tiny_run), "--text", TEXT, "--json", "--all"]) == 0
+    everything = json.loads(capsys.readouterr().out)
+    for q in "ifgoch":  # --all: every layer and cell
+        assert np.asarray(everything["gates"][q]).shape == (2, T, 32)
     assert len(out["top"]) == T and all(len(row) == 4 for row in out["top"])
     assert out["target_prob"][-1] is None and 0 < out["target_prob"][0] < 1
     assert set(out["saturation"]) == {"i", "f", "o"} and len(out["saturation"]["f"]) == 2

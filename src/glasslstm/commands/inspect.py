@@ -52,7 +52,17 @@ def add_parser(sub) -> None:
         help="what colours the text in --html/--png (default: c, the cell state)",
     )
     p.add_argument("--top-k", type=int, default=3, help="next-token guesses per token (default: 3)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (the whole analysis)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: the text, tokens, next-token guesses and the gates and "
+        "states of the shown layer and cells (--layer, --cells)",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="with --json: every layer's and cell's values (for a long text, hundreds of MB)",
+    )
     p.add_argument("--html", metavar="OUT", help="write a self-contained HTML report to OUT")
     p.add_argument("--png", metavar="OUT", help="write heatmaps and the coloured text to OUT (PNG)")
     common.add_which(p)
@@ -187,7 +197,7 @@ def run(args) -> int:
         )
 
     if args.json:
-        out = analysis.to_json()
+        out = analysis.to_json() if args.all else analysis.to_json(layer, cells)
         out["selection"] = {"layer": layer, "cells": cells, "by_variance": by_default}
         print(json.dumps(out))
     elif not written:

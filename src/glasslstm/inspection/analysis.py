@@ -67,8 +67,14 @@ class Analysis:
             ]
         return out
 
-    def to_json(self) -> dict:
-        """JSON-able dict (arrays as nested lists, rounded to 4 decimals)."""
+    def to_json(self, layer: int | None = None, cells: list[int] | None = None) -> dict:
+        """JSON-able dict (arrays as nested lists, rounded to 4 decimals). ``gates[q]`` holds
+        every layer and cell, ``(layers, T, hidden)``; with ``layer`` and ``cells``, only
+        those, ``(T, len(cells))`` (a long text's whole analysis is hundreds of MB of JSON)."""
+        if layer is not None and cells is not None:
+            gates = {q: a[layer][:, cells] for q, a in self.gates.items()}
+        else:
+            gates = dict(self.gates)
         return {
             "text": self.text,
             "tokens": self.tokens,
@@ -77,7 +83,7 @@ class Analysis:
             "truncated": self.truncated,
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,
-            "gates": {q: np.round(a.astype(np.float64), 4).tolist() for q, a in self.gates.items()},
+            "gates": {q: np.round(a.astype(np.float64), 4).tolist() for q, a in gates.items()},
             "top": [[[t, round(p, 4)] for t, p in row] for row in self.top],
             "target_prob": [None if np.isnan(p) else round(float(p), 4) for p in self.target_prob],
             "saturation": self.saturation(),
