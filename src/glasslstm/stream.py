@@ -112,7 +112,7 @@ class Stream:
                 "the LSTM's weights changed device or dtype under this Stream; "
                 "make a new Stream for the module as it is now"
             )
-        torch.ops.glasslstm.stream_step_(
+        k.stream_step(
             x,
             x_is_proj,
             self.h,

@@ -31,6 +31,7 @@ from glasslstm.ops import _build
 _lock = threading.Lock()
 _failure: str | None = None
 _where: str | None = None
+_module = None  # the built library as a Python module (its direct one-token step functions)
 
 
 def _cache_dir():
@@ -49,7 +50,8 @@ def _installed() -> bool:
     with open(spec.origin, "rb") as f:
         if f"h{_build.source_hash()}".encode() not in f.read():
             return False
-    importlib.import_module("glasslstm._C")
+    global _module
+    _module = importlib.import_module("glasslstm._C")
     _where = "installed"
     return True
 
@@ -76,7 +78,7 @@ def _clear_stale_lock(lock) -> None:
 
 
 def _jit_build() -> None:
-    global _where
+    global _where, _module
     from torch.utils import cpp_extension
 
     digest = _build.source_hash()
@@ -89,16 +91,23 @@ def _jit_build() -> None:
             file=sys.stderr,
             flush=True,
         )
-    cpp_extension.load(
+    _module = cpp_extension.load(
         name=f"glasslstm_ops_{digest}",
         sources=_build.sources(),
         extra_cflags=_build.cflags(),
         extra_ldflags=_build.LDFLAGS,
         build_directory=str(folder),
-        is_python_module=False,
+        is_python_module=True,
         verbose=False,
     )
     _where = str(folder)
+
+
+def direct():
+    """The library's module, whose ``lstm_step`` and ``stream_step_`` are the operators' CPU
+    kernels called without the dispatcher (eager one-token steps only: tracing, compiling and
+    exporting need the operators); None until :func:`load` succeeded."""
+    return _module if load() else None
 
 
 @functools.cache

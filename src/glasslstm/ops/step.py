@@ -61,6 +61,11 @@ class StepWeights:
         self.int8 = getattr(lstm, "quantized", None) == "int8" and self.dtype == torch.float32
         self.weights8: torch.Tensor | None = None
         self._key: list | None = None
+        # the kernels called directly (eager: no dispatcher), else through the operators
+        direct = native.direct()
+        ops = torch.ops.glasslstm
+        self.lstm_step = direct.lstm_step if direct is not None else ops.lstm_step
+        self.stream_step = direct.stream_step_ if direct is not None else ops.stream_step_
         self._held: list = []
         self.back = False  # the zig-zag order of the panels, flipped by every step
 
@@ -202,7 +207,7 @@ def drop_in_step(lstm, input, hx):
     if not weights.refresh():  # the weights moved or changed dtype
         lstm._drop_in = None
         return None
-    out, h_n, c_n = torch.ops.glasslstm.lstm_step(
+    out, h_n, c_n = weights.lstm_step(
         input,
         h0,
         c0,
