@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything a short GPU session owes, in one call, each part under its own time limit so the
-# whole stays under ten minutes (a lent GPU machine runs one command for at most that, out of
-# 15 minutes of device time per session). Parts, in order of value:
+# The GPU checks in one call, each part under its own time limit so that the whole stays under
+# ten minutes (for a GPU machine reached by one command of limited length). Parts, in order of
+# value:
 #
 #   1. tests   the pytest tests marked gpu (CUDA numerics, graphs, the re-run of the
 #              graph-capture warning fix)                                  <= 150 s

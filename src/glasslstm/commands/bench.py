@@ -173,15 +173,7 @@ def run_onnx(args) -> int:
     res = onnx_bench(
         model, args.tokens, args.reps, args.threads, progress=log or (lambda line: None)
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "onnx.json").write_text(json.dumps(res, indent=2, default=str))
-    if args.json:
-        print(json.dumps(res, indent=2, default=str))
-    else:
-        print(onnx_table(res))
-        print(f"\nwrote {out / 'onnx.json'}")
-    return 0
+    return _write_results(args, "onnx", res, onnx_table)
 
 
 def run_gemm(args) -> int:
@@ -291,15 +283,7 @@ def run_speed(args) -> int:
         )
     log = _log(args)
     res = speed_bench(progress=log or (lambda line: None), **kw)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(res, indent=2, default=str))
-    if args.json:
-        print(json.dumps(res, indent=2, default=str))
-    else:
-        print(speed_table(res))
-        print(f"\nwrote {out / 'speed.json'}")
-    return 0
+    return _write_results(args, "speed", res, speed_table)
 
 
 def _add_variants(kinds) -> None:
@@ -350,14 +334,19 @@ def run_variants(args) -> int:
     res = variants_bench(
         members, args.hidden, args.T, args.batch_size, args.reps, progress=log or (lambda s: None)
     )
+    return _write_results(args, "variants", res, variants_table)
+
+
+def _write_results(args, name: str, res: dict, table) -> int:
+    """``res`` as ``--out``/NAME.json, and printed: as JSON with --json, else as ``table(res)``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "variants.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str))
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
-        print(variants_table(res))
-        print(f"\nwrote {out / 'variants.json'}")
+        print(table(res))
+        print(f"\nwrote {out / f'{name}.json'}")
     return 0
 
 
