@@ -765,6 +765,33 @@ def test_drop_in_step_runs_hooks_and_follows_replaced_weights():
         assert y64.dtype == torch.float64 and rel_err(y64, ref(x.double(), hx64)[0]) <= 1e-12
 
 
+def test_drop_in_step_follows_in_place_updates_and_leaves_wrapped_tensors_alone():
+    ref = torch.nn.LSTM(3, 4, 2)
+    lstm = glasslstm.LSTM.from_torch(ref)
+    x, hx = torch.randn(1, 1, 3), (torch.randn(2, 1, 4), torch.randn(2, 1, 4))
+    with torch.no_grad():
+        lstm(x, hx)  # builds the cached plan
+        for a, b in ((lstm.weight_hh_l1, ref.weight_hh_l1), (lstm.bias_ih_l0, ref.bias_ih_l0)):
+            a.mul_(1.5)  # an optimizer's in-place step: the version counter moves
+            b.mul_(1.5)
+            assert rel_err(lstm(x, hx)[0], ref(x, hx)[0]) <= 1e-6
+        assert drop_in_step(lstm, x, hx) is not None
+
+        class Tagged(torch.Tensor):  # a subclass may mean something else: the general path
+            pass
+
+        assert drop_in_step(lstm, x.as_subclass(Tagged), hx) is None
+        assert drop_in_step(lstm, x, [hx[0], hx[1].as_subclass(Tagged)]) is None
+        assert drop_in_step(lstm, x.transpose(1, 2), hx) is None  # (1, 3, 1): not a step
+        assert drop_in_step(lstm, x, (hx[0],)) is None
+    # under vmap the tensors are wrappers: the general path (batched) runs them
+    xs = torch.randn(5, 1, 1, 3)
+    with torch.no_grad():
+        ys = torch.func.vmap(lambda xi: lstm(xi, hx)[0])(xs)
+        want = torch.stack([ref(xi, hx)[0] for xi in xs])
+    assert rel_err(ys, want) <= 1e-6
+
+
 def test_drop_in_plan_is_neither_shared_by_copies_nor_pickled():
     lstm = glasslstm.LSTM(3, 4)
     x = torch.randn(1, 1, 3)

@@ -370,12 +370,7 @@ class LSTM(Recurrent):
             ``PackedSequence`` for packed input), out = proj_size or hidden_size, D = 2 if
             bidirectional else 1.
         """
-        if (
-            not return_gates
-            and lengths is None
-            and not torch.is_grad_enabled()
-            and self._weight_names.issubset(self._parameters)
-        ):
+        if not return_gates and lengths is None and not torch.is_grad_enabled():
             fast = drop_in_step(self, input, hx)  # one token of one sequence: the C++ step
             if fast is not None:
                 return fast

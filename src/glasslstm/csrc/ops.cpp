@@ -509,7 +509,8 @@ void stream_step_(const Tensor &x, bool x_is_proj, Tensor h, Tensor c, Tensor ou
 
 // (output, h_n, c_n) of one token: x (1, 1, I) or (1, I); h0, c0 (L, 1, .) or (L, .) (None:
 // zeros); shaped as torch.nn.LSTM returns them. The results are made with
-// at::detail::empty_cpu (what torch.empty ends in, without a dispatch): a step is short.
+// at::detail::empty_cpu (what torch.empty ends in, without a dispatch), and a contiguous state
+// of the step's dtype is copied with memcpy: a step is short.
 std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor &x, const std::optional<Tensor> &h0,
                                              const std::optional<Tensor> &c0,
                                              const Tensor &weights, const Tensor &layout,
@@ -523,12 +524,17 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor &x, const std::optiona
     Tensor c = at::detail::empty_cpu(three ? Sizes{L, 1, H} : Sizes{L, H}, dt);
     Tensor out = at::detail::empty_cpu(three ? Sizes{1, 1, P} : Sizes{1, P}, dt);
     Tensor work = at::detail::empty_cpu({step_work(H)}, dt);  // per call: never shared
-    if (h0.has_value() && h0->defined()) {
-        h.copy_(h0->reshape(h.sizes()));
-        c.copy_(c0->reshape(c.sizes()));
-    } else {
-        std::memset(h.data_ptr(), 0, h.nbytes());
-        std::memset(c.data_ptr(), 0, c.nbytes());
+    const bool given = h0.has_value() && h0->defined();
+    TORCH_CHECK(given == (c0.has_value() && c0->defined()), "glasslstm: give both h0 and c0");
+    for (auto [dst, src] : {std::pair<Tensor *, const std::optional<Tensor> *>{&h, &h0},
+                            std::pair<Tensor *, const std::optional<Tensor> *>{&c, &c0}}) {
+        if (!given)
+            std::memset(dst->data_ptr(), 0, dst->nbytes());
+        else if ((*src)->is_contiguous() && (*src)->scalar_type() == dt &&
+                 (*src)->device().is_cpu() && (*src)->numel() == dst->numel())
+            std::memcpy(dst->data_ptr(), (*src)->const_data_ptr(), dst->nbytes());
+        else
+            dst->copy_((*src)->reshape(dst->sizes()));
     }
     Tensor xc = x.is_contiguous() ? x : x.contiguous();
     check_step(xc, h, c, work, weights, layout, weights8);
@@ -688,11 +694,121 @@ TORCH_LIBRARY_IMPL(glasslstm, CPU, m) {
 }  // namespace glasslstm
 
 // The module Python imports (glasslstm._C when installed, glasslstm_ops_<hash> when built on
-// first use); the operators register themselves on load. It also holds the two one-token
-// steps as plain functions: eager Python calls them directly, without the dispatcher's
-// boxing (~8 us a call), while torch.compile, export and tracing see the operators.
+// first use); the operators register themselves on load. It also holds what eager one-token
+// calls use without the dispatcher's boxing (~8 us a call): the two steps as plain functions
+// and DropIn; torch.compile, export and tracing see the operators.
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
+
+namespace glasslstm {
+namespace py = pybind11;
+
+// The drop-in call lstm(x_t, (h, c)) of one sequence, checked and run in C++: the step itself
+// takes ~5-10 us, so the same checks written in Python would cost as much again.
+// glasslstm.ops.step builds one per module and hands it the weights in the step's layout
+// (set) with the parameters they were made from. A call returns (output, (h_n, c_n)); None
+// where the call is not such a step (another shape or dtype, a tensor subclass or wrapper,
+// a state it cannot take: the general path decides, errors included); NotImplemented where
+// a parameter changed since set (replaced, updated in place, its .data swapped).
+class DropIn {
+  public:
+    DropIn(std::vector<std::string> names, int64_t layers, int64_t hidden, int64_t out,
+           int64_t input, at::ScalarType dtype)
+        : L_(layers), H_(hidden), P_(out), I_(input), dtype_(dtype) {
+        for (const auto &n : names) names_.push_back(py::str(n));
+        held_.resize(names_.size());
+        versions_.resize(names_.size());
+        data_.resize(names_.size());
+    }
+
+    // the step's weights, and the parameters (in names' order) they were computed from
+    void set(Tensor weights, Tensor layout, std::optional<Tensor> weights8,
+             std::vector<Tensor> params) {
+        TORCH_CHECK(params.size() == names_.size(), "glasslstm: DropIn.set takes ",
+                    names_.size(), " parameters");
+        TORCH_CHECK(layout.numel() == kLayout * L_, "glasslstm: DropIn.set: layout of ",
+                    layout.numel(), " values for ", L_, " layers");
+        for (size_t i = 0; i < params.size(); i++) {
+            held_[i] = params[i];  // held: its TensorImpl cannot be reused by another tensor
+            versions_[i] = params[i]._version();
+            data_[i] = params[i].const_data_ptr();
+        }
+        weights_ = std::move(weights), layout_ = std::move(layout);
+        weights8_ = std::move(weights8);
+    }
+
+    py::object call(py::handle params, py::handle x, py::handle hx) {
+        if (torch::jit::tracer::isTracing() || !PyDict_Check(params.ptr())) return py::none();
+        const Tensor *xt = plain(x.ptr());
+        if (xt == nullptr || (xt->dim() != 3 && xt->dim() != 2)) return py::none();
+        const bool three = xt->dim() == 3;
+        if (xt->size(0) != 1 || (three && xt->size(1) != 1) || xt->size(-1) != I_)
+            return py::none();
+        const Tensor *h0 = nullptr, *c0 = nullptr;
+        if (!hx.is_none()) {
+            PyObject *s = hx.ptr();
+            if (!(PyTuple_CheckExact(s) || PyList_CheckExact(s)) || PySequence_Fast_GET_SIZE(s) != 2)
+                return py::none();
+            h0 = plain(PySequence_Fast_GET_ITEM(s, 0));
+            c0 = plain(PySequence_Fast_GET_ITEM(s, 1));
+            if (h0 == nullptr || c0 == nullptr || !state_shape(*h0, three, P_) ||
+                !state_shape(*c0, three, H_))
+                return py::none();
+        }
+        for (size_t i = 0; i < names_.size(); i++) {
+            PyObject *p = PyDict_GetItem(params.ptr(), names_[i].ptr());  // borrowed
+            if (p == nullptr || !THPVariable_Check(p)) return py::none();
+            const Tensor &t = THPVariable_Unpack(p);
+            if (t.unsafeGetTensorImpl() != held_[i].unsafeGetTensorImpl() ||
+                t._version() != versions_[i] || t.const_data_ptr() != data_[i])
+                return py::reinterpret_borrow<py::object>(Py_NotImplemented);
+        }
+        back_ = !back_;  // the zig-zag order of the panels, flipped by every step
+        std::optional<Tensor> oh, oc;
+        if (h0 != nullptr) oh = *h0, oc = *c0;
+        auto [out, h, c] = lstm_step(*xt, oh, oc, weights_, layout_, back_, H_, P_, weights8_);
+        return py::make_tuple(out, py::make_tuple(h, c));
+    }
+
+  private:
+    // the tensor of a torch.Tensor (not a subclass: those may mean something else) that the
+    // step can read as is: strided, on the CPU, of the step's dtype, no wrapper (vmap, grad
+    // transforms, functionalisation, a Python dispatch mode) around it
+    const Tensor *plain(PyObject *o) const {
+        if (!THPVariable_CheckExact(o)) return nullptr;
+        const Tensor &t = THPVariable_Unpack(o);
+        static const c10::DispatchKeySet usual = at::empty({0}).key_set();
+        if (t.scalar_type() != dtype_ || !t.is_cpu() || t.layout() != at::kStrided ||
+            (t.key_set() | usual) != usual)
+            return nullptr;
+        return &t;
+    }
+    bool state_shape(const Tensor &s, bool three, int64_t n) const {
+        if (three) return s.dim() == 3 && s.size(0) == L_ && s.size(1) == 1 && s.size(2) == n;
+        return s.dim() == 2 && s.size(0) == L_ && s.size(1) == n;
+    }
+
+    int64_t L_, H_, P_, I_;
+    at::ScalarType dtype_;
+    std::vector<py::object> names_;
+    std::vector<Tensor> held_;
+    std::vector<int64_t> versions_;
+    std::vector<const void *> data_;
+    Tensor weights_, layout_;
+    std::optional<Tensor> weights8_;
+    bool back_ = false;
+};
+
+}  // namespace glasslstm
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("lstm_step", &glasslstm::lstm_step);
     m.def("stream_step_", &glasslstm::stream_step_);
+    py::class_<glasslstm::DropIn>(m, "DropIn")
+        .def(py::init<std::vector<std::string>, int64_t, int64_t, int64_t, int64_t, at::ScalarType>(),
+             py::arg("names"), py::arg("layers"), py::arg("hidden"), py::arg("out"),
+             py::arg("input"), py::arg("dtype"))
+        .def("set", &glasslstm::DropIn::set)
+        .def("__call__", &glasslstm::DropIn::call);
 }

@@ -144,78 +144,68 @@ def _int8_rows(w: torch.Tensor, panel: int) -> tuple[torch.Tensor, torch.Tensor]
     return q, scale
 
 
+_STEP_BACKENDS = frozenset((None, "auto", "fused"))
+
+
 class DropInStep:
-    """What a module keeps for its drop-in calls (built on the first one)."""
+    """What a module keeps for its drop-in calls (built on the first one): the weights in the
+    step's layout and the C++ call (``DropIn`` of the library's module) that checks a call and
+    runs it."""
 
     def __init__(self, lstm):
         self.owner = id(lstm)  # a copied module's __dict__ must not reuse this plan
         self.weights = StepWeights(lstm)
-        L, H, P, I = lstm.num_layers, lstm.hidden_size, self.weights.P, lstm.input_size
-        self.dtype, self.multi = self.weights.dtype, L > 1
-        self.x3, self.x2 = torch.Size((1, 1, I)), torch.Size((1, I))
-        self.h3, self.c3 = torch.Size((L, 1, P)), torch.Size((L, 1, H))
-        self.h2, self.c2 = torch.Size((L, P)), torch.Size((L, H))
+        w = self.weights
+        self.names = tuple(lstm._flat_weights_names)
+        self.call = native.direct().DropIn(
+            list(self.names), w.L, w.H, w.P, lstm.input_size, w.dtype
+        )
+
+    def refresh(self, lstm) -> bool:
+        """Hand the C++ call the weights as they are now; False where they cannot run here."""
+        if not self.weights.refresh():
+            return False
+        params = lstm._parameters
+        self.call.set(
+            self.weights.weights,
+            self.weights.layout,
+            self.weights.weights8,
+            [params[name] for name in self.names],
+        )
+        return True
 
 
 def drop_in_step(lstm, input, hx):
     """``(output, (h_n, c_n))`` of a one-token call of one sequence through the C++ step, or
     None where this call is not such a step or the step cannot take it (the general path then
-    handles it, errors included)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return None  # tracers must see the general path's operators
+    handles it, errors included). The checks of the input, the state and the weights' versions
+    run in C++ (``DropIn``); the module's settings, which Python code may change between
+    calls, are read here."""
+    if torch.compiler.is_compiling():
+        return None  # compilers must see the general path's operators
+    if (
+        (lstm.training and ((lstm.dropout and lstm.num_layers > 1) or lstm.draws_masks))
+        or lstm.backend not in _STEP_BACKENDS
+        or not lstm.plain_cell
+    ):
+        return None
     plan = lstm.__dict__.get("_drop_in")
     if plan is None or plan.owner != id(lstm):
         if type(input) is not torch.Tensor or input.dim() not in (2, 3) or input.shape[0] != 1:
             return None  # not a step: no plan (and no weight copies) for this module yet
+        if not lstm._weight_names.issubset(lstm._parameters):
+            return None  # a weight that pruning or a parametrization recomputes
         w = lstm.weight_hh_l0
         if not possible(lstm, w.device, w.dtype):
             return None
         plan = lstm._drop_in = DropInStep(lstm)
-    # what can change between calls sends them down the general path
-    if (
-        lstm.backend not in (None, "auto", "fused")
-        or not lstm.plain_cell
-        or (lstm.training and ((lstm.dropout and plan.multi) or lstm.draws_masks))
-    ):
-        return None
-    if type(input) is not torch.Tensor or input.dtype is not plan.dtype or not input.is_cpu:
-        return None
-    shape = input.shape
-    if shape == plan.x3:
-        sh, sc = plan.h3, plan.c3
-    elif shape == plan.x2:
-        sh, sc = plan.h2, plan.c2
-    else:
-        return None
-    h0 = c0 = None
-    if hx is not None:
-        if type(hx) not in (tuple, list) or len(hx) != 2:
+        if not plan.refresh(lstm):
+            lstm._drop_in = None
             return None
-        h0, c0 = hx
-        if (
-            type(h0) is not torch.Tensor
-            or type(c0) is not torch.Tensor
-            or h0.shape != sh
-            or c0.shape != sc
-            or h0.dtype is not plan.dtype
-            or c0.dtype is not plan.dtype
-            or not h0.is_cpu
-            or not c0.is_cpu
-        ):
+    result = plan.call(lstm._parameters, input, hx)
+    if result is NotImplemented:  # a weight changed: new copies, then the call
+        if not plan.refresh(lstm):  # the weights moved off the CPU or changed dtype
+            lstm._drop_in = None
             return None
-    weights = plan.weights
-    if not weights.refresh():  # the weights moved or changed dtype
-        lstm._drop_in = None
-        return None
-    out, h_n, c_n = weights.lstm_step(
-        input,
-        h0,
-        c0,
-        weights.weights,
-        weights.layout,
-        weights.flip(),
-        weights.H,
-        weights.P,
-        weights.weights8,
-    )
-    return out, (h_n, c_n)
+        result = plan.call(lstm._parameters, input, hx)
+    return result
