@@ -102,6 +102,8 @@ class LanguageModel(nn.Module):
         *,
         weights: torch.Tensor | None = None,
         return_gates: bool = False,
+        ar: float = 0.0,
+        tar: float = 0.0,
     ):
         """``idx`` (B, T) int64 -> ``(logits (B, T, V), loss or None, state)``.
 
@@ -110,6 +112,12 @@ class LanguageModel(nn.Module):
         ``state`` is the recurrent core's state after the last step, to carry into the next
         call: ``(h, c)`` for the LSTM, ``(h,)`` for the vanilla RNN.
         With ``return_gates=True`` a fourth element, the :class:`~glasslstm.GateTrace`.
+
+        ``ar``, ``tar`` (either nonzero): a last element, the activation regularisation of
+        Merity et al. (2017) as a scalar tensor, for the training objective ``loss + penalty``
+        (``loss`` itself stays the cross-entropy): ``ar`` times the mean square of the top
+        layer's output as the output layer reads it (after dropout), plus ``tar`` times the
+        mean square of its change from one step to the next before that dropout.
         """
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(
@@ -124,7 +132,8 @@ class LanguageModel(nn.Module):
         hx = state[0] if single and state is not None else state
         out = self.lstm(x, hx, return_gates=True) if return_gates else self.lstm(x, hx)
         h, state = out[0], ((out[1],) if single else out[1])
-        logits = self.head(self.drop(h))  # (B, T, V)
+        dropped = self.drop(h)
+        logits = self.head(dropped)  # (B, T, V)
         loss = None
         if targets is not None:
             flat, goal = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
@@ -133,9 +142,10 @@ class LanguageModel(nn.Module):
             else:
                 w = weights.reshape(-1).float()
                 loss = (F.cross_entropy(flat, goal, reduction="none") * w).sum() / w.sum()
-        if return_gates:
-            return logits, loss, state, out[2]
-        return logits, loss, state
+        extra = (out[2],) if return_gates else ()
+        if ar or tar:
+            extra += (activation_penalty(h, dropped, ar, tar),)
+        return (logits, loss, state, *extra)
 
     def stream(self, state: State | None = None):
         """A :class:`~glasslstm.stream.LMStream`: ``step(token_id) -> logits`` one token at a
@@ -353,6 +363,18 @@ class LanguageModel(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+
+def activation_penalty(h: torch.Tensor, dropped: torch.Tensor, ar: float, tar: float):
+    """AR + TAR (Merity et al. 2017) of a top layer's output ``h`` (B, T, H) and ``dropped``, the
+    same after dropout: ``ar * mean(dropped^2) + tar * mean((h_t - h_{t-1})^2)``, in float32
+    (a window of one step has no change: its TAR is 0)."""
+    penalty = h.new_zeros((), dtype=torch.float32)
+    if ar:
+        penalty = penalty + ar * dropped.float().pow(2).mean()
+    if tar and h.shape[1] > 1:
+        penalty = penalty + tar * (h[:, 1:] - h[:, :-1]).float().pow(2).mean()
+    return penalty
 
 
 def _row_mask(weight: torch.Tensor, p: float) -> torch.Tensor:
