@@ -180,6 +180,10 @@ class TrainConfig:
     lr: float = BY_LEVEL
     weight_decay: float = 0.01
     momentum: float = 0.9
+    nonmono: int = 5
+    variable_bptt: bool = False
+    ar: float = 0.0
+    tar: float = 0.0
     schedule: str = "cosine"
     warmup: int = 50
     min_lr_ratio: float = 0.1
@@ -328,10 +332,33 @@ TRAIN_HELP: dict[str, str] = {
     ),
     "answer_weight": "how many times the loss on an answer token counts (1: like any token)",
     "batch_size": "sequences (rows) trained in parallel per step",
-    "optimizer": "the optimizer: AdamW (decoupled weight decay) or SGD with momentum",
+    "optimizer": (
+        "the optimizer: AdamW (decoupled weight decay), SGD with momentum, or ntasgd: plain SGD "
+        "with weight decay that switches to averaged SGD when validation stops improving "
+        "(Merity et al. 2017; see --nonmono). ntasgd wants an SGD learning rate (AWD-LSTM: "
+        "--lr 30 --weight-decay 1.2e-6 --clip 0.25)"
+    ),
     "lr": "peak learning rate (after warm-up)",
     "weight_decay": "weight decay per step, relative to the learning rate (0: off)",
-    "momentum": "SGD's momentum (ignored by AdamW)",
+    "momentum": "SGD's momentum (ignored by AdamW and ntasgd)",
+    "nonmono": (
+        "ntasgd: averaging starts at the first validation whose loss is worse than the best "
+        "loss of the validations before the last N (evaluations; ignored by other optimizers)"
+    ),
+    "variable_bptt": (
+        "stream batching: each step's window is N(--seq-len, 5) tokens long (N(--seq-len / 2, "
+        "5) with probability 0.05), at least 5 and at most 2 x --seq-len, and that step's "
+        "learning rate is scaled by its length / --seq-len (Merity et al. 2017)"
+    ),
+    "ar": (
+        "activation regularisation: adds this times the mean square of the top LSTM layer's "
+        "output after dropout to the training loss (nats per token; 0: off)"
+    ),
+    "tar": (
+        "temporal activation regularisation: adds this times the mean square of the change of "
+        "the top LSTM layer's output (before the output layer's dropout) from one step to the "
+        "next to the training loss (nats per token; 0: off)"
+    ),
     "schedule": (
         "learning rate over time: cosine decay to --min-lr-ratio x --lr at --max-steps, or constant"
     ),

@@ -817,6 +817,21 @@ class TokenStream:
         y = self.rows[:, start + 1 : start + 1 + self.seq_len].contiguous()
         return x, y
 
+    @property
+    def columns(self) -> int:
+        """Tokens in each row (the last one is only ever a target)."""
+        return self.rows.shape[1]
+
+    def window(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of the columns ``[start, start + length)`` (fewer at the rows' end): the
+        windows of variable length that ``--variable-bptt`` walks the rows with."""
+        end = min(start + length, self.columns - 1)
+        if not 0 <= start < end:
+            raise ValueError(f"no window at column {start} of rows of {self.columns} tokens")
+        x = self.rows[:, start:end].contiguous()
+        y = self.rows[:, start + 1 : end + 1].contiguous()
+        return x, y
+
     def random_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of ``batch_size`` windows at random offsets of the whole stream (nanoGPT's
         sampling): independent rows, so no state is carried. Deterministic in ``seed``."""

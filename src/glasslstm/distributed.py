@@ -197,6 +197,14 @@ class RowShard:
         x, y = self.stream.random_batch(seed)
         return self.ranks.rows(x), self.ranks.rows(y)
 
+    @property
+    def columns(self) -> int:
+        return self.stream.columns
+
+    def window(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.stream.window(start, length)
+        return self.ranks.rows(x), self.ranks.rows(y)
+
 
 # ----------------------------------------------------------------------------- checks
 

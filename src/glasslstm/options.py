@@ -33,6 +33,7 @@ PRECISIONS = ("fp32", "bf16")
 CELLS = ("lstm", "rnn")  # the recurrent core: the LSTM, or the vanilla RNN to compare with
 SEED_MAX = 2**32 - 1  # numpy's seeds end here; the trainer derives batch seeds from it
 MAX_THREADS = 1024  # torch accepts far more and then crashes at exit
+MIN_BPTT = 5  # --variable-bptt's shortest window (Merity et al. 2017)
 
 
 @dataclass(frozen=True)
@@ -211,10 +212,14 @@ TRAIN: dict[str, Rule] = {
     "answers": TEXT,
     "answer_weight": number(0, low_open=True, note="1: every token alike"),
     "batch_size": integer(1),
-    "optimizer": choice("adamw", "sgd"),
+    "optimizer": choice("adamw", "sgd", "ntasgd"),
     "lr": number(0, low_open=True),
     "weight_decay": number(0),
     "momentum": PROBABILITY,
+    "nonmono": integer(1, note="validations"),
+    "variable_bptt": FLAG,
+    "ar": number(0, note="0: off"),
+    "tar": number(0, note="0: off"),
     "schedule": choice("cosine", "constant"),
     "warmup": integer(0),
     "min_lr_ratio": number(0, 1),
@@ -332,6 +337,16 @@ def check_train(cfg) -> None:
     if (cfg.curriculum or cfg.answers) and cfg.batching != "documents":
         raise ConfigError(
             "--curriculum and --answers act on windows of whole documents; add --batching documents"
+        )
+    if cfg.variable_bptt and cfg.batching != "stream":
+        raise ConfigError(
+            f"--variable-bptt draws window lengths along the contiguous text stream; it needs "
+            f"--batching stream (got --batching {cfg.batching}), or leave --variable-bptt off"
+        )
+    if cfg.variable_bptt and cfg.seq_len < 2 * MIN_BPTT:
+        raise ConfigError(
+            f"--variable-bptt draws windows of at least {MIN_BPTT} tokens around --seq-len and "
+            f"half of it; it needs --seq-len >= {2 * MIN_BPTT} (got {cfg.seq_len})"
         )
     if cfg.answers:
         try:
@@ -526,10 +541,14 @@ def training_memory(cfg, vocab_size: int) -> MemoryEstimate:
         cell=cfg.cell,
     )
     params = count_parameters(shapes, tie_weights=cfg.tie_weights)
-    moments = 2 if cfg.optimizer == "adamw" else (1 if cfg.momentum else 0)
-    what = "parameters, gradients and " + (
-        "AdamW state" if cfg.optimizer == "adamw" else "SGD momentum" if moments else "nothing else"
-    )
+    if cfg.optimizer == "ntasgd":  # plain SGD, and the average of the weights once it starts
+        moments, state_what = 1, "the weights' average"
+    elif cfg.optimizer == "adamw":
+        moments, state_what = 2, "AdamW state"
+    else:
+        moments = 1 if cfg.momentum else 0
+        state_what = "SGD momentum" if moments else "nothing else"
+    what = "parameters, gradients and " + state_what
     T, H = cfg.seq_len, cfg.hidden
     if cfg.checkpoint and cfg.checkpoint < T:
         per_layer = T * 2 * H + cfg.checkpoint * 10 * H + math.ceil(T / cfg.checkpoint) * 2 * H

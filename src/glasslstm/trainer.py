@@ -9,6 +9,11 @@ carried (detached) from one batch to the next, and keeps the run directory up to
 * ``model.safetensors`` (latest) and ``best/model.safetensors`` (lowest validation loss).
 * ``metrics.jsonl`` and, at the end, ``curves.png``.
 
+The AWD-LSTM recipe (Merity et al. 2017) is here too: NT-ASGD (``optimizer="ntasgd"``: SGD
+until validation stops improving, then the weights' running mean is what is validated, tested
+and saved), windows of variable length (``variable_bptt``) and the AR/TAR penalties (``ar``,
+``tar``) added to the training objective only.
+
 A diverged step (NaN/Inf loss or gradient) is never applied: training stops and the last
 checkpoint stays as it was. Interrupted + resumed gives bitwise the same weights as
 uninterrupted (same machine, same thread count).
@@ -20,8 +25,8 @@ import copy
 import math
 import signal
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -41,7 +46,7 @@ from glasslstm.data import (
 from glasslstm.determinism import deterministic
 from glasslstm.distributed import Ranks, check_resume, session
 from glasslstm.documents import DocumentBatches
-from glasslstm.errors import ConfigError, DataError, WriteError
+from glasslstm.errors import ConfigError, DataError, RunDirError, WriteError
 from glasslstm.interrupt import GracefulStop
 from glasslstm.model import LanguageModel, load_vocab
 from glasslstm.progress import make_progress
@@ -65,6 +70,7 @@ class TrainResult:
     interrupted_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
     test: dict | None = None  # the best model on the test split: loss, bpc, perplexity, tokens
     files: dict = field(default_factory=dict)  # split -> the file it was read from
+    averaging_from: int | None = None  # ntasgd: the step after which weights were averaged
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -164,7 +170,58 @@ def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def bptt_length(seed: int, step: int, bptt: int) -> int:
+    """The window length of optimizer step ``step`` under ``variable_bptt`` (Merity et al.
+    2017): ``bptt`` with probability 0.95, else ``bptt / 2``, plus a normal draw of standard
+    deviation 5, truncated to an int and kept in ``[5, 2 bptt]``. A function of (seed, step)
+    alone, so a resumed run draws the same lengths."""
+    rng = np.random.default_rng([seed, step])
+    base = bptt if rng.random() < 0.95 else bptt / 2
+    return min(max(options.MIN_BPTT, int(rng.normal(base, 5.0))), 2 * bptt)
+
+
+def nonmonotone_trigger(val_losses: Sequence[float], loss: float, n: int) -> bool:
+    """NT-ASGD's switch (Merity et al. 2017, Algorithm 1): whether a validation ``loss`` that
+    follows ``val_losses`` is worse than the best of them all but the last ``n``, i.e. the
+    run has not improved on its earlier best for ``n`` validations."""
+    return len(val_losses) > n and loss > min(val_losses[:-n])
+
+
+class ParameterAverage:
+    """The running mean of parameters over the optimizer steps since it was made: NT-ASGD's
+    averaged weights (torch's ASGD with ``t0=0, lambd=0`` keeps the same mean). Until the first
+    :meth:`update` it holds the parameters as they were."""
+
+    def __init__(self, params: Sequence[torch.Tensor], count: int = 0) -> None:
+        self.params = list(params)
+        self.mean = [p.detach().clone() for p in self.params]
+        self.count = count
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Take the parameters as they are now into the mean."""
+        self.count += 1
+        for m, p in zip(self.mean, self.params):
+            m.add_(p.detach().sub(m).mul_(1.0 / self.count))
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The parameters replaced by their mean inside the block, restored after it."""
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.params]
+            for p, m in zip(self.params, self.mean):
+                p.copy_(m)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.params, raw):
+                    p.copy_(r)
+
+
 def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optimizer:
+    if cfg.optimizer == "ntasgd":  # AWD-LSTM's SGD: no momentum, L2 weight decay
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -321,10 +378,15 @@ class _Run:
         self.opt = _make_optimizer(cfg, self.model)
         self.progress = _Progress()
         self.state: tuple[torch.Tensor, ...] | None = None  # carried across batches
+        self.pos = 0  # variable_bptt: the column of the rows where the next window starts
+        self.val_losses: list[float] = []  # ntasgd: the validations before averaging started
+        self.average: ParameterAverage | None = None  # ntasgd, once averaging started
+        self.averaging_from: int | None = None
         if resume is not None:
-            self.state = _load_resume_point(
+            self.state, tensors, stored = _load_resume_point(
                 run_dir, self.model, self.opt, self.progress, device, cfg.batch_size, ranks
             )
+            self._load_recipe_state(tensors, stored)
             self.saved_step: int | None = self.progress.step  # the checkpoint on disk
             if ranks.is_main:
                 rundir.trim_metrics(run_dir / "metrics.jsonl", self.progress.step)  # no dups
@@ -365,13 +427,66 @@ class _Run:
         if self.saved_step != step:
             state, extra, meta = self.ranks.for_save(self.state)  # all ranks' share, on rank 0
             if self.ranks.is_main:
+                if self.average is not None:
+                    extra = {
+                        **extra,
+                        **{f"average.{i}": m for i, m in enumerate(self.average.mean)},
+                    }
+                meta = {**meta, "awd": self._recipe_state()}
                 _save_resume_point(
                     self.run_dir, self.model, self.opt, self.progress, state, extra, meta
                 )
-                self.model.save_weights(
-                    self.run_dir / "model.safetensors", metadata={"step": str(step)}
-                )
+                with self.averaged():  # the latest model: the average once there is one
+                    self.model.save_weights(
+                        self.run_dir / "model.safetensors", metadata={"step": str(step)}
+                    )
             self.saved_step = step
+
+    def _recipe_state(self) -> dict:
+        """What the AWD-LSTM recipe needs to resume, beside the average's tensors."""
+        return {
+            "stream_pos": self.pos,
+            "val_losses": list(self.val_losses),
+            "averaging_from": self.averaging_from,
+            "average_count": 0 if self.average is None else self.average.count,
+        }
+
+    def _load_recipe_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """The recipe's state from the resume point (absent in runs without it: defaults)."""
+        path = self.run_dir / rundir.TRAIN_STATE_TENSORS
+        awd = meta.get("awd", {})
+        fix = f"train again with `glasslstm train --out NEW_DIR` (the resume point in {path})"
+        if not isinstance(awd, dict):
+            raise RunDirError(f"{path}: meta.awd is not the recipe's state; {fix}")
+        pos, losses = awd.get("stream_pos", 0), awd.get("val_losses", [])
+        start, count = awd.get("averaging_from"), awd.get("average_count", 0)
+        ok = (
+            isinstance(pos, int)
+            and pos >= 0
+            and isinstance(losses, list)
+            and all(options.is_finite_number(v) for v in losses)
+            and (start is None or isinstance(start, int))
+            and isinstance(count, int)
+            and count >= 0
+        )
+        if not ok:
+            raise RunDirError(f"{path}: meta.awd is not the recipe's state; {fix}")
+        self.pos, self.val_losses, self.averaging_from = pos, [float(v) for v in losses], start
+        if start is None:
+            return
+        params = list(self.model.parameters())
+        self.average = ParameterAverage(params, count)
+        for i, (m, p) in enumerate(zip(self.average.mean, params)):
+            saved = tensors.get(f"average.{i}")
+            if saved is None or saved.shape != p.shape or not torch.isfinite(saved).all():
+                raise RunDirError(
+                    f"{path}: average.{i} is missing or not the weights' shape; {fix}"
+                )
+            m.copy_(saved)
+
+    def averaged(self):
+        """The model with NT-ASGD's averaged weights in the block (as it is before averaging)."""
+        return nullcontext() if self.average is None else self.average.applied()
 
     def log(self, record: dict) -> None:
         if self.ranks.is_main:
@@ -380,23 +495,33 @@ class _Run:
     def validate(self) -> dict:
         """Evaluate on the validation split; keep the model as best/ when it improved."""
         cfg, p = self.cfg, self.progress
-        res = evaluate(
-            self.model,
-            self.val_ids,
-            batch_size=cfg.batch_size,
-            seq_len=cfg.seq_len,
-            max_batches=cfg.eval_batches,
-            chars_per_token=self.val_cpt,
-            ranks=self.ranks,
-        )
-        if p.best_val_loss is None or res["loss"] < p.best_val_loss:
-            p.best_val_loss, p.evals_since_best = res["loss"], 0
-            if self.ranks.is_main:
-                self.model.save_weights(
-                    self.run_dir / "best" / "model.safetensors", metadata={"step": str(p.step)}
-                )
-        else:
-            p.evals_since_best += 1
+        averaged = self.average is not None
+        with self.averaged():  # ntasgd: the average is what is validated and kept
+            res = evaluate(
+                self.model,
+                self.val_ids,
+                batch_size=cfg.batch_size,
+                seq_len=cfg.seq_len,
+                max_batches=cfg.eval_batches,
+                chars_per_token=self.val_cpt,
+                ranks=self.ranks,
+            )
+            if p.best_val_loss is None or res["loss"] < p.best_val_loss:
+                p.best_val_loss, p.evals_since_best = res["loss"], 0
+                if self.ranks.is_main:
+                    self.model.save_weights(
+                        self.run_dir / "best" / "model.safetensors",
+                        metadata={"step": str(p.step)},
+                    )
+            else:
+                p.evals_since_best += 1
+        if cfg.optimizer == "ntasgd" and self.average is None:
+            if nonmonotone_trigger(self.val_losses, res["loss"], cfg.nonmono):
+                # the steps from here on are averaged (every rank the same, as its weights)
+                self.average = ParameterAverage(self.model.parameters())
+                self.averaging_from, self.val_losses = p.step, []
+            else:
+                self.val_losses.append(res["loss"])
         self.log(
             {
                 "split": "val",
@@ -405,6 +530,7 @@ class _Run:
                 "bpc": res["bpc"],
                 "perplexity": res["perplexity"],
                 "seconds": round(p.seconds, 3),
+                **({"averaged": averaged} if cfg.optimizer == "ntasgd" else {}),
             }
         )
         return res
@@ -445,6 +571,13 @@ class _Run:
         if cfg.batching == "random":
             self.state = None  # independent windows: nothing to carry
             x, y = self.stream.random_batch(cfg.seed * 1_000_003 + step)
+        elif cfg.variable_bptt:
+            if self.pos + 1 >= self.stream.columns:
+                self.pos = 0
+            if self.pos == 0:
+                self.state = None  # a new pass over the stream: rows restart at their beginning
+            x, y = self.stream.window(self.pos, bptt_length(cfg.seed, step, cfg.seq_len))
+            self.pos += x.shape[1]
         else:
             k = step % self.stream.num_batches
             if k == 0:
@@ -455,24 +588,31 @@ class _Run:
     def step(self, x: torch.Tensor, y: torch.Tensor, w, lr: float) -> tuple[float, bool]:
         """One optimizer step at learning rate ``lr``: ``(loss, applied)``; ``w``: None or the
         targets' loss weights. A step whose loss or gradient norm is not finite is not applied
-        (the run has diverged)."""
+        (the run has diverged). The loss returned is the cross-entropy; the gradient is that of
+        the cross-entropy plus the AR/TAR penalties (``ar``, ``tar``)."""
+        cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = lr
         # bf16: the LSTM's matrix products in bf16 (its state and gate math float32), the
         # output layer's too; the loss in float32 (autocast's rule for cross-entropy).
         with torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
+            self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
         ):
-            _, loss, new_state = self.forward(x, self.state, y, weights=w)
+            _, loss, new_state, *penalty = self.forward(
+                x, self.state, y, weights=w, ar=cfg.ar, tar=cfg.tar
+            )
         loss_value = self.ranks.mean(loss.detach())  # the global batch's mean loss
+        objective = loss + penalty[0] if penalty else loss
         self.opt.zero_grad(set_to_none=True)
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value) or not math.isfinite(float(objective.detach())):
             return loss_value, False
-        loss.backward()
+        objective.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip or math.inf)
         if not math.isfinite(float(norm)):
             return loss_value, False
         self.opt.step()
+        if self.average is not None:
+            self.average.update()
         self.state = tuple(s.detach() for s in new_state)
         return loss_value, True
 
@@ -506,6 +646,8 @@ def _train(
             t_step = time.perf_counter()
             x, y, w = run.batch()
             lr = lr_at(cfg, p.step, p.seconds)
+            if cfg.variable_bptt:  # a shorter window, a smaller step (Merity et al. 2017)
+                lr *= x.shape[1] / cfg.seq_len
             loss, applied = run.step(x, y, w, lr)
             if not applied:
                 stopped = "diverged"
@@ -537,7 +679,10 @@ def _train(
                     }
                 )
                 if bar is not None:
-                    bar.show(loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}")
+                    averaging = (
+                        {} if run.averaging_from is None else {"avg_from": str(run.averaging_from)}
+                    )
+                    bar.show(loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}", **averaging)
             if bar is not None:
                 bar.advance(p.step, p.seconds)
             out_of_time = cfg.time_budget and p.seconds >= cfg.time_budget
@@ -571,6 +716,11 @@ def _train(
         _write_curves(run_dir)
     if not message:
         message = f"stopped: {stopped} at step {p.step}"
+    if run.averaging_from is not None:
+        message += (
+            f"; NT-ASGD averaged the weights from step {run.averaging_from} (validation, test "
+            "and the saved models use the average)"
+        )
     best = math.nan if p.best_val_loss is None else p.best_val_loss
     return TrainResult(
         run_dir=run_dir,
@@ -586,6 +736,7 @@ def _train(
         interrupted_by=stop_name,
         test=test,
         files=run.files,
+        averaging_from=run.averaging_from,
     )
 
 
@@ -623,6 +774,8 @@ def _save_resume_point(
 def _load_resume_point(
     run_dir: Path, model, opt, progress: _Progress, device, batch_size: int, ranks: Ranks
 ):
+    """Load the resume point into ``model``, ``opt`` and ``progress``; returns ``(carried
+    state or None, the file's tensors, its meta)``."""
     tensors, stored = runfiles.read_train_state(run_dir, model, opt, progress, batch_size)
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(weights)
@@ -632,7 +785,7 @@ def _load_resume_point(
         setattr(progress, key, stored[key])
     carried = tuple(tensors[f"carry.{k}"] for k in "hc" if f"carry.{k}" in tensors) or None
     state = ranks.restore(tensors, carried)  # this rank's generators and rows
-    return None if state is None else tuple(s.to(device) for s in state)
+    return None if state is None else tuple(s.to(device) for s in state), tensors, stored
 
 
 def _write_curves(run_dir: Path) -> None:
