@@ -300,3 +300,9 @@ def test_train_command_with_the_whole_recipe(tmp_path, capsys):
     config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert config["optimizer"] == "ntasgd" and config["variable_bptt"] is True
     assert (config["ar"], config["tar"], config["nonmono"]) == (2.0, 1.0, 1)
+
+
+def test_ntasgd_without_an_sgd_learning_rate_is_refused():
+    with pytest.raises(ConfigError, match="--optimizer ntasgd .* Give --lr"):
+        TrainConfig(level="word", optimizer="ntasgd")
+    assert TrainConfig(level="word", optimizer="ntasgd", lr=30.0).lr == 30.0

@@ -236,6 +236,12 @@ class TrainConfig:
         # BY_LEVEL: the level's default (max_steps: no limit when there is a time budget;
         # a time budget that is not a number is refused by the check below)
         defaults = dict(LEVEL_DEFAULTS.get(self.level, {}))
+        if self.optimizer == "ntasgd" and self.lr is None and self.level in LEVEL_DEFAULTS:
+            raise ConfigError(
+                f"--optimizer ntasgd is plain SGD and needs a learning rate for SGD; the "
+                f"{self.level} level's default, --lr {defaults['lr']}, is AdamW's and would "
+                "barely move the weights. Give --lr (AWD-LSTM: --lr 30 --clip 0.25)"
+            )
         if self.time_budget:
             defaults["max_steps"] = 0
         for key, value in defaults.items():
@@ -335,7 +341,7 @@ TRAIN_HELP: dict[str, str] = {
     "optimizer": (
         "the optimizer: AdamW (decoupled weight decay), SGD with momentum, or ntasgd: plain SGD "
         "with weight decay that switches to averaged SGD when validation stops improving "
-        "(Merity et al. 2017; see --nonmono). ntasgd wants an SGD learning rate (AWD-LSTM: "
+        "(Merity et al. 2017; see --nonmono). ntasgd needs --lr, an SGD learning rate (AWD-LSTM: "
         "--lr 30 --weight-decay 1.2e-6 --clip 0.25)"
     ),
     "lr": "peak learning rate (after warm-up)",
