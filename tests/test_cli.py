@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from glasslstm.cli import main
+from glasslstm.config import LEVEL_DEFAULTS
 from glasslstm.model import LanguageModel
 
 TEXT = (
@@ -290,6 +291,18 @@ def test_train_on_a_split_folder_scores_the_test_split(tmp_path, split_folder, c
     assert res["tokens"] == test["tokens"] and "wiki.test.tokens" in res["data"]
     assert main(["eval", str(out), "--split", "test"]) == 0
     assert "per word" in capsys.readouterr().out
+
+
+def test_train_on_a_file_takes_the_levels_defaults_for_what_is_not_given(tmp_path, split_folder):
+    out = tmp_path / "lv"
+    args = ["train", "--data", str(split_folder), "--level", "word", "--hidden", "16"]
+    assert main([*args, "--max-steps", "1", "--batch-size", "2", "--out", str(out), "--json"]) == 0
+    train = json.loads((out / "config.json").read_text())["train"]
+    word = LEVEL_DEFAULTS["word"]
+    assert word != LEVEL_DEFAULTS["char"]  # otherwise this proves nothing
+    for key in ("seq_len", "dropout", "tie_weights", "lr"):
+        assert train[key] == word[key], key
+    assert train["hidden"] == 16 and train["batch_size"] == 2  # what was given stays
 
 
 def test_train_human_report_names_the_files_and_the_test_figures(tmp_path, split_folder, capsys):

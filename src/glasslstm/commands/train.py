@@ -116,7 +116,8 @@ def run(args) -> int:
         where = f"resuming {resume}" if resume else "training"
         print(f"glasslstm: {where} ...", file=sys.stderr, flush=True)
     on_stories = given.get("data") in (None, "stories") and not given.get("train")
-    base = article.train_config() if on_stories and not resume else TrainConfig()
+    # elsewhere no base: TrainConfig(**given) fills what was not given from --level's defaults
+    base = article.train_config() if on_stories and not resume else None
     result = train(None if resume else base, resume=resume, overrides=given, progress=progress)
     finished = result.stopped not in ("interrupted", "diverged")
     if not main:
