@@ -457,6 +457,25 @@ def test_bf16_is_used_only_where_it_pays(tmp_path, monkeypatch):
     gemm.forget()
 
 
+@pytest.mark.slow
+def test_bf16_autocast_as_the_first_use_of_the_operators(tmp_path):
+    """Where bf16 is native, the first layer under autocast asks whether bf16 pays before
+    anything else has loaded the operators; that question must load them itself."""
+    code = (
+        "import torch, glasslstm; from glasslstm.ops import gemm; "
+        "gemm.native_bf16 = lambda: True; lstm = glasslstm.LSTM(8, 16); "
+        "x = torch.randn(5, 3, 8)\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    y = lstm(x)[0]\n"
+        "print(tuple(y.shape), y.dtype)"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop(gemm.ENV_BF16, None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["(5,", "3,", "16)", "torch.float32"]
+
+
 def test_deterministic_mode_pins_torchs_products(monkeypatch):
     monkeypatch.setenv(gemm.ENV, "onednn")
     assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("onednn", "onednn")

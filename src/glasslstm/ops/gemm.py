@@ -75,6 +75,10 @@ def _bucket(n: int) -> int:
 
 def _split_threads(B: int, H: int, P: int) -> int:
     """How many threads the time loops split the batch rows over (1: none)."""
+    from glasslstm.ops import native  # the question may come before any layer loaded them
+
+    if not native.load():
+        return 1
     return int(torch.ops.glasslstm.loop_threads(B, 4 * H * P * 4))
 
 
