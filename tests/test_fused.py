@@ -487,15 +487,22 @@ def test_deterministic_mode_pins_torchs_products(monkeypatch):
 # ---------------------------------------------------------------- bf16 products
 
 
-def test_bf16_mm_is_the_float32_product_of_bf16_operands():
-    a, b = torch.randn(37, 45), torch.randn(45, 29)
+@pytest.mark.parametrize(
+    "m, k, n",
+    [(37, 45, 29), (300, 46, 128), (130, 3, 64)],  # odd sizes; the tile unit's packed layout
+)
+def test_bf16_mm_is_the_float32_product_of_bf16_operands(m, k, n):
+    a, b = torch.randn(m, k), torch.randn(k, n)
     for a_in, b_in in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):
         got = torch.ops.glasslstm.mm_bf16(a_in, b_in)
         want = a.bfloat16().float() @ b.bfloat16().float()
         assert got.dtype == torch.float32 and rel_err(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("hidden, batch", [(12, 37), (260, 5)])  # row-split / threaded
+@pytest.mark.parametrize(
+    "hidden, batch",
+    [(12, 37), (260, 5), (64, 9)],  # row-split / threaded / whole column blocks (packed bf16)
+)
 def test_bf16_time_loop_matches_a_bf16_emulation(hidden, batch, two_threads):
     """The bf16 loop is the float32 loop with x, U, each step's h and W rounded to bf16 before
     the products: each step, written with torch ops on the loop's own state, agrees to float32

@@ -161,6 +161,53 @@ void bf16_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *A, int64_t lda, 
                                 reinterpret_cast<const at::BFloat16 *>(B), C, false);
 }
 
+// bf16 with B in the VNNI layout of the CPU's bf16 matrix unit (AMX), packed once by
+// cpublas::pack in column blocks of kBlockN (each block k x kBlockN, pairs of rows interleaved),
+// multiplied by oneDNN's brgemm micro-kernel: the per-step products of a time loop then read a
+// weight laid out for the tiles instead of having it converted on every call. Only where torch
+// can pack bf16 (cpublas::could_pack: AMX), with an even k and whole column blocks.
+bool bf16_fits(int64_t k, int64_t n) {
+    return k > 0 && k % 2 == 0 && n > 0 && n % kBlockN == 0 &&
+           at::native::cpublas::could_pack(at::kBFloat16);
+}
+
+int64_t bf16_packed_size(int64_t k, int64_t n) { return k * n; }
+
+void bf16_pack(int64_t k, int64_t n, const uint16_t *B, int64_t ldb, uint16_t *out) {
+    for (int64_t j0 = 0; j0 < n; j0 += kBlockN)
+        at::native::cpublas::pack(k, kBlockN, ldb, kBlockN, at::kBFloat16, at::kBFloat16,
+                                  B + j0, out + j0 * k);
+}
+
+void bf16_gemm_packed(int64_t m, int64_t n, int64_t k, const uint16_t *A, int64_t lda,
+                      const uint16_t *Bp, float beta, float *C, int64_t ldc, int threads) {
+    if (m <= 0 || n <= 0) return;
+    if (beta != 0.0f && beta != 1.0f)
+        throw std::invalid_argument("glasslstm: the bf16 product takes beta 0 or 1");
+    const bool add = beta != 0.0f;
+    const int64_t mb = (m + kBlockM - 1) / kBlockM, nb = n / kBlockN, tiles = mb * nb;
+    auto tile = [&](int64_t t) {
+        const int64_t i0 = (t / nb) * kBlockM, j0 = (t % nb) * kBlockN;
+        at::native::cpublas::brgemm(std::min(kBlockM, m - i0), kBlockN, k, lda, kBlockN, ldc, add,
+                                    reinterpret_cast<const at::BFloat16 *>(A + i0 * lda),
+                                    reinterpret_cast<const at::BFloat16 *>(Bp + j0 * k),
+                                    C + i0 * ldc + j0, true);
+    };
+#ifdef _OPENMP
+    if (threads != 1 && tiles > 1 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel
+        {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tiles; t++) tile(t);
+            at::native::cpublas::brgemm_release(true);  // the tile unit's state, per thread
+        }
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < tiles; t++) tile(t);
+    at::native::cpublas::brgemm_release(true);
+}
+
 }  // namespace
 
 Provider provider_of(const std::string &name) {
@@ -175,6 +222,12 @@ Gemms gemms(Provider step, bool bf16) {
     g.f32 = step == Provider::OneDNN ? onednn_gemm : torch_gemm<float>;
     g.f64 = torch_gemm<double>;
     g.bf16 = bf16 ? bf16_gemm : nullptr;
+    if (bf16) {
+        g.packed16.fits = bf16_fits;
+        g.packed16.packed_size = bf16_packed_size;
+        g.packed16.pack = bf16_pack;
+        g.packed16.gemm_packed = bf16_gemm_packed;
+    }
     if (step == Provider::OneDNN) {
         g.packed.packed_size = onednn_packed_size;
         g.packed.pack = onednn_pack;
@@ -208,15 +261,42 @@ at::Tensor mm(Provider p, const at::Tensor &A, const at::Tensor &B) {
     return at::cpu::mm(A, B);
 }
 
+// X (2-D) as a row-major bfloat16 tensor. A transposed view of a float32 matrix (the weight
+// gradient's dA^T) is converted and transposed in one blocked pass: converting first and then
+// copying the strided view costs several times as much (a cache miss per element).
+static at::Tensor bf16_rows(const at::Tensor &X) {
+    if (X.scalar_type() != at::kFloat || X.is_contiguous() || !X.t().is_contiguous())
+        return X.to(at::kBFloat16).contiguous();
+    const int64_t rows = X.size(0), cols = X.size(1);  // X(i, j) = src[j * rows + i]
+    const float *src = X.const_data_ptr<float>();
+    at::Tensor out = at::empty({rows, cols}, X.options().dtype(at::kBFloat16));
+    auto *dst = out.mutable_data_ptr<at::BFloat16>();
+    constexpr int64_t kTile = 32;
+    at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t jb = b0 * kTile; jb < std::min(cols, b1 * kTile); jb += kTile)
+            for (int64_t i0 = 0; i0 < rows; i0 += kTile)
+                for (int64_t i = i0; i < std::min(rows, i0 + kTile); i++)
+                    for (int64_t j = jb; j < std::min(cols, jb + kTile); j++)
+                        dst[i * cols + j] = c10::BFloat16(src[j * rows + i]);
+    });
+    return out;
+}
+
 at::Tensor mm_bf16(const at::Tensor &A, const at::Tensor &B) {
-    at::Tensor a = A.to(at::kBFloat16).contiguous(), b = B.to(at::kBFloat16).contiguous();
+    at::Tensor a = bf16_rows(A), b = bf16_rows(B);
     at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));
     if (c.numel() == 0) return c;
     if (a.size(1) == 0) return c.zero_();
-    bf16_gemm(a.size(0), b.size(1), a.size(1),
-              reinterpret_cast<const uint16_t *>(a.const_data_ptr<at::BFloat16>()), a.size(1),
-              reinterpret_cast<const uint16_t *>(b.const_data_ptr<at::BFloat16>()), b.size(1),
-              0.0f, c.mutable_data_ptr<float>(), c.size(1), 0);
+    const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+    const auto *A16 = reinterpret_cast<const uint16_t *>(a.const_data_ptr<at::BFloat16>());
+    const auto *B16 = reinterpret_cast<const uint16_t *>(b.const_data_ptr<at::BFloat16>());
+    if (m > 2 * kBlockM && bf16_fits(k, n)) {  // many row blocks read B: pack it once
+        std::vector<uint16_t> packed((size_t)bf16_packed_size(k, n));
+        bf16_pack(k, n, B16, n, packed.data());
+        bf16_gemm_packed(m, n, k, A16, k, packed.data(), 0.0f, c.mutable_data_ptr<float>(), n, 0);
+        return c;
+    }
+    bf16_gemm(m, n, k, A16, k, B16, n, 0.0f, c.mutable_data_ptr<float>(), n, 0);
     return c;
 }
 

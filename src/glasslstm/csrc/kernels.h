@@ -40,11 +40,24 @@ struct PackedGemm {
                         int threads) = nullptr;
 };
 
+// The same for bfloat16 operands (raw bit patterns) and a float32 result: B copied once into
+// the layout the CPU's bf16 matrix unit reads (AMX's VNNI pairs), where there is one. `fits`
+// says whether a B of k x n can be packed; packed_size counts bf16 elements.
+struct PackedGemmBf16 {
+    bool (*fits)(int64_t k, int64_t n) = nullptr;
+    int64_t (*packed_size)(int64_t k, int64_t n) = nullptr;
+    void (*pack)(int64_t k, int64_t n, const uint16_t *B, int64_t ldb, uint16_t *out) = nullptr;
+    void (*gemm_packed)(int64_t m, int64_t n, int64_t k, const uint16_t *A, int64_t lda,
+                        const uint16_t *Bp, float beta, float *C, int64_t ldc,
+                        int threads) = nullptr;
+};
+
 struct Gemms {
     gemm_fn<float> f32 = nullptr;
     gemm_fn<double> f64 = nullptr;
     gemm_bf16_fn bf16 = nullptr;  // null: float32 products
     PackedGemm packed;            // float32 only
+    PackedGemmBf16 packed16;      // bf16 products by a packed weight, where the CPU has a layout
 };
 
 // The regularised family (glasslstm.LSTM's layer_norm, peephole, cell_clip, zoneout_c/h,

@@ -610,11 +610,34 @@ struct Prev {
 struct Packed {
     const float *w = nullptr, *whr = nullptr;
     float *storage = nullptr;
+    const uint16_t *w16 = nullptr;  // the bf16 weight packed (PackedGemmBf16), or null
+    uint16_t *storage16 = nullptr;
     Packed() = default;
     Packed(const Packed &) = delete;
     Packed &operator=(const Packed &) = delete;
-    ~Packed() { delete[] storage; }
+    ~Packed() {
+        delete[] storage;
+        delete[] storage16;
+    }
 };
+
+// pack the bf16 weight w16 (k x n) where the provider has a layout for it and it fits
+static void pack_weight_bf16(const Gemms &G, Packed &P, int64_t k, int64_t n, const uint16_t *w16) {
+    if (!w16 || !G.packed16.gemm_packed || !G.packed16.fits(k, n)) return;
+    P.storage16 = new uint16_t[(size_t)G.packed16.packed_size(k, n)];
+    G.packed16.pack(k, n, w16, n, P.storage16);
+    P.w16 = P.storage16;
+}
+
+// C (m x n) = A B + beta C in bf16 x bf16 -> float32, B being w16 (k x n) or its packed copy
+static inline void product_bf16(const Gemms &G, const uint16_t *wp, int64_t m, int64_t n,
+                                int64_t k, const uint16_t *A, int64_t lda, const uint16_t *w16,
+                                float beta, float *C, int64_t ldc, int threads) {
+    if (wp)
+        G.packed16.gemm_packed(m, n, k, A, lda, wp, beta, C, ldc, threads);
+    else
+        G.bf16(m, n, k, A, lda, w16, n, beta, C, ldc, threads);
+}
 
 // C (m x n) = A B + beta C where B is `w` (k x n, ldb) or its packed copy `wp`
 template <typename T>
@@ -697,8 +720,8 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &
             const int64_t ldd = sep ? K : H4;
             if (bf16) {
                 to_bf16((b1 - b0) * P, (const float *)hp, h16);
-                G.bf16(b1 - b0, H4, P, h16, P, A.w_t16, H4, sep ? 0.0f : 1.0f, (float *)dst, ldd,
-                       threads);
+                product_bf16(G, PK.w16, b1 - b0, H4, P, h16, P, A.w_t16, sep ? 0.0f : 1.0f,
+                             (float *)dst, ldd, threads);
             } else {
                 product(G, PK.w, b1 - b0, H4, P, hp, P, A.w_t, H4, T(sep ? 0 : 1), dst, ldd,
                         threads);
@@ -754,6 +777,7 @@ static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
     Packed PK;  // W^T (P x 4H) and W_hr^T (H x P), packed once for all steps
     if (!A.w_t16 && A.T_ > 1)
         pack_weights(G, PK, A.P, 4 * A.H, A.w_t, A.H, A.P, A.rs ? A.whr_t : nullptr);
+    if (A.T_ > 1) pack_weight_bf16(G, PK, A.P, 4 * A.H, A.w_t16);
     // (the rings of inference are written row by row too: threads never meet there either)
     int nt = row_threads(B, (size_t)(4 * A.H * A.P + (A.rs ? A.H * A.P : 0)) * sizeof(T));
     if (nt > 1) {
@@ -863,7 +887,7 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, const Packed
         const T *dw_src = dhwt ? dhwt : d;  // what multiplies W
         if (bf16) {  // dL/dH_{t-1} = d W
             to_bf16(n * H4, (const float *)dw_src, d16);
-            G.bf16(n, P, H4, d16, H4, A.w16, P, 0.0f, (float *)dhr, P, threads);
+            product_bf16(G, PK.w16, n, P, H4, d16, H4, A.w16, 0.0f, (float *)dhr, P, threads);
         } else {
             product(G, PK.w, n, P, H4, dw_src, H4, A.w, P, T(0), dhr, P, threads);
         }
@@ -894,6 +918,7 @@ static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
     if (A.dv) __builtin_memset(A.dv, 0, (size_t)NV * sizeof(T));
     Packed PK;  // W (4H x P) and W_hr (P x H), packed once for all steps
     if (!A.w16 && A.T_ > 1) pack_weights(G, PK, H4, A.P, A.w, A.P, A.H, A.whr);
+    if (A.T_ > 1) pack_weight_bf16(G, PK, H4, A.P, A.w16);
     if (nt > 1) {
         T *parts = A.db ? new T[(size_t)(nt * H4)]() : nullptr;
         T *vparts = A.dv ? new T[(size_t)(nt * NV)]() : nullptr;
