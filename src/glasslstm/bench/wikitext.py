@@ -51,7 +51,7 @@ def split_articles(text: str, fractions=(0.8, 0.9)) -> tuple[str, str, str]:
     fraction of the lines. Raises ValueError when the text has too few articles."""
     lines = text.splitlines(keepends=True)
     starts = article_starts(lines)
-    cuts = []
+    cuts: list[int] = []
     for frac in fractions:
         after = [s for s in starts if s >= frac * len(lines) and (not cuts or s > cuts[-1])]
         if not after:
@@ -96,7 +96,7 @@ def make_split(source: Path, out: Path) -> dict:
     valid, unk_valid = replace_unknown(valid, vocab)
     test, unk_test = replace_unknown(test, vocab)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = {}
+    sizes: dict[str, object] = {}
     for name, text, unk in (
         ("train", train, 0),
         ("valid", valid, unk_valid),
@@ -204,7 +204,8 @@ def run(args) -> dict:
             except subprocess.TimeoutExpired:
                 peer.kill()
                 raise SystemExit("the peer did not stop within 10 minutes of SIGINT") from None
-            peer_log.close()
+            if peer_log is not None:
+                peer_log.close()
             peer_res = parse_peer((out / "peer.log").read_text())
             peer_res["wall_seconds_when_stopped"] = ours_wall
     test = sizes["test"]
