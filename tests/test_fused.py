@@ -264,11 +264,15 @@ def test_long_backward_flushes_denormal_gradients_and_restores_the_fp_mode(batch
 @pytest.mark.parametrize("batch", [37, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cfg", [{}, {"proj_size": 5, "bidirectional": True}])
-def test_row_split_time_loops_match_torch(dtype, cfg, batch, two_threads):
+@pytest.mark.parametrize("step", ["measured", "onednn_linear"])
+def test_row_split_time_loops_match_torch(dtype, cfg, batch, step, two_threads, monkeypatch):
     """With small weights the time loops share out the batch rows (37 or 5: uneven splits),
     each thread running every step for its rows; ragged lengths end rows inside one thread's
     share and in the other's. Forward and gradients (the bias's: summed by the loop, a partial
-    per thread) match torch and the one-thread loops."""
+    per thread) match torch and the one-thread loops, whichever provider multiplies (the
+    threads sharing one reordered weight with onednn_linear)."""
+    if step != "measured":
+        monkeypatch.setenv(gemm.ENV, f"step={step}")
     torch.manual_seed(0)
     ref = torch.nn.LSTM(6, 12, num_layers=2, dtype=dtype, **cfg)
     ours = glasslstm.LSTM.from_torch(ref, backend="fused")
@@ -301,7 +305,7 @@ def test_row_split_time_loops_match_torch(dtype, cfg, batch, two_threads):
 
 
 @pytest.mark.parametrize("ragged", [False, True])
-@pytest.mark.parametrize("provider", ["torch", "onednn"])
+@pytest.mark.parametrize("provider", ["torch", "onednn", "onednn_linear"])
 def test_large_weight_loops_match_torch(ragged, provider, two_threads, monkeypatch):
     """Weights beyond a core's cache keep one loop with threaded products (by either GEMM
     provider); a step's gate math with 8192+ values is still shared by the threads (48 rows x
@@ -391,7 +395,7 @@ def test_a_gemm_probe_leaves_the_random_stream_alone():
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    for candidate in ("torch", "onednn", "bf16"):
+    for candidate in ("torch", "onednn", "onednn_linear", "bf16"):
         gemm.probe(candidate, 8, 32, 16, threads=1)
     assert torch.equal(torch.rand(3), expected)
 
@@ -413,15 +417,26 @@ def test_the_faster_measured_provider_is_chosen_and_cached(tmp_path, monkeypatch
         gemm.remeasure()
         fast = "onednn" if slow == "torch" else "torch"
         assert gemm.providers(torch.float32, 32, 64, 64, 64) == (fast, fast)
-    assert set(calls) == {"torch", "onednn"}
+    assert set(calls) == set(gemm.step_candidates())
+    if torch.backends.mkldnn.is_available():  # the step-only candidate, fastest: step only
+        slow = "none"
+        monkeypatch.setattr(gemm, "probe", lambda c, *a, **k: 0.5 if c == "onednn_linear" else 1.0)
+        gemm.remeasure()
+        assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("onednn_linear", "torch")
+        monkeypatch.setattr(gemm, "probe", fake_probe)
+        gemm.remeasure()
+        gemm.providers(torch.float32, 32, 64, 64, 64)
     calls.clear()
     gemm.forget()  # as in a new process: the decision comes from the cache file
     assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("torch", "torch") and calls == []
     monkeypatch.setenv(gemm.ENV, "step=onednn,big=torch")
     assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("onednn", "torch")
-    monkeypatch.setenv(gemm.ENV, "fastest")
-    with pytest.raises(ValueError, match="GLASSLSTM_GEMM"):
-        gemm.providers(torch.float32, 32, 64, 64, 64)
+    monkeypatch.setenv(gemm.ENV, "onednn_linear")  # a step provider: big stays torch's
+    assert gemm.providers(torch.float32, 32, 64, 64, 64) == ("onednn_linear", "torch")
+    for bad in ("fastest", "big=onednn_linear"):
+        monkeypatch.setenv(gemm.ENV, bad)
+        with pytest.raises(ValueError, match="GLASSLSTM_GEMM"):
+            gemm.providers(torch.float32, 32, 64, 64, 64)
     monkeypatch.delenv(gemm.ENV)
     # measured while other work held the cores: threaded products are not stored (with two
     # threads, as a test run before may have left torch at one)

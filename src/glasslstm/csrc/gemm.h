@@ -6,6 +6,10 @@
 //   "onednn"  oneDNN's batch-reduce GEMM micro-kernel as torch exposes it
 //             (at::native::cpublas::brgemm), blocked over the columns here and threaded with
 //             OpenMP; where oneDNN cannot run it, torch falls back to its BLAS inside.
+//   "onednn_linear"  for the per-step products of a time loop only: oneDNN's inner product
+//             (what torch.nn.Linear runs through mkldnn) on the weight reordered once per call
+//             into oneDNN's own layout (torch.ops.mkldnn._reorder_linear_weight); the large
+//             products of a layer then take torch's path.
 // Which one a product uses is chosen per machine by measurement (glasslstm.ops.gemm), per role:
 // the per-step recurrent product, and the large products over all steps (input projection,
 // input and weight gradients). float64 always takes "torch"; bfloat16 products (autocast) take
@@ -21,9 +25,9 @@
 
 namespace glasslstm {
 
-enum class Provider { Torch = 0, OneDNN = 1 };
+enum class Provider { Torch = 0, OneDNN = 1, OneDNNLinear = 2 };
 
-Provider provider_of(const std::string &name);  // "torch" | "onednn"; throws otherwise
+Provider provider_of(const std::string &name);  // "torch" | "onednn" | "onednn_linear"
 Gemms gemms(Provider step, bool bf16);
 
 // Row-major C = A B + beta C on tensors (2-D, any strides torch's mm takes), by `p`.

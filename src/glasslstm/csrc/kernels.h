@@ -38,6 +38,12 @@ struct PackedGemm {
     void (*gemm_packed)(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
                         const float *Bp, float beta, float *C, int64_t ldc,
                         int threads) = nullptr;
+    // Or a layout the provider keeps itself (an opaque handle): make it, multiply by it, free
+    // it. A provider sets either the three above or these three.
+    void *(*make)(int64_t k, int64_t n, const float *B, int64_t ldb) = nullptr;
+    void (*gemm_handle)(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, void *h,
+                        float beta, float *C, int64_t ldc, int threads) = nullptr;
+    void (*free_handle)(void *h) = nullptr;
 };
 
 // The same for bfloat16 operands (raw bit patterns) and a float32 result: B copied once into

@@ -610,6 +610,8 @@ struct Prev {
 struct Packed {
     const float *w = nullptr, *whr = nullptr;
     float *storage = nullptr;
+    void *hw = nullptr, *hwhr = nullptr;  // the provider's own handles (PackedGemm::make)
+    void (*free_handle)(void *) = nullptr;
     const uint16_t *w16 = nullptr;  // the bf16 weight packed (PackedGemmBf16), or null
     uint16_t *storage16 = nullptr;
     Packed() = default;
@@ -618,6 +620,10 @@ struct Packed {
     ~Packed() {
         delete[] storage;
         delete[] storage16;
+        if (free_handle) {
+            if (hw) free_handle(hw);
+            if (hwhr) free_handle(hwhr);
+        }
     }
 };
 
@@ -639,14 +645,19 @@ static inline void product_bf16(const Gemms &G, const uint16_t *wp, int64_t m, i
         G.bf16(m, n, k, A, lda, w16, n, beta, C, ldc, threads);
 }
 
-// C (m x n) = A B + beta C where B is `w` (k x n, ldb) or its packed copy `wp`
+// C (m x n) = A B + beta C where B is `w` (k x n, ldb), its packed copy `wp` or the
+// provider's handle `wh`
 template <typename T>
-static inline void product(const Gemms &G, const float *wp, int64_t m, int64_t n, int64_t k,
-                           const T *A, int64_t lda, const T *w, int64_t ldb, T beta, T *C,
-                           int64_t ldc, int threads) {
+static inline void product(const Gemms &G, const float *wp, void *wh, int64_t m, int64_t n,
+                           int64_t k, const T *A, int64_t lda, const T *w, int64_t ldb, T beta,
+                           T *C, int64_t ldc, int threads) {
     if constexpr (std::is_same<T, float>::value) {
         if (wp) {
             G.packed.gemm_packed(m, n, k, A, lda, wp, beta, C, ldc, threads);
+            return;
+        }
+        if (wh) {
+            G.packed.gemm_handle(m, n, k, A, lda, wh, beta, C, ldc, threads);
             return;
         }
     }
@@ -658,6 +669,12 @@ template <typename T>
 static void pack_weights(const Gemms &G, Packed &P, int64_t k1, int64_t n1, const T *w1,
                          int64_t k2, int64_t n2, const T *w2) {
     if constexpr (std::is_same<T, float>::value) {
+        if (G.packed.make) {
+            P.free_handle = G.packed.free_handle;
+            P.hw = G.packed.make(k1, n1, w1, n1);
+            if (w2) P.hwhr = G.packed.make(k2, n2, w2, n2);
+            return;
+        }
         if (!G.packed.gemm_packed) return;
         const int64_t s1 = G.packed.packed_size(k1, n1), s2 = w2 ? G.packed.packed_size(k2, n2) : 0;
         P.storage = new float[(size_t)(s1 + s2)];
@@ -723,7 +740,7 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &
                 product_bf16(G, PK.w16, b1 - b0, H4, P, h16, P, A.w_t16, sep ? 0.0f : 1.0f,
                              (float *)dst, ldd, threads);
             } else {
-                product(G, PK.w, b1 - b0, H4, P, hp, P, A.w_t, H4, T(sep ? 0 : 1), dst, ldd,
+                product(G, PK.w, PK.hw, b1 - b0, H4, P, hp, P, A.w_t, H4, T(sep ? 0 : 1), dst, ldd,
                         threads);
             }
         }
@@ -747,7 +764,7 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &
             }
         }
         if (A.rs)
-            product(G, PK.whr, n, P, H, dst + r0 * H, H, A.whr_t, P, T(0), yt + r0 * P, P,
+            product(G, PK.whr, PK.hwhr, n, P, H, dst + r0 * H, H, A.whr_t, P, T(0), yt + r0 * P, P,
                     threads);
         if (V && V->zh)  // zoneout: H_t = H~ + k (H_{t-1} - H~)
             for (int blk = 0; blk < 2; blk++) {
@@ -850,7 +867,7 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, const Packed
             if (gy)
                 for (int64_t j = 0; j < n * P; j++) gh[j] += gy[j];
             __builtin_memcpy(A.dhs + (t * B + r0) * P, gh, (size_t)(n * P) * sizeof(T));
-            product(G, PK.whr, n, H, P, gh, P, A.whr, H, T(0), dr, H, threads);
+            product(G, PK.whr, PK.hwhr, n, H, P, gh, P, A.whr, H, T(0), dr, H, threads);
             g = dr;
             gy = nullptr;
             ldg = H;
@@ -889,7 +906,7 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, const Packed
             to_bf16(n * H4, (const float *)dw_src, d16);
             product_bf16(G, PK.w16, n, P, H4, d16, H4, A.w16, 0.0f, (float *)dhr, P, threads);
         } else {
-            product(G, PK.w, n, P, H4, dw_src, H4, A.w, P, T(0), dhr, P, threads);
+            product(G, PK.w, PK.hw, n, P, H4, dw_src, H4, A.w, P, T(0), dhr, P, threads);
         }
         if (V && V->hmask)  // the product read H_{t-1} m_h
             for (int64_t j = 0; j < n * P; j++) dhr[j] *= V->hmask[r0 * P + j];

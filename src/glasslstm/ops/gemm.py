@@ -1,8 +1,10 @@
 """Which matrix-product implementation the CPU operators use, chosen by measuring.
 
 The candidates (see csrc/gemm.h) are torch's own: ``"torch"`` (torch.addmm's path: the BLAS
-torch was built with, MKL on x86) and ``"onednn"`` (oneDNN's batch-reduce GEMM micro-kernel, as
-torch exposes it, blocked and threaded by glasslstm). Which is faster depends on the CPU: MKL is
+torch was built with, MKL on x86), ``"onednn"`` (oneDNN's batch-reduce GEMM micro-kernel, as
+torch exposes it, blocked and threaded by glasslstm) and, for the per-step products only,
+``"onednn_linear"`` (oneDNN's inner product on the weight reordered once per call into its own
+layout, through torch's mkldnn operators). Which is faster depends on the CPU: MKL is
 known to take slower paths on non-Intel CPUs; oneDNN does not. So nothing assumes a vendor:
 on first use each role is timed on this machine with the shapes it will run, the faster
 candidate is kept, and the choice is cached per CPU model and torch version in
@@ -15,8 +17,9 @@ candidate is kept, and the choice is cached per CPU model and torch version in
 * ``bf16``: whether, under ``torch.autocast("cpu", dtype=torch.bfloat16)``, bf16 products
   (float32 result) beat float32 ones here — only then are they used.
 
-``$GLASSLSTM_GEMM`` forces a choice: ``torch`` or ``onednn`` for both roles, or
-``step=onednn,big=torch``; ``$GLASSLSTM_BF16=0`` / ``=1`` forces the bf16 decision. In
+``$GLASSLSTM_GEMM`` forces a choice: ``torch`` or ``onednn`` for both roles, ``onednn_linear``
+for the step products (torch's for the big ones), or one per role, as in
+``step=onednn_linear,big=onednn``; ``$GLASSLSTM_BF16=0`` / ``=1`` forces the bf16 decision. In
 deterministic mode (:func:`glasslstm.deterministic`) both roles take ``torch``, whatever was
 measured.
 :func:`describe` says what was chosen and why (``glasslstm bench speed`` prints it).
@@ -33,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-CANDIDATES = ("torch", "onednn")
+CANDIDATES = ("torch", "onednn", "onednn_linear")
+BIG_CANDIDATES = ("torch", "onednn")  # onednn_linear packs a weight: per-step products only
 ROLES = ("step", "big")
 ENV = "GLASSLSTM_GEMM"
 ENV_BF16 = "GLASSLSTM_BF16"
@@ -61,7 +65,18 @@ def _cache_file() -> Path:
 
 
 def _machine_key() -> str:
-    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    # the candidates are part of the key: a decision made among fewer is measured again
+    return (
+        f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+        f" | {','.join(step_candidates())}"
+    )
+
+
+def step_candidates() -> tuple[str, ...]:
+    """The candidates for the per-step products here (onednn_linear needs torch's mkldnn)."""
+    if torch.backends.mkldnn.is_available():
+        return CANDIDATES
+    return BIG_CANDIDATES
 
 
 def _bucket(n: int) -> int:
@@ -87,7 +102,8 @@ def probe(candidate: str, m: int, n: int, k: int, threads: int, reps: int = 7) -
     return float(torch.ops.glasslstm.gemm_probe(candidate, m, n, k, reps, threads))
 
 
-def _fastest(problem: tuple[int, int, int, int], candidates=CANDIDATES) -> tuple[str, dict]:
+def _fastest(problem: tuple[int, int, int, int], candidates=None) -> tuple[str, dict]:
+    candidates = candidates or step_candidates()
     m, n, k, threads = problem
     times = {c: probe(c, m, n, k, threads) for c in candidates}
     return min(times, key=lambda c: times[c]), times
@@ -146,15 +162,17 @@ def _forced() -> dict[str, str]:
     if not spec:
         return {}
     if spec in CANDIDATES:
-        return dict.fromkeys(ROLES, spec)
+        return {"step": spec, "big": spec if spec in BIG_CANDIDATES else "torch"}
     forced = {}
     for part in spec.split(","):
         role, _, name = part.partition("=")
         role, name = role.strip(), name.strip()
-        if role not in ROLES or name not in CANDIDATES:
+        allowed = BIG_CANDIDATES if role == "big" else CANDIDATES
+        if role not in ROLES or name not in allowed:
             raise ValueError(
                 f"${ENV}={spec!r}: use one of {CANDIDATES}, or role=name pairs such as "
-                f"'step=onednn,big=torch' (roles: {', '.join(ROLES)})"
+                f"'step=onednn_linear,big=torch' (roles: {', '.join(ROLES)}; big takes "
+                f"{' or '.join(BIG_CANDIDATES)})"
             )
         forced[role] = name
     return forced
@@ -197,7 +215,10 @@ def _providers(dtype, B, H, P, I, threads, env, pinned) -> tuple[str, str]:
         return forced.get("step", "torch"), forced.get("big", "torch")
     sp, bp = step_problem(B, H, P), big_problem(H, I)
     step = forced.get("step") or _decide("step {} {} {} {}".format(*sp), lambda: _fastest(sp))[0]
-    big = forced.get("big") or _decide("big {} {} {} {}".format(*bp), lambda: _fastest(bp))[0]
+    big = (
+        forced.get("big")
+        or _decide("big {} {} {} {}".format(*bp), lambda: _fastest(bp, BIG_CANDIDATES))[0]
+    )
     return step, big
 
 
