@@ -124,9 +124,14 @@ def _add_gemm(kinds) -> None:
     k = kinds.add_parser(
         "gemm",
         help="which matrix-product implementation this machine uses, measured afresh",
-        description="Time each candidate (torch's BLAS, oneDNN's micro-kernel) for the "
-        "products of an LSTM of each hidden size, store the faster for later runs, and print "
-        "the times. Run it on a quiet machine: the choice stays until it is run again.",
+        description="Time each candidate (torch's BLAS, oneDNN's micro-kernel, oneDNN's "
+        "inner product) for the products of an LSTM of each hidden size, store the fastest for "
+        "later runs, and print the times: 'loop' lines are a time loop's per-step products, "
+        "timed per step of a short forward loop (the gate math between them); 'big' lines the "
+        "products over all steps, timed alone; 'bf16' lines whether bf16 products beat "
+        "float32 ones in the loop (under autocast). A trailing 1: the loop splits its rows "
+        "over the threads (one-thread products), 0: threaded products. Run it on a quiet "
+        "machine: the choice stays until it is run again.",
     )
     k.add_argument("--sizes", default="128,512,1024", help="comma-separated hidden sizes (I = H)")
     k.add_argument("--batch-size", type=int, default=32, help="rows of the batch (default: 32)")

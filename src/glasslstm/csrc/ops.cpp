@@ -66,6 +66,45 @@ std::vector<int64_t> sizes_of(at::OptionalIntArrayRef batch_sizes, int64_t T, in
     return v;
 }
 
+// The shapes a layer's loop indexes by: a call with others (the operator called by hand) is
+// refused here rather than read or written out of bounds.
+void check_layer(const Tensor &x, const Tensor &h0, const Tensor &c0, const Tensor &w_ih,
+                 const Tensor &w_hh, const std::optional<Tensor> &b_ih,
+                 const std::optional<Tensor> &b_hh, const std::optional<Tensor> &w_hr) {
+    TORCH_CHECK(x.dim() == 3, "glasslstm: x must be (T, B, I), got ", x.sizes());
+    const bool proj = w_hr.has_value() && w_hr->defined();
+    TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0 && w_hh.size(0) > 0,
+                "glasslstm: w_hh must be (4H, P), got ", w_hh.sizes());
+    const int64_t B = x.size(1), I = x.size(2), H = w_hh.size(0) / 4, P = w_hh.size(1);
+    auto same = [&](const Tensor &t, const char *name) {
+        TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device().is_cpu(), "glasslstm: ",
+                    name, " must be ", x.scalar_type(), " on the CPU like x, got ",
+                    t.scalar_type(), " on ", t.device());
+    };
+    same(w_hh, "w_hh");
+    same(w_ih, "w_ih");
+    TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 4 * H && w_ih.size(1) == I,
+                "glasslstm: w_ih must be (4H, I) = (", 4 * H, ", ", I, "), got ", w_ih.sizes());
+    TORCH_CHECK(proj || P == H, "glasslstm: w_hh is (4H, P) = ", w_hh.sizes(),
+                " with P != H: give w_hr (P, H)");
+    if (proj) {
+        same(*w_hr, "w_hr");
+        TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) == P && w_hr->size(1) == H,
+                    "glasslstm: w_hr must be (P, H) = (", P, ", ", H, "), got ", w_hr->sizes());
+    }
+    same(h0, "h0");
+    same(c0, "c0");
+    TORCH_CHECK(h0.numel() == B * P && c0.numel() == B * H, "glasslstm: h0 and c0 must be (B, P) = (",
+                B, ", ", P, ") and (B, H) = (", B, ", ", H, "), got ", h0.sizes(), " and ",
+                c0.sizes());
+    for (const auto *b : {&b_ih, &b_hh})
+        if (b->has_value() && (*b)->defined()) {
+            same(**b, "a bias");
+            TORCH_CHECK((*b)->numel() == 4 * H, "glasslstm: a bias must have 4H = ", 4 * H,
+                        " values, got ", (*b)->sizes());
+        }
+}
+
 Tensor bias_of(const std::optional<Tensor> &b_ih, const std::optional<Tensor> &b_hh) {
     if (!b_ih.has_value() || !b_ih->defined()) return Tensor();
     return (b_hh.has_value() && b_hh->defined() ? b_ih->add(*b_hh) : *b_ih).contiguous();
@@ -245,7 +284,7 @@ Layer8 lstm_layer(
     const std::optional<Tensor> &zoneout_h, const std::optional<Tensor> &h_mask,
     double cell_clip) {
     check_cpu_float(x, "x");
-    TORCH_CHECK(x.dim() == 3, "glasslstm: x must be (T, B, I), got ", x.sizes());
+    check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
     Tensor xc = x.contiguous();
     auto sizes = sizes_of(batch_sizes, x.size(0), x.size(1));
     Provider step = provider_of(std::string(step_gemm)), big = provider_of(std::string(big_gemm));

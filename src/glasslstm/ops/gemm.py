@@ -12,10 +12,16 @@ candidate is kept, and the choice is cached per CPU model and torch version in
 
 * ``step``: the per-step recurrent products of the time loops (a few rows of h against the
   whole recurrent weight, every step; one-thread products when the batch rows are split over
-  the threads, threaded ones otherwise);
-* ``big``: the products over all steps at once (input projection, input and weight gradients);
+  the threads, threaded ones otherwise). Timed where they run: a short forward loop of a layer
+  of the same sizes with each candidate (:func:`probe_loop`), not the product alone. Between
+  the gate math of the steps a product meets other caches than in a tight loop of products:
+  on a 2-core Xeon, oneDNN's kernel lost to torch's BLAS by 5% alone and beat it by 10-15%
+  inside the loop;
+* ``big``: the products over all steps at once (input projection, input and weight gradients),
+  timed alone (:func:`probe`);
 * ``bf16``: whether, under ``torch.autocast("cpu", dtype=torch.bfloat16)``, bf16 products
-  (float32 result) beat float32 ones here — only then are they used.
+  (float32 result) beat float32 ones here, timed in the loop as ``step`` is — only then are
+  they used.
 
 ``$GLASSLSTM_GEMM`` forces a choice: ``torch`` or ``onednn`` for both roles, ``onednn_linear``
 for the step products (torch's for the big ones), or one per role, as in
@@ -42,7 +48,7 @@ ROLES = ("step", "big")
 ENV = "GLASSLSTM_GEMM"
 ENV_BF16 = "GLASSLSTM_BF16"
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # a decision may ask for another (bf16: the float32 step choice)
 _memory: dict[str, object] = {}
 
 
@@ -64,11 +70,16 @@ def _cache_file() -> Path:
     return cache_dir() / "gemm.json"
 
 
+# How decisions are measured; part of the machine's key, so that decisions measured another
+# way (by an earlier version) are measured again rather than mixed with these.
+METHOD = "step and bf16 timed in the loop"
+
+
 def _machine_key() -> str:
     # the candidates are part of the key: a decision made among fewer is measured again
     return (
         f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
-        f" | {','.join(step_candidates())}"
+        f" | {','.join(step_candidates())} | {METHOD}"
     )
 
 
@@ -102,10 +113,53 @@ def probe(candidate: str, m: int, n: int, k: int, threads: int, reps: int = 7) -
     return float(torch.ops.glasslstm.gemm_probe(candidate, m, n, k, reps, threads))
 
 
+LOOP_STEPS = 16  # steps of the loop that probe_loop times (the weight is packed once per call)
+
+
+def probe_loop(candidate: str, B: int, H: int, P: int, reps: int = 5) -> float:
+    """Seconds per step of a layer's forward time loop (inference; B rows, hidden size H,
+    output size P) with its per-step products by ``candidate`` (``"bf16"``: bf16 products, as
+    under autocast where they are used). The input has one feature, so that the input
+    projection, the same for every candidate, is negligible. The best of ``reps`` calls after
+    one untimed one; draws no numbers from torch's random stream."""
+    import time
+
+    from glasslstm.ops import native
+
+    native.load()
+    gen = torch.Generator().manual_seed(0)
+    scale = H**-0.5
+    x = torch.randn(LOOP_STEPS, B, 1, generator=gen)
+    h0, c0 = torch.zeros(B, P), torch.zeros(B, H)
+    w_ih = torch.randn(4 * H, 1, generator=gen) * scale
+    w_hh = torch.randn(4 * H, P, generator=gen) * scale
+    bias = torch.zeros(4 * H)
+    w_hr = torch.randn(P, H, generator=gen) * scale if P != H else None  # a projection
+    bf16 = candidate == "bf16"
+    step = "torch" if bf16 else candidate
+    args = (x, h0, c0, w_ih, w_hh, bias, bias, w_hr, None, False, False, False, bf16, step, "torch")
+    best = float("inf")
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            torch.ops.glasslstm.lstm_layer(*args)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+    return best / LOOP_STEPS
+
+
 def _fastest(problem: tuple[int, int, int, int], candidates=None) -> tuple[str, dict]:
-    candidates = candidates or step_candidates()
+    """The fastest candidate for a large product (m, n, k, threads), by :func:`probe`."""
+    candidates = candidates or BIG_CANDIDATES
     m, n, k, threads = problem
     times = {c: probe(c, m, n, k, threads) for c in candidates}
+    return min(times, key=lambda c: times[c]), times
+
+
+def _fastest_loop(problem: tuple[int, int, int, int], candidates) -> tuple[str, dict]:
+    """The fastest candidate for a loop's per-step products, by :func:`probe_loop`."""
+    B, H, P, _ = problem
+    times = {c: probe_loop(c, B, H, P) for c in candidates}
     return min(times, key=lambda c: times[c]), times
 
 
@@ -179,10 +233,14 @@ def _forced() -> dict[str, str]:
 
 
 def step_problem(B: int, H: int, P: int) -> tuple[int, int, int, int]:
-    """(m, n, k, threads) of a loop's per-step product, bucketed."""
-    split = _split_threads(B, H, P)
-    rows = B // split
-    return _bucket(max(rows, 1)), _bucket(4 * H), _bucket(P), 1 if split > 1 else 0
+    """(B, H, P, threads) of a time loop, bucketed (rows to a power of two, sizes to the next
+    power of two from 16); threads is 1 where the loop splits its rows over the threads (its
+    products run on one thread each), 0 where its products are threaded."""
+    rows = 1
+    while rows < B:
+        rows *= 2
+    Hb, Pb = _bucket(H), _bucket(P)
+    return rows, Hb, Pb, 1 if _split_threads(rows, Hb, Pb) > 1 else 0
 
 
 def big_problem(H: int, I: int) -> tuple[int, int, int, int]:
@@ -213,13 +271,16 @@ def _providers(dtype, B, H, P, I, threads, env, pinned) -> tuple[str, str]:
     # run): torch's
     if dtype != torch.float32 or pinned:
         return forced.get("step", "torch"), forced.get("big", "torch")
-    sp, bp = step_problem(B, H, P), big_problem(H, I)
-    step = forced.get("step") or _decide("step {} {} {} {}".format(*sp), lambda: _fastest(sp))[0]
-    big = (
-        forced.get("big")
-        or _decide("big {} {} {} {}".format(*bp), lambda: _fastest(bp, BIG_CANDIDATES))[0]
-    )
+    step = forced.get("step") or _step_choice(B, H, P)
+    bp = big_problem(H, I)
+    big = forced.get("big") or _decide("big {} {} {} {}".format(*bp), lambda: _fastest(bp))[0]
     return step, big
+
+
+def _step_choice(B: int, H: int, P: int) -> str:
+    sp = step_problem(B, H, P)
+    key = "loop B={} H={} P={} {}".format(*sp)
+    return _decide(key, lambda: _fastest_loop(sp, step_candidates()))[0]
 
 
 def native_bf16() -> bool:
@@ -255,11 +316,13 @@ def _bf16_pays(B: int, H: int, P: int, threads: int) -> bool:
     problem = step_problem(B, H, P)
 
     def measure():
-        f32, _ = _fastest(problem)
-        times = {"float32": probe(f32, *problem), "bf16": probe("bf16", *problem)}
+        # float32 as it would run: with the step products chosen (or forced) for this layer
+        f32 = _forced().get("step") or _step_choice(B, H, P)
+        Bb, Hb, Pb, _ = problem
+        times = {"float32": probe_loop(f32, Bb, Hb, Pb), "bf16": probe_loop("bf16", Bb, Hb, Pb)}
         return min(times, key=lambda c: times[c]), times
 
-    return _decide("bf16 {} {} {} {}".format(*problem), measure)[0] == "bf16"
+    return _decide("bf16 B={} H={} P={} {}".format(*problem), measure)[0] == "bf16"
 
 
 # The decisions for a layer's tensors. Under torch.compile the sizes may be symbolic: the
