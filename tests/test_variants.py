@@ -267,6 +267,32 @@ def test_fused_matches_the_autograd_loop(cfg, dtype, lengths):
 
 
 @needs_operator
+def test_fused_with_large_weights_matches_the_autograd_loop():
+    """A recurrent weight past the row-split limit: the loop runs threaded products and shares
+    the gate math and the normalisation of each step's rows over the threads (two here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        kw = dict(MEMBERS["all"], input_dropout=0.2)
+        fused = glasslstm.LSTM(8, 320, dtype=torch.float64, backend="fused", **kw)
+        loop = glasslstm.LSTM(8, 320, dtype=torch.float64, backend="loop", **kw)
+        loop.load_state_dict(fused.state_dict())
+        x = torch.randn(5, 8, 8, dtype=torch.float64)
+        results = []
+        for model in (fused, loop):
+            torch.manual_seed(7)
+            xx = x.clone().requires_grad_()
+            out, (h, c) = model(xx, lengths=[5, 5, 3, 2, 5, 1, 4, 5])
+            (out.pow(2).sum() + h.sum() + c.sum()).backward()
+            results.append([out, h, c, xx.grad, *[p.grad for p in model.parameters()]])
+        for a, b in zip(*results):
+            assert rel_err(a.detach(), b.detach()) <= 1e-10
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_operator
 @pytest.mark.parametrize(
     "part",
     [

@@ -168,6 +168,20 @@ static inline int cell_threads(int64_t n, int64_t H) {
     return 1;
 }
 
+// body(b) for the rows b in [r0, e), each `width` values wide: shared over the threads where a
+// loop runs threaded products (threads == 0, not already one thread's share of the rows) and
+// there is enough work, as the gate math is
+template <typename F>
+static void each_row(int64_t r0, int64_t e, int64_t width, int threads, F &&body) {
+    const int nt = threads == 0 ? cell_threads(e - r0, width) : 1;
+    if (nt <= 1) {
+        for (int64_t b = r0; b < e; b++) body(b);
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = r0; b < e; b++) body(b);
+}
+
 template <typename T>
 static void cell_forward_par(int64_t n, int64_t H, T *a, int64_t lda, const T *bias,
                              const T *cp, int64_t ldp, T *c, int64_t ldc, T *tc, int64_t ldt,
@@ -717,11 +731,11 @@ static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &
         if (n <= 0) continue;
         T *auxt = V && V->aux ? V->aux + (V->aux_ring ? 0 : t) * B * K : nullptr;
         if (V && V->ln_ih)  // a = g_ih LN(x U^T), x^ kept
-            for (int64_t b = r0; b < e; b++) {
+            each_row(r0, e, H4, threads, [&](int64_t b) {
                 T *ab = a + b * H4, *xn = auxt + b * K + V->o_xn;
                 auxt[b * K + V->o_rstd] = ln_row(H4, (const T *)ab, xn);
                 for (int64_t j = 0; j < H4; j++) ab[j] = V->ln_ih[j] * xn[j];
-            }
+            });
         // a[rows] += H_{t-1} W^T (with ln_hh: into aux, normalised by the cell), in up to two
         // row blocks: continuing rows, starting rows
         for (int blk = 0; blk < 2; blk++) {
@@ -913,11 +927,11 @@ static void backward_rows(const BackwardArgs<T> &A, const Gemms &G, const Packed
         if (zcarry)
             for (int64_t j = 0; j < n * P; j++) dhr[j] += zcarry[j];
         if (V && V->ln_ih)  // da -> dL/d(x U^T) through the input product's normalisation
-            for (int64_t b = r0; b < e; b++) {
+            each_row(r0, e, H4, threads, [&](int64_t b) {
                 T *db_ = A.da + (t * B + b) * H4;
                 const T *xb = auxt + b * K;
                 ln_row_backward(H4, (const T *)db_, V->ln_ih, xb + V->o_xn, xb[V->o_rstd], db_);
-            }
+            });
     }
     delete[] d16;
     delete[] dr;
