@@ -337,6 +337,37 @@ static at::Tensor bf16_rows(const at::Tensor &X) {
     return out;
 }
 
+template <typename T>
+static void transpose_tiles(int64_t rows, int64_t cols, const T *src, T *dst) {
+    // dst (cols x rows) = src (rows x cols)^T, in kTile x kTile tiles: both sides of a tile
+    // stay in L1, and the threads share the tiles' column bands
+    constexpr int64_t kTile = 32;
+    at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t j0 = b0 * kTile; j0 < std::min(cols, b1 * kTile); j0 += kTile) {
+            const int64_t j1 = std::min(cols, j0 + kTile);
+            for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+                const int64_t i1 = std::min(rows, i0 + kTile);
+                for (int64_t j = j0; j < j1; j++)
+                    for (int64_t i = i0; i < i1; i++) dst[j * rows + i] = src[i * cols + j];
+            }
+        }
+    });
+}
+
+at::Tensor transposed(const at::Tensor &W) {
+    if (W.dim() != 2 || !W.is_contiguous() ||
+        (W.scalar_type() != at::kFloat && W.scalar_type() != at::kDouble))
+        return W.t().contiguous();
+    at::Tensor out = at::empty({W.size(1), W.size(0)}, W.options());
+    if (W.scalar_type() == at::kFloat)
+        transpose_tiles(W.size(0), W.size(1), W.const_data_ptr<float>(),
+                        out.mutable_data_ptr<float>());
+    else
+        transpose_tiles(W.size(0), W.size(1), W.const_data_ptr<double>(),
+                        out.mutable_data_ptr<double>());
+    return out;
+}
+
 at::Tensor mm_bf16(const at::Tensor &A, const at::Tensor &B) {
     at::Tensor a = bf16_rows(A), b = bf16_rows(B);
     at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));

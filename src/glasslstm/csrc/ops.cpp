@@ -229,7 +229,7 @@ Layer8 layer_impl(
         gates = mm_bf16(x2, w_ih.t()).view({Tn, B, 4 * H});
     } else {
         // a contiguous U^T pays for its copy on many rows (the BLAS's "T" product is slower)
-        Tensor u = Tn * B >= 64 ? w_ih.t().contiguous() : w_ih.t();
+        Tensor u = Tn * B >= 64 ? transposed(w_ih) : w_ih.t();
         gates = mm(big, x2, u).view({Tn, B, 4 * H});
     }
     Tensor cs = keep ? at::empty({Tn, B, H}, opts) : at::empty({2, B, H}, opts);
@@ -238,8 +238,8 @@ Layer8 layer_impl(
     if (proj)  // zero-filled when ragged: the dW_hr product reads every row
         rs = train ? (ragged ? at::zeros({Tn, B, H}, opts) : at::empty({Tn, B, H}, opts))
                    : at::empty({1, B, H}, opts);
-    Tensor w_t = w_hh.t().contiguous();  // (P, 4H): every step multiplies by it
-    Tensor whr_t = proj ? w_hr->t().contiguous() : Tensor();
+    Tensor w_t = transposed(w_hh);  // (P, 4H): every step multiplies by it
+    Tensor whr_t = proj ? transposed(*w_hr) : Tensor();
     Tensor w_t16 = bf16 ? w_t.to(at::kBFloat16) : Tensor();
     ForwardArgs<T> a{};
     a.T_ = Tn, a.B = B, a.H = H, a.P = P;
