@@ -192,11 +192,17 @@ def test_bench_gemm_measures_and_prints_the_choice(tmp_path, monkeypatch, capsys
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(gemm, "probe", lambda c, *a, **k: 1.0 if c == "onednn" else 2.0)
+    monkeypatch.setattr(gemm, "probe_loop", lambda c, *a, **k: 1.0 if c == "torch" else 3.0)
     monkeypatch.setattr(gemm, "busy", lambda: False)
     try:
         assert main(["bench", "gemm", "--sizes", "16,32", "--batch-size", "8"]) == 0
     finally:
         gemm.forget()
     out = capsys.readouterr().out
-    assert out.startswith("CPU: ") and "step " in out and ": onednn (onednn 1000000.0 us" in out
+    lines = out.splitlines()
+    assert lines[0].startswith("CPU: ")
+    big = [line for line in lines if line.startswith("big ")]
+    loop = [line for line in lines if line.startswith("loop B=8 ")]
+    assert big and all(": onednn (onednn 1000000.0 us" in line for line in big)
+    assert loop and all(": torch (" in line and "torch 1000000.0 us" in line for line in loop)
     assert (tmp_path / "glasslstm" / "gemm.json").is_file()
