@@ -199,7 +199,7 @@ def run_gemm(args) -> int:
         times = ", ".join(f"{c} {s * 1e6:.1f} us" for c, s in d["seconds"].items())
         print(f"{key}: {d['choice']} ({times})")
     if gemm.busy():
-        print("note: other work held the cores; threaded products were measured but not stored")
+        print("note: other work held the cores; the choices were measured but not stored")
     return 0
 
 

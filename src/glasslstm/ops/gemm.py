@@ -181,8 +181,9 @@ def _store(data: dict) -> None:
 
 
 def busy() -> bool:
-    """Whether other work holds this machine's cores now (then a measurement of threaded
-    products is kept for this process only, not stored for the next ones)."""
+    """Whether other work holds this machine's cores now (then a measurement is kept for this
+    process only, not stored for the next ones: the loops and products are timed on the wall
+    clock, their threads sharing the cores with that work)."""
     try:
         return os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1)
     except OSError:
@@ -191,7 +192,7 @@ def busy() -> bool:
 
 def _decide(key: str, measure) -> tuple[str, dict]:
     """The cached decision for ``key`` on this machine, or ``measure()``'s, stored (unless the
-    machine was busy while a threaded product was timed)."""
+    machine was busy when it was measured)."""
     mkey = _machine_key()
     with _lock:
         full = f"{mkey} | {key}"
@@ -204,7 +205,7 @@ def _decide(key: str, measure) -> tuple[str, dict]:
         else:
             choice, seconds = measure()
             found = (choice, seconds)
-            if key.endswith(" 1") or not busy():  # one-thread products: CPU time, robust
+            if not busy():
                 data.setdefault(mkey, {})[key] = {"choice": choice, "seconds": seconds}
                 _store(data)
         _memory[full] = found
