@@ -316,31 +316,10 @@ at::Tensor mm(Provider p, const at::Tensor &A, const at::Tensor &B) {
     return at::cpu::mm(A, B);
 }
 
-// X (2-D) as a row-major bfloat16 tensor. A transposed view of a float32 matrix (the weight
-// gradient's dA^T) is converted and transposed in one blocked pass: converting first and then
-// copying the strided view costs several times as much (a cache miss per element).
-static at::Tensor bf16_rows(const at::Tensor &X) {
-    if (X.scalar_type() != at::kFloat || X.is_contiguous() || !X.t().is_contiguous())
-        return X.to(at::kBFloat16).contiguous();
-    const int64_t rows = X.size(0), cols = X.size(1);  // X(i, j) = src[j * rows + i]
-    const float *src = X.const_data_ptr<float>();
-    at::Tensor out = at::empty({rows, cols}, X.options().dtype(at::kBFloat16));
-    auto *dst = out.mutable_data_ptr<at::BFloat16>();
-    constexpr int64_t kTile = 32;
-    at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t jb = b0 * kTile; jb < std::min(cols, b1 * kTile); jb += kTile)
-            for (int64_t i0 = 0; i0 < rows; i0 += kTile)
-                for (int64_t i = i0; i < std::min(rows, i0 + kTile); i++)
-                    for (int64_t j = jb; j < std::min(cols, jb + kTile); j++)
-                        dst[i * cols + j] = c10::BFloat16(src[j * rows + i]);
-    });
-    return out;
-}
-
-template <typename T>
-static void transpose_tiles(int64_t rows, int64_t cols, const T *src, T *dst) {
-    // dst (cols x rows) = src (rows x cols)^T, in kTile x kTile tiles: both sides of a tile
-    // stay in L1, and the threads share the tiles' column bands
+// dst (cols x rows) = src (rows x cols)^T, converted to D, in kTile x kTile tiles: both sides
+// of a tile stay in L1, and the threads share the tiles' column bands
+template <typename S, typename D>
+static void transpose_tiles(int64_t rows, int64_t cols, const S *src, D *dst) {
     constexpr int64_t kTile = 32;
     at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t j0 = b0 * kTile; j0 < std::min(cols, b1 * kTile); j0 += kTile) {
@@ -348,10 +327,23 @@ static void transpose_tiles(int64_t rows, int64_t cols, const T *src, T *dst) {
             for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
                 const int64_t i1 = std::min(rows, i0 + kTile);
                 for (int64_t j = j0; j < j1; j++)
-                    for (int64_t i = i0; i < i1; i++) dst[j * rows + i] = src[i * cols + j];
+                    for (int64_t i = i0; i < i1; i++) dst[j * rows + i] = D(src[i * cols + j]);
             }
         }
     });
+}
+
+// X (2-D) as a row-major bfloat16 tensor. A transposed view of a float32 matrix (the weight
+// gradient's dA^T) is converted and transposed in one blocked pass: converting first and then
+// copying the strided view costs several times as much (a cache miss per element).
+static at::Tensor bf16_rows(const at::Tensor &X) {
+    if (X.scalar_type() != at::kFloat || X.is_contiguous() || !X.t().is_contiguous())
+        return X.to(at::kBFloat16).contiguous();
+    // X is the transpose of a contiguous (cols x rows) matrix
+    at::Tensor out = at::empty({X.size(0), X.size(1)}, X.options().dtype(at::kBFloat16));
+    transpose_tiles(X.size(1), X.size(0), X.const_data_ptr<float>(),
+                    out.mutable_data_ptr<at::BFloat16>());
+    return out;
 }
 
 at::Tensor transposed(const at::Tensor &W) {

@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -122,8 +123,6 @@ def probe_loop(candidate: str, B: int, H: int, P: int, reps: int = 5) -> float:
     under autocast where they are used). The input has one feature, so that the input
     projection, the same for every candidate, is negligible. The best of ``reps`` calls after
     one untimed one; draws no numbers from torch's random stream."""
-    import time
-
     from glasslstm.ops import native
 
     native.load()
@@ -148,18 +147,17 @@ def probe_loop(candidate: str, B: int, H: int, P: int, reps: int = 5) -> float:
     return best / LOOP_STEPS
 
 
-def _fastest(problem: tuple[int, int, int, int], candidates=None) -> tuple[str, dict]:
+def _fastest(problem: tuple[int, int, int, int]) -> tuple[str, dict]:
     """The fastest candidate for a large product (m, n, k, threads), by :func:`probe`."""
-    candidates = candidates or BIG_CANDIDATES
     m, n, k, threads = problem
-    times = {c: probe(c, m, n, k, threads) for c in candidates}
+    times = {c: probe(c, m, n, k, threads) for c in BIG_CANDIDATES}
     return min(times, key=lambda c: times[c]), times
 
 
-def _fastest_loop(problem: tuple[int, int, int, int], candidates) -> tuple[str, dict]:
+def _fastest_loop(problem: tuple[int, int, int, int]) -> tuple[str, dict]:
     """The fastest candidate for a loop's per-step products, by :func:`probe_loop`."""
     B, H, P, _ = problem
-    times = {c: probe_loop(c, B, H, P) for c in candidates}
+    times = {c: probe_loop(c, B, H, P) for c in step_candidates()}
     return min(times, key=lambda c: times[c]), times
 
 
@@ -272,16 +270,21 @@ def _providers(dtype, B, H, P, I, threads, env, pinned) -> tuple[str, str]:
     # run): torch's
     if dtype != torch.float32 or pinned:
         return forced.get("step", "torch"), forced.get("big", "torch")
-    step = forced.get("step") or _step_choice(B, H, P)
+    step = _step_choice(B, H, P)
     bp = big_problem(H, I)
     big = forced.get("big") or _decide("big {} {} {} {}".format(*bp), lambda: _fastest(bp))[0]
     return step, big
 
 
 def _step_choice(B: int, H: int, P: int) -> str:
+    """The per-step products' candidate for a float32 loop of these sizes: forced, or the
+    fastest measured."""
+    forced = _forced().get("step")
+    if forced:
+        return forced
     sp = step_problem(B, H, P)
     key = "loop B={} H={} P={} {}".format(*sp)
-    return _decide(key, lambda: _fastest_loop(sp, step_candidates()))[0]
+    return _decide(key, lambda: _fastest_loop(sp))[0]
 
 
 def native_bf16() -> bool:
@@ -318,7 +321,7 @@ def _bf16_pays(B: int, H: int, P: int, threads: int) -> bool:
 
     def measure():
         # float32 as it would run: with the step products chosen (or forced) for this layer
-        f32 = _forced().get("step") or _step_choice(B, H, P)
+        f32 = _step_choice(B, H, P)
         Bb, Hb, Pb, _ = problem
         times = {"float32": probe_loop(f32, Bb, Hb, Pb), "bf16": probe_loop("bf16", Bb, Hb, Pb)}
         return min(times, key=lambda c: times[c]), times
