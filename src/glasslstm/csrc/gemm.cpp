@@ -69,6 +69,7 @@ void onednn_tile(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, c
 
 int64_t onednn_packed_size(int64_t k, int64_t n);
 void onednn_pack(int64_t k, int64_t n, const float *B, int64_t ldb, float *out);
+void onednn_pack_t(int64_t k, int64_t n, const float *Bt, int64_t ldbt, float *out);
 void onednn_gemm_packed(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
                         const float *Bp, float beta, float *C, int64_t ldc, int threads);
 
@@ -114,14 +115,38 @@ int64_t onednn_packed_size(int64_t k, int64_t n) { return (n + kBlockN - 1) / kB
 
 void onednn_pack(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) {
     const int64_t nb = (n + kBlockN - 1) / kBlockN;
-    for (int64_t j = 0; j < nb; j++) {
-        const int64_t j0 = j * kBlockN, w = std::min(kBlockN, n - j0);
-        float *blk = out + j * k * kBlockN;
-        for (int64_t r = 0; r < k; r++) {
-            std::copy(B + r * ldb + j0, B + r * ldb + j0 + w, blk + r * kBlockN);
-            std::fill(blk + r * kBlockN + w, blk + (r + 1) * kBlockN, 0.0f);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t j = b0; j < b1; j++) {
+            const int64_t j0 = j * kBlockN, w = std::min(kBlockN, n - j0);
+            float *blk = out + j * k * kBlockN;
+            for (int64_t r = 0; r < k; r++) {
+                std::copy(B + r * ldb + j0, B + r * ldb + j0 + w, blk + r * kBlockN);
+                std::fill(blk + r * kBlockN + w, blk + (r + 1) * kBlockN, 0.0f);
+            }
         }
-    }
+    });
+}
+
+// The same packed copy made from B^T (n x k, row-major: a weight as torch stores it), so that
+// no transposed copy of the weight is made first: block j is the transpose of rows
+// [j kBlockN, (j + 1) kBlockN) of B^T, done in kBlockN x kBlockN tiles that stay in L1.
+void onednn_pack_t(int64_t k, int64_t n, const float *Bt, int64_t ldbt, float *out) {
+    const int64_t nb = (n + kBlockN - 1) / kBlockN;
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t j = b0; j < b1; j++) {
+            const int64_t j0 = j * kBlockN, w = std::min(kBlockN, n - j0);
+            float *blk = out + j * k * kBlockN;
+            for (int64_t r0 = 0; r0 < k; r0 += kBlockN) {
+                const int64_t r1 = std::min(k, r0 + kBlockN);
+                for (int64_t c = 0; c < w; c++) {
+                    const float *src = Bt + (j0 + c) * ldbt;
+                    for (int64_t r = r0; r < r1; r++) blk[r * kBlockN + c] = src[r];
+                }
+                for (int64_t c = w; c < kBlockN; c++)
+                    for (int64_t r = r0; r < r1; r++) blk[r * kBlockN + c] = 0.0f;
+            }
+        }
+    });
 }
 
 void onednn_gemm_packed(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
@@ -286,6 +311,7 @@ Gemms gemms(Provider step, bool bf16) {
     if (step == Provider::OneDNN) {
         g.packed.packed_size = onednn_packed_size;
         g.packed.pack = onednn_pack;
+        g.packed.pack_t = onednn_pack_t;
         g.packed.gemm_packed = onednn_gemm_packed;
     }
     return g;

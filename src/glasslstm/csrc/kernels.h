@@ -35,6 +35,8 @@ using gemm_bf16_fn = void (*)(int64_t m, int64_t n, int64_t k, const uint16_t *A
 struct PackedGemm {
     int64_t (*packed_size)(int64_t k, int64_t n) = nullptr;
     void (*pack)(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) = nullptr;
+    // the same copy made from B^T (n x k, row-major, ldbt): a weight as torch stores it
+    void (*pack_t)(int64_t k, int64_t n, const float *Bt, int64_t ldbt, float *out) = nullptr;
     void (*gemm_packed)(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
                         const float *Bp, float beta, float *C, int64_t ldc,
                         int threads) = nullptr;
@@ -110,8 +112,10 @@ struct ForwardArgs {
                         // null without one
     bool rs_ring;
     T *h_n, *c_n;       // (B, P), (B, H): each row's state after its last step
-    const T *w_t;       // (P, 4H): W^T, contiguous
-    const T *whr_t;     // (H, P): W_hr^T, contiguous, or null
+    const T *w;         // (4H, P): W as torch stores it, contiguous
+    const T *whr;       // (P, H): W_hr, contiguous, or null
+    const T *w_t;       // (P, 4H): W^T, contiguous; null where the loop packs W (packs_weights)
+    const T *whr_t;     // (H, P): W_hr^T, contiguous, or null (no projection, or packed)
     const uint16_t *w_t16;  // (P, 4H) W^T in bf16 (bf16 products), or null
     const int64_t *batch_sizes;  // (T) rows active per step, or null (all rows, all steps)
     bool reverse;
@@ -138,6 +142,12 @@ struct BackwardArgs {
     T *dv;              // (13H): the family's parameter gradients [g_ih (4H) | g_hh (4H) |
                         // p (3H) | g_c (H) | b_c (H)], or null
 };
+
+// Whether a float32 forward loop of `steps` steps multiplies by a packed copy of its weights
+// made straight from W (PackedGemm::pack_t), so that the caller need not transpose them.
+inline bool packs_weights(const Gemms &g, int64_t steps, bool bf16) {
+    return g.packed.pack_t != nullptr && steps > 1 && !bf16;
+}
 
 // The one-token step through L stacked layers (streaming inference), in place.
 template <typename T>

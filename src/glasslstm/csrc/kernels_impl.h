@@ -701,6 +701,19 @@ static void pack_weights(const Gemms &G, Packed &P, int64_t k1, int64_t n1, cons
     }
 }
 
+// the same from w1 and w2 as torch stores them (n1 x k1, n2 x k2): packs_weights in kernels.h
+static void pack_weights_t(const Gemms &G, Packed &P, int64_t k1, int64_t n1, const float *w1,
+                           int64_t k2, int64_t n2, const float *w2) {
+    const int64_t s1 = G.packed.packed_size(k1, n1), s2 = w2 ? G.packed.packed_size(k2, n2) : 0;
+    P.storage = new float[(size_t)(s1 + s2)];
+    G.packed.pack_t(k1, n1, w1, k1, P.storage);
+    P.w = P.storage;
+    if (w2) {
+        G.packed.pack_t(k2, n2, w2, k2, P.storage + s1);
+        P.whr = P.storage + s1;
+    }
+}
+
 template <typename T>
 static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &PK, int64_t r0,
                          int64_t r1, int threads) {
@@ -806,7 +819,11 @@ template <typename T>
 static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
     const int64_t B = A.B;
     Packed PK;  // W^T (P x 4H) and W_hr^T (H x P), packed once for all steps
-    if (!A.w_t16 && A.T_ > 1)
+    if constexpr (std::is_same<T, float>::value) {
+        if (packs_weights(G, A.T_, A.w_t16 != nullptr))
+            pack_weights_t(G, PK, A.P, 4 * A.H, A.w, A.H, A.P, A.rs ? A.whr : nullptr);
+    }
+    if (!PK.w && !A.w_t16 && A.T_ > 1)
         pack_weights(G, PK, A.P, 4 * A.H, A.w_t, A.H, A.P, A.rs ? A.whr_t : nullptr);
     if (A.T_ > 1) pack_weight_bf16(G, PK, A.P, 4 * A.H, A.w_t16);
     // (the rings of inference are written row by row too: threads never meet there either)

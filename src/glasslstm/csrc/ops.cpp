@@ -238,8 +238,13 @@ Layer8 layer_impl(
     if (proj)  // zero-filled when ragged: the dW_hr product reads every row
         rs = train ? (ragged ? at::zeros({Tn, B, H}, opts) : at::empty({Tn, B, H}, opts))
                    : at::empty({1, B, H}, opts);
-    Tensor w_t = transposed(w_hh);  // (P, 4H): every step multiplies by it
-    Tensor whr_t = proj ? transposed(*w_hr) : Tensor();
+    // W^T (P, 4H), what every step multiplies by (and W_hr^T), unless the loop packs its own
+    // copy straight from W
+    Gemms g = gemms(step, bf16);
+    const bool packs = std::is_same<T, float>::value && packs_weights(g, Tn, bf16);
+    Tensor whh = w_hh.contiguous(), whr = proj ? w_hr->contiguous() : Tensor();
+    Tensor w_t = packs ? Tensor() : transposed(whh);
+    Tensor whr_t = proj && !packs ? transposed(whr) : Tensor();
     Tensor w_t16 = bf16 ? w_t.to(at::kBFloat16) : Tensor();
     ForwardArgs<T> a{};
     a.T_ = Tn, a.B = B, a.H = H, a.P = P;
@@ -249,7 +254,8 @@ Layer8 layer_impl(
     a.tanh_c = train ? ptr<T>(tanh_c) : nullptr;
     a.rs = proj ? ptr<T>(rs) : nullptr, a.rs_ring = proj && !train;
     a.h_n = ptr<T>(h_n), a.c_n = ptr<T>(c_n);
-    a.w_t = ptr<T>(w_t), a.whr_t = proj ? ptr<T>(whr_t) : nullptr;
+    a.w = ptr<T>(whh), a.whr = proj ? ptr<T>(whr) : nullptr;
+    a.w_t = packs ? nullptr : ptr<T>(w_t), a.whr_t = proj && !packs ? ptr<T>(whr_t) : nullptr;
     a.w_t16 = bf16 ? reinterpret_cast<const uint16_t *>(w_t16.data_ptr<at::BFloat16>()) : nullptr;
     a.batch_sizes = ragged ? sizes.data() : nullptr;
     a.reverse = reverse;
@@ -263,7 +269,6 @@ Layer8 layer_impl(
     h_n.copy_(h0);
     c_n.copy_(c0);
     if (Tn > 0 && B > 0) {
-        Gemms g = gemms(step, bf16);
         if constexpr (std::is_same<T, float>::value)
             kernels().forward_f32(a, g);
         else
