@@ -389,10 +389,37 @@ def test_inference_keeps_nothing_for_a_backward():
     opts = ("torch", "torch")
     infer = torch.ops.glasslstm.lstm_layer(*args, False, False, False, *opts)
     train = torch.ops.glasslstm.lstm_layer(*args, True, False, False, *opts)
-    assert [t.numel() for t in infer[4:]] == [0, 0, 0, 0]
-    assert [tuple(t.shape) for t in train[4:6]] == [(6, 2, 4), (6, 2, 4)]
-    for a, b in zip(infer[:4], train[:4]):
+    assert [t.numel() for t in infer[3:]] == [0, 0, 0, 0, 0]
+    assert [tuple(t.shape) for t in train[3:6]] == [(6, 2, 16), (6, 2, 4), (6, 2, 4)]
+    for a, b in zip(infer[:3], train[:3]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hidden", [256, 320])
+def test_inference_in_chunks_of_steps_matches_torch(hidden, two_threads):
+    """Inference projects its input a chunk of steps at a time (8 MiB of gates: 32 steps of
+    64 rows at H=256, 25 at H=320), so a 70-step sequence runs in three chunks: with the rows
+    split over the threads (H=256) and with threaded products (H=320), both directions, rows
+    of different lengths, an initial state. Same outputs as torch, and as training, which
+    projects all steps at once."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(9, hidden, bidirectional=True)
+    ours = glasslstm.LSTM.from_torch(ref, backend="fused")
+    T, B = 70, 64
+    x = torch.randn(T, B, 9)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    h0, c0 = torch.randn(2, B, hidden), torch.randn(2, B, hidden)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with torch.no_grad():
+        want, (hn, cn) = ref(packed, (h0, c0))
+        want = torch.nn.utils.rnn.pad_packed_sequence(want)[0]
+        got, (gh, gc) = ours(x, (h0, c0), lengths=lengths)
+    assert rel_err(got, want) <= 2e-5
+    assert rel_err(gh, hn) <= 2e-5 and rel_err(gc, cn) <= 2e-5
+    xx = x.clone().requires_grad_()
+    trained = ours(xx, (h0, c0), lengths=lengths)[0]
+    assert torch.equal(trained.detach(), got)
 
 
 def test_the_layer_operator_refuses_shapes_its_loop_cannot_index():

@@ -101,7 +101,13 @@ template <typename T>
 struct ForwardArgs {
     int64_t T_, B, H, P;
     T *gates;           // (T, B, 4H): x U^T on entry, the activated i, f, g, o on exit (zero
-                        // past each row's end)
+                        // past each row's end); or, with `project`, (chunk, B, 4H)
+    // Inference in chunks of `chunk` steps: before each, project(project_ctx, t0, t1) writes
+    // x_t U^T of the steps t in [t0, t1) into gates (step t at row t - t0), so that the gates of
+    // all T steps are never held at once. Null: gates holds every step, projected beforehand.
+    void (*project)(void *ctx, int64_t t0, int64_t t1);
+    void *project_ctx;
+    int64_t chunk;
     const T *bias;      // (4H) added to every row as it is read, or null
     const T *h0, *c0;   // (B, P), (B, H)
     T *y;               // (T, B, P): H_t (zero past each row's end)

@@ -714,21 +714,27 @@ static void pack_weights_t(const Gemms &G, Packed &P, int64_t k1, int64_t n1, co
     }
 }
 
+// the time step t of processing step s (t = s forward, T - 1 - s in reverse)
+static inline int64_t time_of(bool reverse, int64_t Tn, int64_t s) { return reverse ? Tn - 1 - s : s; }
+
+// steps [s0, s1) of the loop (in processing order) for the rows [r0, r1), the gates of step t
+// at row t - t_base of A.gates
 template <typename T>
 static void forward_rows(const ForwardArgs<T> &A, const Gemms &G, const Packed &PK, int64_t r0,
-                         int64_t r1, int threads) {
+                         int64_t r1, int threads, int64_t s0, int64_t s1, int64_t t_base) {
     const int64_t Tn = A.T_, B = A.B, H = A.H, P = A.P, H4 = 4 * H;
     const bool bf16 = A.w_t16 != nullptr && sizeof(T) == sizeof(float);
     uint16_t *h16 = bf16 ? new uint16_t[(size_t)((r1 - r0) * P)] : nullptr;
     const VariantArgs<T> *V = A.v;
     const int64_t K = V ? V->K : 0;
     T *hm = V && V->hmask ? new T[(size_t)((r1 - r0) * P)] : nullptr;  // H_{t-1} m_h
-    int64_t active_before = 0;  // rows active at the previous step (in processing order)
-    for (int64_t s = 0; s < Tn; s++) {
-        const int64_t t = A.reverse ? Tn - 1 - s : s;
+    // rows active at the previous step (in processing order)
+    int64_t active_before = s0 == 0 ? 0 : (A.batch_sizes ? A.batch_sizes[time_of(A.reverse, Tn, s0 - 1)] : B);
+    for (int64_t s = s0; s < s1; s++) {
+        const int64_t t = time_of(A.reverse, Tn, s);
         const int64_t nb = A.batch_sizes ? A.batch_sizes[t] : B;
         const int64_t e = nb < r1 ? nb : r1, n = e - r0;  // active rows of this share: [r0, e)
-        T *a = A.gates + t * B * H4;
+        T *a = A.gates + (t - t_base) * B * H4;
         T *yt = A.y + t * B * P;
         T *ct = A.cs + (A.cs_ring ? (s & 1) : t) * B * H;
         const T *yp = s == 0 ? nullptr : A.y + (A.reverse ? t + 1 : t - 1) * B * P;
@@ -828,22 +834,31 @@ static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
     if (A.T_ > 1) pack_weight_bf16(G, PK, A.P, 4 * A.H, A.w_t16);
     // (the rings of inference are written row by row too: threads never meet there either)
     int nt = row_threads(B, (size_t)(4 * A.H * A.P + (A.rs ? A.H * A.P : 0)) * sizeof(T));
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-        {
-            int64_t k = omp_get_num_threads(), id = omp_get_thread_num();
-            int64_t r0 = B * id / k, r1 = B * (id + 1) / k;
-            unsigned int fp;
-            fp_begin(&fp);
-            if (r0 < r1) forward_rows(A, G, PK, r0, r1, 1);
-            fp_end(fp);
-        }
-        return;
-    }
     FtzState ftz;
-    ftz_begin(ftz, A.T_);
-    forward_rows(A, G, PK, 0, B, 0);
-    ftz_end(ftz);
+    if (nt == 1) ftz_begin(ftz, A.T_);
+    // the whole loop, or chunks of A.chunk steps, each projected first (A.project)
+    const int64_t Tn = A.T_, chunk = A.project ? A.chunk : Tn;
+    for (int64_t s0 = 0; s0 < Tn; s0 += chunk) {
+        const int64_t s1 = s0 + chunk < Tn ? s0 + chunk : Tn;
+        // the chunk's steps are t in [t0, t1)
+        const int64_t t0 = A.reverse ? Tn - s1 : s0, t1 = A.reverse ? Tn - s0 : s1;
+        if (A.project) A.project(A.project_ctx, t0, t1);
+        const int64_t t_base = A.project ? t0 : 0;
+        if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+            {
+                int64_t k = omp_get_num_threads(), id = omp_get_thread_num();
+                int64_t r0 = B * id / k, r1 = B * (id + 1) / k;
+                unsigned int fp;
+                fp_begin(&fp);
+                if (r0 < r1) forward_rows(A, G, PK, r0, r1, 1, s0, s1, t_base);
+                fp_end(fp);
+            }
+        } else {
+            forward_rows(A, G, PK, 0, B, 0, s0, s1, t_base);
+        }
+    }
+    if (nt == 1) ftz_end(ftz);
 }
 
 // acc (k) += the column sums of M (n x k, contiguous)

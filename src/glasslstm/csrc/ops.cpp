@@ -200,12 +200,27 @@ VariantArgs<T> variant_args(const Variant &v, const AuxLayout &l, const Tensor &
 // ---- lstm_layer -----------------------------------------------------------------------------
 // (y, h_n, c_n, gates, cs, tanh_c, rs, aux): y (T, B, P) the outputs (zero past each row's end);
 // h_n, c_n (B, P), (B, H) each row's final state; gates (T, B, 4H) the activated gates and cs
-// (T, B, H) the cell states (zero past each row's end; cs empty unless `train` or `record`);
+// (T, B, H) the cell states (zero past each row's end; both empty unless `train` or `record`);
 // tanh_c and rs (T, B, H) tanh(C_t) and o tanh(C_t) before the projection, kept for the
 // backward (empty unless `train`; rs also without a projection); aux (T, B, K) what the
 // regularised family's backward needs (empty unless `train` and the family is used). Rows are
 // sorted longest first when batch_sizes is given (the PackedSequence layout).
 using Layer8 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// Inference projects its input in chunks of steps whose gates take about this many bytes
+constexpr int64_t kChunkBytes = int64_t(8) << 20;
+
+// x_t U^T for the steps [t0, t1) into the chunk buffer (ForwardArgs::project)
+struct ProjectSteps {
+    Tensor x2, u, buf;  // x (T B, I), U^T, the buffer (chunk B, 4H)
+    Provider big;
+    int64_t B;
+    static void run(void *self, int64_t t0, int64_t t1) {
+        auto &p = *static_cast<ProjectSteps *>(self);
+        Tensor dst = p.buf.narrow(0, 0, (t1 - t0) * p.B);
+        mm_into(p.big, p.x2.narrow(0, t0 * p.B, (t1 - t0) * p.B), p.u, 0.0, dst);
+    }
+};
 
 template <typename T>
 Layer8 layer_impl(
@@ -221,16 +236,29 @@ Layer8 layer_impl(
     Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
     Tensor y = at::empty({Tn, B, P}, opts), h_n = at::empty({B, P}, opts),
            c_n = at::empty({B, H}, opts);
-    // x U^T for all steps at once: one large product (the bias is added in the loop)
+    // x U^T for all steps at once: one large product (the bias is added in the loop). In
+    // inference, in chunks of steps instead, each projected just before the loop runs it, into
+    // one buffer: for long sequences the gates of every step (4H values per row and step) would
+    // be several times the output, and a fresh buffer that large costs a page fault per 4 KiB.
     Tensor x2 = x.reshape({Tn * B, I});
     Tensor gates;
     bf16 = bf16 && std::is_same<T, float>::value;
+    const int64_t step_bytes = std::max<int64_t>(1, B * 4 * H * (int64_t)sizeof(T));
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / step_bytes);
+    const bool chunked = !keep && !bf16 && Tn > chunk;
+    ProjectSteps project;
     if (bf16) {
         gates = mm_bf16(x2, w_ih.t()).view({Tn, B, 4 * H});
     } else {
+        const int64_t rows = (chunked ? chunk : Tn) * B;
         // a contiguous U^T pays for its copy on many rows (the BLAS's "T" product is slower)
-        Tensor u = Tn * B >= 64 ? transposed(w_ih) : w_ih.t();
-        gates = mm(big, x2, u).view({Tn, B, 4 * H});
+        Tensor u = rows >= 64 ? transposed(w_ih) : w_ih.t();
+        if (chunked) {
+            gates = at::empty({chunk, B, 4 * H}, opts);
+            project = ProjectSteps{x2, u, gates.view({chunk * B, 4 * H}), big, B};
+        } else {
+            gates = mm(big, x2, u).view({Tn, B, 4 * H});
+        }
     }
     Tensor cs = keep ? at::empty({Tn, B, H}, opts) : at::empty({2, B, H}, opts);
     Tensor tanh_c = train ? at::empty({Tn, B, H}, opts) : empty0(x);
@@ -249,6 +277,7 @@ Layer8 layer_impl(
     ForwardArgs<T> a{};
     a.T_ = Tn, a.B = B, a.H = H, a.P = P;
     a.gates = ptr<T>(gates), a.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
+    if (chunked) a.project = ProjectSteps::run, a.project_ctx = &project, a.chunk = chunk;
     a.h0 = ptr<T>(h0), a.c0 = ptr<T>(c0), a.y = ptr<T>(y);
     a.cs = ptr<T>(cs), a.cs_ring = !keep;
     a.tanh_c = train ? ptr<T>(tanh_c) : nullptr;
@@ -274,7 +303,7 @@ Layer8 layer_impl(
         else
             kernels().forward_f64(a, g);
     }
-    return {y, h_n, c_n, gates, keep ? cs : empty0(x), tanh_c,
+    return {y, h_n, c_n, keep ? gates : empty0(x), keep ? cs : empty0(x), tanh_c,
             proj && train ? rs : empty0(x), train ? aux : empty0(x)};
 }
 

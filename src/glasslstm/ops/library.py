@@ -81,7 +81,7 @@ def _layer_fake(
         x.new_empty(T, B, P),
         x.new_empty(B, P),
         x.new_empty(B, H),
-        x.new_empty(T, B, 4 * H),
+        x.new_empty(T, B, 4 * H) if keep else x.new_empty(0),
         x.new_empty(T, B, H) if keep else x.new_empty(0),
         x.new_empty(T, B, H) if train else x.new_empty(0),
         x.new_empty(T, B, H) if train and w_hr is not None else x.new_empty(0),
