@@ -395,6 +395,25 @@ def test_inference_keeps_nothing_for_a_backward():
         assert torch.equal(a, b)
 
 
+def test_large_buffers_are_reused():
+    """The operator's large buffers (here the recorded gates, 8 MiB) come from a cache of
+    freed blocks: once the caller lets go of them, the next call of the same size gets the same
+    block back instead of fresh memory (whose every page would fault), with its own results."""
+    torch.manual_seed(0)
+    lstm = glasslstm.LSTM(16, 256)
+    x = torch.randn(64, 32, 16)
+    with torch.no_grad():
+        y, _, trace = lstm(x, return_gates=True)
+        assert trace["i"].shape == (1, 64, 32, 256)
+        block, want = trace["i"].untyped_storage().data_ptr(), trace["f"].clone()
+        del trace
+        y2, _, again = lstm(x * 2, return_gates=True)
+        assert again["i"].untyped_storage().data_ptr() == block
+        assert not torch.equal(y2, y)
+        del again
+        assert torch.equal(lstm(x, return_gates=True)[2]["f"], want)
+
+
 @pytest.mark.parametrize("hidden", [256, 320])
 def test_inference_in_chunks_of_steps_matches_torch(hidden, two_threads):
     """Inference projects its input a chunk of steps at a time (8 MiB of gates: 32 steps of
