@@ -568,6 +568,14 @@ static void ftz_end(FtzState &st) {
         fp_end(st.saved[0]);
     }
 }
+// ftz_begin .. ftz_end over a scope, restored however the scope is left
+struct FtzScope {
+    FtzState st;
+    explicit FtzScope(int64_t steps) { ftz_begin(st, steps); }
+    ~FtzScope() { ftz_end(st); }
+    FtzScope(const FtzScope &) = delete;
+    FtzScope &operator=(const FtzScope &) = delete;
+};
 
 // ---- batch-row split of whole time loops ---------------------------------------------------
 // Rows of a batch never meet in an LSTM (row b's state depends on row b alone), so threads
@@ -834,9 +842,8 @@ static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
     if (A.T_ > 1) pack_weight_bf16(G, PK, A.P, 4 * A.H, A.w_t16);
     // (the rings of inference are written row by row too: threads never meet there either)
     int nt = row_threads(B, (size_t)(4 * A.H * A.P + (A.rs ? A.H * A.P : 0)) * sizeof(T));
-    FtzState ftz;
-    if (nt == 1) ftz_begin(ftz, A.T_);
-    // the whole loop, or chunks of A.chunk steps, each projected first (A.project)
+    // the whole loop, or chunks of A.chunk steps, each projected first (A.project, outside
+    // the flush-to-zero mode of the loop: the products over all steps never ran in it)
     const int64_t Tn = A.T_, chunk = A.project ? A.chunk : Tn;
     for (int64_t s0 = 0; s0 < Tn; s0 += chunk) {
         const int64_t s1 = s0 + chunk < Tn ? s0 + chunk : Tn;
@@ -855,10 +862,10 @@ static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
                 fp_end(fp);
             }
         } else {
+            FtzScope ftz(Tn);  // (the pool's threads too when the whole loop is long)
             forward_rows(A, G, PK, 0, B, 0, s0, s1, t_base);
         }
     }
-    if (nt == 1) ftz_end(ftz);
 }
 
 // acc (k) += the column sums of M (n x k, contiguous)
@@ -1008,10 +1015,8 @@ static void layer_backward(const BackwardArgs<T> &A, const Gemms &G) {
         }
         return;
     }
-    FtzState ftz;
-    ftz_begin(ftz, A.T_);
+    FtzScope ftz(A.T_);
     backward_rows(A, G, PK, 0, B, A.db, A.dv, 0);
-    ftz_end(ftz);
 }
 
 // ---- the one-token step ------------------------------------------------------------------------
