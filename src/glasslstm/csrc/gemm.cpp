@@ -118,16 +118,24 @@ void onednn_gemm(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, c
 // apart, which is what the per-step products of a time loop read again and again.
 int64_t onednn_packed_size(int64_t k, int64_t n) { return (n + kPackN - 1) / kPackN * kPackN * k; }
 
-void onednn_pack(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) {
+// fill(j0, w, blk) for each column block of the packed copy: the block's w columns from j0 on,
+// to be written to blk (k x kPackN, the columns past w zero); the blocks shared over the threads
+template <typename F>
+void each_packed_block(int64_t k, int64_t n, float *out, F &&fill) {
     const int64_t nb = (n + kPackN - 1) / kPackN;
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t j = b0; j < b1; j++) {
-            const int64_t j0 = j * kPackN, w = std::min(kPackN, n - j0);
-            float *blk = out + j * k * kPackN;
-            for (int64_t r = 0; r < k; r++) {
-                std::copy(B + r * ldb + j0, B + r * ldb + j0 + w, blk + r * kPackN);
-                std::fill(blk + r * kPackN + w, blk + (r + 1) * kPackN, 0.0f);
-            }
+            const int64_t j0 = j * kPackN;
+            fill(j0, std::min(kPackN, n - j0), out + j * k * kPackN);
+        }
+    });
+}
+
+void onednn_pack(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) {
+    each_packed_block(k, n, out, [&](int64_t j0, int64_t w, float *blk) {
+        for (int64_t r = 0; r < k; r++) {
+            std::copy(B + r * ldb + j0, B + r * ldb + j0 + w, blk + r * kPackN);
+            std::fill(blk + r * kPackN + w, blk + (r + 1) * kPackN, 0.0f);
         }
     });
 }
@@ -136,20 +144,15 @@ void onednn_pack(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) 
 // no transposed copy of the weight is made first: block j is the transpose of rows
 // [j kPackN, (j + 1) kPackN) of B^T, done in kPackN x kPackN tiles that stay in L1.
 void onednn_pack_t(int64_t k, int64_t n, const float *Bt, int64_t ldbt, float *out) {
-    const int64_t nb = (n + kPackN - 1) / kPackN;
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t j = b0; j < b1; j++) {
-            const int64_t j0 = j * kPackN, w = std::min(kPackN, n - j0);
-            float *blk = out + j * k * kPackN;
-            for (int64_t r0 = 0; r0 < k; r0 += kPackN) {
-                const int64_t r1 = std::min(k, r0 + kPackN);
-                for (int64_t c = 0; c < w; c++) {
-                    const float *src = Bt + (j0 + c) * ldbt;
-                    for (int64_t r = r0; r < r1; r++) blk[r * kPackN + c] = src[r];
-                }
-                for (int64_t c = w; c < kPackN; c++)
-                    for (int64_t r = r0; r < r1; r++) blk[r * kPackN + c] = 0.0f;
+    each_packed_block(k, n, out, [&](int64_t j0, int64_t w, float *blk) {
+        for (int64_t r0 = 0; r0 < k; r0 += kPackN) {
+            const int64_t r1 = std::min(k, r0 + kPackN);
+            for (int64_t c = 0; c < w; c++) {
+                const float *src = Bt + (j0 + c) * ldbt;
+                for (int64_t r = r0; r < r1; r++) blk[r * kPackN + c] = src[r];
             }
+            for (int64_t c = w; c < kPackN; c++)
+                for (int64_t r = r0; r < r1; r++) blk[r * kPackN + c] = 0.0f;
         }
     });
 }

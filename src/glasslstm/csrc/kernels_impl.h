@@ -686,39 +686,34 @@ static inline void product(const Gemms &G, const float *wp, void *wh, int64_t m,
     gemm_of<T>(G)(m, n, k, A, lda, w, ldb, beta, C, ldc, threads);
 }
 
-// pack w1 (k1 x n1) and w2 (k2 x n2, nullable) where the provider has a packed layout
+// pack w1 (k1 x n1) and w2 (k2 x n2, nullable) where the provider has a packed layout; with
+// torch_layout, w1 and w2 are given as torch stores the weights (n1 x k1, n2 x k2) and are
+// packed straight from that (PackedGemm::pack_t; packs_weights in kernels.h)
 template <typename T>
 static void pack_weights(const Gemms &G, Packed &P, int64_t k1, int64_t n1, const T *w1,
-                         int64_t k2, int64_t n2, const T *w2) {
+                         int64_t k2, int64_t n2, const T *w2, bool torch_layout = false) {
     if constexpr (std::is_same<T, float>::value) {
-        if (G.packed.make) {
+        if (G.packed.make && !torch_layout) {
             P.free_handle = G.packed.free_handle;
             P.hw = G.packed.make(k1, n1, w1, n1);
             if (w2) P.hwhr = G.packed.make(k2, n2, w2, n2);
             return;
         }
         if (!G.packed.gemm_packed) return;
+        auto pack = [&](int64_t k, int64_t n, const float *w, float *out) {
+            if (torch_layout)
+                G.packed.pack_t(k, n, w, k, out);
+            else
+                G.packed.pack(k, n, w, n, out);
+        };
         const int64_t s1 = G.packed.packed_size(k1, n1), s2 = w2 ? G.packed.packed_size(k2, n2) : 0;
         P.storage = new float[(size_t)(s1 + s2)];
-        G.packed.pack(k1, n1, w1, n1, P.storage);
+        pack(k1, n1, w1, P.storage);
         P.w = P.storage;
         if (w2) {
-            G.packed.pack(k2, n2, w2, n2, P.storage + s1);
+            pack(k2, n2, w2, P.storage + s1);
             P.whr = P.storage + s1;
         }
-    }
-}
-
-// the same from w1 and w2 as torch stores them (n1 x k1, n2 x k2): packs_weights in kernels.h
-static void pack_weights_t(const Gemms &G, Packed &P, int64_t k1, int64_t n1, const float *w1,
-                           int64_t k2, int64_t n2, const float *w2) {
-    const int64_t s1 = G.packed.packed_size(k1, n1), s2 = w2 ? G.packed.packed_size(k2, n2) : 0;
-    P.storage = new float[(size_t)(s1 + s2)];
-    G.packed.pack_t(k1, n1, w1, k1, P.storage);
-    P.w = P.storage;
-    if (w2) {
-        G.packed.pack_t(k2, n2, w2, k2, P.storage + s1);
-        P.whr = P.storage + s1;
     }
 }
 
@@ -833,12 +828,12 @@ template <typename T>
 static void layer_forward(const ForwardArgs<T> &A, const Gemms &G) {
     const int64_t B = A.B;
     Packed PK;  // W^T (P x 4H) and W_hr^T (H x P), packed once for all steps
-    if constexpr (std::is_same<T, float>::value) {
-        if (packs_weights(G, A.T_, A.w_t16 != nullptr))
-            pack_weights_t(G, PK, A.P, 4 * A.H, A.w, A.H, A.P, A.rs ? A.whr : nullptr);
+    if (!A.w_t16 && A.T_ > 1) {
+        // straight from W where the provider can (the caller then made no W^T)
+        const bool from_w = std::is_same<T, float>::value && packs_weights(G, A.T_, false);
+        pack_weights(G, PK, A.P, 4 * A.H, from_w ? A.w : A.w_t, A.H, A.P,
+                     A.rs ? (from_w ? A.whr : A.whr_t) : nullptr, from_w);
     }
-    if (!PK.w && !A.w_t16 && A.T_ > 1)
-        pack_weights(G, PK, A.P, 4 * A.H, A.w_t, A.H, A.P, A.rs ? A.whr_t : nullptr);
     if (A.T_ > 1) pack_weight_bf16(G, PK, A.P, 4 * A.H, A.w_t16);
     // (the rings of inference are written row by row too: threads never meet there either)
     int nt = row_threads(B, (size_t)(4 * A.H * A.P + (A.rs ? A.H * A.P : 0)) * sizeof(T));
