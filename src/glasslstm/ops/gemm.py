@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from glasslstm.ops.native import constant_under_compile
+
 CANDIDATES = ("torch", "onednn", "onednn_linear")
 BIG_CANDIDATES = ("torch", "onednn")  # onednn_linear packs a weight: per-step products only
 ROLES = ("step", "big")
@@ -334,12 +336,12 @@ def _bf16_pays(B: int, H: int, P: int, threads: int) -> bool:
 _TYPICAL = (32, 512, 512, 512)
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _typical_providers() -> tuple[str, str]:
     return providers(torch.float32, *_TYPICAL)
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _typical_bf16() -> bool:
     return bf16_pays(*_TYPICAL[:3])
 

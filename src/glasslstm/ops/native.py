@@ -130,7 +130,21 @@ def load() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)``: while torch.compile traces, ``fn`` is
+    called once and its result taken as a constant (it is not traced into). That decorator
+    imports ``torch._dynamo`` when applied, which brings sympy and about 130,000 Python objects
+    into every process that imports glasslstm, compiling or not: a slower start, and twice the
+    time for every full garbage collection. So where the compiler is not loaded yet, ``fn``
+    gets the mark the decorator gives it (its whole effect, in torch 2.13 and 2.14) without the
+    import; tests compile with ``fullgraph=True``, which fails if the mark is not honoured."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
 def available() -> bool:
     """Whether the C++ operators are loaded (building them on first use). A constant for
     torch.compile: it is called once while tracing."""
