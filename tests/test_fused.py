@@ -729,6 +729,66 @@ def test_stream_follows_in_place_weight_updates():
     assert torch.equal(s.step(x), got)
 
 
+def test_stream_rebuilds_its_weights_when_and_only_when_one_changes():
+    """Steps with the weights unchanged reuse the step's copies of them; a new Parameter, a
+    swapped ``.data`` and an in-place update each make new ones, and the steps follow."""
+    ref = torch.nn.LSTM(3, 4, num_layers=2)
+    lstm = glasslstm.LSTM.from_torch(ref)
+    s = Stream(lstm)
+    x = torch.randn(3)
+    for _ in range(3):
+        s.step(x)
+    k = s._kernel
+    assert k is not None and k.builds == 1
+
+    def replace(name):
+        new = torch.nn.Parameter(torch.randn_like(getattr(lstm, name)))
+        setattr(lstm, name, new)
+        setattr(ref, name, torch.nn.Parameter(new.detach().clone()))
+
+    def swap(name):
+        getattr(lstm, name).data = torch.randn_like(getattr(lstm, name))
+        getattr(ref, name).data = getattr(lstm, name).data.clone()
+
+    def update(name):
+        with torch.no_grad():
+            getattr(lstm, name).mul_(1.5)
+            getattr(ref, name).mul_(1.5)
+
+    for builds, (change, name) in enumerate(
+        ((replace, "weight_hh_l1"), (swap, "weight_ih_l0"), (update, "bias_hh_l0")), start=2
+    ):
+        h, c = (t.clone() for t in s.state)
+        change(name)
+        with torch.no_grad():
+            want = ref(x.view(1, 1, 3), (h, c))[0].view(-1)
+        assert rel_err(s.step(x), want) <= 1e-6, name
+        s.step(x)
+        assert k.builds == builds, name
+
+
+def test_lm_stream_follows_its_models_weights():
+    """The language model's stream rebuilds its token table and output weights when the LSTM,
+    the embedding or the output layer changes, and not otherwise."""
+    model = _tiny_lm().eval()
+    s = LMStream(model)
+    ids = [0, 3, 1]
+    for i in ids:
+        s.step(i)
+    k = s._s._kernel
+    assert k is not None and k.builds == 1
+    for t in (model.lstm.weight_ih_l0, model.embedding.weight, model.head.weight):
+        with torch.no_grad():
+            t.mul_(1.25)
+        s.reset()
+        with torch.no_grad():
+            want = model(torch.tensor([ids]))[0][0, -1]
+        for i in ids:
+            got = s.step(i)
+        assert rel_err(got, want) <= 1e-5
+    assert k.builds == 2  # the LSTM's weight changed once
+
+
 def test_stream_uses_no_allocation_per_step():
     s = Stream(glasslstm.LSTM(4, 6, num_layers=2))
     x = torch.randn(4)

@@ -192,7 +192,7 @@ class LMStream:
                 "the model's weights changed device or dtype under this stream; "
                 "make a new one (model.stream()) for the model as it is now"
             )
-        key = (tuple(k.key()), tuple(t._version for t in self._extra), self._extra[0].data_ptr())
+        key = (k.builds, tuple(t._version for t in self._extra), self._extra[0].data_ptr())
         if key == self._key:
             return
         model = self.model

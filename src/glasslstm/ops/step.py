@@ -66,8 +66,17 @@ class StepWeights:
         ops = torch.ops.glasslstm
         self.lstm_step = direct.lstm_step if direct is not None else ops.lstm_step
         self.stream_step = direct.stream_step_ if direct is not None else ops.stream_step_
+        # the C++ side's copy of what the weights were made from (DropIn: it also runs the
+        # drop-in call): asking it whether they changed is the cheap first test of refresh
+        self.names = tuple(lstm._flat_weights_names)
+        self.watch = (
+            direct.DropIn(list(self.names), self.L, self.H, self.P, lstm.input_size, self.dtype)
+            if direct is not None
+            else None
+        )
         self._held: list = []
         self.back = False  # the zig-zag order of the panels, flipped by every step
+        self.builds = 0  # times the copies were (re)built: a key for what is made from them
 
     def key(self) -> list:
         """What identifies the weights as they are: each tensor forward reads (a Parameter, or
@@ -82,11 +91,24 @@ class StepWeights:
         return [(id(p), p._version, p.data_ptr()) for p in tensors]
 
     def refresh(self) -> bool:
-        """Re-read the weights when they changed (cheap when they did not). False when they can
+        """Re-read the weights when they changed; when they did not, one C++ comparison of
+        the registered parameters with those of the last build (``watch``). False when they can
         no longer run here (moved off the CPU, another dtype)."""
-        key = self.key()
-        if key == self._key:
+        params = self.lstm._parameters
+        if self.watch is not None and self.watch.same(params):
             return True
+        key = self.key()
+        if key != self._key and not self._build(key):
+            return False
+        if self.watch is not None and all(name in params for name in self.names):
+            self.watch.set(
+                self.weights, self.layout, self.weights8, [params[n] for n in self.names]
+            )
+        return True
+
+    def _build(self, key: list) -> bool:
+        """The step's copies of the weights as ``key`` identifies them; False where they can
+        no longer run here."""
         w = self.lstm.weight_hh_l0
         if w.dtype != self.dtype or w.device.type != "cpu":
             return False
@@ -123,6 +145,7 @@ class StepWeights:
         self.layout = torch.tensor(layout, dtype=torch.int64)
         self._key = key
         self._held = self.lstm._flat_weights  # kept alive: their ids and memory stay theirs
+        self.builds += 1
         return True
 
     def flip(self) -> bool:
@@ -155,24 +178,11 @@ class DropInStep:
     def __init__(self, lstm):
         self.owner = id(lstm)  # a copied module's __dict__ must not reuse this plan
         self.weights = StepWeights(lstm)
-        w = self.weights
-        self.names = tuple(lstm._flat_weights_names)
-        self.call = native.direct().DropIn(
-            list(self.names), w.L, w.H, w.P, lstm.input_size, w.dtype
-        )
+        self.call = self.weights.watch
 
     def refresh(self, lstm) -> bool:
         """Hand the C++ call the weights as they are now; False where they cannot run here."""
-        if not self.weights.refresh():
-            return False
-        params = lstm._parameters
-        self.call.set(
-            self.weights.weights,
-            self.weights.layout,
-            self.weights.weights8,
-            [params[name] for name in self.names],
-        )
-        return True
+        return self.weights.refresh()
 
 
 def drop_in_step(lstm, input, hx):
