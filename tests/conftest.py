@@ -1,4 +1,7 @@
+import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +24,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def modules_after():
+    """``run(code, names)``: runs ``code`` in a fresh interpreter and returns its standard
+    output and which of the modules ``names`` it had imported by the end."""
+
+    def run(code: str, names: tuple[str, ...]) -> tuple[str, list[str]]:
+        code += f"\nprint('LOADED', json.dumps([m for m in {names!r} if m in sys.modules]))\n"
+        out = subprocess.run(
+            [sys.executable, "-c", "import json, sys\n" + code],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        head, _, loaded = out.rpartition("LOADED ")
+        return head, json.loads(loaded)
+
+    return run
 
 
 STORY = (

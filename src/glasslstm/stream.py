@@ -104,7 +104,8 @@ class Stream:
         return self.out
 
     def _run(self, x: torch.Tensor, x_is_proj: bool) -> None:
-        """One step of the C++ step on ``x`` (the input, or layer 0's x U^T + b)."""
+        """One step of the C++ step on ``x`` (the input, or layer 0's x U^T + b), the weights'
+        copies first brought up to date."""
         k = self._kernel
         assert k is not None
         if not k.refresh():
@@ -112,6 +113,12 @@ class Stream:
                 "the LSTM's weights changed device or dtype under this Stream; "
                 "make a new Stream for the module as it is now"
             )
+        self._launch(x, x_is_proj)
+
+    def _launch(self, x: torch.Tensor, x_is_proj: bool) -> None:
+        """:meth:`_run` for a caller that has just brought the copies up to date itself."""
+        k = self._kernel
+        assert k is not None
         k.stream_step(
             x,
             x_is_proj,
@@ -221,11 +228,11 @@ class LMStream:
         if not self._fused:
             return self._torch_step(token)
         s = self._s
-        self._refresh()
+        self._refresh()  # the LSTM's copies included
         if self._use_table:
-            s._run(self._table[token], True)
+            s._launch(self._table[token], True)
         else:
-            s._run(self.model.embedding.weight.detach()[token], False)
+            s._launch(self.model.embedding.weight.detach()[token], False)
         torch.ops.glasslstm.linear_(
             self._head_t, self._head_b, s.out, self.logits, self._head_scale
         )

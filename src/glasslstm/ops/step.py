@@ -83,7 +83,7 @@ class StepWeights:
         what pruning or a parametrization put in its place), its version counter (bumped by
         every in-place change) and storage (a swapped ``.data``). The tensors of the last
         refresh are held (``_held``), so a new one cannot reuse an old one's id or memory."""
-        params, names = self.lstm._parameters, self.lstm._flat_weights_names
+        params, names = self.lstm._parameters, self.names
         try:  # registered Parameters: a plain dict lookup each (the one-token call's hot path)
             tensors = [params[name] for name in names]
         except KeyError:  # a weight that pruning or a parametrization recomputes: forward's
@@ -172,17 +172,13 @@ _STEP_BACKENDS = frozenset((None, "auto", "fused"))
 
 class DropInStep:
     """What a module keeps for its drop-in calls (built on the first one): the weights in the
-    step's layout and the C++ call (``DropIn`` of the library's module) that checks a call and
-    runs it."""
+    step's layout, whose C++ side (``DropIn`` of the library's module) checks a call and runs
+    it (``call``)."""
 
     def __init__(self, lstm):
         self.owner = id(lstm)  # a copied module's __dict__ must not reuse this plan
         self.weights = StepWeights(lstm)
         self.call = self.weights.watch
-
-    def refresh(self, lstm) -> bool:
-        """Hand the C++ call the weights as they are now; False where they cannot run here."""
-        return self.weights.refresh()
 
 
 def drop_in_step(lstm, input, hx):
@@ -209,12 +205,12 @@ def drop_in_step(lstm, input, hx):
         if not possible(lstm, w.device, w.dtype):
             return None
         plan = lstm._drop_in = DropInStep(lstm)
-        if not plan.refresh(lstm):
+        if not plan.weights.refresh():
             lstm._drop_in = None
             return None
     result = plan.call(lstm._parameters, input, hx)
     if result is NotImplemented:  # a weight changed: new copies, then the call
-        if not plan.refresh(lstm):  # the weights moved off the CPU or changed dtype
+        if not plan.weights.refresh():  # the weights moved off the CPU or changed dtype
             lstm._drop_in = None
             return None
         result = plan.call(lstm._parameters, input, hx)
