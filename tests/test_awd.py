@@ -17,6 +17,7 @@ from glasslstm.data import Corpus, TokenStream
 from glasslstm.errors import ConfigError
 from glasslstm.model import LanguageModel
 from glasslstm.trainer import (
+    ExponentialAverage,
     ParameterAverage,
     TrainConfig,
     bptt_length,
@@ -205,10 +206,18 @@ SCRIPT = [5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 3.0, 2.9, 2.8, 2.7]  # switch at the 6th
 def scripted_run(tmp_path, monkeypatch, name, max_steps, on_step=None, **kw):
     """A ntasgd run whose validations return SCRIPT's losses (eval every 2 steps, nonmono 2);
     returns (result, the weights after each step, the weights each validation saw)."""
+    kw = dict(optimizer="ntasgd", nonmono=2, lr=0.5, weight_decay=1e-4, **kw)
+    return recorded_run(tmp_path, monkeypatch, name, max_steps, on_step, **kw)
+
+
+def recorded_run(tmp_path, monkeypatch, name, max_steps, on_step=None, **kw):
+    """A run (eval every 2 steps) whose validations return SCRIPT's losses; returns (result,
+    the weights after each step, the weights each validation saw)."""
     after_step, at_eval = {}, []
     real_step = trainer._Run.step
 
     def step(self, x, y, w, lr):
+        after_step.setdefault(self.progress.step, parameters(self.model))  # 0: the initial ones
         out = real_step(self, x, y, w, lr)
         after_step[self.progress.step + 1] = parameters(self.model)
         return out
@@ -220,10 +229,7 @@ def scripted_run(tmp_path, monkeypatch, name, max_steps, on_step=None, **kw):
 
     monkeypatch.setattr(trainer._Run, "step", step)
     monkeypatch.setattr(trainer, "evaluate", evaluate)
-    cfg = config(
-        tmp_path, name, max_steps=max_steps, eval_every=2, optimizer="ntasgd", nonmono=2, lr=0.5,
-        weight_decay=1e-4, **kw,
-    )  # fmt: skip
+    cfg = config(tmp_path, name, max_steps=max_steps, eval_every=2, **kw)
     res = train(cfg, progress=False, corpus=CORPUS, on_step=on_step)
     return res, after_step, at_eval
 
@@ -280,6 +286,94 @@ def test_ntasgd_resumed_continues_averaging(tmp_path, monkeypatch):
     for seen, want in zip(cut_evals + resumed_evals, full_evals):
         assert all(torch.equal(a, b) for a, b in zip(seen, want))
     assert len(cut_evals) + len(resumed_evals) == len(full_evals)
+
+
+# ----------------------------------------------------------------------------- --ema
+
+
+def test_exponential_average_starts_short_then_keeps_its_decay():
+    p = torch.nn.Parameter(torch.zeros(2))
+    avg = ExponentialAverage([p], decay=0.9)
+    want = torch.zeros(2)
+    values = torch.randn(120, 2, generator=torch.Generator().manual_seed(0))
+    for n, v in enumerate(values, 1):
+        with torch.no_grad():
+            p.copy_(v)
+        avg.update()
+        keep = min(0.9, (1 + n) / (10 + n))  # 2/11 of the initial weights after one step
+        want = keep * want + (1 - keep) * v
+        assert torch.allclose(avg.mean[0], want, atol=1e-6)
+    assert avg.count == 120
+    with avg.applied():
+        assert torch.allclose(p, want, atol=1e-6)
+    assert torch.equal(p.detach(), values[-1])
+
+
+def expected_ema(after_step, decay, upto):
+    """The moving average of the weights after steps 1..upto, from the initial ones."""
+    mean = [t.clone() for t in after_step[0]]
+    for n in range(1, upto + 1):
+        keep = min(decay, (1 + n) / (10 + n))
+        mean = [keep * m + (1 - keep) * w for m, w in zip(mean, after_step[n])]
+    return mean
+
+
+def test_ema_run_validates_and_saves_the_moving_average(tmp_path, monkeypatch):
+    res, after_step, at_eval = recorded_run(tmp_path, monkeypatch, "ema", 10, ema=0.5, lr=0.01)
+    assert res.averaging_from == 0 and "moving average (--ema 0.5)" in res.message
+    assert len(at_eval) == 5
+    for k, step in enumerate((2, 4, 6, 8, 10)):
+        for seen, want in zip(at_eval[k], expected_ema(after_step, 0.5, step)):
+            assert torch.allclose(seen, want, atol=1e-6)
+        assert not all(torch.equal(a, b) for a, b in zip(at_eval[k], after_step[step]))
+    # best: the third validation (SCRIPT's 3.0); latest: the last; both the average
+    for which, k in (("best", 2), ("last", 4)):
+        saved = LanguageModel.load(tmp_path / "ema", which=which).parameters()
+        assert all(torch.allclose(a, b) for a, b in zip(saved, at_eval[k]))
+    rows = [
+        json.loads(line) for line in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["averaged"] for r in rows if r["split"] == "val"] == [True] * 5
+
+
+def test_ema_resumed_continues_the_average(tmp_path, monkeypatch):
+    _, _, full_evals = recorded_run(tmp_path, monkeypatch, "full", 10, ema=0.6, lr=0.01)
+    monkeypatch.undo()
+
+    def ctrl_c_at_5(step, loss):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut, _, cut_evals = recorded_run(
+        tmp_path, monkeypatch, "cut", 10, on_step=ctrl_c_at_5, ema=0.6, lr=0.01
+    )
+    assert cut.stopped == "interrupted" and cut.step == 5
+    state = json.loads((tmp_path / "cut" / "train_state.json").read_text())
+    assert state["awd"]["average_count"] == 5
+    resumed_evals = []
+    monkeypatch.setattr(
+        trainer,
+        "evaluate",
+        lambda model, ids, **kw: (
+            resumed_evals.append(parameters(model))
+            or {"loss": SCRIPT[len(cut_evals) + len(resumed_evals) - 1], "perplexity": 1.0,
+                "bpc": 1.0, "tokens": 1}
+        ),
+    )  # fmt: skip
+    resumed = train(resume=tmp_path / "cut", progress=False, corpus=CORPUS)
+    assert resumed.step == 10
+    assert len(cut_evals) + len(resumed_evals) == len(full_evals) == 5
+    for seen, want in zip(cut_evals + resumed_evals, full_evals):
+        assert all(torch.equal(a, b) for a, b in zip(seen, want))
+
+
+def test_ema_options_are_checked():
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match="--ema"):
+            TrainConfig(ema=bad)
+    with pytest.raises(ConfigError, match="--ema 0.99 and --optimizer ntasgd"):
+        TrainConfig(ema=0.99, optimizer="ntasgd", lr=30.0)
+    assert TrainConfig(ema=0.999, optimizer="sgd").ema == 0.999
 
 
 # ----------------------------------------------------------------------------- the command

@@ -181,6 +181,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     momentum: float = 0.9
     nonmono: int = 5
+    ema: float = 0.0
     variable_bptt: bool = False
     ar: float = 0.0
     tar: float = 0.0
@@ -350,6 +351,12 @@ TRAIN_HELP: dict[str, str] = {
     "nonmono": (
         "ntasgd: averaging starts at the first validation whose loss is worse than the best "
         "loss of the validations before the last N (evaluations; ignored by other optimizers)"
+    ),
+    "ema": (
+        "keep an exponential moving average of the weights, keeping this fraction of the "
+        "average at each step (0.999: about the last 1,000 steps; fewer in the first steps); "
+        "validation, best/, the saved model and the test score use the average (0: off; not "
+        "with ntasgd, which averages by itself)"
     ),
     "variable_bptt": (
         "stream batching: each step's window is N(--seq-len, 5) tokens long (N(--seq-len / 2, "

@@ -217,6 +217,7 @@ TRAIN: dict[str, Rule] = {
     "weight_decay": number(0),
     "momentum": PROBABILITY,
     "nonmono": integer(1, note="validations"),
+    "ema": number(0, 1, high_open=True, note="0: off"),
     "variable_bptt": FLAG,
     "ar": number(0, note="0: off"),
     "tar": number(0, note="0: off"),
@@ -337,6 +338,11 @@ def check_train(cfg) -> None:
     if (cfg.curriculum or cfg.answers) and cfg.batching != "documents":
         raise ConfigError(
             "--curriculum and --answers act on windows of whole documents; add --batching documents"
+        )
+    if cfg.ema and cfg.optimizer == "ntasgd":
+        raise ConfigError(
+            f"--ema {cfg.ema} and --optimizer ntasgd both average the weights; use --ema with "
+            "adamw or sgd, or ntasgd alone"
         )
     if cfg.variable_bptt and cfg.batching != "stream":
         raise ConfigError(
@@ -549,6 +555,10 @@ def training_memory(cfg, vocab_size: int) -> MemoryEstimate:
         moments = 1 if cfg.momentum else 0
         state_what = "SGD momentum" if moments else "nothing else"
     what = "parameters, gradients and " + state_what
+    if cfg.ema:  # one more copy of the weights
+        moments += 1
+        kept = "" if state_what == "nothing else" else f", {state_what}"
+        what = f"parameters, gradients{kept} and the weights' moving average"
     T, H = cfg.seq_len, cfg.hidden
     if cfg.checkpoint and cfg.checkpoint < T:
         per_layer = T * 2 * H + cfg.checkpoint * 10 * H + math.ceil(T / cfg.checkpoint) * 2 * H

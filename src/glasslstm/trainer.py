@@ -12,7 +12,8 @@ carried (detached) from one batch to the next, and keeps the run directory up to
 The AWD-LSTM recipe (Merity et al. 2017) is here too: NT-ASGD (``optimizer="ntasgd"``: SGD
 until validation stops improving, then the weights' running mean is what is validated, tested
 and saved), windows of variable length (``variable_bptt``) and the AR/TAR penalties (``ar``,
-``tar``) added to the training objective only.
+``tar``) added to the training objective only. With any optimizer, ``ema`` keeps an
+exponential moving average of the weights, and that average is validated, tested and saved.
 
 A diverged step (NaN/Inf loss or gradient) is never applied: training stops and the last
 checkpoint stays as it was. Interrupted + resumed gives bitwise the same weights as
@@ -70,7 +71,7 @@ class TrainResult:
     interrupted_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
     test: dict | None = None  # the best model on the test split: loss, bpc, perplexity, tokens
     files: dict = field(default_factory=dict)  # split -> the file it was read from
-    averaging_from: int | None = None  # ntasgd: the step after which weights were averaged
+    averaging_from: int | None = None  # the step after which weights were averaged (ema: 0)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -217,6 +218,25 @@ class ParameterAverage:
             with torch.no_grad():
                 for p, r in zip(self.params, raw):
                     p.copy_(r)
+
+
+class ExponentialAverage(ParameterAverage):
+    """An exponential moving average of the parameters (Polyak averaging with a window): each
+    :meth:`update` keeps ``decay`` of the average and takes ``1 - decay`` of the parameters.
+    Early on the average keeps less, ``(1 + n) / (10 + n)`` after ``n`` updates when that is
+    smaller (as TensorFlow's ExponentialMovingAverage with num_updates), so the random initial
+    weights are forgotten within the first few dozen steps."""
+
+    def __init__(self, params: Sequence[torch.Tensor], decay: float, count: int = 0) -> None:
+        super().__init__(params, count)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.count += 1
+        keep = min(self.decay, (1 + self.count) / (10 + self.count))
+        for m, p in zip(self.mean, self.params):
+            m.lerp_(p.detach(), 1.0 - keep)
 
 
 def _make_optimizer(cfg: TrainConfig, model: LanguageModel) -> torch.optim.Optimizer:
@@ -380,8 +400,10 @@ class _Run:
         self.state: tuple[torch.Tensor, ...] | None = None  # carried across batches
         self.pos = 0  # variable_bptt: the column of the rows where the next window starts
         self.val_losses: list[float] = []  # ntasgd: the validations before averaging started
-        self.average: ParameterAverage | None = None  # ntasgd, once averaging started
+        self.average: ParameterAverage | None = None  # ntasgd once averaging started; ema
         self.averaging_from: int | None = None
+        if cfg.ema:  # averaged from the first step
+            self.average, self.averaging_from = self._new_average(), 0
         if resume is not None:
             self.state, tensors, stored = _load_resume_point(
                 run_dir, self.model, self.opt, self.progress, device, cfg.batch_size, ranks
@@ -475,7 +497,7 @@ class _Run:
         if start is None:
             return
         params = list(self.model.parameters())
-        self.average = ParameterAverage(params, count)
+        self.average = self._new_average(count)
         for i, (m, p) in enumerate(zip(self.average.mean, params)):
             saved = tensors.get(f"average.{i}")
             if saved is None or saved.shape != p.shape or not torch.isfinite(saved).all():
@@ -484,8 +506,16 @@ class _Run:
                 )
             m.copy_(saved)
 
+    def _new_average(self, count: int = 0) -> ParameterAverage:
+        """The average the recipe keeps: --ema's moving one, or NT-ASGD's running mean."""
+        params = list(self.model.parameters())
+        if self.cfg.ema:
+            return ExponentialAverage(params, self.cfg.ema, count)
+        return ParameterAverage(params, count)
+
     def averaged(self):
-        """The model with NT-ASGD's averaged weights in the block (as it is before averaging)."""
+        """The model with the averaged weights (--ema, or NT-ASGD's once it started) in the
+        block; as it is without an average."""
         return nullcontext() if self.average is None else self.average.applied()
 
     def log(self, record: dict) -> None:
@@ -496,7 +526,7 @@ class _Run:
         """Evaluate on the validation split; keep the model as best/ when it improved."""
         cfg, p = self.cfg, self.progress
         averaged = self.average is not None
-        with self.averaged():  # ntasgd: the average is what is validated and kept
+        with self.averaged():  # --ema, ntasgd: the average is what is validated and kept
             res = evaluate(
                 self.model,
                 self.val_ids,
@@ -518,7 +548,7 @@ class _Run:
         if cfg.optimizer == "ntasgd" and self.average is None:
             if nonmonotone_trigger(self.val_losses, res["loss"], cfg.nonmono):
                 # the steps from here on are averaged (every rank the same, as its weights)
-                self.average = ParameterAverage(self.model.parameters())
+                self.average = self._new_average()
                 self.averaging_from, self.val_losses = p.step, []
             else:
                 self.val_losses.append(res["loss"])
@@ -530,7 +560,7 @@ class _Run:
                 "bpc": res["bpc"],
                 "perplexity": res["perplexity"],
                 "seconds": round(p.seconds, 3),
-                **({"averaged": averaged} if cfg.optimizer == "ntasgd" else {}),
+                **({"averaged": averaged} if cfg.optimizer == "ntasgd" or cfg.ema else {}),
             }
         )
         return res
@@ -680,7 +710,9 @@ def _train(
                 )
                 if bar is not None:
                     averaging = (
-                        {} if run.averaging_from is None else {"avg_from": str(run.averaging_from)}
+                        {}
+                        if run.averaging_from is None or cfg.ema
+                        else {"avg_from": str(run.averaging_from)}
                     )
                     bar.show(loss=f"{mean:.3f}", bpc=f"{bpc:.3f}", tok_s=f"{tps:,.0f}", **averaging)
             if bar is not None:
@@ -716,7 +748,12 @@ def _train(
         _write_curves(run_dir)
     if not message:
         message = f"stopped: {stopped} at step {p.step}"
-    if run.averaging_from is not None:
+    if cfg.ema:
+        message += (
+            f"; validation, test and the saved models use the weights' moving average (--ema "
+            f"{cfg.ema})"
+        )
+    elif run.averaging_from is not None:
         message += (
             f"; NT-ASGD averaged the weights from step {run.averaging_from} (validation, test "
             "and the saved models use the average)"
