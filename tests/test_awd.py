@@ -234,6 +234,20 @@ def recorded_run(tmp_path, monkeypatch, name, max_steps, on_step=None, **kw):
     return res, after_step, at_eval
 
 
+def resume_scripted(run_dir, monkeypatch, done):
+    """Resume ``run_dir``, whose first ``done`` validations already returned SCRIPT's losses,
+    with the next ones; returns (result, the weights each new validation saw)."""
+    seen = []
+
+    def evaluate(model, ids, **kw):
+        seen.append(parameters(model))
+        loss = SCRIPT[done + len(seen) - 1]
+        return {"loss": loss, "perplexity": 1.0, "bpc": 1.0, "tokens": 1}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    return train(resume=run_dir, progress=False, corpus=CORPUS), seen
+
+
 def test_ntasgd_switches_when_the_criterion_says_and_evaluates_the_average(tmp_path, monkeypatch):
     res, after_step, at_eval = scripted_run(tmp_path, monkeypatch, "nt", 18)
     assert res.averaging_from == 12  # the 6th validation, after step 12
@@ -271,17 +285,7 @@ def test_ntasgd_resumed_continues_averaging(tmp_path, monkeypatch):
     assert cut.stopped == "interrupted" and cut.step == 15 and cut.averaging_from == 12
     state = json.loads((tmp_path / "cut" / "train_state.json").read_text())
     assert state["awd"]["averaging_from"] == 12 and state["awd"]["average_count"] == 3
-    resumed_evals = []
-    monkeypatch.setattr(
-        trainer,
-        "evaluate",
-        lambda model, ids, **kw: (
-            resumed_evals.append(parameters(model))
-            or {"loss": SCRIPT[len(cut_evals) + len(resumed_evals) - 1], "perplexity": 1.0,
-                "bpc": 1.0, "tokens": 1}
-        ),
-    )  # fmt: skip
-    resumed = train(resume=tmp_path / "cut", progress=False, corpus=CORPUS)
+    resumed, resumed_evals = resume_scripted(tmp_path / "cut", monkeypatch, len(cut_evals))
     assert resumed.step == 18 and resumed.averaging_from == 12
     for seen, want in zip(cut_evals + resumed_evals, full_evals):
         assert all(torch.equal(a, b) for a, b in zip(seen, want))
@@ -350,17 +354,7 @@ def test_ema_resumed_continues_the_average(tmp_path, monkeypatch):
     assert cut.stopped == "interrupted" and cut.step == 5
     state = json.loads((tmp_path / "cut" / "train_state.json").read_text())
     assert state["awd"]["average_count"] == 5
-    resumed_evals = []
-    monkeypatch.setattr(
-        trainer,
-        "evaluate",
-        lambda model, ids, **kw: (
-            resumed_evals.append(parameters(model))
-            or {"loss": SCRIPT[len(cut_evals) + len(resumed_evals) - 1], "perplexity": 1.0,
-                "bpc": 1.0, "tokens": 1}
-        ),
-    )  # fmt: skip
-    resumed = train(resume=tmp_path / "cut", progress=False, corpus=CORPUS)
+    resumed, resumed_evals = resume_scripted(tmp_path / "cut", monkeypatch, len(cut_evals))
     assert resumed.step == 10
     assert len(cut_evals) + len(resumed_evals) == len(full_evals) == 5
     for seen, want in zip(cut_evals + resumed_evals, full_evals):
