@@ -203,6 +203,20 @@ def test_parameter_average_is_the_mean_of_the_iterates():
 SCRIPT = [5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 3.0, 2.9, 2.8, 2.7]  # switch at the 6th validation
 
 
+def scripted_evaluations(monkeypatch, done=0):
+    """Make the trainer's validations return SCRIPT's losses from the ``done``-th on; returns
+    the list that collects the weights each of them saw."""
+    seen = []
+
+    def evaluate(model, ids, **kw):
+        seen.append(parameters(model))
+        loss = SCRIPT[done + len(seen) - 1]
+        return {"loss": loss, "perplexity": np.exp(loss), "bpc": loss, "tokens": 1}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    return seen
+
+
 def scripted_run(tmp_path, monkeypatch, name, max_steps, on_step=None, **kw):
     """A ntasgd run whose validations return SCRIPT's losses (eval every 2 steps, nonmono 2);
     returns (result, the weights after each step, the weights each validation saw)."""
@@ -213,7 +227,7 @@ def scripted_run(tmp_path, monkeypatch, name, max_steps, on_step=None, **kw):
 def recorded_run(tmp_path, monkeypatch, name, max_steps, on_step=None, **kw):
     """A run (eval every 2 steps) whose validations return SCRIPT's losses; returns (result,
     the weights after each step, the weights each validation saw)."""
-    after_step, at_eval = {}, []
+    after_step = {}
     real_step = trainer._Run.step
 
     def step(self, x, y, w, lr):
@@ -222,13 +236,8 @@ def recorded_run(tmp_path, monkeypatch, name, max_steps, on_step=None, **kw):
         after_step[self.progress.step + 1] = parameters(self.model)
         return out
 
-    def evaluate(model, ids, **kw):
-        at_eval.append(parameters(model))
-        loss = SCRIPT[len(at_eval) - 1]
-        return {"loss": loss, "perplexity": np.exp(loss), "bpc": loss, "tokens": 1}
-
     monkeypatch.setattr(trainer._Run, "step", step)
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    at_eval = scripted_evaluations(monkeypatch)
     cfg = config(tmp_path, name, max_steps=max_steps, eval_every=2, **kw)
     res = train(cfg, progress=False, corpus=CORPUS, on_step=on_step)
     return res, after_step, at_eval
@@ -237,14 +246,7 @@ def recorded_run(tmp_path, monkeypatch, name, max_steps, on_step=None, **kw):
 def resume_scripted(run_dir, monkeypatch, done):
     """Resume ``run_dir``, whose first ``done`` validations already returned SCRIPT's losses,
     with the next ones; returns (result, the weights each new validation saw)."""
-    seen = []
-
-    def evaluate(model, ids, **kw):
-        seen.append(parameters(model))
-        loss = SCRIPT[done + len(seen) - 1]
-        return {"loss": loss, "perplexity": 1.0, "bpc": 1.0, "tokens": 1}
-
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    seen = scripted_evaluations(monkeypatch, done)
     return train(resume=run_dir, progress=False, corpus=CORPUS), seen
 
 
