@@ -237,3 +237,57 @@ def test_each_rank_gets_back_its_own_generator_and_rows(tmp_path):
         assert g["mine"][0] == torch.full((2, 3, 4), float(rank)).tolist()
         assert g["mine"][1] == torch.full((2, 3, 5), 10.0 + rank).tolist()
         assert g["rows_after_mine"] == torch.ones(2, 3, 4).tolist()  # rank 1's rows follow 0's
+
+
+# A process that ends through distributed.finish: it writes a file from an exit handler and
+# one from a finalizer that only the interpreter's teardown runs, and leaves words unflushed.
+ENDING = """
+import atexit, os, sys
+from pathlib import Path
+import torch
+from glasslstm import distributed
+
+out = Path(sys.argv[1]) / os.environ.get("RANK", "alone")
+out.mkdir()
+if os.environ.get("WORLD_SIZE"):
+    with distributed.session("cpu", 2) as ranks:
+        assert ranks.mean(torch.tensor(float(ranks.rank))) == 0.5
+atexit.register(lambda: (out / "exit_handler").write_text("ran"))
+
+
+class Teardown:
+    def __del__(self):
+        (out / "teardown").write_text("ran")
+
+
+kept = Teardown()
+sys.stdout.write("last words")  # a pipe: buffered until flushed
+distributed.finish(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_left_a_group_ends_without_teardown_and_loses_no_output(tmp_path):
+    # gloo's worker threads outlive the group, and one that frees the last collective's
+    # tensors while the interpreter is torn down aborts the process after a finished run.
+    script = tmp_path / "ending.py"
+    script.write_text(ENDING)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+    command += ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    done = subprocess.run(
+        [*command, str(script), str(tmp_path), "0"], capture_output=True, text=True, env=env()
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("last words") == 2
+    for rank in ("0", "1"):
+        assert (tmp_path / rank / "exit_handler").read_text() == "ran"
+        assert not (tmp_path / rank / "teardown").exists()  # no teardown, nothing to abort in
+
+    # A process that joined no group exits as usual: with its status, torn down.
+    alone = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "3"], capture_output=True, text=True, env=env()
+    )
+    assert alone.returncode == 3, alone.stderr[-3000:]
+    assert alone.stdout == "last words"
+    assert (tmp_path / "alone" / "exit_handler").read_text() == "ran"
+    assert (tmp_path / "alone" / "teardown").read_text() == "ran"

@@ -1,5 +1,3 @@
-import sys
+from glasslstm.cli import console
 
-from glasslstm.cli import main
-
-sys.exit(main())
+console()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from glasslstm import __version__
 from glasslstm.commands import (
@@ -57,5 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def console(argv: list[str] | None = None) -> NoReturn:
+    """The ``glasslstm`` program: :func:`main`, then exit with its status."""
+    status = main(argv)
+    # A process can only have joined a process group through glasslstm.distributed, which
+    # ends such a process in its own way (see finish); without it, nothing was joined.
+    group = sys.modules.get("glasslstm.distributed")
+    if group is not None:
+        group.finish(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":  # python -m glasslstm.cli
-    sys.exit(main())
+    console()

@@ -28,12 +28,14 @@ What the N processes share and what each has:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -48,6 +50,7 @@ WORLD_KEY = "world_size"
 RNG_CPU_KEY = "ranks.rng_torch_cpu"
 RNG_CUDA_KEY = "ranks.rng_cuda"
 _RANK_SEED = 1_000_003  # rank r > 0 reseeds with seed + r * this, after the model is built
+_left_group = False  # set once session() has left a process group it joined: see finish()
 
 
 def world_size() -> int:
@@ -256,6 +259,7 @@ def _processes(n: int) -> str:
 def session(device_name: str, batch_size: int) -> Iterator[Ranks]:
     """This process's :class:`Ranks`, with the process group joined for the duration when
     torchrun started several (left as it is if the caller already joined one)."""
+    global _left_group
     world = world_size()
     if world == 1:
         ranks = Ranks()
@@ -285,6 +289,30 @@ def session(device_name: str, batch_size: int) -> Iterator[Ranks]:
     finally:
         if joined:
             dist.destroy_process_group()
+            _left_group = True
+
+
+def finish(status: int) -> NoReturn:
+    """End the process with ``status``: the ``glasslstm`` program's last call.
+
+    A process that trained as one of several (it joined a process group in :func:`session`)
+    runs its exit handlers, flushes its output and ends without the interpreter's teardown.
+    The group's gloo worker threads outlive :func:`dist.destroy_process_group` (DDP keeps the
+    group alive), and a worker thread that lets go of the last collective's tensors while the
+    interpreter is being torn down cannot take the GIL to free them: the process aborts
+    ("terminate called without an active exception"), after a run that had finished and
+    saved, and the launcher reports the run as failed. Its chance grows with the machine's load.
+    Any other process exits as ``sys.exit(status)`` would.
+    """
+    if not _left_group:
+        sys.exit(status)
+    atexit._run_exitfuncs()  # logging's and any library's handlers, while all is still whole
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more to deliver
+            pass
+    os._exit(status)
 
 
 def _rank_device(name: str, local_rank: int) -> torch.device:
