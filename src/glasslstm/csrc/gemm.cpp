@@ -57,11 +57,16 @@ void torch_gemm(int64_t m, int64_t n, int64_t k, const T *A, int64_t lda, const 
 // blocks shared out over the OpenMP threads with a static schedule, so that a thread keeps
 // multiplying by the same columns of B step after step (they stay in its cache).
 constexpr int64_t kBlockN = 64, kBlockM = 64, kBlockK = 512;
-// Column blocks of the packed float32 weight (the per-step products of a time loop): 32, as
-// oneDNN's own LSTM takes for float32. Measured on a 2-core Xeon (AMX), inference of
-// torch.nn.LSTM's size against it, same process, alternating: 0.97 -> 1.01-1.03x at H=512,
-// 0.90-0.92 -> 0.96-0.98x at H=1024 (64-column blocks -> 32); 16 and 48 were slower.
-constexpr int64_t kPackN = 32;
+// Columns per block of the packed float32 weight (the per-step products of a time loop), a
+// function of the product's K. 32, as oneDNN's own LSTM takes for float32: measured on a
+// 2-core Xeon (AMX), inference of torch.nn.LSTM's size against it, same process, alternating:
+// 0.97 -> 1.01-1.03x at H=512, 0.90-0.92 -> 0.96-0.98x at H=1024 (64-column blocks -> 32); 16
+// and 48 were slower. With a short K (H <= 128 in a layer's forward) a block's product is so
+// small that the call and the threads' hand-over cost more than it: 128 columns there (4 calls
+// a step at H=128 instead of 16). Same machine, T=100, B=32, three rounds, each width in its
+// own process alternating with torch.nn.LSTM: inference 0.90-0.92 -> 0.94-0.96x and training
+// 1.03-1.05 -> 1.06-1.07x at H=128; inference 0.97-0.98 -> 1.00-1.03x at H=64.
+int64_t pack_width(int64_t k, int64_t /*n*/) { return k <= 128 ? 128 : 32; }
 
 void onednn_tile(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
                  int64_t ldb, bool add, float *C, int64_t ldc) {
@@ -113,46 +118,51 @@ void onednn_gemm(int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, c
     for (int64_t t = 0; t < tiles; t++) tile(t);
 }
 
-// The same with B packed once: column blocks of kPackN, each block (k x kPackN) contiguous
-// (the last one padded). A block of B is then one stream of memory instead of k rows a page
-// apart, which is what the per-step products of a time loop read again and again.
-int64_t onednn_packed_size(int64_t k, int64_t n) { return (n + kPackN - 1) / kPackN * kPackN * k; }
+// The same with B packed once: column blocks of W = pack_width(k, n), each block (k x W)
+// contiguous (the last one padded). A block of B is then one stream of memory instead of k rows
+// a page apart, which is what the per-step products of a time loop read again and again.
+int64_t onednn_packed_size(int64_t k, int64_t n) {
+    const int64_t W = pack_width(k, n);
+    return (n + W - 1) / W * W * k;
+}
 
 // fill(j0, w, blk) for each column block of the packed copy: the block's w columns from j0 on,
-// to be written to blk (k x kPackN, the columns past w zero); the blocks shared over the threads
+// to be written to blk (k x W, the columns past w zero); the blocks shared over the threads
 template <typename F>
 void each_packed_block(int64_t k, int64_t n, float *out, F &&fill) {
-    const int64_t nb = (n + kPackN - 1) / kPackN;
+    const int64_t W = pack_width(k, n), nb = (n + W - 1) / W;
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t j = b0; j < b1; j++) {
-            const int64_t j0 = j * kPackN;
-            fill(j0, std::min(kPackN, n - j0), out + j * k * kPackN);
+            const int64_t j0 = j * W;
+            fill(j0, std::min(W, n - j0), out + j * k * W);
         }
     });
 }
 
 void onednn_pack(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) {
+    const int64_t W = pack_width(k, n);
     each_packed_block(k, n, out, [&](int64_t j0, int64_t w, float *blk) {
         for (int64_t r = 0; r < k; r++) {
-            std::copy(B + r * ldb + j0, B + r * ldb + j0 + w, blk + r * kPackN);
-            std::fill(blk + r * kPackN + w, blk + (r + 1) * kPackN, 0.0f);
+            std::copy(B + r * ldb + j0, B + r * ldb + j0 + w, blk + r * W);
+            std::fill(blk + r * W + w, blk + (r + 1) * W, 0.0f);
         }
     });
 }
 
 // The same packed copy made from B^T (n x k, row-major: a weight as torch stores it), so that
 // no transposed copy of the weight is made first: block j is the transpose of rows
-// [j kPackN, (j + 1) kPackN) of B^T, done in kPackN x kPackN tiles that stay in L1.
+// [j W, (j + 1) W) of B^T, done in tiles of 32 rows that stay in L1.
 void onednn_pack_t(int64_t k, int64_t n, const float *Bt, int64_t ldbt, float *out) {
+    const int64_t W = pack_width(k, n);
     each_packed_block(k, n, out, [&](int64_t j0, int64_t w, float *blk) {
-        for (int64_t r0 = 0; r0 < k; r0 += kPackN) {
-            const int64_t r1 = std::min(k, r0 + kPackN);
+        for (int64_t r0 = 0; r0 < k; r0 += 32) {
+            const int64_t r1 = std::min(k, r0 + 32);
             for (int64_t c = 0; c < w; c++) {
                 const float *src = Bt + (j0 + c) * ldbt;
-                for (int64_t r = r0; r < r1; r++) blk[r * kPackN + c] = src[r];
+                for (int64_t r = r0; r < r1; r++) blk[r * W + c] = src[r];
             }
-            for (int64_t c = w; c < kPackN; c++)
-                for (int64_t r = r0; r < r1; r++) blk[r * kPackN + c] = 0.0f;
+            for (int64_t c = w; c < W; c++)
+                for (int64_t r = r0; r < r1; r++) blk[r * W + c] = 0.0f;
         }
     });
 }
@@ -163,16 +173,17 @@ void onednn_gemm_packed(int64_t m, int64_t n, int64_t k, const float *A, int64_t
     if (beta != 0.0f && beta != 1.0f)
         throw std::invalid_argument("glasslstm: the oneDNN product takes beta 0 or 1");
     const bool add = beta != 0.0f;
-    const int64_t mb = (m + kBlockM - 1) / kBlockM, nb = (n + kPackN - 1) / kPackN;
+    const int64_t W = pack_width(k, n);
+    const int64_t mb = (m + kBlockM - 1) / kBlockM, nb = (n + W - 1) / W;
     const int64_t tiles = mb * nb;
     auto tile = [&](int64_t t) {
-        const int64_t i0 = (t / nb) * kBlockM, j = t % nb, j0 = j * kPackN;
-        const int64_t rows = std::min(kBlockM, m - i0), cols = std::min(kPackN, n - j0);
-        const float *blk = Bp + j * k * kPackN;
+        const int64_t i0 = (t / nb) * kBlockM, j = t % nb, j0 = j * W;
+        const int64_t rows = std::min(kBlockM, m - i0), cols = std::min(W, n - j0);
+        const float *blk = Bp + j * k * W;
         for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
             const int64_t kb = std::min(kBlockK, k - k0);
-            at::native::cpublas::brgemm(rows, cols, kb, lda, kPackN, ldc, add || k0 > 0,
-                                        A + i0 * lda + k0, blk + k0 * kPackN, C + i0 * ldc + j0,
+            at::native::cpublas::brgemm(rows, cols, kb, lda, W, ldc, add || k0 > 0,
+                                        A + i0 * lda + k0, blk + k0 * W, C + i0 * ldc + j0,
                                         false);
         }
     };
