@@ -62,8 +62,8 @@ constexpr int64_t kBlockN = 64, kBlockM = 64, kBlockK = 512;
 // 2-core Xeon (AMX), inference of torch.nn.LSTM's size against it, same process, alternating:
 // 0.97 -> 1.01-1.03x at H=512, 0.90-0.92 -> 0.96-0.98x at H=1024 (64-column blocks -> 32); 16
 // and 48 were slower. With a short K (H <= 128 in a layer's forward) a block's product is so
-// small that the call and the threads' hand-over cost more than it: 128 columns there (4 calls
-// a step at H=128 instead of 16). Same machine, T=100, B=32, three rounds, each width in its
+// small that the call costs about as much as the multiplication: 128 columns there (4 calls a
+// step at H=128 instead of 16). Same machine, T=100, B=32, three rounds, each width in its
 // own process alternating with torch.nn.LSTM: inference 0.90-0.92 -> 0.94-0.96x and training
 // 1.03-1.05 -> 1.06-1.07x at H=128; inference 0.97-0.98 -> 1.00-1.03x at H=64.
 int64_t pack_width(int64_t k, int64_t /*n*/) { return k <= 128 ? 128 : 32; }
