@@ -151,12 +151,13 @@ void onednn_pack(int64_t k, int64_t n, const float *B, int64_t ldb, float *out) 
 
 // The same packed copy made from B^T (n x k, row-major: a weight as torch stores it), so that
 // no transposed copy of the weight is made first: block j is the transpose of rows
-// [j W, (j + 1) W) of B^T, done in tiles of 32 rows that stay in L1.
+// [j W, (j + 1) W) of B^T, done in tiles of kTransposeRows rows that stay in L1.
+constexpr int64_t kTransposeRows = 32;
 void onednn_pack_t(int64_t k, int64_t n, const float *Bt, int64_t ldbt, float *out) {
     const int64_t W = pack_width(k, n);
     each_packed_block(k, n, out, [&](int64_t j0, int64_t w, float *blk) {
-        for (int64_t r0 = 0; r0 < k; r0 += 32) {
-            const int64_t r1 = std::min(k, r0 + 32);
+        for (int64_t r0 = 0; r0 < k; r0 += kTransposeRows) {
+            const int64_t r1 = std::min(k, r0 + kTransposeRows);
             for (int64_t c = 0; c < w; c++) {
                 const float *src = Bt + (j0 + c) * ldbt;
                 for (int64_t r = r0; r < r1; r++) blk[r * W + c] = src[r];
